@@ -325,10 +325,13 @@ class DiffusionUNet(nn.Module):
             h = self._run(block.attentions[j], h, encoder_hidden_states=ctx, return_dict=False)[0]
         return h
 
-    def _iter_unet(self, z: torch.Tensor, deepest: int):
-        """Run the UNet on latents `z`, yielding (location, map) at each tap point, up to tap order `deepest`."""
+    def _iter_unet(self, z: torch.Tensor, deepest: int, timestep: Optional[torch.Tensor] = None):
+        """Run the UNet on latents `z`, yielding (location, map) at each tap point, up to tap order `deepest`.
+
+        `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several levels.
+        """
         unet = self.unet
-        t = self.timestep.expand(z.shape[0])
+        t = (self.timestep if timestep is None else timestep).expand(z.shape[0])
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
         ctx = self.prompt_embeds.to(dtype=z.dtype).expand(z.shape[0], -1, -1)
 
