@@ -1,0 +1,149 @@
+"""MMSegmentation backbone wrapping a diffbackbone timm model, and a segmentor that checks its heads at build time.
+
+mmseg's own `TIMMBackbone` builds any timm model with `features_only=True`, but cannot freeze parts of it, run it in
+another dtype or pick taps by name; `DiffusionBackbone` adds those. The wrapped `DiffusionUNet` sits at
+`backbone.model`, so its UNet parameters are named `backbone.model.unet.*` and an lr multiplier is one line:
+`paramwise_cfg=dict(custom_keys={'backbone.model.unet': dict(lr_mult=0.1)})`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmseg.models.segmentors import EncoderDecoder
+from mmseg.registry import MODELS
+
+from ..models import DiffusionUNet
+from .checks import check_head_channels
+
+__all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder']
+
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def diffusion_model_names() -> list[str]:
+    """timm names of the models this package registers."""
+    return timm.list_models(module='diffusion_unet')
+
+
+@MODELS.register_module()
+class DiffusionBackbone(BaseModule):
+    """Stable Diffusion UNet features (CleanDIFT or DIFT-style) as an mmseg backbone returning a tuple of maps.
+
+    Maps come fine to coarse (strides 8/16/32/64 for the default 'pyramid' preset), always as float32.
+    """
+
+    def __init__(
+            self,
+            model_name: str,
+            pretrained: Union[bool, str] = True,
+            out_indices: Union[str, int, Sequence[Union[int, str]]] = 'pyramid',
+            frozen: bool = False,
+            freeze_vae: bool = True,
+            dtype: str = 'float32',
+            with_cp: bool = False,
+            model_kwargs: Optional[dict] = None,
+            init_cfg: Optional[dict] = None,
+    ):
+        """
+        Args:
+            model_name: timm name of a diffbackbone model ('cleandift_sd21', 'cleandift_sd15', 'sd21', 'sd15', ...).
+            pretrained: load the model's published weights; a path loads that checkpoint file instead.
+            out_indices: taps to return: names ('us6'), a preset ('pyramid', 'cleandift'), indices, or a mix.
+            frozen: freeze the whole backbone: no gradients, eval mode even in training, forward under no_grad.
+            freeze_vae: keep the VAE encoder frozen while the UNet is fine-tuned.
+            dtype: dtype of the backbone's weights and compute: 'float32', 'bfloat16' or 'float16'.
+            with_cp: gradient checkpointing inside the UNet (saves memory when fine-tuning).
+            model_kwargs: further `timm.create_model` arguments, e.g. `timestep` / `ensemble` of noisy models,
+                `base_repo`, `pretrained_cfg_overlay`.
+            init_cfg: mmengine init config; weights normally come from `pretrained`.
+        """
+        super().__init__(init_cfg=init_cfg)
+        if dtype not in _DTYPES:
+            raise ValueError(f'dtype must be one of {", ".join(_DTYPES)}, got {dtype!r}.')
+        known = diffusion_model_names()
+        if model_name not in known:
+            raise ValueError(
+                f'Unknown diffusion model {model_name!r}. Known: {", ".join(known)}. For other timm models use '
+                f"mmseg's type='TIMMBackbone'.")
+        kwargs = dict(model_kwargs or {})
+        if isinstance(pretrained, str):
+            overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, file=pretrained)
+            kwargs['pretrained_cfg_overlay'] = overlay
+            pretrained = True
+        if isinstance(out_indices, list):
+            out_indices = tuple(out_indices)
+        getter = timm.create_model(
+            model_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **kwargs)
+        # Unwrap timm's feature getter so parameters are named backbone.model.unet.* / backbone.model.vae.*.
+        self.model: DiffusionUNet = getter.model
+        self.out_indices: list[int] = list(getter.out_indices)
+        self.feature_info = getter.feature_info
+        self.out_channels: list[int] = self.feature_info.channels()
+        self.strides: list[int] = self.feature_info.reduction()
+        self.tap_names: list[str] = [self.model.taps[i].name for i in self.out_indices]
+        self.model_name = model_name
+        self.frozen = frozen
+        self.freeze_vae = freeze_vae or frozen
+        self.dtype = _DTYPES[dtype]
+        self.model.set_grad_checkpointing(with_cp)
+
+        if self.dtype != torch.float32:
+            self.model.to(self.dtype)
+            if isinstance(self.model.timestep, nn.Parameter):
+                # A learned timestep like 261.3 would round to 260 or 262 in bfloat16; the time embedding is float32.
+                self.model.timestep.data = self.model.timestep.data.float()
+        # The learned timestep of clean models keeps its trained value; segmentation fine-tunes the weights.
+        if isinstance(self.model.timestep, nn.Parameter):
+            self.model.timestep.requires_grad_(False)
+        if self.freeze_vae:
+            self.model.vae.requires_grad_(False)
+        if frozen:
+            self.model.requires_grad_(False)
+        elif self.dtype != torch.float32:
+            print_log(
+                f'DiffusionBackbone: fine-tuning with {dtype} weights updates them in {dtype}; prefer a float32 '
+                'backbone with `--amp` (mixed precision) for training, or set frozen=True.',
+                logger='current', level=logging.WARNING)
+        self.train()
+
+    def train(self, mode: bool = True) -> 'DiffusionBackbone':
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        elif self.freeze_vae:
+            self.model.vae.eval()
+        return self
+
+    def init_weights(self) -> None:
+        # Weights come from timm at construction; only an explicit init_cfg (e.g. a Pretrained checkpoint) applies.
+        if self.init_cfg:
+            super().init_weights()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            feats = self.model.forward_intermediates(
+                x.to(self.dtype), indices=self.out_indices, intermediates_only=True)
+        return tuple(f.float() for f in feats)
+
+    def extra_repr(self) -> str:
+        return (f'model_name={self.model_name!r}, taps={self.tap_names}, frozen={self.frozen}, '
+                f'freeze_vae={self.freeze_vae}, dtype={self.dtype}')
+
+
+@MODELS.register_module()
+class DiffusionEncoderDecoder(EncoderDecoder):
+    """mmseg's `EncoderDecoder` that checks, once built, that its neck or heads take the backbone's channels.
+
+    A mismatch otherwise surfaces as a shape error deep inside the first training step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_head_channels(self)
