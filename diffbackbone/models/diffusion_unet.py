@@ -453,7 +453,9 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
     features_only = kwargs.get('features_only', False)
     if pretrained:
         from ..hub import hub_errors
-        errors = hub_errors(f'weights of {variant}', hint=_OVERRIDE_HINT)
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        errors = hub_errors(f'weights of {variant}', hint=_OVERRIDE_HINT, repo=overlay.get('hf_hub_id'),
+                            filename=overlay.get('file'))
     else:
         errors = contextlib.nullcontext()
     with errors:
