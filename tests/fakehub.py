@@ -9,7 +9,7 @@ It speaks the parts of the Hub protocol that `hf_hub_download`, `get_hf_file_met
 * 404s carry ``X-Error-Code``: ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 * ``/api/models/{repo}[/revision/{rev}]`` and ``/api/models/{repo}/tree/{rev}[/{path}]`` list files.
 
-Every request is recorded in `FakeHub.requests` as ``(method, path, range header, body bytes sent)``.
+Every request is recorded in `FakeHub.requests` as ``[method, path, range header, body bytes sent]``.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class FakeHub:
         self.commits: dict[str, dict[str, bytes]] = {}  # commit -> path -> data
         self.repo_commits: dict[str, set[str]] = {}  # repo -> every commit it had (old commits stay reachable)
         self.blobs: dict[str, bytes] = {}  # sha256 -> data (what the CDN serves)
-        self.requests: list[tuple[str, str, str | None, int]] = []
+        self.requests: list[list[Any]] = []  # [method, path, range header, body bytes sent]
         self._truncate: dict[str, list[Any]] = {}  # path -> [n_bytes, times left, declare full length]
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
@@ -160,22 +160,22 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- routing -------------------------------------------------------------------------------------------------
     def _handle(self, head: bool) -> None:
         path = urlsplit(self.path).path
-        self._sent = 0
-        try:
-            if m := _CDN.match(path):
-                data = self.hub.blobs.get(m['sha'])
-                if data is None:
-                    self._error(404, 'EntryNotFound', {})
-                else:
-                    self._body(data, head, {'ETag': f'"{m["sha"]}"'}, truncate_key=unquote(path.split('/', 3)[3]))
-            elif m := _RESOLVE.match(path):
-                self._resolve(unquote(m['repo']), unquote(m['rev']), unquote(m['path']), head)
-            elif m := _API.match(path):
-                self._api(unquote(m['repo']), m['kind'], unquote(m['rev'] or 'main'), unquote(m['path'] or ''), head)
+        # Logged before answering (and sizes before sending): the client may look at the log as soon as it has the
+        # response.
+        self._entry: list[Any] = [self.command, self.path, self.headers.get('Range'), 0]
+        self.hub.requests.append(self._entry)
+        if m := _CDN.match(path):
+            data = self.hub.blobs.get(m['sha'])
+            if data is None:
+                self._error(404, 'EntryNotFound', {})
             else:
-                self._error(404, None, {})
-        finally:
-            self.hub.requests.append((self.command, self.path, self.headers.get('Range'), self._sent))
+                self._body(data, head, {'ETag': f'"{m["sha"]}"'}, truncate_key=unquote(path.split('/', 3)[3]))
+        elif m := _RESOLVE.match(path):
+            self._resolve(unquote(m['repo']), unquote(m['rev']), unquote(m['path']), head)
+        elif m := _API.match(path):
+            self._api(unquote(m['repo']), m['kind'], unquote(m['rev'] or 'main'), unquote(m['path'] or ''), head)
+        else:
+            self._error(404, None, {})
 
     def _resolve(self, repo_id: str, revision: str, file: str, head: bool) -> None:
         hub = self.hub
@@ -229,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         if self.command != 'HEAD':
+            self._entry[3] = len(body)
             self.wfile.write(body)
 
     def _body(self, data: bytes, head: bool, headers: dict[str, str], truncate_key: str | None = None) -> None:
@@ -262,8 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             body = body[:cut[0]]
             self.close_connection = True
+        self._entry[3] = len(body)
         self.wfile.write(body)
-        self._sent = len(body)
 
 
 # ---- tiny Stable Diffusion base repos ----------------------------------------------------------------------------
