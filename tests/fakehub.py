@@ -50,7 +50,7 @@ class FakeHub:
         self._servers: list[ThreadingHTTPServer] = []
 
     # ---- control -------------------------------------------------------------------------------------------------
-    def start(self) -> 'FakeHub':
+    def start(self) -> FakeHub:
         """Start the Hub and its CDN on free loopback ports (daemon threads)."""
         handler = type('Handler', (_Handler,), {'hub': self})
         for _ in range(2):
