@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import os.path as osp
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -165,11 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Union[Runner, dict]:
+    """Command line entry; returns the trained Runner (train) or the metrics (test)."""
     args = _parser().parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if args.command == 'train':
-        train(args.config, args.work_dir, args.cfg_options, args.resume, args.amp, args.launcher)
-    else:
-        test(args.config, args.checkpoint, args.work_dir, args.cfg_options, args.out, args.show, args.show_dir,
-             args.wait_time, args.tta, args.launcher)
+        return train(args.config, args.work_dir, args.cfg_options, args.resume, args.amp, args.launcher)
+    return test(args.config, args.checkpoint, args.work_dir, args.cfg_options, args.out, args.show, args.show_dir,
+                args.wait_time, args.tta, args.launcher)
