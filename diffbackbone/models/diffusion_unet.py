@@ -24,7 +24,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from .taps import PRESETS, Tap, TapError, build_taps, resolve_taps
+from .attention_taps import ActivationRecorder
+from .taps import PRESETS, Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'VAEEncoder', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
 
@@ -64,8 +65,10 @@ class VAEEncoder(nn.Module):
             latent_channels: int = 4,
             norm_num_groups: int = 32,
             scaling_factor: float = 0.18215,
+            force_upcast: bool = False,
     ):
         super().__init__()
+        self.force_upcast = force_upcast  # activations overflow in float16 (SDXL's VAE): kept in float32
         self.encoder = Encoder(
             in_channels=in_chans,
             out_channels=latent_channels,
@@ -80,7 +83,17 @@ class VAEEncoder(nn.Module):
         self.reduction = 2 ** (len(block_out_channels) - 1)
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        if not self.force_upcast:
+            return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        with torch.autocast(x.device.type, enabled=False):  # float16 autocast would overflow
+            x = x.to(self.quant_conv.weight.dtype)
+            return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.force_upcast and self.quant_conv.weight.dtype == torch.float16:
+            super()._apply(lambda t: t.float() if t.dtype == torch.float16 else t, recurse)
+        return self
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = False):
         """Scaled latent: the posterior mode, or one draw from it when `sample` is set."""
@@ -108,6 +121,7 @@ class DiffusionUNet(nn.Module):
             base_repo: Optional[str] = None,
             timestep_source: Optional[str] = None,
             head_tap: str = 'us6',
+            cond_size: tuple[int, int] = (1024, 1024),
             num_classes: int = 0,
             global_pool: str = 'avg',
             in_chans: int = 3,
@@ -128,6 +142,7 @@ class DiffusionUNet(nn.Module):
             base_repo: Hub repo ("org/name[@rev]") or local diffusers folder with vae/, text_encoder/, tokenizer/.
             timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
             head_tap: tap whose map `forward_features` returns for classification.
+            cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
             num_classes: classifier classes (0: no classifier).
             global_pool: pooling of the classifier head.
             in_chans: input image channels.
@@ -159,6 +174,13 @@ class DiffusionUNet(nn.Module):
         self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
         self.register_buffer(
             'prompt_embeds', torch.zeros(1, 77, self.unet.config.cross_attention_dim), persistent=True)
+        if self.unet.config.addition_embed_type == 'text_time':  # SDXL: pooled text embedding and size/crop ids
+            cfg = self.unet.config
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            self.register_buffer('pooled_prompt_embeds', torch.zeros(1, pooled), persistent=True)
+            h, w = cond_size
+            self.register_buffer('add_time_ids', torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
+                                 persistent=False)
         if clean:
             self.timestep = nn.Parameter(torch.tensor(float(261.0 if timestep is None else timestep)))
             self.timestep_fixed = timestep is not None  # user's value wins over the checkpoint's
@@ -170,11 +192,19 @@ class DiffusionUNet(nn.Module):
             alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
             self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
-        self.taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction)
+        # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
+        # name are appended to it (sorted by stride) when the model is pruned for them.
+        self.all_taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction,
+                                              tokens=self.prompt_embeds.shape[1])
+        self.taps: list[Tap] = [t for t in self.all_taps if t.base]
+        self.presets = presets_for(self.unet)
         self.feature_info = [t.info() for t in self.taps]
-        self._active = set(range(len(self.taps)))  # taps still computable after pruning
-        self.head_tap = resolve_taps(self.taps, [head_tap])[0]
-        self.num_features = self.head_hidden_size = self.taps[self.head_tap].num_chs
+        self._deepest = None  # deepest stage still computable after pruning (None: all)
+        head = self._resolve([head_tap])[0]
+        if head not in self.taps:
+            raise TapError(f'head_tap must be one of the default taps {self.tap_names()}, got {head_tap!r}.')
+        self.head_tap = self.taps.index(head)
+        self.num_features = self.head_hidden_size = head.num_chs
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
@@ -196,9 +226,15 @@ class DiffusionUNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def tap_names(self) -> list[str]:
-        """Canonical names of all taps, in `feature_info` order."""
+    def tap_names(self, all: bool = False) -> list[str]:
+        """Canonical names of the `feature_info` taps in their order, or with `all` of every tap in execution order."""
+        if all:
+            return [t.name for t in sorted(self.all_taps, key=lambda t: t.seq)]
         return [t.name for t in self.taps]
+
+    def _resolve(self, indices) -> list[Tap]:
+        return resolve_taps(self.taps, indices, default=self.presets['pyramid'], presets=self.presets,
+                            all_taps=self.all_taps)
 
     def forward_intermediates(
             self,
@@ -215,13 +251,13 @@ class DiffusionUNet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
-        take = resolve_taps(self.taps, indices)
-        wanted = take if intermediates_only else take + [self.head_tap]
-        feats = self._extract(x, wanted)
-        maps = [feats[i] for i in take]
+        take = self._resolve(indices)
+        head = self.taps[self.head_tap]
+        feats = self._extract(x, take if intermediates_only else take + [head])
+        maps = [feats[t.name] for t in take]
         if intermediates_only:
             return maps
-        return feats[self.head_tap], maps
+        return feats[head.name], maps
 
     def prune_intermediate_layers(
             self,
@@ -229,31 +265,48 @@ class DiffusionUNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> list[int]:
-        """Drop every block computed after the deepest selected tap; return the selection as indices."""
-        take = resolve_taps(self.taps, indices)
-        keep = take if prune_head else take + [self.head_tap]
-        deepest = max(self.taps[i].order for i in keep)
-        up_blocks = self.unet.up_blocks
-        for i, block in enumerate(up_blocks):
-            # orders of this block's last layer / upsampler taps decide what survives
-            layer_orders = {t.location[2]: t.order for t in self.taps if t.location[:2] == ('up', i)}
-            if min(layer_orders.values()) > deepest:
-                self.unet.up_blocks = up_blocks[:i]
-                break
-            n_keep = sum(1 for j, o in layer_orders.items() if j != 'upsampler' and o <= deepest)
-            if n_keep < len(block.resnets):
-                block.resnets = block.resnets[:n_keep]
-                if getattr(block, 'attentions', None) is not None:
-                    block.attentions = block.attentions[:n_keep]
-            if 'upsampler' in layer_orders and layer_orders['upsampler'] > deepest:
-                block.upsamplers = None
-        self._active = {i for i, t in enumerate(self.taps) if t.order <= deepest}
+        """Drop every block computed after the deepest selected tap; return the selection as `feature_info` indices.
+
+        Selected taps that are not in `feature_info` yet are added to it (sorted by stride, as timm requires).
+        """
+        take = self._resolve(indices)
+        head = self.taps[self.head_tap]
+        extra = [t for t in take if t not in self.taps]
+        if extra:
+            self.taps = sorted(self.taps + extra, key=sort_key)
+            self.feature_info = [t.info() for t in self.taps]
+            self.head_tap = self.taps.index(head)
+        deepest = max(t.order for t in (take if prune_head else take + [head]))
+        kept = [st for n, st in enumerate(unet_stages(self.unet)) if n <= deepest]
+        unet = self.unet
+        for path in ('down', 'up'):
+            blocks = []
+            for i, block in enumerate(getattr(unet, f'{path}_blocks')):
+                n_layers = sum(1 for p, b, j in kept if (p, b) == (path, i) and j != 'sampler')
+                if n_layers == 0:
+                    break
+                if n_layers < len(block.resnets):
+                    block.resnets = block.resnets[:n_layers]
+                    if getattr(block, 'attentions', None) is not None:
+                        block.attentions = block.attentions[:n_layers]
+                if (path, i, 'sampler') not in kept:
+                    setattr(block, f'{path}samplers', None)
+                blocks.append(block)
+            setattr(unet, f'{path}_blocks', nn.ModuleList(blocks))
+        mid_layers = sum(1 for p, _, _ in kept if p == 'mid')
+        if mid_layers == 0:
+            unet.mid_block = None
+        elif mid_layers < len(unet.mid_block.resnets):
+            unet.mid_block.resnets = unet.mid_block.resnets[:mid_layers]
+            unet.mid_block.attentions = unet.mid_block.attentions[:mid_layers - 1]
+        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
         if prune_head:
             self.reset_classifier(0, '')
-        return take
+        return [self.taps.index(t) for t in take]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._extract(x, [self.head_tap])[self.head_tap]
+        head = self.taps[self.head_tap]
+        return self._extract(x, [head])[head.name]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -296,21 +349,23 @@ class DiffusionUNet(nn.Module):
         a, s = self.noise_scales
         return a * z + s * noise
 
-    def _extract(self, x: torch.Tensor, wanted: Sequence[int]) -> dict[int, torch.Tensor]:
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
         if self.check_inputs:
             self._check_input(x)
-        missing = [self.taps[i].name for i in wanted if i not in self._active]
-        if missing:
-            raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
+        if self._deepest is not None:
+            missing = [t.name for t in wanted if t.order > self._deepest]
+            if missing:
+                raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
         z = self.encode(x)
-        by_loc = {self.taps[i].location: i for i in wanted}
-        feats: dict[int, torch.Tensor] = {}
-        for loc, h in self._iter_unet(z, deepest=max(self.taps[i].order for i in wanted)):
-            idx = by_loc.get(loc)
-            if idx is not None:
-                feats[idx] = h
+        by_loc = {t.location: t.name for t in wanted}
+        feats: dict[str, torch.Tensor] = {}
+        for loc, h in self._iter_unet(z, deepest=max(t.order for t in wanted), record=wanted):
+            name = by_loc.get(loc)
+            if name is not None:
+                feats[name] = h
         if self.ensemble > 1:
-            feats = {i: f.unflatten(0, (-1, self.ensemble)).mean(1) for i, f in feats.items()}
+            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
         return feats
 
     def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -318,54 +373,81 @@ class DiffusionUNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args, **kwargs)
 
-    def _layer(self, block: nn.Module, j: int, h: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """Layer j of a diffusers down/up block: resnet, then its transformer when the block has attention."""
-        h = self._run(block.resnets[j], h, emb)
-        if getattr(block, 'attentions', None) is not None:
-            h = self._run(block.attentions[j], h, encoder_hidden_states=ctx, return_dict=False)[0]
-        return h
+    def _layer(self, block: nn.Module, j: int, h: torch.Tensor, emb: torch.Tensor,
+               ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer j of a diffusers down/up block: resnet, then its transformer when the block has attention.
 
-    def _iter_unet(self, z: torch.Tensor, deepest: int, timestep: Optional[torch.Tensor] = None):
-        """Run the UNet on latents `z`, yielding (location, map) at each tap point, up to tap order `deepest`.
+        Returns the resnet's output and the layer's output (the same tensor without attention).
+        """
+        r = self._run(block.resnets[j], h, emb)
+        if getattr(block, 'attentions', None) is None:
+            return r, r
+        return r, self._run(block.attentions[j], r, encoder_hidden_states=ctx, return_dict=False)[0]
 
-        `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several levels.
+    def _embeddings(self, z: torch.Tensor, timestep: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time embedding (plus SDXL's pooled-text and size/crop embedding) and prompt context for latents `z`."""
+        unet = self.unet
+        n = z.shape[0]
+        t = (self.timestep if timestep is None else timestep).expand(n)
+        emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
+        ctx = self.prompt_embeds.to(dtype=z.dtype).expand(n, -1, -1)
+        if unet.config.addition_embed_type == 'text_time':
+            cond = dict(text_embeds=self.pooled_prompt_embeds.to(z.dtype).expand(n, -1),
+                        time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
+            emb = emb + unet.get_aug_embed(emb, ctx, cond)
+        return emb, ctx
+
+    def _iter_unet(self, z: torch.Tensor, deepest: int, timestep: Optional[torch.Tensor] = None,
+                   record: Sequence[Tap] = ()):
+        """Run the UNet on latents `z`, yielding (location, map) at each tap point, up to the stage `deepest`.
+
+        Resnet, transformer, sampler and mid outputs are always yielded; activations inside layers only for the taps
+        in `record`. `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several
+        levels.
         """
         unet = self.unet
-        t = (self.timestep if timestep is None else timestep).expand(z.shape[0])
-        emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
-        ctx = self.prompt_embeds.to(dtype=z.dtype).expand(z.shape[0], -1, -1)
-
-        h = unet.conv_in(z)
-        skips = [h]
-        for block in unet.down_blocks:
-            for j in range(len(block.resnets)):
-                h = self._layer(block, j, h, emb, ctx)
-                skips.append(h)
-            for down in block.downsamplers or ():
-                h = self._run(down, h)
-                skips.append(h)
-        h = self._run(unet.mid_block, h, emb, encoder_hidden_states=ctx)
-        yield ('mid',), h
-        if deepest == 0:
-            return
-
+        emb, ctx = self._embeddings(z, timestep)
         # As diffusers does, pass the skip's size to the upsampler when the input is not a multiple of the total stride.
         forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in z.shape[-2:])
-        order = 0
-        for i, block in enumerate(unet.up_blocks):
-            for j in range(len(block.resnets)):
-                h = torch.cat([h, skips.pop()], dim=1)
-                h = self._layer(block, j, h, emb, ctx)
-                order += 1
-                yield ('up', i, j), h
-                if order >= deepest:
-                    return
-            if block.upsamplers:
-                size = skips[-1].shape[2:] if forward_upsample_size else None
-                h = self._run(block.upsamplers[0], h, size)
-                order += 1
-                yield ('up', i, 'upsampler'), h
-                if order >= deepest:
+        skips: list[torch.Tensor] = []
+        with ActivationRecorder(self, [t for t in record if t.hook]) as rec:
+            for stage, (path, i, j) in enumerate(unet_stages(unet)):
+                point = point_name(path, i, j)
+                if path == 'conv_in':
+                    yield 'unet-in', z
+                    h = unet.conv_in(z)
+                    skips.append(h)
+                    yield 'unet-after-conv-in', h
+                elif path == 'mid':
+                    mid = unet.mid_block
+                    if j > 0:
+                        h = self._run(mid.attentions[j - 1], h, encoder_hidden_states=ctx, return_dict=False)[0]
+                        yield from rec.drain()
+                        yield ('mid-vit' if j == 1 else f'mid-vit{j - 1}') + '-out', h
+                    h = self._run(mid.resnets[j], h, emb)
+                    yield from rec.drain()
+                    yield f'{point}-res-out', h
+                elif j == 'sampler':
+                    block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
+                    if path == 'down':
+                        h = self._run(block.downsamplers[0], h)
+                        skips.append(h)
+                    else:
+                        size = skips[-1].shape[2:] if forward_upsample_size else None
+                        h = self._run(block.upsamplers[0], h, size)
+                    yield f'{point}-out', h
+                else:
+                    block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
+                    if path == 'up':
+                        h = torch.cat([h, skips.pop()], dim=1)
+                    r, h = self._layer(block, j, h, emb, ctx)
+                    if path == 'down':
+                        skips.append(h)
+                    yield from rec.drain()
+                    yield f'{point}-res-out', r
+                    if h is not r:
+                        yield f'{point}-vit-out', h
+                if stage >= deepest:
                     return
 
     # --- weights --------------------------------------------------------------------------------------------------

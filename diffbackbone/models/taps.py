@@ -1,29 +1,72 @@
-"""Feature taps of a diffusers UNet: where each one sits, its channels, its stride and its names.
+"""Feature taps of a diffusers UNet: every activation the backbone can return, with channels, stride and names.
 
-A tap is one activation the backbone can return. Each has a *location* in the forward pass (see
-`DiffusionUNet._iter_unet`), a canonical name and optional aliases. The canonical names of the decoder taps
-follow CleanDIFT (`mid`, `us1`, `us2`, ...), counted over the up path: per up block, the output of every layer but
-the last, then the block's output (after its upsampler when it has one).
+A tap is one activation. Each has a *location*: its point name in the scheme of Meng et al., "Not All Diffusion Model
+Activations Have Been Evaluated as Discriminative Features" (NeurIPS 2024), e.g. `up-level1-repeat0-vit-block0-cross-q`:
+
+* `{path}-level{i}-repeat{j}-res-out` / `-res-increment`: resnet j of block i (path `down` or `up`), its output and its
+  increment (the residual branch, conv2's output: output minus shortcut, as the UNet's output_scale_factor is 1);
+* `...-repeat{j}-vit-out`: output of the transformer (Transformer2DModel) after resnet j;
+* `...-vit-block{k}-out`: output of its transformer block k; `...-vit-block{k}-ffn-inner`: the feed-forward's inner
+  activation (after GEGLU);
+* `...-vit-block{k}-self-{q,k,v,map}`, `...-cross-{q,map}`: self- and cross-attention query / key / value as NCHW maps
+  (channels = heads x head dim) and attention maps. `self-map` is (B, heads, H, W): per head, the attention each key
+  position receives, averaged over all queries (a spatial map summing to one over keys); `cross-map` is
+  (B, tokens, H, W): per query position, its attention over the prompt tokens averaged over heads (sums to one over
+  tokens). Cross-attention keys and values are projections of the fixed prompt embedding, the same for every image,
+  so they are no taps (the reference implementation drops them too);
+* `{path}-level{i}-downsampler-out` / `upsampler-out`; `mid-repeat{j}-res-out`, `mid-vit-...` for the mid block;
+  `unet-in` (the latent) and `unet-after-conv-in`.
+
+The CleanDIFT taps (`mid`, `us1`, `us2`, ...) are the *base* taps, the model's `feature_info` by default; their
+canonical names count over the up path: per up block, the output of every layer but the last, then the block's output
+(after its upsampler when it has one). Every other tap is selected by name and then appended to `feature_info`.
+Taps are ordered by *stage* (one resnet+transformer layer, a sampler, `conv_in`): a forward pass stops after the stage
+of the deepest tap asked for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch.nn as nn
 
-__all__ = ['Tap', 'build_taps', 'resolve_taps', 'TapError', 'PRESETS']
+__all__ = [
+    'Tap', 'build_taps', 'resolve_taps', 'TapError', 'PRESETS', 'SDXL_PRESETS', 'presets_for', 'unet_stages',
+    'point_name', 'list_taps',
+]
 
-Location = tuple  # ('mid',) | ('up', block, layer) | ('up', block, 'upsampler')
+Stage = tuple  # ('conv_in', 0, 0) | ('down'|'up', block, layer|'sampler') | ('mid', 0, layer)
 TapSelector = Union[int, str]
 
-# Named selections usable as `out_indices`; each maps to tap names.
+# Named selections usable as `out_indices`; each maps to tap names. SD 1.x / 2.x layout (4 UNet levels).
 PRESETS: dict[str, tuple[str, ...]] = {
     # One map per stride 8/16/32/64, the decoder's output at each level (DIFT up_ft_index 2, 1, 0 and the mid block).
     'pyramid': ('us9', 'us6', 'us3', 'mid'),
     # Every tap of CleanDIFT's training (their feature_dims).
     'cleandift': ('us10', 'us9', 'us8', 'us7', 'us6', 'us5', 'us4', 'us3', 'us2', 'us1', 'mid'),
+    # Meng et al.'s recommended SD1.5 selection (their config_15_practical), strides 8/16/32 (and 32).
+    'gdf_practical': ('up-level3-repeat0-vit-block0-self-k', 'up-level2-repeat1-vit-block0-cross-q',
+                      'up-level1-repeat2-res-out', 'up-level1-repeat1-vit-block0-cross-q'),
+    # The block outputs they compare against (their config_15_legacy).
+    'gdf_legacy': ('up-level3-repeat2-vit-out', 'up-level2-upsampler-out', 'up-level1-upsampler-out',
+                   'up-level0-upsampler-out'),
 }
+# SDXL layout (3 UNet levels: strides 8/16/32; the mid block is at 32).
+SDXL_PRESETS: dict[str, tuple[str, ...]] = {
+    # The decoder's output at each level: up_blocks[1] (stride 8), up_blocks[0] (16) after their upsamplers, mid (32).
+    'pyramid': ('us6', 'us3', 'mid'),
+    'cleandift': ('us9', 'us8', 'us7', 'us6', 'us5', 'us4', 'us3', 'us2', 'us1', 'mid'),
+    # Meng et al.'s recommended SDXL selection (config_xl_practical): strides 16 and 32.
+    'gdf_practical': ('up-level1-repeat0-vit-block0-cross-q', 'up-level1-repeat0-vit-block0-out',
+                      'up-level0-repeat0-vit-block7-out', 'up-level0-repeat0-vit-block5-out'),
+    # The block outputs they compare against (config_xl_legacy).
+    'gdf_legacy': ('up-level2-repeat2-res-out', 'up-level1-upsampler-out', 'up-level0-upsampler-out'),
+}
+
+
+def presets_for(unet: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Presets of a UNet's layout: SDXL's for `addition_embed_type='text_time'` UNets, else SD 1.x / 2.x's."""
+    return SDXL_PRESETS if getattr(unet.config, 'addition_embed_type', None) == 'text_time' else PRESETS
 
 
 class TapError(ValueError):
@@ -35,109 +78,235 @@ class Tap:
     """One selectable activation.
 
     Attributes:
-        name: canonical name (CleanDIFT's for decoder block outputs).
-        location: position in the forward pass.
+        name: canonical name (CleanDIFT's for decoder block outputs, else the point name).
+        location: point name in Meng et al.'s scheme (what `DiffusionUNet._iter_unet` yields).
         num_chs: channels of the map.
         reduction: stride of the map relative to the input image.
-        module: dotted path of the module whose output this is.
-        order: execution order; a larger value is computed later.
+        module: dotted path of the module producing it (for q/k/v: the projection; for maps: the attention).
+        order: stage of the forward pass computing it; a pass stops after the deepest selected stage.
         aliases: other accepted names.
+        hook: how it is recorded inside a layer ('' when the forward pass yields it itself): 'conv' (an NCHW
+            module output), 'tokens' (a (B, HW, C) module output), 'q', 'k', 'v', 'self-map' or 'cross-map'.
+        base: one of the model's default taps (CleanDIFT's decoder taps), listed in `feature_info` from the start.
+        seq: execution order among all taps.
     """
     name: str
-    location: Location
+    location: str
     num_chs: int
     reduction: int
     module: str
     order: int
     aliases: tuple[str, ...] = field(default=())
+    hook: str = ''
+    base: bool = False
+    seq: int = 0
 
     def info(self) -> dict:
         """Entry for timm's `feature_info`."""
         return dict(num_chs=self.num_chs, reduction=self.reduction, module=self.module, name=self.name)
 
 
-def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet') -> list[Tap]:
-    """List the taps of a diffusers `UNet2DConditionModel`, fine to coarse (timm needs non-decreasing strides).
+def sort_key(tap: Tap) -> tuple[int, int]:
+    """Fine to coarse (timm needs non-decreasing strides); among equal strides the later-computed first."""
+    return tap.reduction, -tap.seq
+
+
+def unet_stages(unet: nn.Module) -> Iterator[Stage]:
+    """Stages of a diffusers UNet2DConditionModel forward in execution order (present modules only)."""
+    yield 'conv_in', 0, 0
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(len(block.resnets)):
+            yield 'down', i, j
+        if getattr(block, 'downsamplers', None):
+            yield 'down', i, 'sampler'
+    if unet.mid_block is None:
+        return
+    for j in range(len(unet.mid_block.resnets)):
+        yield 'mid', 0, j  # layer 0: resnet 0; layer j: attention j-1, then resnet j
+    for i, block in enumerate(unet.up_blocks):
+        for j in range(len(block.resnets)):
+            yield 'up', i, j
+        if getattr(block, 'upsamplers', None):
+            yield 'up', i, 'sampler'
+
+
+def point_name(path: str, i: int, j: Union[int, str]) -> str:
+    """Prefix of the point names of a stage: `up-level1-repeat0`, `mid-repeat1`, `down-level0-downsampler`."""
+    if path == 'mid':
+        return f'mid-repeat{j}'
+    if j == 'sampler':
+        return f'{path}-level{i}-{path}sampler'
+    return f'{path}-level{i}-repeat{j}'
+
+
+def _mid_vit_name(j: int) -> str:
+    return 'mid-vit' if j == 1 else f'mid-vit{j - 1}'
+
+
+def _ffn_inner_chs(ff: nn.Module) -> int:
+    return next(m.in_features for m in list(ff.net)[1:] if isinstance(m, nn.Linear))
+
+
+class _TableBuilder:
+    def __init__(self, prefix: str, tokens: int):
+        self.prefix, self.tokens = prefix, tokens
+        self.taps: list[Tap] = []
+        self.stage = 0
+
+    def add(self, location: str, chs: int, reduction: int, module: str, hook: str = '', name: Optional[str] = None,
+            aliases: tuple[str, ...] = (), base: bool = False) -> None:
+        module = f'{self.prefix}.{module}' if module else self.prefix
+        if name is not None and name != location:
+            aliases = (location, *aliases)
+        self.taps.append(Tap(name or location, location, chs, reduction, module, self.stage, aliases, hook, base,
+                             len(self.taps)))
+
+    def resnet(self, point: str, resnet: nn.Module, module: str, reduction: int) -> None:
+        self.add(f'{point}-res-increment', resnet.out_channels, reduction, f'{module}.conv2', 'conv')
+
+    def transformer(self, point: str, attn: nn.Module, module: str, reduction: int) -> None:
+        """Taps inside a Transformer2DModel, in execution order (its output is added by the caller)."""
+        for k, tb in enumerate(attn.transformer_blocks):
+            b, bm = f'{point}-block{k}', f'{module}.transformer_blocks.{k}'
+            for name in ('attn1', 'attn2'):
+                a = getattr(tb, name, None)
+                if a is None:
+                    continue
+                am = f'{bm}.{name}'
+                if a.is_cross_attention:
+                    self.add(f'{b}-cross-q', a.to_q.out_features, reduction, f'{am}.to_q', 'q')
+                    self.add(f'{b}-cross-map', self.tokens, reduction, am, 'cross-map')
+                else:
+                    for p in ('q', 'k', 'v'):
+                        self.add(f'{b}-self-{p}', getattr(a, f'to_{p}').out_features, reduction, f'{am}.to_{p}', p)
+                    self.add(f'{b}-self-map', a.heads, reduction, am, 'self-map')
+            if getattr(tb, 'ff', None) is not None:
+                self.add(f'{b}-ffn-inner', _ffn_inner_chs(tb.ff), reduction, f'{bm}.ff.net.0', 'tokens')
+            self.add(f'{b}-out', tb.norm1.normalized_shape[0], reduction, bm, 'tokens')
+
+
+def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tokens: int = 77) -> list[Tap]:
+    """Every tap of a diffusers `UNet2DConditionModel`, fine to coarse (base taps: `[t for t in taps if t.base]`).
 
     Args:
         unet: the UNet (its blocks are inspected, not run).
         latent_reduction: stride of the latent relative to the image (8 for the SD VAE).
         prefix: attribute path of the UNet inside the backbone.
+        tokens: length of the prompt embedding (channels of cross-attention maps).
     """
+    tb = _TableBuilder(prefix, tokens)
     reduction = latent_reduction
-    for block in unet.down_blocks:
-        if getattr(block, 'downsamplers', None):
-            reduction *= 2
-    taps: list[Tap] = []
-    order = 0
-    mid_chs = unet.mid_block.resnets[-1].out_channels
-    taps.append(Tap('mid', ('mid',), mid_chs, reduction, f'{prefix}.mid_block', order, ('mid-out',)))
-    count = 0
-    for i, block in enumerate(unet.up_blocks):
-        n_layers = len(block.resnets)
-        has_up = bool(getattr(block, 'upsamplers', None))
-        has_attn = hasattr(block, 'attentions') and block.attentions is not None
-        for j in range(n_layers):
-            order += 1
-            last = j == n_layers - 1
-            module = f'{prefix}.up_blocks.{i}.' + (f'attentions.{j}' if has_attn else f'resnets.{j}')
-            gdf = f'up-level{i}-repeat{j}-' + ('vit-out' if has_attn else 'res-out')
-            chs = block.resnets[j].out_channels
-            if last and has_up:
-                # The last layer's own output is not a CleanDIFT tap; the upsampled one is.
-                taps.append(Tap(gdf, ('up', i, j), chs, reduction, module, order))
-                order += 1
-                reduction //= 2
-                count += 1
-                taps.append(Tap(
-                    f'us{count}', ('up', i, 'upsampler'), chs, reduction, f'{prefix}.up_blocks.{i}.upsamplers.0', order,
-                    (f'up-level{i}-upsampler-out',)))
+    n_up = {i: len(b.resnets) for i, b in enumerate(unet.up_blocks)}
+    count = 0  # CleanDIFT's us counter
+    for path, i, j in unet_stages(unet):
+        point = point_name(path, i, j)
+        if path == 'conv_in':
+            tb.add('unet-in', unet.config.in_channels, reduction, 'conv_in')
+            tb.add('unet-after-conv-in', unet.conv_in.out_channels, reduction, 'conv_in')
+        elif path == 'mid':
+            mid = unet.mid_block
+            if j > 0:
+                vit = _mid_vit_name(j)
+                tb.transformer(vit, mid.attentions[j - 1], f'mid_block.attentions.{j - 1}', reduction)
+                tb.add(f'{vit}-out', mid.attentions[j - 1].out_channels, reduction,
+                       f'mid_block.attentions.{j - 1}')
+            tb.resnet(point, mid.resnets[j], f'mid_block.resnets.{j}', reduction)
+            if j == len(mid.resnets) - 1:
+                tb.add(f'{point}-res-out', mid.resnets[j].out_channels, reduction, 'mid_block', name='mid',
+                       aliases=('mid-out',), base=True)
             else:
-                count += 1
-                taps.append(Tap(f'us{count}', ('up', i, j), chs, reduction, module, order, (gdf,)))
-    # Fine to coarse; among equal strides the later-computed first, so `mid` is last.
-    return sorted(taps, key=lambda t: (t.reduction, -t.order))
+                tb.add(f'{point}-res-out', mid.resnets[j].out_channels, reduction, f'mid_block.resnets.{j}')
+        else:
+            block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
+            bm = f'{path}_blocks.{i}'
+            if j == 'sampler':
+                sampler = (block.downsamplers if path == 'down' else block.upsamplers)[0]
+                reduction = reduction * 2 if path == 'down' else reduction // 2
+                us = None
+                if path == 'up':
+                    count += 1
+                    us = f'us{count}'
+                chs = block.resnets[-1].out_channels
+                tb.add(f'{point}-out', chs, reduction, f'{bm}.{path}samplers.0', name=us, base=path == 'up')
+                tb.stage += 1
+                continue
+            chs = block.resnets[j].out_channels
+            tb.resnet(point, block.resnets[j], f'{bm}.resnets.{j}', reduction)
+            has_attn = getattr(block, 'attentions', None) is not None
+            us = None
+            if path == 'up':
+                last_with_up = j == n_up[i] - 1 and bool(getattr(block, 'upsamplers', None))
+                if not last_with_up:
+                    count += 1
+                    us = f'us{count}'
+            if has_attn:
+                tb.add(f'{point}-res-out', chs, reduction, f'{bm}.resnets.{j}')
+                tb.transformer(f'{point}-vit', block.attentions[j], f'{bm}.attentions.{j}', reduction)
+                tb.add(f'{point}-vit-out', chs, reduction, f'{bm}.attentions.{j}', name=us, base=path == 'up')
+            else:
+                tb.add(f'{point}-res-out', chs, reduction, f'{bm}.resnets.{j}', name=us, base=path == 'up')
+        tb.stage += 1
+    return sorted(tb.taps, key=sort_key)
 
 
 def resolve_taps(
         taps: Sequence[Tap],
         indices: Union[None, TapSelector, Sequence[TapSelector]],
         default: Sequence[str] = PRESETS['pyramid'],
-) -> list[int]:
-    """Turn `out_indices` (ints, tap names, aliases or a preset name) into positions in `taps`.
+        presets: Optional[dict[str, Sequence[str]]] = None,
+        all_taps: Optional[Sequence[Tap]] = None,
+) -> list[Tap]:
+    """Turn `out_indices` (ints, tap names, aliases or a preset name) into taps.
 
-    An int alone means the last n taps, as in timm; a preset name expands to its taps.
+    Ints index `taps` (the model's `feature_info`); an int alone means the last n of them, as in timm. Names and
+    aliases are looked up in `all_taps` (default `taps`); a preset name expands to its taps.
     """
-    by_name: dict[str, int] = {}
-    for i, tap in enumerate(taps):
-        by_name[tap.name] = i
+    presets = PRESETS if presets is None else presets
+    by_name: dict[str, Tap] = {}
+    for tap in (all_taps if all_taps is not None else taps):
+        by_name[tap.name] = tap
+    for tap in (all_taps if all_taps is not None else taps):
         for alias in tap.aliases:
-            by_name.setdefault(alias, i)
+            by_name.setdefault(alias, tap)
     if indices is None:
         indices = tuple(default)
     if isinstance(indices, int):
         if not 0 < indices <= len(taps):
             raise TapError(f'out_indices={indices} asks for the last {indices} taps, but the model has {len(taps)}.')
-        return list(range(len(taps) - indices, len(taps)))
+        return list(taps[len(taps) - indices:])
     if isinstance(indices, str):
-        indices = PRESETS.get(indices, (indices,))
-    out: list[int] = []
+        indices = presets.get(indices, (indices,))
+    out: list[Tap] = []
     for sel in indices:
-        if isinstance(sel, str) and sel in PRESETS:
-            out.extend(resolve_taps(taps, PRESETS[sel]))
-            continue
-        if isinstance(sel, str):
+        if isinstance(sel, str) and sel in presets:
+            out.extend(resolve_taps(taps, presets[sel], presets=presets, all_taps=all_taps))
+        elif isinstance(sel, str):
             if sel not in by_name:
                 raise TapError(
-                    f'Unknown tap {sel!r}. Known taps: {", ".join(t.name for t in taps)}; '
-                    f'presets: {", ".join(PRESETS)}. List every name with `diffbackbone taps MODEL`.')
+                    f'Unknown tap {sel!r}. Default taps: {", ".join(t.name for t in taps)}; presets: '
+                    f'{", ".join(presets)}. List every name with `diffbackbone taps MODEL` or `model.tap_names(all=True)`.')
             out.append(by_name[sel])
         else:
             idx = int(sel)
             idx = idx + len(taps) if idx < 0 else idx
             if not 0 <= idx < len(taps):
                 raise TapError(f'Tap index {sel} is out of range: the model has {len(taps)} taps (0 to {len(taps) - 1}).')
-            out.append(idx)
-    if len(set(out)) != len(out):
+            out.append(taps[idx])
+    if len({t.name for t in out}) != len(out):
         raise TapError(f'A tap is asked for twice in out_indices={indices!r}.')
     return out
+
+
+def list_taps(model_name: str, **kwargs) -> list[Tap]:
+    """Every tap of a registered model, in execution order (built on the meta device: no weights, no download).
+
+    For the CLI (`diffbackbone taps MODEL`): each Tap has name, aliases, num_chs, reduction and module.
+    """
+    import timm
+    import torch
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    with torch.device('meta'):
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    return sorted(model.all_taps, key=lambda t: t.seq)
