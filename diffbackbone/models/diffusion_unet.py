@@ -50,6 +50,23 @@ _UNET_TEST = dict(
     _UNET_SD15, sample_size=8, layers_per_block=2, block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
     cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, upcast_attention=True)
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 3 levels, no attention at the first.
+_UNET_SDXL = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type='text_time', addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+# SDXL's VAE: SD's architecture retrained; its activations overflow in float16, so it is kept in float32.
+_VAE_SDXL = dict(_VAE_SD, scaling_factor=0.13025, force_upcast=True)
+# Tiny SDXL layout: up_blocks[0] keeps 8 transformer blocks so that Meng et al.'s SDXL taps (block7) exist.
+_UNET_TEST_SDXL = dict(
+    _UNET_SDXL, sample_size=8, block_out_channels=(16, 32, 32), norm_num_groups=8, transformer_layers_per_block=(1, 1, 8),
+    cross_attention_dim=32, attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8)
+_VAE_TEST_SDXL = dict(_VAE_TEST, scaling_factor=0.13025, force_upcast=True)
+
 # The noise schedule all Stable Diffusion 1.x / 2.x UNets were trained with (DIFT's DDIM scheduler uses the same betas).
 _SCHEDULER_SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
 
@@ -122,6 +139,7 @@ class DiffusionUNet(nn.Module):
             timestep_source: Optional[str] = None,
             head_tap: str = 'us6',
             cond_size: tuple[int, int] = (1024, 1024),
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
             num_classes: int = 0,
             global_pool: str = 'avg',
             in_chans: int = 3,
@@ -143,6 +161,7 @@ class DiffusionUNet(nn.Module):
             timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
             head_tap: tap whose map `forward_features` returns for classification.
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
+            vae_file: the VAE weights in `base_repo`.
             num_classes: classifier classes (0: no classifier).
             global_pool: pooling of the classifier head.
             in_chans: input image channels.
@@ -164,6 +183,7 @@ class DiffusionUNet(nn.Module):
         self.latent = latent
         self.base_repo = base_repo
         self.timestep_source = timestep_source
+        self.vae_file = vae_file
         self.in_chans = in_chans
         self.check_inputs = check_inputs
         self.grad_checkpointing = False
@@ -460,12 +480,16 @@ class DiffusionUNet(nn.Module):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
             vae_sd = hub.load_safetensors(
-                hub.download(self.base_repo, 'vae/diffusion_pytorch_model.safetensors', what='VAE'), what='VAE')
+                hub.download(self.base_repo, self.vae_file, what='VAE'), what='VAE')
             state_dict.update(_vae_keys(vae_sd))
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            state_dict['prompt_embeds'] = hub.empty_prompt_embeds(self.base_repo)
+            if hasattr(self, 'pooled_prompt_embeds'):  # SDXL: both text encoders, and the pooled embedding
+                from .sdxl import empty_prompt_embeds_sdxl
+                state_dict.update(empty_prompt_embeds_sdxl(self.base_repo))
+            else:
+                state_dict['prompt_embeds'] = hub.empty_prompt_embeds(self.base_repo)
         if self.clean:
             if self.timestep_fixed:
                 state_dict['timestep'] = self.timestep.detach().clone()
@@ -594,6 +618,15 @@ default_cfgs = generate_default_cfgs({
     'sd15.sd_legacy': _cfg(
         hf_hub_id='stable-diffusion-v1-5/stable-diffusion-v1-5', hf_hub_filename='unet/diffusion_pytorch_model.safetensors',
         input_size=(3, 512, 512), pool_size=(32, 32), license='creativeml-openrail-m', **_DIFT),
+    'sdxl.stabilityai': _cfg(
+        hf_hub_id='stabilityai/stable-diffusion-xl-base-1.0',
+        hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors', input_size=(3, 1024, 1024), pool_size=(64, 64),
+        license='openrail++', origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
+        paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        paper_ids='arXiv:2410.03558'),
+    'test_sdxl.tiny': _cfg(
+        hf_hub_id='diffbackbone/test-sdxl', hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors',
+        input_size=(3, 128, 128), pool_size=(8, 8)),
     'test_cleandift.tiny': _cfg(
         hf_hub_id='diffbackbone/test-cleandift', hf_hub_filename='unet.safetensors',
         input_size=(3, 128, 128), pool_size=(8, 8)),
@@ -649,3 +682,23 @@ def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
     model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=_VAE_TEST, clean=False, ensemble=2, base_repo='diffbackbone/test-base')
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Stable Diffusion XL base 1.0 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged.
+
+    3 UNet levels: taps at strides 8, 16 and 32 (mid block at 32); `pyramid` = us6, us3, mid (strides 8/16/32).
+    """
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
+                      base_repo='stabilityai/stable-diffusion-xl-base-1.0',
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Tiny random-weight noisy model with the SDXL layout, for tests."""
+    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=2, head_tap='us3',
+                      base_repo='diffbackbone/test-sdxl', vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
