@@ -1,0 +1,82 @@
+"""clean-train: make any Stable Diffusion UNet clean with the CleanDIFT recipe, producing weights our backbones load.
+
+CleanDIFT (Stracke et al., CVPR 2025, arXiv 2412.03439): a trainable copy of the UNet (student) sees the clean latent
+at a learned timestep (initialised at 261); the frozen original (teacher) sees the latent noised at `bins` timesteps
+drawn stratified over [1, 999]; point-wise projection heads conditioned on t map the student's features at every tap
+onto the teacher's; loss = negative cosine similarity summed over taps. AdamW, lr 1e-5, linear warm-up.
+
+Command line (`diffbackbone clean-train --help` lists every flag)::
+
+    diffbackbone clean-train --base sd21 --data DIR --out RUN --steps 5000 --batch-size 8
+    torchrun --nproc_per_node 4 -m diffbackbone clean-train --base sd21 --data DIR --out RUN   # multi-GPU (DDP)
+    diffbackbone clean-train ... --resume            # continue the latest checkpoint in RUN/checkpoints
+
+Python::
+
+    from diffbackbone.train import clean_train
+    result = clean_train('images/', 'run/', base='sd21', steps=5000)   # result.output: run/cleandift_sd21.safetensors
+
+`--base` is sd21 / sd15 (Hub weights), one of our timm model names, or a local diffusers folder (unet/, vae/,
+tokenizer/, text_encoder/). Captions (sidecar `<image>.txt`, or `<image>.json` with a "caption" key) are used only with
+`--captions`, which loads the base's CLIP text encoder; otherwise every image gets the empty prompt.
+
+The output file holds the whole student (`unet.*` in diffusers names, `vae.*`, `prompt_embeds`, the learned
+`timestep`) and the heads under `heads.*`, so it loads with no Hub access::
+
+    model = timm.create_model('cleandift_sd21', pretrained=True, pretrained_cfg_overlay=dict(file='run/cleandift_sd21.safetensors'))
+    model = load_clean_model('run/clean_unet.safetensors')   # any base, local diffusers folders included
+
+Features "as the noisy model would see them at t", from the heads::
+
+    heads = ProjectionHeads.from_file(path)
+    names = [info['name'] for info in model.feature_info.get_dicts()]   # a features_only model
+    noisy_like = heads(dict(zip(names, model(images))), t=100)         # {tap name: (N, C, H, W)}
+
+Benchmark one training step (random weights): `python -m diffbackbone.train.bench_step --arch sd21 --size 768`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from .data import DataError, ImageFolder, find_images, read_caption
+from .distill import BASES, CleanDistiller, TrainError, build_models
+from .heads import ProjectionHeads
+from .trainer import CleanTrainer, TrainConfig, TrainResult, clean_train
+
+__all__ = [
+    'clean_train', 'TrainConfig', 'TrainResult', 'CleanTrainer', 'CleanDistiller', 'ProjectionHeads', 'TrainError',
+    'DataError', 'build_models', 'load_clean_model', 'BASES', 'ImageFolder', 'find_images', 'read_caption',
+]
+
+
+def load_clean_model(path: Union[str, Path], **kwargs):
+    """The clean backbone in a clean-train output file, for any base (built from the configs stored in the file).
+
+    `kwargs` go to timm.create_model (e.g. features_only=True, out_indices=('us6',)) or, for local bases, to
+    `DiffusionUNet`. For SD2.1 / SD1.5 bases this is `timm.create_model('cleandift_sd21', pretrained=True,
+    pretrained_cfg_overlay=dict(file=path))`.
+    """
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} does not exist: give the .safetensors file written by clean-train.')
+    with safe_open(path, 'pt') as f:
+        meta = f.metadata() or {}
+    if 'diffbackbone.model' not in meta:
+        raise ValueError(f'{path} was not written by clean-train (no diffbackbone metadata).')
+    if meta['diffbackbone.model']:
+        return timm.create_model(meta['diffbackbone.model'], pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    vae_cfg = json.loads(meta['diffbackbone.vae_cfg'])
+    vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
+    model = DiffusionUNet(json.loads(meta['diffbackbone.unet_cfg']), vae_cfg, clean=True,
+                          base_repo=meta.get('diffbackbone.base_repo') or None, **kwargs)
+    model.load_state_dict(checkpoint_filter_fn(load_file(path), model), strict=True)
+    return model.eval()
