@@ -209,7 +209,8 @@ class DiffusionUNet(nn.Module):
             if not 0 <= t < _SCHEDULER_SD['num_train_timesteps']:
                 raise ValueError(f'timestep must be in [0, 999], got {timestep}.')
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
-            alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
+            with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+                alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
             self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
         # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
