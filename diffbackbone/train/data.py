@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -90,24 +90,29 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def read(self, path: Path, index: int = 0) -> Optional[torch.Tensor]:
+        """The transformed image in [-1, 1] (crop seeded by epoch and `index`), or None when it cannot be read."""
+        try:
+            x = v2.functional.pil_to_tensor(_load_rgb(path))
+        except Exception:  # any decoder failure (corrupt, truncated, bomb, unsupported) skips the file
+            return None
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+                x = self.transform(x)
+        else:
+            x = self.transform(x)
+        return x.float() / 127.5 - 1
+
     def __getitem__(self, index: int) -> dict:
         skipped = []
         for k in range(len(self.files)):
             path = self.files[(index + k) % len(self.files)]
-            try:
-                img = _load_rgb(path)
-            except Exception:  # any decoder failure (corrupt, truncated, bomb, unsupported) skips the file
+            x = self.read(path, index)
+            if x is None:
                 skipped.append(str(path))
                 continue
-            x = v2.functional.pil_to_tensor(img)
-            if self.train:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
-                    x = self.transform(x)
-            else:
-                x = self.transform(x)
-            return dict(image=x.float() / 127.5 - 1, caption=read_caption(path) if self.captions else '',
-                        skipped=skipped)
+            return dict(image=x, caption=read_caption(path) if self.captions else '', skipped=skipped)
         raise DataError(f'None of the {len(self.files)} images could be read (first: {self.files[0]}). '
                         'Check that the folder holds image files PIL can open.')
 

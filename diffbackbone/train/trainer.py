@@ -144,6 +144,7 @@ class CleanTrainer:
             raise TrainError(f'{len(train_files)} training images under {cfg.data}, but one step needs batch_size x '
                              f'GPUs = {need}. Add images or lower --batch-size.')
 
+        torch.manual_seed(cfg.seed)  # random (test) bases: the same weights on every rank and in every run
         models = build_models(cfg.base, pretrained=cfg.pretrained)
         size = cfg.size or _input_size(models.student)
         text = CaptionEncoder(models.base_repo, self.device) if cfg.captions else None
@@ -187,10 +188,12 @@ class CleanTrainer:
         if not files:
             return [], set()
         ds = ImageFolder(files, size, train=False)
-        samples = [ds[i] for i in range(len(ds))]
-        skipped = {p for s in samples for p in s['skipped']}
-        images = torch.stack([s['image'] for s in samples])
-        return list(images.split(self.cfg.batch_size)), skipped
+        images = {str(p): ds.read(p) for p in files}
+        skipped = {p for p, x in images.items() if x is None}
+        kept = [x for x in images.values() if x is not None]
+        if not kept:
+            return [], skipped
+        return list(torch.stack(kept).split(self.cfg.batch_size)), skipped
 
     # --- data -----------------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
@@ -322,12 +325,12 @@ class CleanTrainer:
 
             loss_value = float(sums) / cfg.grad_accum
             result.losses.append(loss_value)
-            self._log(dict(step=self.step, loss=loss_value, lr=lr, timestep=float(d.student.timestep),
+            self._log(dict(step=self.step, loss=loss_value, lr=lr, timestep=float(d.student.timestep.detach()),
                            taps={k: round(float(v) / cfg.grad_accum, 6) for k, v in per_tap_sums.items()},
                            epoch=self.epoch, skipped_images=len(self.skipped),
                            seconds=round(time.perf_counter() - t0, 4)))
             bar.update(1)
-            bar.set_postfix(loss=f'{loss_value:.4f}', t=f'{float(d.student.timestep):.1f}')
+            bar.set_postfix(loss=f'{loss_value:.4f}', t=f"{float(d.student.timestep.detach()):.1f}")
             if self.val_batches and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                 result.validation.append(self.validate())
                 bar.set_postfix(loss=f'{loss_value:.4f}', val=f'{result.validation[-1]["mean"]:.4f}')

@@ -1,0 +1,202 @@
+"""clean-train on tiny random models (CPU, offline): steps run, the loss falls, resume is exact, the output loads."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffbackbone.train import (
+    CleanDistiller, CleanTrainer, DataError, ImageFolder, ProjectionHeads, TrainConfig, TrainError, build_models,
+    clean_train, load_clean_model,
+)
+from diffbackbone.train.cli import add_clean_train_parser
+
+# Tiny runs: 64 px crops, batch 2, no loader processes, no progress bar.
+RUN = dict(base='test_cleandift', pretrained=False, size=64, batch_size=2, num_workers=0, warmup=1, lr=1e-3,
+           val_images=2, val_every=2, save_every=2, progress=False)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory) -> Path:
+    """Six readable images of several sizes in nested folders (one captioned), one corrupt and one truncated file."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(80, 96), (64, 64), (100, 70), (72, 120), (90, 90), (66, 80)]):
+        folder = root / ('a' if i % 2 else 'b/c')
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f'img{i}.png')
+    (root / 'a' / 'img1.txt').write_text('a photo of a cat\n')
+    (root / 'broken.jpg').write_bytes(b'this is not a jpeg')
+    good = (root / 'b' / 'c' / 'img0.png').read_bytes()
+    (root / 'truncated.png').write_bytes(good[:len(good) // 2])
+    return root
+
+
+@pytest.fixture(scope='module')
+def full_run(images, tmp_path_factory):
+    """An uninterrupted 4-step run (checkpoints at 2 and 4)."""
+    out = tmp_path_factory.mktemp('full')
+    return out, clean_train(str(images), str(out), steps=4, **RUN)
+
+
+def test_resume_reproduces_the_uninterrupted_run(images, full_run, tmp_path):
+    out_full, full = full_run
+    first = clean_train(str(images), str(tmp_path), steps=2, **RUN)
+    resumed = clean_train(str(images), str(tmp_path), steps=4, resume='auto', **RUN)
+    assert len(full.losses) == 4 and all(np.isfinite(full.losses))
+    assert first.losses + resumed.losses == full.losses  # bit-exact
+    a, b = load_file(full.output), load_file(resumed.output)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r['val'] for r in map(json.loads, (tmp_path / 'log.jsonl').read_text().splitlines()) if 'val' in r][-1] \
+        == full.validation[-1]
+    # a checkpoint is refused for other settings, and a used run folder needs --resume
+    with pytest.raises(TrainError, match='bins=3 now 2'):
+        CleanTrainer(TrainConfig(data=str(images), out=str(tmp_path), steps=6, resume='auto', **dict(RUN, bins=2)))
+    with pytest.raises(TrainError, match='already holds checkpoints'):
+        CleanTrainer(TrainConfig(data=str(images), out=str(tmp_path), steps=6, **RUN))
+
+
+def test_run_logs_validates_checkpoints_and_counts_unreadable_images(images, full_run):
+    out, result = full_run
+    assert sorted(Path(p).name for p in result.skipped_images) == ['broken.jpg', 'truncated.png']
+    records = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    steps = [r for r in records if 'loss' in r]
+    assert [r['step'] for r in steps] == [1, 2, 3, 4]
+    assert set(steps[0]['taps']) == {f'us{i}' for i in range(1, 11)} | {'mid'}
+    assert steps[-1]['skipped_images'] == 2
+    val = [r['val'] for r in records if 'val' in r]
+    assert len(val) == 2 and set(val[0]) == {'t=167', 't=500', 't=832', 'mean'}
+    assert all(-1 <= v <= 1 for v in val[0].values())
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step-0000002', 'step-0000004']
+
+
+def test_output_loads_strictly_and_changes_features(full_run):
+    _, result = full_run
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    trained = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6', 'us9'),
+                                pretrained_cfg_overlay=dict(file=str(result.output))).eval()
+    torch.manual_seed(0)  # the trainer's seed: the same random base weights
+    base = build_models('test_cleandift', pretrained=False).student.eval()
+    with torch.no_grad():
+        feats = trained(x)
+        base_feats = base.forward_intermediates(x, indices=('us6', 'us9'), intermediates_only=True)
+    assert [f.shape for f in feats] == [f.shape for f in base_feats]
+    assert all((f - g).abs().max() > 1e-4 for f, g in zip(feats, base_feats))
+    sd = load_file(result.output)
+    assert float(trained.model.timestep.detach()) == float(sd["timestep"]) != 261.0  # the learned timestep was loaded
+    assert any(k.startswith('heads.') for k in sd) and 'prompt_embeds' in sd and any(k.startswith('vae.') for k in sd)
+
+    # the same model through load_clean_model, and noisy-like features from the heads
+    other = load_clean_model(result.output, features_only=True, out_indices=('us6', 'us9')).eval()
+    heads = ProjectionHeads.from_file(result.output)
+    with torch.no_grad():
+        assert all(torch.equal(f, g) for f, g in zip(feats, other(x)))
+        noisy_like = heads(dict(zip(('us6', 'us9'), feats)), t=100)
+        later = heads(dict(zip(('us6', 'us9'), feats)), t=torch.tensor([900, 900]))
+    assert noisy_like['us6'].shape == feats[0].shape
+    assert not torch.allclose(noisy_like['us6'], later['us6'])  # conditioned on t
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    distiller = CleanDistiller(build_models('test', pretrained=False), lr=1e-3, warmup=0)
+    t = distiller.draw_timesteps(500)
+    width = 998 / 3
+    for b in range(3):  # one draw inside each stratification bin
+        assert ((t[:, b] >= 1 + b * width - 1) & (t[:, b] <= 1 + (b + 1) * width)).all()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    losses = []
+    for _ in range(8):
+        distiller.generator.manual_seed(0)  # the same timesteps and noise every step
+        loss, per_tap = distiller.loss(images)
+        loss.backward()
+        distiller.optimizer.step()
+        distiller.optimizer.zero_grad()
+        losses.append(float(loss))
+    assert len(per_tap) == 11
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert float(distiller.student.timestep) != 261.0
+
+
+def test_heads_start_as_identity():
+    heads = ProjectionHeads({'us6': 8, 'mid': 16}, width=16, mapping_hidden=32)
+    feats = {'us6': torch.randn(3, 8, 4, 5), 'mid': torch.randn(3, 16, 2, 2)}
+    out = heads(feats, t=torch.tensor([1, 500, 999]))
+    assert all(torch.equal(out[k], feats[k]) for k in feats)
+    with pytest.raises(KeyError, match='us9'):
+        heads({'us9': torch.randn(1, 8, 2, 2)}, t=1)
+
+
+def test_unreadable_images_are_replaced_and_reported(images):
+    files = sorted(images.rglob('*.jpg')) + sorted(images.rglob('*.png'))
+    ds = ImageFolder(files, 64, captions=True)
+    sample = ds[0]  # broken.jpg: replaced by the next readable file
+    assert sample['image'].shape == (3, 64, 64) and -1 <= sample['image'].min() <= sample['image'].max() <= 1
+    assert [Path(p).name for p in sample['skipped']] == ['broken.jpg']
+    captions = [ds[i]['caption'] for i in range(len(ds))]
+    assert 'a photo of a cat' in captions and '' in captions
+
+
+def test_bad_input_gives_clear_errors(images, tmp_path):
+    empty = tmp_path / 'empty'
+    (empty / 'sub').mkdir(parents=True)
+    (empty / 'notes.txt').write_text('no images here')
+    with pytest.raises(DataError, match='No images found'):
+        clean_train(str(empty), str(tmp_path / 'run'), **RUN)
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    with pytest.raises(TrainError, match='Cannot write to the output folder'):
+        clean_train(str(images), str(blocker / 'run'), **RUN)
+    with pytest.raises(TrainError, match='Unknown base'):
+        clean_train(str(images), str(tmp_path / 'run'), **dict(RUN, base='sd99'))
+    with pytest.raises(TrainError, match='batch_size'):
+        clean_train(str(images), str(tmp_path / 'run'), **dict(RUN, batch_size=16))
+
+
+def test_nan_loss_stops_with_a_checkpoint(images, tmp_path):
+    trainer = CleanTrainer(TrainConfig(data=str(images), out=str(tmp_path), steps=3, **RUN))
+    unet = trainer.distiller.student.unet
+    calls = []
+
+    def poison(module, args, output):  # NaN from the second step on
+        calls.append(1)
+        return output * float('nan') if len(calls) > 1 else output
+
+    unet.conv_in.register_forward_hook(poison)
+    with pytest.raises(TrainError, match='NaN/Inf at step 2') as err:
+        trainer.train()
+    assert 'step-0000001' in str(err.value)
+    assert (tmp_path / 'checkpoints' / 'step-0000001' / 'state.pt').is_file()
+
+
+def test_cli(images, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_clean_train_parser(parser.add_subparsers(dest='command'))
+    args = parser.parse_args([
+        'clean-train', '--base', 'test_cleandift', '--random-weights', '--data', str(images), '--out', str(tmp_path),
+        '--steps', '1', '--size', '64', '--batch-size', '2', '--workers', '0', '--val-images', '0', '--no-progress',
+        '--taps', 'us6', 'mid'])
+    assert args.func(args) == 0
+    assert 'test_cleandift.safetensors' in capsys.readouterr().out
+    sd = load_file(tmp_path / 'test_cleandift.safetensors')
+    assert {k.split('.')[2] for k in sd if k.startswith('heads.taps.')} == {'us6', 'mid'}
+    args = parser.parse_args(['clean-train', '--data', str(tmp_path / 'none'), '--out', str(tmp_path / 'x')])
+    assert args.func(args) == 2
+    assert 'does not exist' in capsys.readouterr().err
