@@ -157,7 +157,7 @@ class CleanTrainer:
             from torch.nn.parallel import DistributedDataParallel
             self.distiller.ddp = DistributedDataParallel(
                 self.distiller.module, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                broadcast_buffers=False)
+                forward_sync_buffers=False)  # buffers are constants, equal on every rank
 
         self.dataset = ImageFolder(train_files, size, train=True, seed=cfg.seed, scale=tuple(cfg.crop_scale),
                                    captions=cfg.captions)
@@ -348,12 +348,12 @@ class CleanTrainer:
 
     def validate(self) -> dict:
         """Student+heads vs teacher cosine per timestep bin on the held-out images (rank 0), logged."""
-        record = {}
+        val = [self.distiller.validate(self.val_batches) if self.rank == 0 else None]
         if self.rank == 0:
-            record = dict(step=self.step, val=self.distiller.validate(self.val_batches))
-            self._log(record)
-        _barrier(self.world)
-        return record.get('val', {})
+            self._log(dict(step=self.step, val=val[0]))
+        if self.world > 1:
+            dist.broadcast_object_list(val, src=0)
+        return val[0]
 
     def _fail_non_finite(self, at_start: tuple, per_tap: dict) -> None:
         self.epoch, self.batch_in_epoch, rng = at_start
