@@ -230,6 +230,14 @@ class DiffusionUNet(nn.Module):
         self.drop_rate = drop_rate
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
+    def _apply(self, fn: Callable, recurse: bool = True):
+        # Keep a clean model's learned timestep in float32 when the model is cast: bf16 would round 261.3 to 262.
+        t = self.timestep.detach().clone() if isinstance(self.timestep, nn.Parameter) else None
+        super()._apply(fn, recurse)
+        if t is not None and self.timestep.dtype != torch.float32:
+            self.timestep.data = t.to(self.timestep.device)
+        return self
+
     # --- timm model API -------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -348,6 +356,7 @@ class DiffusionUNet(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
+    @torch.compiler.disable
     def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
         """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates."""
         gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
