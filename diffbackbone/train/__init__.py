@@ -23,8 +23,9 @@ tokenizer/, text_encoder/). Captions (sidecar `<image>.txt`, or `<image>.json` w
 The output file holds the whole student (`unet.*` in diffusers names, `vae.*`, `prompt_embeds`, the learned
 `timestep`) and the heads under `heads.*`, so it loads with no Hub access::
 
-    model = timm.create_model('cleandift_sd21', pretrained=True, pretrained_cfg_overlay=dict(file='run/cleandift_sd21.safetensors'))
-    model = load_clean_model('run/clean_unet.safetensors')   # any base, local diffusers folders included
+    path = 'run/cleandift_sd21.safetensors'
+    model = timm.create_model('cleandift_sd21', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    model = load_clean_model(path)   # any base, local diffusers folders included
 
 Features "as the noisy model would see them at t", from the heads::
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
 
 from .data import DataError, ImageFolder, find_images, read_caption
 from .distill import BASES, CleanDistiller, TrainError, build_models
@@ -46,12 +46,24 @@ from .heads import ProjectionHeads
 from .trainer import CleanTrainer, TrainConfig, TrainResult, clean_train
 
 __all__ = [
-    'clean_train', 'TrainConfig', 'TrainResult', 'CleanTrainer', 'CleanDistiller', 'ProjectionHeads', 'TrainError',
-    'DataError', 'build_models', 'load_clean_model', 'BASES', 'ImageFolder', 'find_images', 'read_caption',
+    'BASES',
+    'CleanDistiller',
+    'CleanTrainer',
+    'DataError',
+    'ImageFolder',
+    'ProjectionHeads',
+    'TrainConfig',
+    'TrainError',
+    'TrainResult',
+    'build_models',
+    'clean_train',
+    'find_images',
+    'load_clean_model',
+    'read_caption',
 ]
 
 
-def load_clean_model(path: Union[str, Path], **kwargs):
+def load_clean_model(path: str | Path, **kwargs):
     """The clean backbone in a clean-train output file, for any base (built from the configs stored in the file).
 
     `kwargs` go to timm.create_model (e.g. features_only=True, out_indices=('us6',)) or, for local bases, to

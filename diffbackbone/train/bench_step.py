@@ -12,7 +12,7 @@ import json
 import resource
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ def bench(arch: str, size: int, batch: int, precision: str, steps: int, warmup: 
                 last_loss=round(losses[-1], 4))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m diffbackbone.train.bench_step', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='sd21', choices=sorted(BASES), help='architecture (random weights)')

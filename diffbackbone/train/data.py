@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
-__all__ = ['IMAGE_EXTENSIONS', 'DataError', 'find_images', 'read_caption', 'ImageFolder', 'ResumableSampler',
-           'collate', 'split_files']
+__all__ = [
+    'IMAGE_EXTENSIONS',
+    'DataError',
+    'ImageFolder',
+    'ResumableSampler',
+    'collate',
+    'find_images',
+    'read_caption',
+    'split_files',
+]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif', '.ppm')
 
@@ -90,11 +98,11 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, path: Path, index: int = 0) -> Optional[torch.Tensor]:
+    def read(self, path: Path, index: int = 0) -> torch.Tensor | None:
         """The transformed image in [-1, 1] (crop seeded by epoch and `index`), or None when it cannot be read."""
         try:
             x = v2.functional.pil_to_tensor(_load_rgb(path))
-        except Exception:  # any decoder failure (corrupt, truncated, bomb, unsupported) skips the file
+        except Exception:  # noqa: BLE001 (any decoder failure: corrupt, truncated, bomb, unsupported) skips the file
             return None
         if self.train:
             with torch.random.fork_rng(devices=[]):

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
+from torch import nn
 
 from ..models.diffusion_unet import _SCHEDULER_SD, DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
-__all__ = ['BASES', 'BaseModels', 'build_models', 'tap_features', 'resolve', 'CleanStudent', 'CleanDistiller', 'TrainError']
+__all__ = [
+    'BASES',
+    'BaseModels',
+    'CaptionEncoder',
+    'CleanDistiller',
+    'CleanStudent',
+    'TrainError',
+    'build_models',
+    'resolve',
+    'tap_features',
+]
 
 # --base name -> (noisy teacher, clean student) timm models of ours.
 BASES = {
@@ -43,7 +53,7 @@ class BaseModels:
     teacher: DiffusionUNet
     student: DiffusionUNet
     base_repo: str  # where the text encoder lives (captions)
-    clean_name: Optional[str]  # timm model that loads the output file, None for a local diffusers folder
+    clean_name: str | None  # timm model that loads the output file, None for a local diffusers folder
     unet_cfg: dict = field(default_factory=dict)
     vae_cfg: dict = field(default_factory=dict)
     scheduler: DDPMScheduler = field(default_factory=lambda: DDPMScheduler(**_SCHEDULER_SD))
@@ -106,7 +116,7 @@ def build_models(base: str, pretrained: bool = True) -> BaseModels:
 
 
 @contextlib.contextmanager
-def _prompt(model: DiffusionUNet, ctx: Optional[torch.Tensor]) -> Iterator[None]:
+def _prompt(model: DiffusionUNet, ctx: torch.Tensor | None) -> Iterator[None]:
     """Run `model` with per-latent text embeddings `ctx` (N, 77, D) instead of its empty-prompt buffer."""
     if ctx is None:
         yield
@@ -119,13 +129,13 @@ def _prompt(model: DiffusionUNet, ctx: Optional[torch.Tensor]) -> Iterator[None]
         model.prompt_embeds = saved
 
 
-def resolve(model: DiffusionUNet, taps: Union[str, Sequence[str]]) -> list:
+def resolve(model: DiffusionUNet, taps: str | Sequence[str]) -> list:
     """The model's `Tap`s for names, aliases or a preset name (e.g. 'cleandift')."""
     return model._resolve(taps if isinstance(taps, str) else list(taps))
 
 
-def tap_features(model: DiffusionUNet, z: torch.Tensor, taps: Sequence, timestep: Optional[torch.Tensor] = None,
-                 ctx: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+def tap_features(model: DiffusionUNet, z: torch.Tensor, taps: Sequence, timestep: torch.Tensor | None = None,
+                 ctx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{tap name: map} of the UNet of `model` on latents `z` for `Tap`s `taps` (stops after the deepest one)."""
     by_loc = {t.location: t.name for t in taps}
     out = {}
@@ -157,7 +167,7 @@ class CleanStudent(nn.Module):
         self.heads = heads
         self.taps = list(taps)
 
-    def forward(self, z0: torch.Tensor, t: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, z0: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """z0: (B, 4, h, w) clean latents; t: (B, bins) teacher timesteps; ctx: (B, 77, D) or None."""
         feats = tap_features(self.model, z0, self.taps, ctx=ctx)
         bins = t.shape[1]
@@ -175,7 +185,7 @@ class CleanDistiller:
     def __init__(
             self,
             models: BaseModels,
-            taps: Union[str, Sequence[str]] = 'cleandift',
+            taps: str | Sequence[str] = 'cleandift',
             bins: int = 3,
             t_min: int = 1,
             t_max: int = 999,
@@ -185,11 +195,11 @@ class CleanDistiller:
             precision: str = 'fp32',
             grad_checkpointing: bool = False,
             latent: str = 'sample',
-            device: Union[str, torch.device] = 'cpu',
+            device: str | torch.device = 'cpu',
             seed: int = 0,
             rank: int = 0,
-            head_kwargs: Optional[dict] = None,
-            text_encoder: Optional['CaptionEncoder'] = None,
+            head_kwargs: dict | None = None,
+            text_encoder: CaptionEncoder | None = None,
     ):
         if bins < 1 or not 0 <= t_min < t_max <= models.scheduler.config.num_train_timesteps - 1:
             raise TrainError(f'Need bins >= 1 and 0 <= t_min < t_max <= 999, got bins={bins}, t=[{t_min}, {t_max}].')
@@ -223,7 +233,7 @@ class CleanDistiller:
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=weight_decay)
         self.lr_schedule = get_constant_schedule_with_warmup(self.optimizer, num_warmup_steps=warmup)
-        self.ddp: Optional[nn.Module] = None  # set by the trainer under torch.distributed
+        self.ddp: nn.Module | None = None  # set by the trainer under torch.distributed
         self.generator = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * rank)
 
     @property
@@ -241,8 +251,8 @@ class CleanDistiller:
         return (self.t_min + offsets + u * width).long().clamp(self.t_min, self.t_max)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, captions: Optional[Sequence[str]] = None,
-               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def encode(self, images: torch.Tensor, captions: Sequence[str] | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Clean latents (posterior draw or mode) and text embeddings (None without captions)."""
         vae = self.models.teacher.vae
         with self.autocast():
@@ -257,8 +267,8 @@ class CleanDistiller:
         return z0, ctx
 
     @torch.no_grad()
-    def teacher_features(self, z0: torch.Tensor, t: torch.Tensor, ctx: Optional[torch.Tensor],
-                         generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def teacher_features(self, z0: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | None,
+                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Teacher maps for every (image, timestep) pair, image-major: (B * bins, C, H, W)."""
         bins = t.shape[1]
         z = z0.repeat_interleave(bins, 0)
@@ -269,7 +279,7 @@ class CleanDistiller:
                                 self.teacher_taps, timestep=t.flatten(),
                                 ctx=None if ctx is None else ctx.repeat_interleave(bins, 0))
 
-    def loss(self, images: torch.Tensor, captions: Optional[Sequence[str]] = None
+    def loss(self, images: torch.Tensor, captions: Sequence[str] | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss and per-tap losses of one micro-batch (the student part keeps its graph)."""
         z0, ctx = self.encode(images, captions)
@@ -327,7 +337,8 @@ class CleanDistiller:
         the heads under `heads.`."""
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.student.state_dict().items()
                    if not k.startswith('head.')}
-        tensors.update({f'heads.{k}': v.detach().float().cpu().contiguous() for k, v in self.heads.state_dict().items()})
+        tensors.update({f'heads.{k}': v.detach().float().cpu().contiguous()
+                        for k, v in self.heads.state_dict().items()})
         meta = dict(self.heads.metadata())
         meta['diffbackbone.model'] = self.models.clean_name or ''
         meta['diffbackbone.base_repo'] = self.models.base_repo or ''
@@ -344,7 +355,7 @@ def _jsonable(cfg: dict) -> dict:
 class CaptionEncoder:
     """Frozen CLIP text encoder of the base repo: captions -> (B, 77, D) embeddings, as diffusers encodes prompts."""
 
-    def __init__(self, base_repo: str, device: Union[str, torch.device] = 'cpu'):
+    def __init__(self, base_repo: str, device: str | torch.device = 'cpu'):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from .. import hub

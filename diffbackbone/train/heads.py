@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ['ProjectionHeads', 'FeedForward', 'MappingNet', 'HEADS_PREFIX', 'HEADS_METADATA_KEY']
+__all__ = ['HEADS_METADATA_KEY', 'HEADS_PREFIX', 'FeedForward', 'MappingNet', 'ProjectionHeads']
 
 HEADS_PREFIX = 'heads.'  # key prefix of the heads in a clean-train output file
 HEADS_METADATA_KEY = 'diffbackbone.heads'  # safetensors metadata entry with the heads' constructor arguments
@@ -31,7 +31,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 class FeedForward(nn.Module):
     """Residual SwiGLU block; its RMS norm scale is 1 + a linear map of the condition (when one is given)."""
 
-    def __init__(self, dim: int, hidden: int, cond_dim: Optional[int] = None):
+    def __init__(self, dim: int, hidden: int, cond_dim: int | None = None):
         super().__init__()
         self.norm_scale = nn.Parameter(torch.ones(dim)) if cond_dim is None else None
         self.norm_cond = nn.Linear(cond_dim, dim, bias=False) if cond_dim is not None else None
@@ -41,7 +41,7 @@ class FeedForward(nn.Module):
         if self.norm_cond is not None:
             nn.init.zeros_(self.norm_cond.weight)
 
-    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, L, dim); cond: (N, cond_dim)."""
         scale = self.norm_scale if self.norm_cond is None else 1 + self.norm_cond(cond)[:, None, :]
         h, gate = self.up(rms_norm(x, scale)).chunk(2, dim=-1)
@@ -124,9 +124,9 @@ class ProjectionHeads(nn.Module):
         self.time_in = nn.Linear(width, width, bias=False)
         self.mapping = MappingNet(width, mapping_hidden, mapping_depth)
         self.taps = nn.ModuleDict({
-            name: Head(c, max(1, int(round(c * expansion))), width, depth) for name, c in channels.items()})
+            name: Head(c, max(1, round(c * expansion)), width, depth) for name, c in channels.items()})
 
-    def time_code(self, t: Union[torch.Tensor, float], n: int, device: torch.device) -> torch.Tensor:
+    def time_code(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
         """(n, width) condition for timesteps `t` (a number or n values)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
         if t.numel() == 1:
@@ -136,7 +136,7 @@ class ProjectionHeads(nn.Module):
         f = 2 * math.pi * (t[:, None] / self.t_max) @ self.fourier.float().T
         return self.mapping(self.time_in(torch.cat([f.cos(), f.sin()], dim=-1).to(self.time_in.weight.dtype)))
 
-    def forward(self, features: Mapping[str, torch.Tensor], t: Union[torch.Tensor, float]) -> dict[str, torch.Tensor]:
+    def forward(self, features: Mapping[str, torch.Tensor], t: torch.Tensor | float) -> dict[str, torch.Tensor]:
         """Project `features` ({tap name: (N, C, H, W)}) to what the noisy teacher would give at timestep(s) `t`."""
         unknown = [k for k in features if k not in self.taps]
         if unknown:
@@ -152,7 +152,7 @@ class ProjectionHeads(nn.Module):
         return {HEADS_METADATA_KEY: json.dumps(self.config)}
 
     @classmethod
-    def from_file(cls, path: Union[str, Path], map_location: str = 'cpu') -> 'ProjectionHeads':
+    def from_file(cls, path: str | Path, map_location: str = 'cpu') -> ProjectionHeads:
         """Heads stored in a `clean-train` output file (keys under `heads.`, config in the file's metadata)."""
         from safetensors import safe_open
 

@@ -15,9 +15,9 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from .data import ImageFolder, ResumableSampler, collate, find_images, split_files
 from .distill import CaptionEncoder, CleanDistiller, TrainError, build_models
 
-__all__ = ['TrainConfig', 'TrainResult', 'CleanTrainer', 'clean_train']
+__all__ = ['CleanTrainer', 'TrainConfig', 'TrainResult', 'clean_train']
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = ('base', 'taps', 'batch_size', 'grad_accum', 'bins', 't_min', 't_max', 'size', 'crop_scale', 'captions',
@@ -40,7 +40,7 @@ class TrainConfig:
     data: str
     out: str
     base: str = 'sd21'
-    taps: Union[str, list] = 'cleandift'
+    taps: str | list = 'cleandift'
     steps: int = 5000
     batch_size: int = 8
     grad_accum: int = 1
@@ -50,23 +50,23 @@ class TrainConfig:
     bins: int = 3
     t_min: int = 1
     t_max: int = 999
-    size: Optional[int] = None  # default: the model's input size (768 for SD2.1, 512 for SD1.5)
+    size: int | None = None  # default: the model's input size (768 for SD2.1, 512 for SD1.5)
     crop_scale: tuple = (0.5, 1.0)
     captions: bool = False
     latent: str = 'sample'
     precision: str = 'auto'  # 'bf16' autocast on GPUs that support it, else 'fp32'
     grad_checkpointing: bool = False
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     num_workers: int = 4
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
     val_every: int = 250
     val_images: int = 8
-    val_data: Optional[str] = None
-    resume: Optional[str] = None  # 'auto' (latest checkpoint in out/) or a checkpoint folder
+    val_data: str | None = None
+    resume: str | None = None  # 'auto' (latest checkpoint in out/) or a checkpoint folder
     pretrained: bool = True  # False: random base weights (tests, benchmarks)
-    device: Optional[str] = None
+    device: str | None = None
     head_kwargs: dict = field(default_factory=dict)
     progress: bool = True
 
@@ -74,7 +74,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What a run produced: the output file and this session's per-step losses and validation numbers."""
-    output: Optional[Path]
+    output: Path | None
     losses: list = field(default_factory=list)
     validation: list = field(default_factory=list)
     skipped_images: list = field(default_factory=list)
@@ -169,7 +169,7 @@ class CleanTrainer:
             self._load_checkpoint(resume_from)
 
     # --- setup ----------------------------------------------------------------------------------------------------
-    def _find_resume(self) -> Optional[Path]:
+    def _find_resume(self) -> Path | None:
         existing = _checkpoints(self.ckpt_root) if self.ckpt_root.is_dir() else []
         if self.cfg.resume is None:
             if existing:
@@ -219,7 +219,7 @@ class CleanTrainer:
             state['cuda'] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def save_checkpoint(self, rng: Optional[dict] = None) -> Path:
+    def save_checkpoint(self, rng: dict | None = None) -> Path:
         """Write `checkpoints/step-NNNNNNN` atomically (all ranks take part); keep the newest `keep_checkpoints`."""
         final = self.ckpt_root / f'step-{self.step:07d}'
         tmp = self.ckpt_root / f'.tmp-{final.name}'
