@@ -139,13 +139,25 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _cmd_taps(args: argparse.Namespace) -> int:
     import timm
 
-    import diffbackbone  # noqa: F401
+    from .models.taps import list_taps
 
-    with torch.device('meta'):
+    with torch.device('meta'):  # no weights, no download
         model = timm.create_model(args.model)
-    print(f'{"index":>5}  {"name":<34} {"channels":>8} {"stride":>6}  aliases')
-    for i, tap in enumerate(model.taps):
-        print(f'{i:>5}  {tap.name:<34} {tap.num_chs:>8} {tap.reduction:>6}  {", ".join(tap.aliases)}')
+    index = {t.name: i for i, t in enumerate(model.taps)}
+    taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
+    print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
+    for tap in taps:
+        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  {", ".join(tap.aliases)}')
+    print('presets: ' + '; '.join(f'{k} = {", ".join(v)}' for k, v in model.presets.items()))
+    if not args.all:
+        print(f'{len(list_taps(args.model))} taps in all: `diffbackbone taps {args.model} --all` lists every one.')
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    bench_main(args.rest)
     return 0
 
 
@@ -170,12 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model')
+    p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
     p.set_defaults(func=_cmd_taps)
+
+    p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',
+                       add_help=False)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == 'bench':
+        args.rest = rest
+    elif rest:
+        parser.error(f'unrecognized arguments: {" ".join(rest)}')
     from .hub import HubError
     from .models import TapError
 
