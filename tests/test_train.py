@@ -27,6 +27,8 @@ from diffbackbone.train import (
     clean_train,
     load_clean_model,
 )
+from diffbackbone.hub import HubError
+from diffbackbone.models.diffusion_unet import _UNET_TEST, _VAE_TEST
 from diffbackbone.train.cli import add_clean_train_parser
 
 # Tiny runs: 64 px crops, batch 2, no loader processes, no progress bar.
@@ -213,19 +215,37 @@ def test_cli(images, tmp_path, capsys):
     assert 'does not exist' in capsys.readouterr().err
 
 
-def test_local_diffusers_folder_with_captions(images, tmp_path):
+@pytest.fixture(scope='module')
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion in diffusers layout: unet/, vae/, tokenizer/, text_encoder/."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from fakehub import save_tiny_clip
 
-    from diffbackbone.models.diffusion_unet import _UNET_TEST, _VAE_TEST
-
-    base = tmp_path / 'my-sd'
+    base = tmp_path_factory.mktemp('my-sd')
     torch.manual_seed(0)
     UNet2DConditionModel(**_UNET_TEST).save_pretrained(base / 'unet')
     vae = {k: v for k, v in _VAE_TEST.items() if k != 'scaling_factor'}
     AutoencoderKL(**vae, down_block_types=('DownEncoderBlock2D',) * 4,
                   up_block_types=('UpDecoderBlock2D',) * 4).save_pretrained(base / 'vae')
     save_tiny_clip(base, hidden_size=_UNET_TEST['cross_attention_dim'])
+    return base
+
+
+def test_hub_repo_base(tiny_sd, fake_hub, hub_cache):
+    fake_hub.add_folder('someone/my-sd', tiny_sd)
+    from_hub, from_folder = build_models('someone/my-sd'), build_models(str(tiny_sd))
+    assert from_hub.base_repo == 'someone/my-sd' and from_hub.clean_name is None
+    a, b = from_hub.teacher.state_dict(), from_folder.teacher.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a['prompt_embeds'], torch.zeros_like(a['prompt_embeds']))  # computed by the text encoder
+    with pytest.raises(HubError, match='not found'):
+        build_models('someone/missing-sd')
+
+
+def test_local_diffusers_folder_with_captions(images, tiny_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    base = tiny_sd
     run = dict(RUN, base=str(base), pretrained=True, captions=True, val_images=0, warmup=0)
     trainer = CleanTrainer(TrainConfig(data=str(images), out=str(tmp_path / 'run'), steps=1, **run))
     embeds = trainer.distiller.text_encoder(['a photo of a cat', ''])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,18 +66,35 @@ def _copy_weights(teacher: DiffusionUNet, student: DiffusionUNet) -> None:
         raise TrainError(f'Teacher and student differ: missing {missing[:5]}, unexpected {unexpected[:5]}.')
 
 
-def _diffusers_folder(folder: Path, pretrained: bool) -> BaseModels:
-    """Teacher and student from a local diffusers folder with unet/ and vae/ (and tokenizer/, text_encoder/)."""
+# Files of a diffusers Stable Diffusion repo that training needs.
+_REPO_FILES = ['unet/config.json', 'unet/diffusion_pytorch_model.safetensors', 'vae/config.json',
+               'vae/diffusion_pytorch_model.safetensors', 'scheduler/*', 'tokenizer/*', 'text_encoder/*']
+
+
+def _hub_snapshot(repo: str) -> Path:
+    """Local copy (HF cache) of the files of Hub repo 'org/name[@revision]' that training needs."""
+    from huggingface_hub import snapshot_download
+
+    from .. import hub
+
+    repo_id, revision = hub.split_repo(repo)
+    with hub.hub_errors(f'the base model {repo!r}', repo=repo_id, revision=revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_REPO_FILES))
+
+
+def _diffusers_folder(folder: Path, pretrained: bool, base_repo: Optional[str] = None) -> BaseModels:
+    """Teacher and student from a diffusers folder with unet/ and vae/ (and tokenizer/, text_encoder/)."""
+    where = base_repo or folder
     for sub in ('unet', 'vae'):
         if not (folder / sub / 'config.json').is_file():
-            raise TrainError(f'{folder} is not a diffusers Stable Diffusion folder: {folder / sub / "config.json"} is '
-                             'missing. Give a folder with unet/, vae/, tokenizer/ and text_encoder/, or sd21 / sd15.')
+            raise TrainError(f'{where} is not a diffusers Stable Diffusion model: {sub}/config.json is missing. Give '
+                             'a folder or Hub repo with unet/, vae/, tokenizer/ and text_encoder/, or sd21 / sd15.')
     unet_cfg = UNet2DConditionModel.extract_init_dict(UNet2DConditionModel.load_config(folder / 'unet'))[0]
     vae_all = AutoencoderKL.load_config(folder / 'vae')
     vae_cfg = {k: vae_all[k] for k in ('block_out_channels', 'layers_per_block', 'latent_channels', 'norm_num_groups',
                                        'scaling_factor') if k in vae_all}
     vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
-    kwargs = dict(unet_cfg=unet_cfg, vae_cfg=vae_cfg, base_repo=str(folder))
+    kwargs = dict(unet_cfg=unet_cfg, vae_cfg=vae_cfg, base_repo=base_repo or str(folder))
     teacher = DiffusionUNet(clean=False, **kwargs)
     student = DiffusionUNet(clean=True, **kwargs)
     if pretrained:
@@ -89,14 +107,15 @@ def _diffusers_folder(folder: Path, pretrained: bool) -> BaseModels:
     scheduler = DDPMScheduler(**_SCHEDULER_SD)
     if (folder / 'scheduler' / 'scheduler_config.json').is_file():
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / 'scheduler'))
-    return BaseModels(teacher, student, str(folder), None, unet_cfg, vae_cfg, scheduler)
+    return BaseModels(teacher, student, base_repo or str(folder), None, unet_cfg, vae_cfg, scheduler)
 
 
 def build_models(base: str, pretrained: bool = True) -> BaseModels:
     """Frozen noisy teacher and trainable clean student with the same UNet weights.
 
     Args:
-        base: 'sd21', 'sd15', one of our timm model names (e.g. 'test_cleandift'), or a local diffusers folder.
+        base: 'sd21', 'sd15', one of our timm model names (e.g. 'test_cleandift'), a local diffusers folder, or a
+            Hub repo 'org/name[@revision]' in diffusers layout (a fine-tuned Stable Diffusion 1.x / 2.x).
         pretrained: load the base weights (Hub or folder); False gives random weights (tests, benchmarks).
     """
     import timm
@@ -106,8 +125,11 @@ def build_models(base: str, pretrained: bool = True) -> BaseModels:
         return _diffusers_folder(folder, pretrained)
     key = _ALIASES.get(base, base)
     if key not in BASES:
+        looks_local = base.startswith(('/', '.', '~')) or os.path.isabs(base)
+        if base.count('/') == 1 and not looks_local:
+            return _diffusers_folder(_hub_snapshot(base), pretrained, base_repo=base)
         raise TrainError(f'Unknown base {base!r}: give one of {", ".join(BASES)} (or a model name '
-                         f'{", ".join(_ALIASES)}), or an existing local diffusers folder with unet/ and vae/.')
+                         f'{", ".join(_ALIASES)}), an existing local diffusers folder, or a Hub repo "org/name".')
     noisy, clean = BASES[key]
     teacher = timm.create_model(noisy, pretrained=pretrained, ensemble=1)
     student = timm.create_model(clean, pretrained=False)
