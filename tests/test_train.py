@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffbackbone.hub import HubError
+from diffbackbone.models.diffusion_unet import _UNET_TEST, _VAE_TEST
 from diffbackbone.train import (
     CleanDistiller,
     CleanTrainer,
@@ -27,8 +29,6 @@ from diffbackbone.train import (
     clean_train,
     load_clean_model,
 )
-from diffbackbone.hub import HubError
-from diffbackbone.models.diffusion_unet import _UNET_TEST, _VAE_TEST
 from diffbackbone.train.cli import add_clean_train_parser
 
 # Tiny runs: 64 px crops, batch 2, no loader processes, no progress bar.

@@ -82,7 +82,7 @@ def _hub_snapshot(repo: str) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_REPO_FILES))
 
 
-def _diffusers_folder(folder: Path, pretrained: bool, base_repo: Optional[str] = None) -> BaseModels:
+def _diffusers_folder(folder: Path, pretrained: bool, base_repo: str | None = None) -> BaseModels:
     """Teacher and student from a diffusers folder with unet/ and vae/ (and tokenizer/, text_encoder/)."""
     where = base_repo or folder
     for sub in ('unet', 'vae'):
