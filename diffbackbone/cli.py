@@ -4,6 +4,8 @@ Subcommands:
     features  extract tap maps of images into a safetensors file (one tensor per tap, images stacked), optionally a
               PCA picture of one tap.
     taps      list a model's taps with channels and strides.
+    clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
+    bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
 """
 from __future__ import annotations
 
@@ -184,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model')
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
     p.set_defaults(func=_cmd_taps)
+
+    from .train.cli import add_clean_train_parser
+
+    add_clean_train_parser(sub)
 
     p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',
                        add_help=False)
