@@ -112,14 +112,17 @@ def _tiny_model_cfg(path: Path) -> Config:
 def test_mismatched_head_channels_fail_at_build():
     from mmseg.registry import MODELS
 
-    cfg = _tiny_model_cfg(UPERNET_ADE)  # head still set for SD's 640/1280 channels
-    with pytest.raises(ConfigError, match=r'model\.decode_head\.in_channels=\[640, 1280, 1280, 1280\].*'
-                                          r'us9: 16 ch, stride 8.*Set model\.decode_head\.in_channels=\[16, 32, 32, 32\]'):
+    ch = timm.create_model('test_cleandift', features_only=True).feature_info.channels()
+    cfg = _tiny_model_cfg(UPERNET_ADE)  # heads still set for SD's 640/1280 channels
+    with pytest.raises(ConfigError, match=rf'model\.decode_head\.in_channels=\[640, 1280, 1280, 1280\].*'
+                                          rf'us9: {ch[0]} ch, stride 8.*'
+                                          rf'Set model\.decode_head\.in_channels=\[{", ".join(map(str, ch))}\]'):
         MODELS.build(cfg.model)
-    cfg.model.decode_head.in_channels = [16, 32, 32, 32]
-    with pytest.raises(ConfigError, match=r'model\.auxiliary_head\.in_channels=1280 \(in_index=1\).*in_channels=32'):
+    cfg.model.decode_head.in_channels = ch
+    with pytest.raises(ConfigError, match=rf'model\.auxiliary_head\.in_channels=1280 \(in_index=1\).*'
+                                          rf'in_channels={ch[1]}\.'):
         MODELS.build(cfg.model)
-    cfg.model.auxiliary_head.in_channels = 32
+    cfg.model.auxiliary_head.in_channels = ch[1]
     MODELS.build(cfg.model)
 
     cfg = _tiny_model_cfg(FPN_ADE)
@@ -218,6 +221,8 @@ test_dataloader = val_dataloader
 train_cfg = dict(max_iters=4, val_interval=2)
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
 randomness = dict(seed=0)
+optim_wrapper = dict(optimizer=dict(lr=1e-3))  # UNet at 1e-4 through the config's lr_mult
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=100)]
 """)
     work = tmp_path / 'work'
     runner = main(['train', str(config), '--work-dir', str(work)])
@@ -237,8 +242,12 @@ randomness = dict(seed=0)
     steps = [re.search(r'\[\s*(\d+)/6\]', ln).group(1) for ln in second if 'Iter(train)' in ln]
     assert steps == ['5', '6'], 'training went on from the checkpoint instead of starting over'
 
+    losses = [float(re.search(r' loss: (\d+\.\d+)', ln).group(1)) for ln in first + second if 'Iter(train)' in ln]
+    assert losses[-1] < losses[0], f'training does not lower the loss: {losses}'
+
     metrics = main(['test', str(config), str(work / 'iter_6.pth'), '--work-dir', str(tmp_path / 'test')])
-    assert 0.0 <= metrics['mIoU'] <= 100.0 and 'aAcc' in metrics
+    last_val = float(re.search(r'mIoU: (\d+\.\d+)', [ln for ln in second if 'Iter(val)' in ln][-1]).group(1))
+    assert metrics['mIoU'] == pytest.approx(last_val, abs=0.01), 'test scores the saved weights as validation did'
     test_log = log_lines(tmp_path / 'test')
     assert any('Load checkpoint from' in ln and 'iter_6.pth' in ln for ln in test_log)
     assert any('Iter(test)' in ln and 'mIoU' in ln for ln in test_log)

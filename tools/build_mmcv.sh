@@ -18,9 +18,12 @@ mkdir -p "$CACHE"
 
 if ! ls "$CACHE"/mmcv-*.whl >/dev/null 2>&1; then
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  # On success or failure: drop the scratch folder, put back the setuptools found here.
+  trap 'rm -rf "$work"; if [ -n "${SETUPTOOLS_BEFORE:-}" ]; then "$PY" -m pip install -q "setuptools==$SETUPTOOLS_BEFORE"; fi' EXIT
   echo "building mmcv $MMCV_VERSION for torch $TORCH_VERSION (about 11 min on 2 cores) ..."
-  # pkg_resources is gone from recent setuptools; mmcv's setup.py still imports it.
+  # pkg_resources is gone from recent setuptools; mmcv's setup.py still imports it. The old setuptools is only
+  # needed for the build: the one found here (torch wants a recent one) is put back afterwards.
+  SETUPTOOLS_BEFORE=$("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || true)
   "$PY" -m pip install -q "setuptools<70" wheel ninja "mmengine>=0.10,<0.11"
   "$PY" -m pip download -q --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$work"
   tar -xzf "$work"/mmcv-$MMCV_VERSION.tar.gz -C "$work"

@@ -12,5 +12,8 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from .backbone import DiffusionBackbone, DiffusionEncoderDecoder
 from .checks import ConfigError, check_config, check_head_channels
+from .compat import allow_mmengine_checkpoints
+
+allow_mmengine_checkpoints()
 
 __all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder', 'ConfigError', 'check_config', 'check_head_channels']

@@ -146,16 +146,17 @@ def check_image_sizes(cfg: Any, mode: str = 'train', min_size: int = MIN_INPUT_S
             f'level has stride {min_size}: raise these crop sizes / scales to at least {min_size}.')
 
 
-def _dataset_paths(dataset: dict, where: str) -> Iterator[tuple[str, str]]:
+def _dataset_paths(dataset: dict, where: str) -> Iterator[tuple[str, str, str]]:
+    """(dataset key, field, path) of every folder or file a dataset config names, nested datasets included."""
     root = dataset.get('data_root')
     if root:
-        yield f'{where}.data_root', root
+        yield where, 'data_root', root
     prefix = dataset.get('data_prefix') or {}
     for key in ('img_path', 'seg_map_path'):
         if prefix.get(key):
-            yield f'{where}.data_prefix.{key}', osp.join(root or '', prefix[key])
+            yield where, f'data_prefix.{key}', osp.join(root or '', prefix[key])
     if dataset.get('ann_file'):
-        yield f'{where}.ann_file', osp.join(root or '', dataset['ann_file'])
+        yield where, 'ann_file', osp.join(root or '', dataset['ann_file'])
     for i, sub in enumerate(dataset.get('datasets') or ()):
         yield from _dataset_paths(sub, f'{where}.datasets.{i}')
     if isinstance(dataset.get('dataset'), dict):
@@ -168,14 +169,13 @@ def check_dataset_paths(cfg: Any, mode: str = 'train') -> None:
         dataset = (cfg.get(loader) or {}).get('dataset')
         if not dataset:
             continue
-        for where, path in _dataset_paths(dataset, f'{loader}.dataset'):
+        for where, field, path in _dataset_paths(dataset, f'{loader}.dataset'):
             if '://' in path or osp.exists(path):
                 continue
-            key = where.split('.data_prefix')[0].split('.ann_file')[0]
             raise ConfigError(
-                f'{where} points at {path!r} (from {osp.abspath(path)!r}), which does not exist. Prepare the dataset '
-                "as MMSegmentation's docs/en/user_guides/2_dataset_prepare.md describes and link it there, or pass "
-                f'--cfg-options {key}.data_root=/path/to/dataset.')
+                f'{where}.{field} points at {path!r} (from {osp.abspath(path)!r}), which does not exist. Prepare the '
+                "dataset as MMSegmentation's docs/en/user_guides/2_dataset_prepare.md describes and link it there, or "
+                f'pass --cfg-options {where}.data_root=/path/to/dataset.')
 
 
 def check_config(cfg: Any, mode: str = 'train') -> None:
