@@ -154,3 +154,9 @@ def test_bad_tap_and_model_errors():
         timm.create_model('test_cleandift', ensemble=4)
     with pytest.raises(ValueError, match='timestep'):
         timm.create_model('test_dift', timestep=1000)
+
+
+def test_cast_keeps_learned_timestep_in_float32():
+    model = timm.create_model('test_cleandift', timestep=261.3).to(torch.bfloat16)
+    assert model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert model.timestep.dtype == torch.float32 and abs(model.timestep.item() - 261.3) < 1e-4
