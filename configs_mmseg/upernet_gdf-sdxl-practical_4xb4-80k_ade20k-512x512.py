@@ -6,3 +6,6 @@ model = dict(
     backbone=dict(model_name='sdxl', out_indices='gdf_practical', model_kwargs=dict(timestep=50, ensemble=1)),
     decode_head=dict(in_channels=[640, 640, 1280, 1280], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3)),
     auxiliary_head=dict(in_channels=640, in_index=1))
+# Taps inside transformer blocks leave the rest of the deepest tapped block (e.g. its attention's to_k/to_v/to_out)
+# without gradients; DistributedDataParallel must be told.
+find_unused_parameters = True

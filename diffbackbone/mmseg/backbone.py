@@ -95,10 +95,7 @@ class DiffusionBackbone(BaseModule):
         self.model.set_grad_checkpointing(with_cp)
 
         if self.dtype != torch.float32:
-            self.model.to(self.dtype)
-            if isinstance(self.model.timestep, nn.Parameter):
-                # A learned timestep like 261.3 would round to 260 or 262 in bfloat16; the time embedding is float32.
-                self.model.timestep.data = self.model.timestep.data.float()
+            self.model.to(self.dtype)  # DiffusionUNet keeps its learned timestep in float32
         # The learned timestep of clean models keeps its trained value; segmentation fine-tunes the weights.
         if isinstance(self.model.timestep, nn.Parameter):
             self.model.timestep.requires_grad_(False)
