@@ -87,7 +87,7 @@ class DiffusionBackbone(BaseModule):
         self.feature_info = getter.feature_info
         self.out_channels: list[int] = self.feature_info.channels()
         self.strides: list[int] = self.feature_info.reduction()
-        self.tap_names: list[str] = [self.model.taps[i].name for i in self.out_indices]
+        self.tap_names: list[str] = self.feature_info.get('name')
         self.model_name = model_name
         self.frozen = frozen
         self.freeze_vae = freeze_vae or frozen
