@@ -158,7 +158,8 @@ def test_missing_dataset_is_rejected_before_anything_is_built(tmp_path, monkeypa
         main(['train', str(UPERNET_ADE), '--work-dir', str(tmp_path / 'wd')])
     assert not (tmp_path / 'wd').exists(), 'nothing was built'
     (tmp_path / 'ade').mkdir()
-    with pytest.raises(ConfigError, match=r'test_dataloader\.dataset\.data_prefix\.img_path points at .*images/validation'):
+    with pytest.raises(ConfigError, match=r'test_dataloader\.dataset\.data_prefix\.img_path points at '
+                                          r'.*images/validation'):
         main(['test', str(UPERNET_ADE), str(UPERNET_ADE), '--cfg-options',
               f'test_dataloader.dataset.data_root={tmp_path / "ade"}'])
     with pytest.raises(FileNotFoundError, match='Checkpoint'):
@@ -239,7 +240,8 @@ param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, 
     val_lines = [ln for ln in first if 'Iter(val)' in ln and 'mIoU' in ln]
     assert len(val_lines) == 2 and all(re.search(r'mIoU: \d+\.\d+', ln) for ln in val_lines)
 
-    resumed = main(['train', str(config), '--work-dir', str(work), '--resume', '--cfg-options', 'train_cfg.max_iters=6'])
+    resumed = main(['train', str(config), '--work-dir', str(work), '--resume',
+                    '--cfg-options', 'train_cfg.max_iters=6'])
     assert resumed.iter == 6 and (work / 'iter_6.pth').is_file()
     second = log_lines(work)
     assert any('resumed' in ln.lower() and 'iter: 4' in ln for ln in second), 'resumed from iteration 4'
