@@ -144,6 +144,14 @@ def test_small_crops_are_rejected_before_training():
     with pytest.raises(ConfigError, match=r'smaller than 64 px.*model\.data_preprocessor\.size gives 48 px.*'
                                           r'RandomCrop\.crop_size gives 48 px'):
         check_image_sizes(cfg, 'train')
+    from mmseg.registry import MODELS
+
+    cfg = _tiny_model_cfg(UPERNET_ADE)  # mmseg's own tools build the model without our config checks
+    cfg.model.decode_head.in_channels = timm.create_model('test_cleandift', features_only=True).feature_info.channels()
+    cfg.model.auxiliary_head.in_channels = cfg.model.decode_head.in_channels[1]
+    cfg.model.data_preprocessor.size = (32, 512)
+    with pytest.raises(ConfigError, match=r'model\.data_preprocessor\.size=\(32, 512\) is smaller than the 64 px'):
+        MODELS.build(cfg.model)
     cfg = Config.fromfile(str(UPERNET_ADE))
     cfg.test_dataloader.dataset.pipeline[1].scale = (2048, 32)
     with pytest.raises(ConfigError, match=r'test_dataloader\.dataset\.pipeline: Resize\.scale gives 32 px'):

@@ -19,8 +19,8 @@ from mmengine.model import BaseModule
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
-from ..models import DiffusionUNet
-from .checks import check_head_channels
+from ..models import MIN_INPUT_SIZE, DiffusionUNet
+from .checks import ConfigError, _pair, check_head_channels
 
 __all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder']
 
@@ -136,11 +136,20 @@ class DiffusionBackbone(BaseModule):
 
 @MODELS.register_module()
 class DiffusionEncoderDecoder(EncoderDecoder):
-    """mmseg's `EncoderDecoder` that checks, once built, that its neck or heads take the backbone's channels.
+    """mmseg's `EncoderDecoder` that checks, once built, that its neck or heads take the backbone's channels and that
+    its training crop (`data_preprocessor.size`) and sliding window are at least `MIN_INPUT_SIZE` px per side.
 
-    A mismatch otherwise surfaces as a shape error deep inside the first training step.
+    Either mistake otherwise surfaces as a shape error deep inside the first training step.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         check_head_channels(self)
+        sizes = {'model.data_preprocessor.size': getattr(self.data_preprocessor, 'size', None),
+                 'model.test_cfg.crop_size': (self.test_cfg or {}).get('crop_size')}
+        for where, size in sizes.items():
+            if size is not None and min(_pair(size)) < MIN_INPUT_SIZE:
+                raise ConfigError(
+                    f'{where}={tuple(_pair(size))} is smaller than the {MIN_INPUT_SIZE} px per side the diffusion '
+                    f'backbone needs (its deepest level has stride {MIN_INPUT_SIZE}). Raise it to at least '
+                    f'{MIN_INPUT_SIZE}.')
