@@ -32,7 +32,8 @@ if ! ls "$CACHE"/mmcv-*.whl >/dev/null 2>&1; then
   # Build into a scratch folder and move the finished wheel in, so the cache never holds half a wheel.
   MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     "$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$work/mmcv-$MMCV_VERSION"
-  mv "$work"/dist/mmcv-*.whl "$CACHE"/
+  whl=$(ls "$work"/dist/mmcv-*.whl)
+  cp "$whl" "$CACHE/.partial" && mv "$CACHE/.partial" "$CACHE/$(basename "$whl")"
 fi
 "$PY" -m pip install -q --no-deps "$CACHE"/mmcv-*.whl
 "$PY" -c 'import mmcv.ops, mmcv; print("mmcv", mmcv.__version__, "with ops")'
