@@ -570,7 +570,7 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
     if pretrained:
         from ..hub import hub_errors
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        errors = hub_errors(f'weights of {variant}', hint=_OVERRIDE_HINT, repo=overlay.get('hf_hub_id'),
+        errors = hub_errors(f'weights of {variant}', repo=overlay.get('hf_hub_id'),
                             filename=overlay.get('file'))
     else:
         errors = contextlib.nullcontext()
@@ -587,12 +587,6 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
         # A classifier uses the UNet only up to its head tap; drop the rest so every parameter gets a gradient.
         model.prune_intermediate_layers([model.head_tap], prune_head=False)
     return model
-
-
-_OVERRIDE_HINT = (
-    'Point the model at another source: pretrained_cfg_overlay=dict(hf_hub_id="org/repo@revision") for a mirror, '
-    'pretrained_cfg_overlay=dict(file="/path/unet.safetensors") for a local file, base_repo="org/repo" or a local '
-    'diffusers folder for the VAE and text encoder, or HF_ENDPOINT for a Hub mirror.')
 
 
 def _cfg(**kwargs) -> dict:
