@@ -125,3 +125,9 @@ def test_sdxl_loads_from_an_sdxl_layout_repo(fake_hub, hub_cache, monkeypatch):
     feats = timm.create_model('sdxl', pretrained=True, features_only=True, out_indices='gdf_practical',
                               ensemble=1, **kwargs)(torch.rand(1, 3, 64, 64) * 2 - 1)
     assert [f.shape[1] for f in feats] == [32, 32, 32, 32]
+
+
+def test_sdxl_default_pyramid_uses_its_own_levels():
+    model = timm.create_model('test_sdxl', features_only=True)
+    assert model.feature_info.reduction() == [8, 16, 32]
+    assert [d['name'] for d in model.feature_info.get_dicts()] == ['us6', 'us3', 'mid']

@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from .attention_taps import ActivationRecorder
-from .taps import PRESETS, Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
+from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'VAEEncoder', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
 
@@ -565,7 +565,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
 
 
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
-    out_indices = kwargs.pop('out_indices', PRESETS['pyramid'])
+    out_indices = kwargs.pop('out_indices', 'pyramid')  # resolved with the model's own presets (SDXL differs)
     features_only = kwargs.get('features_only', False)
     if pretrained:
         from ..hub import hub_errors
