@@ -358,9 +358,18 @@ class DiffusionUNet(nn.Module):
 
     @torch.compiler.disable
     def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates."""
-        gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
-        return torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
+        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
+
+        Drawn on the CPU (the same numbers on every device) once per shape, then kept on the device.
+        """
+        key = (tuple(shape), offset, self.noise_seed, x.device, x.dtype)
+        cache = self.__dict__.setdefault('_noise_cache', {})
+        if key not in cache:
+            gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
+        return cache[key]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
