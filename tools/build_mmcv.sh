@@ -20,7 +20,7 @@ if ! ls "$CACHE"/mmcv-*.whl >/dev/null 2>&1; then
   work=$(mktemp -d)
   # On success or failure: drop the scratch folder, put back the setuptools found here.
   trap 'rm -rf "$work"; if [ -n "${SETUPTOOLS_BEFORE:-}" ]; then "$PY" -m pip install -q "setuptools==$SETUPTOOLS_BEFORE"; fi' EXIT
-  echo "building mmcv $MMCV_VERSION for torch $TORCH_VERSION (about 11 min on 2 cores) ..."
+  echo "building mmcv $MMCV_VERSION for torch $TORCH_VERSION (14 min measured on 2 cores) ..."
   # pkg_resources is gone from recent setuptools; mmcv's setup.py still imports it. The old setuptools is only
   # needed for the build: the one found here (torch wants a recent one) is put back afterwards.
   SETUPTOOLS_BEFORE=$("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || true)

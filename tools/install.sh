@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with diffbackbone (editable) and the pinned versions in tools/constraints.txt.
 #   bash tools/install.sh            timm backbones, CLI, trainer, tests
-#   bash tools/install.sh --mmseg    also MMSegmentation 1.2.2 with full mmcv 2.1.0 (built once, ~11 min, then cached)
+#   bash tools/install.sh --mmseg    also MMSegmentation 1.2.2 with full mmcv 2.1.0 (built once, 14 min on 2 cores, then cached)
 # Env: PYTHON (default python3), VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
