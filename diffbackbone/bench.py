@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models.diffusion_unet import DiffusionUNet
-from .models.fast import COMPILE_MODES, backbone_of, optimize
+from .models.fast import COMPILE_MODES, optimize
 from .models.taps import Tap
 
 __all__ = ['main', 'run', 'Reference', 'FeatureMismatch', 'check_same', 'TOLERANCE']

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -99,25 +97,13 @@ def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
     sheet.save(out)
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _cmd_features(args: argparse.Namespace) -> int:
     images = [Path(p) for p in args.images]
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise SystemExit(f'error: no such image file: {", ".join(missing)}')
+    from .hub import save_safetensors
+
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     feats, data_cfg = extract_features(
         images, args.model, taps=args.taps, size=args.size, batch_size=args.batch_size, device=args.device,
@@ -125,7 +111,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     metadata = dict(model=args.model, images=json.dumps([str(p) for p in images]),
                     input_size=json.dumps(list(data_cfg['input_size'])))
     out = Path(args.out)
-    _save_atomic(feats, metadata, out)
+    save_safetensors(feats, out, metadata=metadata)
     for name, f in feats.items():
         print(f'{name}: {tuple(f.shape)}')
     print(f'wrote {out}')

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'empty_prompt_embeds',
+    'empty_prompt_embeds', 'save_safetensors',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -199,11 +199,13 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         raise HubError(f'Could not get {what}: {path} is truncated or corrupted ({err}). {fix}') from err
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: readers (and caches) never see half of it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -269,7 +271,7 @@ def _cached_per_commit(kind: str, repo_id: str, revision: str | None, probe: str
         if meta is None:
             meta = get_hf_file_metadata(hf_hub_url(repo_id, probe, revision=commit))
         tensors = compute(commit, meta)
-    _save_atomic(tensors, path)
+    save_safetensors(tensors, path)
     return tensors
 
 
@@ -386,7 +388,7 @@ def empty_prompt_embeds(base_repo: str) -> torch.Tensor:
             with contextlib.suppress(HubError):
                 return load_safetensors(path, what=what)['prompt_embeds']
         tensors = _encode_empty_prompt(str(folder), None, what)
-        _save_atomic(tensors, path)
+        save_safetensors(tensors, path)
         return tensors['prompt_embeds']
     repo_id, revision = split_repo(base_repo)
     return _cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder/config.json', 'empty_prompt', what,

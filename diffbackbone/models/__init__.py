@@ -1,3 +1,5 @@
 """Model definitions; importing this package registers them with timm."""
 from .diffusion_unet import DiffusionUNet, VAEEncoder, MIN_INPUT_SIZE
 from .taps import PRESETS, Tap, TapError
+
+__all__ = ['DiffusionUNet', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']

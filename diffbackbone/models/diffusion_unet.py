@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Encoder
 from timm.layers import ClassifierHead
@@ -262,8 +261,13 @@ class DiffusionUNet(nn.Module):
         return [t.name for t in self.taps]
 
     def _resolve(self, indices) -> list[Tap]:
-        return resolve_taps(self.taps, indices, default=self.presets['pyramid'], presets=self.presets,
-                            all_taps=self.all_taps)
+        """Taps for `out_indices`-style selections, memoised: timm's feature wrapper asks again on every forward."""
+        key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
+        cache = self.__dict__.setdefault('_resolved', {})
+        if key not in cache:
+            cache[key] = resolve_taps(self.taps, indices, default=self.presets['pyramid'], presets=self.presets,
+                                      all_taps=self.all_taps)
+        return list(cache[key])
 
     def forward_intermediates(
             self,
@@ -302,6 +306,7 @@ class DiffusionUNet(nn.Module):
         head = self.taps[self.head_tap]
         extra = [t for t in take if t not in self.taps]
         if extra:
+            self.__dict__.pop('_resolved', None)  # indices now point into the extended list
             self.taps = sorted(self.taps + extra, key=sort_key)
             self.feature_info = [t.info() for t in self.taps]
             self.head_tap = self.taps.index(head)
@@ -396,15 +401,23 @@ class DiffusionUNet(nn.Module):
             missing = [t.name for t in wanted if t.order > self._deepest]
             if missing:
                 raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
-        z = self.encode(x)
-        by_loc = {t.location: t.name for t in wanted}
+        feats = self.unet_features(self.encode(x), wanted)
+        if self.ensemble > 1:
+            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
+        return feats
+
+    def unet_features(self, z: torch.Tensor, taps: Sequence[Tap],
+                      timestep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """{tap name: map} of the UNet on latents `z`, from one pass stopped after the deepest of `taps`.
+
+        `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several levels.
+        """
+        by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
-        for loc, h in self._iter_unet(z, deepest=max(t.order for t in wanted), record=wanted):
+        for loc, h in self._iter_unet(z, deepest=max(t.order for t in taps), timestep=timestep, record=taps):
             name = by_loc.get(loc)
             if name is not None:
                 feats[name] = h
-        if self.ensemble > 1:
-            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
         return feats
 
     def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -60,7 +60,7 @@ def empty_prompt_embeds_sdxl(base_repo: str) -> dict[str, torch.Tensor]:
             with contextlib.suppress(hub.HubError):
                 return hub.load_safetensors(path, what=what)
         tensors = _encode(str(folder), None, what)
-        hub._save_atomic(tensors, path)
+        hub.save_safetensors(tensors, path)
         return tensors
     repo_id, revision = hub.split_repo(base_repo)
     return hub._cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder_2/config.json',

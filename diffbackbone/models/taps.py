@@ -220,7 +220,6 @@ def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tok
             block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
             bm = f'{path}_blocks.{i}'
             if j == 'sampler':
-                sampler = (block.downsamplers if path == 'down' else block.upsamplers)[0]
                 reduction = reduction * 2 if path == 'down' else reduction // 2
                 us = None
                 if path == 'up':

@@ -159,12 +159,8 @@ def resolve(model: DiffusionUNet, taps: str | Sequence[str]) -> list:
 def tap_features(model: DiffusionUNet, z: torch.Tensor, taps: Sequence, timestep: torch.Tensor | None = None,
                  ctx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{tap name: map} of the UNet of `model` on latents `z` for `Tap`s `taps` (stops after the deepest one)."""
-    by_loc = {t.location: t.name for t in taps}
-    out = {}
     with _prompt(model, ctx):
-        for loc, h in model._iter_unet(z, max(t.order for t in taps), timestep=timestep, record=taps):
-            if loc in by_loc:
-                out[by_loc[loc]] = h
+        out = model.unet_features(z, taps, timestep=timestep)
     return {t.name: out[t.name] for t in taps}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from ..hub import save_safetensors
 from torch.utils.data import DataLoader
 
 from .data import ImageFolder, ResumableSampler, collate, find_images, split_files
@@ -371,10 +371,8 @@ class CleanTrainer:
         if self.rank == 0:
             tensors, meta = self.distiller.output_state()
             meta['diffbackbone.steps'] = str(self.step)
-            tmp = path.with_name(f'.{path.name}.tmp')
             try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
+                save_safetensors(tensors, path, metadata=meta)
             except OSError as e:
                 raise TrainError(f'Could not write {path}: {e}. Free disk space or fix permissions.') from e
         _barrier(self.world)
