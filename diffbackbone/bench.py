@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
+import json
+import os
 import statistics
 import threading
 import time
@@ -33,8 +36,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models.diffusion_unet import DiffusionUNet
-from .models.fast import COMPILE_MODES, optimize
+from .models.fast import COMPILE_MODES, compile_model, optimize
 from .models.taps import Tap
+from .profiling import format_blocks, profile_blocks, top_operators
 
 __all__ = ['main', 'run', 'Reference', 'FeatureMismatch', 'check_same', 'TOLERANCE']
 
@@ -258,8 +262,13 @@ def _bench_pair(args: argparse.Namespace, variant: str, label: str, ref_label: s
     x = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1).to(device=device, dtype=dtype)
     flops = (count_flops(ours, x[:1]), count_flops(ref, x[:1]))
 
-    optimize(ours, channels_last=args.channels_last, compile=args.compile or False)
+    optimize(ours, channels_last=args.channels_last)
+    profile = {}
+    if args.profile:  # eager block times first: forward hooks do not fire inside compiled graphs
+        mine, theirs = profile_blocks(ours, backbone, x), profile_blocks(ref, ref, x)
+        profile.update(blocks=format_blocks(mine, theirs), block_ms=dict(ours=asdict(mine), reference=asdict(theirs)))
     if args.compile:  # as CleanDIFT: torch.compile's default mode on the VAE (its encoder, which encode() runs) and UNet
+        compile_model(ours, args.compile)
         ref.vae.encoder.compile()
         ref.unet.compile()
     ref.latent = 'mode'
@@ -273,7 +282,9 @@ def _bench_pair(args: argparse.Namespace, variant: str, label: str, ref_label: s
         mfu = fl * 1e3 / ms_img / (args.peak_tflops * 1e12) if args.peak_tflops else None
         rows.append(Row(name, ms_img, 1e3 / ms_img, peak / 2 ** 20, fl / 1e9, mfu))
     rows[0].vs_ref = rows[1].ms_per_img / rows[0].ms_per_img
-    return rows, errors
+    if args.profile:
+        profile['operators'] = {label: top_operators(ours, x), ref_label: top_operators(ref, x)}
+    return rows, errors, profile
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -288,7 +299,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed `args`; print and return the table and the equality checks."""
+    """Run the benchmark described by parsed `args`; print and return the table, equality checks and profiles."""
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda asked for, but no CUDA device is available. Use --device cpu.')
     device = torch.device(args.device)
@@ -296,19 +307,23 @@ def run(args: argparse.Namespace) -> dict:
         args.peak_tflops = 790.0
     taps = ' '.join(args.taps)
     ours_desc = 'ours' + (f' compile={args.compile}' if args.compile else '') + (' cl' if args.channels_last else '')
-    rows, checks = _bench_pair(args, args.model, ours_desc, 'reference (diffusers + hooks)')
+    rows, checks, profile = _bench_pair(args, args.model, ours_desc, 'reference (diffusers + hooks)')
+    profiles = {args.model: profile} if profile else {}
     if args.noisy_ensemble:
         noisy = NOISY_OF.get(args.model)
         if noisy is None:
             raise SystemExit(f'error: no noisy counterpart known for {args.model}; choose one of {", ".join(NOISY_OF)}.')
-        n_rows, n_checks = _bench_pair(
+        n_rows, n_checks, n_profile = _bench_pair(
             args, noisy, f'ours {noisy} E={args.noisy_ensemble} one pass', f'DIFT reference E={args.noisy_ensemble}',
             ensemble=args.noisy_ensemble)
         rows += n_rows
         checks += [dict(c, tap=f'{noisy}:{c["tap"]}') for c in n_checks]
+        if n_profile:
+            profiles[f'{noisy} E={args.noisy_ensemble}'] = n_profile
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    print(f'diffbackbone bench: {args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, taps {taps}, '
-          f'{device_name}, torch {torch.__version__}')
+    header = (f'diffbackbone bench: {args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, taps {taps}, '
+              f'{device_name}, torch {torch.__version__}, {datetime.date.today()}')
+    print(header)
     worst = max(checks, key=lambda c: c['rel_err'])
     print(f'features equal: {len(checks)} tap maps within rel. error {TOLERANCE[DTYPES[args.dtype]]:g} '
           f"(worst {worst['tap']}: {worst['rel_err']:.2e}, cosine {worst['cosine']:.5f})")
@@ -317,7 +332,22 @@ def run(args: argparse.Namespace) -> dict:
            else 'CPU RSS peak (1 ms sampling) above the pre-run RSS')
     print(f'peak memory = {mem} + own weights; MFU against {args.peak_tflops} TFLOP/s'
           if args.peak_tflops else f'peak memory = {mem} + own weights; MFU needs --peak-tflops')
-    return dict(rows=[asdict(r) for r in rows], checks=checks)
+    for model, prof in profiles.items():
+        print(f'\nwhere time goes, {model}: ms per image by block, eager forward (forward hooks)\n{prof["blocks"]}')
+        for name, table in prof['operators'].items():
+            print(f'\ntop operators, {name}, as benchmarked (torch.profiler, one call)\n{table}')
+    result = dict(header=header, args=vars(args), rows=[asdict(r) for r in rows], checks=checks, profiles=profiles)
+    if args.json:
+        _write_json(args.json, result)
+    return result
+
+
+def _write_json(path: str, result: dict) -> None:
+    """Write `result` to `path` atomically (a temporary file renamed into place)."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -339,6 +369,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='also time the noisy model with this ensemble against DIFT (0: skip)')
     p.add_argument('--timestep', type=float, default=261.0, help='clean models: the timestep they run at')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--profile', action='store_true',
+                   help='also print where time goes: eager per-block times of both, and the top operators of each')
+    p.add_argument('--json', metavar='PATH', help='also write the results (and profiles) to this JSON file')
     args = p.parse_args(argv)
     if args.size < 64 or args.batch < 1 or args.iters < 1 or args.warmup < 0 or args.noisy_ensemble < 0:
         p.error('need --size >= 64, --batch >= 1, --iters >= 1, --warmup >= 0, --noisy-ensemble >= 0')

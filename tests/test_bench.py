@@ -1,4 +1,10 @@
 """The benchmark runs end to end on CPU at a tiny size, checks equality first, and catches a wrong backbone."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +69,40 @@ def test_optimize_keeps_features():
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='compile must be'):
         optimize(model, compile='fastest')
+
+
+def test_bench_profile_and_json(tmp_path, capsys):
+    path = tmp_path / 'bench.json'
+    out = bench.main(_TINY + ['--taps', 'pyramid', '--iters', '1', '--profile', '--json', str(path)])
+    printed = capsys.readouterr().out
+    assert 'where time goes, test_cleandift' in printed and 'top operators, ours' in printed
+    saved = json.loads(path.read_text())
+    assert saved['rows'] == out['rows'] and saved['args']['taps'] == ['pyramid']
+    assert not list(tmp_path.glob('*.tmp'))
+    prof = saved['profiles']['test_cleandift']
+    ours, ref = prof['block_ms']['ours'], prof['block_ms']['reference']
+    # both run the same VAE blocks; ours stops after us9 (up_blocks.2), the reference runs the whole UNet
+    for block in ('vae.encoder.down_blocks.0', 'vae.encoder.mid_block', 'unet.down_blocks.0', 'unet.up_blocks.2'):
+        assert sum(ours['blocks'][block].values()) > 0 and sum(ref['blocks'][block].values()) > 0
+    assert ours['blocks']['vae.encoder.mid_block']['attention'] > 0
+    assert 'unet.up_blocks.3' in ref['blocks'] and 'unet.up_blocks.3' not in ours['blocks']
+    for p in (ours, ref):
+        blocks = sum(sum(row.values()) for row in p['blocks'].values())
+        assert blocks < p['total_ms'] and p['glue_ms'] == pytest.approx(p['total_ms'] - blocks)
+    assert 'convolution' in prof['operators']['ours'] and 'Self CPU' in prof['operators']['ours']
+
+
+def test_gpu_bench_script_runs_its_cases_tiny_on_cpu(tmp_path):
+    """tools/gpu_bench.sh is what a GPU session runs; here its bench and train cases run at a tiny size on CPU."""
+    env = dict(os.environ, DEVICE='cpu', SIZE='128', BATCH='2', DTYPE='fp32', MODEL='test_cleandift', ARCH='test',
+               COMPILE='', ITERS='1', WARMUP='1', PY=sys.executable, WHEELS=str(tmp_path / 'no-wheels'))
+    script = Path(__file__).parents[1] / 'tools' / 'gpu_bench.sh'
+    done = subprocess.run(['bash', str(script), str(tmp_path), 'us6', 'train'], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / 'us6.json').read_text())
+    assert result['args']['taps'] == ['us6'] and result['args']['channels_last']
+    assert result['rows'][0]['vs_ref'] > 0 and '== train' in done.stdout
+    assert '"steps_per_s"' in (tmp_path / 'train.txt').read_text()
+    bad = subprocess.run(['bash', str(script), str(tmp_path), 'fastest'], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown case 'fastest'" in bad.stderr

@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .diffusion_unet import DiffusionUNet
 
-__all__ = ['optimize', 'backbone_of', 'use_sdpa', 'COMPILE_MODES']
+__all__ = ['optimize', 'compile_model', 'backbone_of', 'use_sdpa', 'COMPILE_MODES']
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
@@ -53,6 +53,16 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
+def compile_model(model: nn.Module, mode: Union[bool, str] = True) -> nn.Module:
+    """torch.compile `model` in place (it keeps its class, feature_info and methods); fixed shapes compile once each."""
+    if mode is True:
+        mode = 'default'
+    if mode not in COMPILE_MODES:
+        raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {mode!r}.')
+    model.compile(mode=mode, dynamic=False)
+    return model
+
+
 def optimize(
         model: nn.Module,
         channels_last: bool = True,
@@ -70,9 +80,7 @@ def optimize(
         sdpa: make sure every attention uses PyTorch SDPA.
     """
     backbone = backbone_of(model)
-    if compile is True:
-        compile = 'default'
-    if compile and compile not in COMPILE_MODES:
+    if compile not in (False, None, True, *COMPILE_MODES):
         raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {compile!r}.')
     if freeze:
         model.eval().requires_grad_(False)
@@ -82,6 +90,5 @@ def optimize(
         model.to(memory_format=torch.channels_last)
         backbone.vae.register_forward_pre_hook(_to_channels_last)
     if compile:
-        # In place, so the model keeps its class, feature_info and methods; fixed shapes compile once per size.
-        model.compile(mode=compile, dynamic=False)
+        compile_model(model, compile)
     return model
