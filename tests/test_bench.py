@@ -97,12 +97,24 @@ def test_gpu_bench_script_runs_its_cases_tiny_on_cpu(tmp_path):
     env = dict(os.environ, DEVICE='cpu', SIZE='128', BATCH='2', DTYPE='fp32', MODEL='test_cleandift', ARCH='test',
                COMPILE='', ITERS='1', WARMUP='1', PY=sys.executable, WHEELS=str(tmp_path / 'no-wheels'))
     script = Path(__file__).parents[1] / 'tools' / 'gpu_bench.sh'
-    done = subprocess.run(['bash', str(script), str(tmp_path), 'us6', 'train'], env=env, capture_output=True,
+    done = subprocess.run(['bash', str(script), str(tmp_path), 'us6', 'eager', 'train'], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / 'us6.json').read_text())
     assert result['args']['taps'] == ['us6'] and result['args']['channels_last']
     assert result['rows'][0]['vs_ref'] > 0 and '== train' in done.stdout
+    assert json.loads((tmp_path / 'eager.json').read_text())['args']['compile'] is None
     assert '"steps_per_s"' in (tmp_path / 'train.txt').read_text()
     bad = subprocess.run(['bash', str(script), str(tmp_path), 'fastest'], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown case 'fastest'" in bad.stderr
+
+
+@pytest.mark.parametrize('taps', [('us6', 'mid'), 'cleandift'])
+def test_clean_model_traces_as_one_graph(taps):
+    """torch.compile sees the whole clean extractor (VAE + UNet up to the deepest tap) as one graph, no breaks."""
+    import timm
+    model = optimize(timm.create_model('test_cleandift', features_only=True, out_indices=taps), channels_last=True)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(torch.rand(2, 3, 128, 128) * 2 - 1)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
