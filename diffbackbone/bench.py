@@ -375,6 +375,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size < 64 or args.batch < 1 or args.iters < 1 or args.warmup < 0 or args.noisy_ensemble < 0:
         p.error('need --size >= 64, --batch >= 1, --iters >= 1, --warmup >= 0, --noisy-ensemble >= 0')
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f'--json {args.json}: its folder does not exist; create it first')
     return args
 
 

@@ -49,7 +49,10 @@ def test_bench_detects_a_mismatch(monkeypatch):
         bench.main(_TINY + ['--taps', 'us1', 'us6'])
 
 
-def test_bench_rejects_taps_inside_a_layer():
+def test_bench_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(_TINY + ['--json', '/nonexistent-dir/b.json'])
+    assert 'its folder does not exist' in capsys.readouterr().err
     with pytest.raises(ValueError, match='inside a layer'):
         bench.main(_TINY + ['--taps', 'up-level1-repeat0-vit-block0-cross-q'])
 
