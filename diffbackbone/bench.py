@@ -18,13 +18,13 @@ GFLOP per image (`FlopCounterMode`, one eager image) and model FLOP utilisation 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
 import os
 import statistics
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models.diffusion_unet import DiffusionUNet
 from .models.fast import COMPILE_MODES, compile_model, optimize
 from .models.taps import Tap
-from .profiling import format_blocks, profile_blocks, top_operators
+from .profiling import elapsed_ms, format_blocks, profile_blocks, stamp, top_operators
 
 __all__ = ['main', 'run', 'Reference', 'FeatureMismatch', 'check_same', 'TOLERANCE']
 
@@ -204,21 +204,12 @@ def time_extractor(fn: Callable, x: torch.Tensor, iters: int, warmup: int, weigh
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        with contextlib.nullcontext() if device.type == 'cuda' else _RSSPeak() as rss:
             for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start = stamp(device)
                 fn(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            peak = torch.cuda.max_memory_allocated(device) - base
-        else:
-            with _RSSPeak() as rss:
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times.append((time.perf_counter() - t0) * 1e3)
-            peak = rss.peak - rss.base
+                times.append(elapsed_ms(start, stamp(device)))
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda' else rss.peak - rss.base
     return statistics.median(times), peak + weights
 
 

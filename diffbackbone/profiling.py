@@ -12,7 +12,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -20,13 +20,30 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-__all__ = ['BlockProfile', 'profile_blocks', 'format_blocks', 'top_operators']
+__all__ = ['BlockProfile', 'profile_blocks', 'format_blocks', 'top_operators', 'stamp', 'elapsed_ms']
 
 KINDS = ('resnets', 'attention', 'sampler', 'stem')
 _UNIT_KIND = ((ResnetBlock2D, 'resnets'), (Transformer2DModel, 'attention'), (Attention, 'attention'),
               (Downsample2D, 'sampler'), (Upsample2D, 'sampler'))
 _BLOCK = re.compile(r'^(.*?(?:down_blocks|up_blocks)\.\d+|.*?mid_block)\.')
 _NEVER_RUN = ('vae.decoder', 'vae.post_quant_conv')  # the reference's AutoencoderKL holds a decoder it never calls
+
+
+def stamp(device: torch.device) -> Union[torch.cuda.Event, float]:
+    """A point in time on `device`'s stream: a recorded CUDA event on GPU, `perf_counter()` on CPU."""
+    if device.type == 'cuda':
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def elapsed_ms(start: Union[torch.cuda.Event, float], end: Union[torch.cuda.Event, float]) -> float:
+    """Milliseconds between two `stamp`s (waits for the end event on GPU)."""
+    if isinstance(start, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end)
+    return (end - start) * 1e3
 
 
 def _units(root: nn.Module) -> list[tuple[str, str, str, nn.Module]]:
@@ -58,23 +75,16 @@ class BlockProfile:
 
 def profile_blocks(fn: Callable, root: nn.Module, x: torch.Tensor, iters: int = 3) -> BlockProfile:
     """Time every unit of `root` while the eager `fn(x)` runs, `iters` times after one warm-up; ms per image."""
-    cuda = x.device.type == 'cuda'
+    device = x.device
     units = _units(root)
     spans: list[tuple[str, object, object]] = []
     open_: dict[str, object] = {}
 
-    def now():
-        if cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def pre(name):
-        return lambda module, args: open_.__setitem__(name, now())
+        return lambda module, args: open_.__setitem__(name, stamp(device))
 
     def post(name):
-        return lambda module, args, out: spans.append((name, open_.pop(name), now()))
+        return lambda module, args, out: spans.append((name, open_.pop(name), stamp(device)))
 
     handles = []
     for name, _, _, module in units:
@@ -85,16 +95,13 @@ def profile_blocks(fn: Callable, root: nn.Module, x: torch.Tensor, iters: int = 
             fn(x)
             for _ in range(iters):
                 spans.clear()
-                start = now()
+                start = stamp(device)
                 fn(x)
-                end = now()
-                if cuda:
-                    end.synchronize()
-                ms = (lambda a, b: a.elapsed_time(b)) if cuda else (lambda a, b: (b - a) * 1e3)
+                total = elapsed_ms(start, stamp(device))  # on GPU this waits for the call, so every span has ended
                 per_unit: dict[str, float] = {}
                 for name, a, b in spans:
-                    per_unit[name] = per_unit.get(name, 0.0) + ms(a, b)
-                runs.append((ms(start, end), per_unit))
+                    per_unit[name] = per_unit.get(name, 0.0) + elapsed_ms(a, b)
+                runs.append((total, per_unit))
     finally:
         for h in handles:
             h.remove()

@@ -16,7 +16,7 @@ the model. Run the result under `torch.inference_mode()`. What each lever does a
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -53,13 +53,20 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-def compile_model(model: nn.Module, mode: Union[bool, str] = True) -> nn.Module:
+def _compile_mode(compile: Union[bool, str, None]) -> Optional[str]:
+    """The torch.compile mode for `compile` (None: do not compile), or a clear error for an unknown one."""
+    if compile is True:
+        return 'default'
+    if compile in (False, None) or compile in COMPILE_MODES:
+        return compile or None
+    raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {compile!r}.')
+
+
+def compile_model(model: nn.Module, mode: Union[bool, str, None] = True) -> nn.Module:
     """torch.compile `model` in place (it keeps its class, feature_info and methods); fixed shapes compile once each."""
-    if mode is True:
-        mode = 'default'
-    if mode not in COMPILE_MODES:
-        raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {mode!r}.')
-    model.compile(mode=mode, dynamic=False)
+    mode = _compile_mode(mode)
+    if mode is not None:
+        model.compile(mode=mode, dynamic=False)
     return model
 
 
@@ -80,8 +87,7 @@ def optimize(
         sdpa: make sure every attention uses PyTorch SDPA.
     """
     backbone = backbone_of(model)
-    if compile not in (False, None, True, *COMPILE_MODES):
-        raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {compile!r}.')
+    mode = _compile_mode(compile)  # checked before the model is touched
     if freeze:
         model.eval().requires_grad_(False)
     if sdpa:
@@ -89,6 +95,4 @@ def optimize(
     if channels_last:
         model.to(memory_format=torch.channels_last)
         backbone.vae.register_forward_pre_hook(_to_channels_last)
-    if compile:
-        compile_model(model, compile)
-    return model
+    return compile_model(model, mode)
