@@ -10,118 +10,22 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ['main', 'extract_features', 'pca_image']
-
-_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+__all__ = ['main', 'build_parser']
 
 
-def _load_images(paths: Sequence[Path], transform) -> list[torch.Tensor]:
-    from PIL import Image, UnidentifiedImageError
+def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler imported only when the subcommand runs (keeps `--help` fast)."""
 
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                out.append(transform(img.convert('RGB')))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise SystemExit(f'error: cannot read image {path}: {e}. Give paths of readable image files.') from e
-    return out
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f'.{module}', __package__), handler)(args)
 
-
-def extract_features(
-        images: Sequence[Path],
-        model_name: str,
-        taps: Optional[Sequence[str]] = None,
-        size: Optional[int] = None,
-        batch_size: int = 4,
-        device: str = 'cpu',
-        dtype: str = 'float32',
-        pretrained: bool = True,
-        weights: Optional[str] = None,
-        model_kwargs: Optional[dict] = None,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run `model_name` on image files; return {tap name: (N, C, H, W) tensor} and the model's data config."""
-    import timm
-    from timm.data import create_transform, resolve_data_config
-    from tqdm import tqdm
-
-    import diffbackbone  # noqa: F401  (registers the models)
-
-    kwargs = dict(model_kwargs or {})
-    if weights:
-        kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    model = timm.create_model(
-        model_name, pretrained=pretrained or bool(weights), features_only=True,
-        out_indices=tuple(taps) if taps else None, **kwargs)
-    model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
-    data_cfg = resolve_data_config({}, model=model)
-    if size:
-        data_cfg['input_size'] = (3, size, size)
-    transform = create_transform(**data_cfg)
-    names = [info['name'] for info in model.feature_info.get_dicts()]
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.inference_mode(), tqdm(total=len(images), unit='img', desc=model_name) as bar:
-        for start in range(0, len(images), batch_size):
-            paths = images[start:start + batch_size]
-            x = torch.stack(_load_images(paths, transform)).to(device=device, dtype=_DTYPES[dtype])
-            for name, feat in zip(names, model(x)):
-                chunks[name].append(feat.float().cpu())
-            bar.update(len(paths))
-    return {n: torch.cat(c) for n, c in chunks.items()}, data_cfg
-
-
-def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
-    """Save the first three principal components of (N, C, H, W) features as an RGB picture, one tile per image."""
-    from PIL import Image
-
-    n, c, h, w = features.shape
-    flat = features.permute(0, 2, 3, 1).reshape(-1, c).double()
-    flat = flat - flat.mean(0)
-    _, _, v = torch.pca_lowrank(flat, q=min(3, c), center=False)
-    proj = flat @ v[:, :3]
-    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
-    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
-    if rgb.shape[1] < 3:
-        rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1])], 1)
-    rgb = (rgb.reshape(n, h, w, 3) * 255).round().byte().numpy()
-    sheet = Image.new('RGB', (tile * n, tile * h // w))
-    for i in range(n):
-        sheet.paste(Image.fromarray(rgb[i]).resize((tile, tile * h // w), Image.NEAREST), (tile * i, 0))
-    sheet.save(out)
-
-
-def _cmd_features(args: argparse.Namespace) -> int:
-    images = [Path(p) for p in args.images]
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise SystemExit(f'error: no such image file: {", ".join(missing)}')
-    from .hub import save_safetensors
-
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    feats, data_cfg = extract_features(
-        images, args.model, taps=args.taps, size=args.size, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, pretrained=not args.random_weights, weights=args.weights, model_kwargs=kwargs)
-    metadata = dict(model=args.model, images=json.dumps([str(p) for p in images]),
-                    input_size=json.dumps(list(data_cfg['input_size'])))
-    out = Path(args.out)
-    save_safetensors(feats, out, metadata=metadata)
-    for name, f in feats.items():
-        print(f'{name}: {tuple(f.shape)}')
-    print(f'wrote {out}')
-    if args.pca:
-        if args.pca not in feats:
-            raise SystemExit(f'error: --pca {args.pca} is not among the extracted taps {list(feats)}; add it to --taps.')
-        pca_out = out.with_name(f'{out.stem}_pca_{args.pca}.png')
-        pca_image(feats[args.pca], pca_out)
-        print(f'wrote {pca_out}')
-    return 0
+    return run
 
 
 def _cmd_taps(args: argparse.Namespace) -> int:
@@ -161,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, help='square input size (default: the model pretrained_cfg input_size)')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=sorted(_DTYPES), default='float32')
+    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
     p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
     p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
-    p.set_defaults(func=_cmd_features)
+    p.set_defaults(func=_lazy('extract', 'run_features'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model')
