@@ -160,3 +160,34 @@ def test_cast_keeps_learned_timestep_in_float32():
     model = timm.create_model('test_cleandift', timestep=261.3).to(torch.bfloat16)
     assert model.unet.conv_in.weight.dtype == torch.bfloat16
     assert model.timestep.dtype == torch.float32 and abs(model.timestep.item() - 261.3) < 1e-4
+
+
+def test_forward_intermediates_indices_follow_timm():
+    """None = every feature_info tap, int n = the last n, a sequence = those (timm's `feature_take_indices`)."""
+    from timm.models._features import feature_take_indices
+
+    model = timm.create_model('test_cleandift').eval()
+    n = len(model.feature_info)
+    with torch.no_grad():
+        _, everything = model.forward_intermediates(X)
+        last3 = model.forward_intermediates(X, indices=3, intermediates_only=True)
+        picked = model.forward_intermediates(X, indices=[0, -1], intermediates_only=True)
+    assert len(everything) == n == 16
+    assert [f.shape[1] for f in everything] == [i['num_chs'] for i in model.feature_info]
+    assert [X.shape[-1] // f.shape[-1] for f in everything] == [i['reduction'] for i in model.feature_info]
+    want, _ = feature_take_indices(n, 3)
+    assert all(torch.equal(a, everything[i]) for a, i in zip(last3, want))
+    assert torch.equal(picked[0], everything[0]) and torch.equal(picked[1], everything[-1])
+    # features_only keeps its default: the stride 8/16/32/64 pyramid, not all 16 taps
+    feats = timm.create_model('test_cleandift', features_only=True)
+    assert [i['name'] for i in feats.feature_info.get_dicts()] == ['us9', 'us6', 'us3', 'mid']
+    assert feats.feature_info.reduction() == [8, 16, 32, 64]
+
+
+@pytest.mark.parametrize('indices', [(), [], (1.5,), 1.5, (True,)])
+def test_bad_out_indices_name_the_argument(indices):
+    with pytest.raises(TapError, match='out_indices'):
+        timm.create_model('test_cleandift', features_only=True, out_indices=indices)
+    model = timm.create_model('test_cleandift')
+    with pytest.raises(TapError, match='indices'):
+        model.forward_intermediates(X, indices=indices)

@@ -265,8 +265,7 @@ class DiffusionUNet(nn.Module):
         key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
         cache = self.__dict__.setdefault('_resolved', {})
         if key not in cache:
-            cache[key] = resolve_taps(self.taps, indices, default=self.presets['pyramid'], presets=self.presets,
-                                      all_taps=self.all_taps)
+            cache[key] = resolve_taps(self.taps, indices, presets=self.presets, all_taps=self.all_taps)
         return list(cache[key])
 
     def forward_intermediates(
@@ -278,7 +277,8 @@ class DiffusionUNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Maps of the selected taps (names, indices or a preset; default the stride 8/16/32/64 pyramid).
+        """Maps of the selected taps, with timm's meaning of `indices`: None = every `feature_info` tap, an int n =
+        the last n, a sequence = those (ints index `feature_info`; tap names, aliases and presets are accepted too).
 
         Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
         """
@@ -299,6 +299,8 @@ class DiffusionUNet(nn.Module):
             prune_head: bool = True,
     ) -> list[int]:
         """Drop every block computed after the deepest selected tap; return the selection as `feature_info` indices.
+
+        `indices` as in `forward_intermediates` (None: every `feature_info` tap, so nothing of the decoder is dropped).
 
         Selected taps that are not in `feature_info` yet are added to it (sorted by stride, as timm requires).
         """
@@ -587,7 +589,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
 
 
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
-    out_indices = kwargs.pop('out_indices', 'pyramid')  # resolved with the model's own presets (SDXL differs)
+    # features_only default: the model's own 'pyramid' preset (SDXL's differs), not every tap.
+    out_indices = kwargs.pop('out_indices', None)
+    if out_indices is None:
+        out_indices = 'pyramid'
+    elif isinstance(out_indices, list):
+        out_indices = tuple(out_indices)
     features_only = kwargs.get('features_only', False)
     if pretrained:
         from ..hub import hub_errors

@@ -251,14 +251,14 @@ def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tok
 def resolve_taps(
         taps: Sequence[Tap],
         indices: Union[None, TapSelector, Sequence[TapSelector]],
-        default: Sequence[str] = PRESETS['pyramid'],
         presets: Optional[dict[str, Sequence[str]]] = None,
         all_taps: Optional[Sequence[Tap]] = None,
 ) -> list[Tap]:
-    """Turn `out_indices` (ints, tap names, aliases or a preset name) into taps.
+    """Turn `out_indices` / `indices` (ints, tap names, aliases or a preset name) into taps, with timm's meaning.
 
-    Ints index `taps` (the model's `feature_info`); an int alone means the last n of them, as in timm. Names and
-    aliases are looked up in `all_taps` (default `taps`); a preset name expands to its taps.
+    None means every tap of `taps` (the model's `feature_info`); an int alone means the last n of them; ints in a
+    sequence index `taps` (negative from the end). Names and aliases are looked up in `all_taps` (default `taps`); a
+    preset name expands to its taps.
     """
     presets = PRESETS if presets is None else presets
     by_name: dict[str, Tap] = {}
@@ -268,13 +268,19 @@ def resolve_taps(
         for alias in tap.aliases:
             by_name.setdefault(alias, tap)
     if indices is None:
-        indices = tuple(default)
+        return list(taps)
+    if isinstance(indices, bool) or not isinstance(indices, (int, str, list, tuple)):
+        raise TapError(f'out_indices/indices must be None, an int (the last n taps), a tap name, a preset or a '
+                       f'sequence of names and ints, got {indices!r}.')
     if isinstance(indices, int):
         if not 0 < indices <= len(taps):
             raise TapError(f'out_indices={indices} asks for the last {indices} taps, but the model has {len(taps)}.')
         return list(taps[len(taps) - indices:])
     if isinstance(indices, str):
         indices = presets.get(indices, (indices,))
+    if len(indices) == 0:
+        raise TapError('out_indices/indices is empty: select at least one tap (a name such as "us6", an index, or a '
+                       f'preset: {", ".join(presets)}).')
     out: list[Tap] = []
     for sel in indices:
         if isinstance(sel, str) and sel in presets:
@@ -286,7 +292,9 @@ def resolve_taps(
                     f'{", ".join(presets)}. List every name with `diffbackbone taps MODEL` or `model.tap_names(all=True)`.')
             out.append(by_name[sel])
         else:
-            idx = int(sel)
+            if isinstance(sel, bool) or not isinstance(sel, int):
+                raise TapError(f'out_indices/indices entries must be tap names or ints, got {sel!r} in {indices!r}.')
+            idx = sel
             idx = idx + len(taps) if idx < 0 else idx
             if not 0 <= idx < len(taps):
                 raise TapError(f'Tap index {sel} is out of range: the model has {len(taps)} taps (0 to {len(taps) - 1}).')
