@@ -5,6 +5,7 @@ Subcommands:
               PCA picture of one tap.
     taps      list a model's taps with channels and strides.
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
+    export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
 """
 from __future__ import annotations
@@ -76,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model')
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
     p.set_defaults(func=_cmd_taps)
+
+    p = sub.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, model.safetensors)',
+                       description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '
+                                   'timm.create_model("hf-hub:ORG/NAME", pretrained=True) loads it by name.')
+    p.add_argument('source', help='clean-train run folder (its output .safetensors) or a .safetensors weights file')
+    p.add_argument('--out', required=True, help='folder to write (must be new or empty, unless --overwrite)')
+    p.add_argument('--model', help='architecture, when the file does not record it (e.g. cleandift_sd21)')
+    p.add_argument('--push', metavar='ORG/NAME', help='also upload the folder to this Hub repo (created if needed)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
+    p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    p.set_defaults(func=_lazy('export', 'run_export'))
 
     from .train.cli import add_clean_train_parser
 

@@ -8,11 +8,15 @@ It speaks the parts of the Hub protocol that `hf_hub_download`, `get_hf_file_met
 * ``GET`` honours ``Range: bytes=a-b`` with ``206`` and ``Content-Range``.
 * 404s carry ``X-Error-Code``: ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 * ``/api/models/{repo}[/revision/{rev}]`` and ``/api/models/{repo}/tree/{rev}[/{path}]`` list files.
+* Uploads as `HfApi.create_repo` / `upload_folder` make them: ``POST /api/repos/create``, ``/api/validate-yaml``,
+  ``/api/models/{repo}/preupload/{rev}`` (every file "regular": its content comes inline) and
+  ``/api/models/{repo}/commit/{rev}`` (NDJSON operations).
 
 Every request is recorded in `FakeHub.requests` as ``[method, path, range header, body bytes sent]``.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -28,6 +32,7 @@ _LFS_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.msgpack', '.o
 _LFS_MIN_SIZE = 1 << 20
 _RESOLVE = re.compile(r'^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$')
 _API = re.compile(r'^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?$')
+_UPLOAD = re.compile(r'^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<kind>preupload|commit)/(?P<rev>[^/]+)$')
 _CDN = re.compile(r'^/cdn/(?P<sha>[0-9a-f]{64})/')
 _RANGE = re.compile(r'^bytes=(\d*)-(\d*)$')
 
@@ -99,6 +104,15 @@ class FakeHub:
             commit = self.add_file(repo_id, f'{prefix}/{rel}' if prefix else rel, file, revision=revision)
         return commit
 
+    def create_repo(self, repo_id: str) -> bool:
+        """Create an empty repo; False when it exists already."""
+        with self._lock:
+            if repo_id in self.branches:
+                return False
+            self.branches[repo_id] = {}
+            self.repo_commits[repo_id] = set()
+            return True
+
     def remove_repo(self, repo_id: str) -> None:
         """Delete a repo: every later request for it is a 404 RepoNotFound."""
         with self._lock:
@@ -156,6 +170,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         self._handle(head=False)
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        self._entry = [self.command, self.path, None, 0]
+        self.hub.requests.append(self._entry)
+        body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        if path == '/api/repos/create':
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}" if req.get('organization') else req['name']
+            if not self.hub.create_repo(repo_id):
+                return self._error(409, None, {})
+            return self._json({'url': f'{self.hub.url}/{repo_id}'})
+        if path == '/api/validate-yaml':
+            return self._json({'errors': [], 'warnings': []})
+        m = _UPLOAD.match(path)
+        if m is None:
+            return self._error(404, None, {})
+        repo_id, revision = unquote(m['repo']), unquote(m['rev'])
+        if repo_id not in self.hub.branches:
+            return self._error(404, 'RepoNotFound', {})
+        if m['kind'] == 'preupload':
+            files = json.loads(body)['files']
+            return self._json({'files': [{'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False}
+                                         for f in files]})
+        commit = ''
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item['key'] == 'file':
+                value = item['value']
+                commit = self.hub.add_file(repo_id, value['path'], base64.b64decode(value['content']), revision)
+        return self._json({'commitUrl': f'{self.hub.url}/{repo_id}/commit/{commit}', 'commitOid': commit})
+
+    def _json(self, payload: Any) -> None:
+        self._body(json.dumps(payload).encode(), False, {'Content-Type': 'application/json'})
 
     # ---- routing -------------------------------------------------------------------------------------------------
     def _handle(self, head: bool) -> None:

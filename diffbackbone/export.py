@@ -1,0 +1,178 @@
+"""`diffbackbone export`: a fine-tuned model (clean-train run or weights file) as a self-contained timm Hub repo.
+
+The folder has timm's Hub layout, so after `import diffbackbone` anyone loads it by name:
+
+    timm.create_model("hf-hub:org/name", pretrained=True, features_only=True)
+
+* `model.safetensors`: everything the model needs (UNet, VAE encoder, prompt embedding, learned timestep), so
+  loading it downloads nothing from the base repo and runs no text encoder;
+* `config.json`: written by timm's own `save_config_for_hf` (architecture, `model_args` such as the timestep and
+  prompt, `pretrained_cfg` with input size and mean/std);
+* `README.md`: a model card with the taps table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from safetensors import SafetensorError, safe_open
+
+from .hub import save_safetensors
+
+__all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
+
+_RUN_OUTPUT_HINT = 'a clean-train run folder (with its output .safetensors) or a .safetensors weights file'
+
+
+class ExportError(ValueError):
+    """The source cannot be exported; the message says what to do."""
+
+
+def find_weights(source: str | Path) -> Path:
+    """The weights file of `source`: the file itself, or the output `.safetensors` at the top of a clean-train run."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(path.glob('*.safetensors'))
+        if len(files) == 1:
+            return files[0]
+        if not files:
+            raise ExportError(f'{path} holds no .safetensors file at its top level: give {_RUN_OUTPUT_HINT} '
+                              '(a run writes its output there when it finishes).')
+        raise ExportError(f'{path} holds several .safetensors files ({", ".join(f.name for f in files)}): give the '
+                          'file to export.')
+    raise ExportError(f'{path} does not exist: give {_RUN_OUTPUT_HINT}.')
+
+
+def _architecture(weights: Path, model: Optional[str]) -> str:
+    """`model`, or the architecture recorded in the file's metadata (clean-train outputs record it)."""
+    try:
+        with safe_open(weights, 'pt') as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f'{weights} is not a readable safetensors file ({e}). Give {_RUN_OUTPUT_HINT}.') from e
+    recorded = meta.get('diffbackbone.model') or None
+    if model and recorded and model != recorded:
+        raise ExportError(f'{weights} was trained as {recorded!r} but --model {model!r} was given; drop --model or '
+                          'give the matching name.')
+    name = model or recorded
+    if not name:
+        raise ExportError(f'{weights} does not say which architecture it is: give --model (e.g. cleandift_sd21, '
+                          'cleandift_sd15, sd21; `diffbackbone taps MODEL` lists a model).')
+    return name
+
+
+def _model_card(model, name: str, repo_id: Optional[str]) -> str:
+    taps = '\n'.join(f'| {i} | `{t.name}` | {t.num_chs} | {t.reduction} |' for i, t in enumerate(model.taps))
+    load = f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME'
+    license_ = model.pretrained_cfg.get('license') or 'other'
+    return f"""---
+library_name: timm
+license: {license_}
+tags:
+- image-feature-extraction
+- diffbackbone
+- timm
+---
+# {repo_id or name}
+
+Diffusion backbone exported with [diffbackbone](https://pypi.org/project/diffbackbone/) from architecture `{name}`.
+The weights hold everything the model needs (UNet, VAE encoder, prompt embedding{', learned timestep' if model.clean
+else ''}), so loading downloads nothing else.
+
+```python
+import timm, diffbackbone
+model = timm.create_model("{load}", pretrained=True, features_only=True)  # the stride 8/16/32/64 pyramid
+```
+
+Inputs: RGB normalised with mean = std = 0.5 ([-1, 1]), any size of at least 64 px per side.
+
+## Taps (`feature_info`, fine to coarse; select with `out_indices`)
+
+| index | name | channels | stride |
+|---|---|---|---|
+{taps}
+"""
+
+
+def export_model(source: str | Path, out: str | Path, model: Optional[str] = None, push: Optional[str] = None,
+                 overwrite: bool = False, model_kwargs: Optional[dict] = None) -> Path:
+    """Write `source` (run folder or weights file) as a timm Hub folder at `out`; with `push`, upload it too.
+
+    Returns the folder. The folder is assembled beside `out` and moved into place when complete.
+    """
+    import timm
+
+    from . import models  # noqa: F401  (registers the architectures)
+
+    weights = find_weights(source)
+    name = _architecture(weights, model)
+    if name not in timm.list_models():
+        raise ExportError(f'Unknown architecture {name!r}: give --model with one of the diffbackbone models.')
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f'--out {out} is a file: give a folder for the Hub layout.')
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f'--out {out} is not empty: give a new folder, or --overwrite to replace it.')
+    net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                            **(model_kwargs or {}))
+    args = dict(model_kwargs or {})
+    if net.clean:
+        args['timestep'] = float(net.timestep.detach().float())
+    if getattr(net, 'prompt', None):
+        args['prompt'] = net.prompt
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith('head.') or net.num_classes}
+
+    from timm.models._hub import save_config_for_hf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
+        save_config_for_hf(net, str(work / 'config.json'), model_args=args)
+        (work / 'README.md').write_text(_model_card(net, name, push))
+        work.chmod(0o777 & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if push:
+        push_folder(out, push)
+    return out
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload an exported folder to the Hub repo `repo_id` (created if needed), with huggingface_hub."""
+    from huggingface_hub import HfApi
+
+    from .hub import hub_errors
+
+    with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',
+                    repo=repo_id):
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message='Add diffbackbone model')
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone export`."""
+    out = export_model(args.source, args.out, model=args.model, push=args.push, overwrite=args.overwrite,
+                       model_kwargs=json.loads(args.model_kwargs) if args.model_kwargs else None)
+    print(f'wrote {out} (model.safetensors, config.json, README.md)')
+    if args.push:
+        print(f'pushed to {args.push}: timm.create_model("hf-hub:{args.push}", pretrained=True) loads it')
+    return 0
