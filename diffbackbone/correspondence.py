@@ -12,12 +12,15 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .images import image_size, load_image, open_image
+
+if TYPE_CHECKING:
+    from .prompts import PromptBatch
 
 __all__ = [
     'upsample', 'point_features', 'normalised_map', 'similarity_argmax', 'match_points', 'check_points',
@@ -138,10 +141,11 @@ def load_tap_model(
 
 @torch.inference_mode()
 def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional[int] = None,
-                   prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+                   prompts: Optional[str | Sequence[str] | 'PromptBatch'] = None) -> torch.Tensor:
     """(N, C, h, w) tap features of image files resized to `size` x `size` (default: the model's input size).
 
-    `prompts` (one per image, or one for all) conditions the UNet through `diffbackbone.prompts.use_prompts`.
+    `prompts` (one per image, one for all, or a `PromptBatch`) conditions the UNet through
+    `diffbackbone.prompts.use_prompts`; None: the model's own prompt.
     """
     import contextlib
 
@@ -153,7 +157,7 @@ def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional
     ctx = contextlib.nullcontext()
     if prompts is not None:
         from .prompts import use_prompts
-        ctx = use_prompts(model, list(prompts))
+        ctx = use_prompts(model, prompts)
     with ctx:
         out = model(x)
     return out[0] if isinstance(out, (list, tuple)) else out

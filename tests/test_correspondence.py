@@ -121,3 +121,29 @@ def test_match_cli_missing_image_and_bad_point(images, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(['match', str(src), str(src), '--points', '1;1'])
     assert e.value.code == 2 and 'X,Y pixel coordinates' in capsys.readouterr().err
+
+
+from test_pretrained import published  # noqa: E402,F401  (tiny models on the fake Hub)
+
+
+def test_match_cli_weights_and_prompt(images, published, hub_cache, capsys):
+    """--weights and --prompt reach the model: the printed matches are those of a model built with both."""
+    import timm
+
+    from diffbackbone.correspondence import image_features
+
+    src, trg = images
+    weights = str(published['tmp'] / 'unet.safetensors')
+    points = [(3, 4), (70, 40), (41, 9)]
+    rc = cli.main(['match', str(src), str(trg), '--points'] + [f'{x},{y}' for x, y in points] +
+                  ['--model', 'test_cleandift', '--weights', weights, '--prompt', 'a photo of a dog', '--size', '64'])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    got = [tuple(int(v) for v in line.split('-> (')[1].split(')')[0].split(', ')) for line in printed.splitlines()]
+    model = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6',),
+                              pretrained_cfg_overlay=dict(file=weights), prompt='a photo of a dog').eval()
+    feats = image_features(model, [src, trg], 64)
+    assert got == _notebook(feats[0], feats[1], points, (80, 48), (64, 72))[0]
+    plain = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6',),
+                              pretrained_cfg_overlay=dict(file=weights)).eval()
+    assert not torch.allclose(image_features(plain, [src], 64), feats[:1], atol=1e-4)  # the prompt matters

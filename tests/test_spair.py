@@ -289,3 +289,37 @@ def test_limit_takes_first_pairs(small):
     with pytest.raises(SpairError, match='--limit'):
         load_pairs(small, limit=0)
     assert math.isclose(load_pairs(small)[2].img_threshold, 70.0)
+
+
+from test_pretrained import published  # noqa: E402,F401  (tiny models on the fake Hub)
+
+
+def test_weights_file_and_prompt_template(small, published, hub_cache, tmp_path, capsys):
+    """--weights loads the local checkpoint; the template conditions each image on its category's caption."""
+    import timm
+
+    from diffbackbone.evals.feature_cache import FeatureCache  # noqa: F401
+    from diffbackbone.hub import load_safetensors
+
+    weights, cache = published['tmp'] / 'unet.safetensors', tmp_path / 'cache'
+    base = ['eval', 'spair', '--data', str(small), '--model', 'test_cleandift', '--weights', str(weights),
+            '--size', '64', '--cache', str(cache)]
+    rc, _, err = _run(base + ['--prompt-template', 'a photo of a {category}'], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(base, capsys)
+    assert rc == 0, err
+    folders = {p.parent.parent for p in _features_files(cache)}
+    assert len(folders) == 2  # prompted and unprompted features never share a cache folder
+
+    def cached(folder, cat, name):
+        return load_safetensors(folder / cat / f'{name}.safetensors', what='test')['features']
+
+    by_template = {json.loads((f / 'config.json').read_text())['prompt_template']: f for f in folders}
+    prompted, plain = by_template['a photo of a {category}'], by_template[None]
+    from diffbackbone.correspondence import image_features
+    for prompt, folder in (('a photo of a dog', prompted), (None, plain)):
+        model = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6',),
+                                  pretrained_cfg_overlay=dict(file=str(weights)), prompt=prompt).eval()
+        want = image_features(model, [small / 'JPEGImages' / 'dog' / 'c.jpg'], 64)[0]
+        torch.testing.assert_close(cached(folder, 'dog', 'c.jpg'), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cached(prompted, 'cat', 'a.jpg'), cached(plain, 'cat', 'a.jpg'), atol=1e-4)

@@ -112,13 +112,16 @@ class ImageFeatures:
 
         out = {n: f for n in names if self.cache and (f := self.cache.get(category, n)) is not None}
         todo = [n for n in names if n not in out]
-        prompt = self.template.format(category=category) if self.template else None
+        prompt = None
         for start in range(0, len(todo), self.batch_size):
             if self.model is None:
                 self.model = self.model_fn()
+            if self.template and prompt is None:  # encoded once per category, then broadcast to every image
+                from ..prompts import encode_prompts
+                prompt = encode_prompts(self.model, [self.template.format(category=category)])
             batch = todo[start:start + self.batch_size]
             paths = [self.images / category / n for n in batch]
-            feats = image_features(self.model, paths, self.size, prompts=[prompt] * len(batch) if prompt else None)
+            feats = image_features(self.model, paths, self.size, prompts=prompt)
             for n, f in zip(batch, feats):
                 f = f.detach().cpu().clone()
                 if self.cache:
