@@ -1,5 +1,5 @@
-"""`diffbackbone eval spair` on small synthetic datasets in SPair-71k's layout: PCK with planted features (known answer),
-agreement with a transcription of DIFT's eval_spair.py, the CLI end to end on a tiny model, resume from the cache and
+"""`diffbackbone eval spair` on small synthetic datasets in SPair-71k's layout: PCK with planted features (known
+answer), agreement with a transcription of DIFT's eval_spair.py, the CLI end to end on a tiny model, resume from the cache and
 bad inputs."""
 import json
 import math
@@ -298,7 +298,6 @@ def test_weights_file_and_prompt_template(small, published, hub_cache, tmp_path,
     """--weights loads the local checkpoint; the template conditions each image on its category's caption."""
     import timm
 
-    from diffbackbone.evals.feature_cache import FeatureCache  # noqa: F401
     from diffbackbone.hub import load_safetensors
 
     weights, cache = published['tmp'] / 'unet.safetensors', tmp_path / 'cache'

@@ -104,7 +104,8 @@ class ImageFeatures:
                  progress: bool = False):
         self.images = Path(root) / 'JPEGImages'
         self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
-        self.size, self.batch_size, self.template, self.cache, self.progress = size, batch_size, template, cache, progress
+        self.size, self.batch_size, self.template = size, batch_size, template
+        self.cache, self.progress = cache, progress
         self.computed = 0
 
     def __call__(self, category: str, names: Sequence[str]) -> dict[str, torch.Tensor]:

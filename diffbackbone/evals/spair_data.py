@@ -113,7 +113,8 @@ def _read(file: Path, images: Path, sizes: dict[Path, tuple[int, int]]) -> Pair:
     except (TypeError, ValueError):
         bbox = ()
     if len(bbox) != 4 or max(bbox[3] - bbox[1], bbox[2] - bbox[0]) <= 0:
-        raise SpairError(f'{file}: trg_bndbox must be [x1, y1, x2, y2] with a positive size, got {data["trg_bndbox"]!r}.')
+        raise SpairError(f'{file}: trg_bndbox must be [x1, y1, x2, y2] with a positive size, '
+                         f'got {data["trg_bndbox"]!r}.')
     return Pair(file.name, category, str(data['src_imname']), str(data['trg_imname']), src_size, trg_size,
                 src_kps, trg_kps, bbox)
 
