@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
     p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
+    p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
     p.set_defaults(func=_lazy('extract', 'run_features'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
@@ -110,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models import TapError
 
     try:
+        if getattr(args, 'prompt', None) is not None and args.command == 'features':  # passed as model kwarg `prompt`
+            args.model_kwargs = json.dumps({**json.loads(args.model_kwargs or '{}'), 'prompt': args.prompt})
         return args.func(args)
     except (HubError, TapError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
