@@ -4,6 +4,7 @@ Subcommands:
     features  extract tap maps of images into a safetensors file (one tensor per tap, images stacked), optionally a
               PCA picture of one tap.
     taps      list a model's taps with channels and strides.
+    depth     metric depth of images with CleanDIFT's published depth probe (see `diffbackbone.depth`).
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
@@ -74,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
     p.set_defaults(func=_lazy('extract', 'run_features'))
+
+    p = sub.add_parser('depth', help="metric depth with CleanDIFT's published NYUv2 depth probe (us6 of cleandift_sd21)",
+                       description="CleanDIFT's depth probe as their DepthPred.predict runs it; writes <stem>_depth.npy "
+                                   '(metres, float32, input size) and <stem>_depth.png (colour-mapped) per image.')
+    p.add_argument('images', nargs='+', help='image files')
+    p.add_argument('--out', default='.', help='output folder (default: the current folder)')
+    p.add_argument('--probe', help='probe .safetensors file, folder, or Hub repo "org/name[:file]" (default: '
+                                   'CompVis/cleandift cleandift_sd21_depth_probe.safetensors)')
+    p.add_argument('--model', default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
+    p.add_argument('--tap', default='us6', help='tap the probe reads (default: us6)')
+    p.add_argument('--size', type=int, default=768, help='square size the images are resized to (default: 768)')
+    p.add_argument('--prompt', default='A photo of a room', help='caption (default: "A photo of a room", as CleanDIFT)')
+    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
+    p.add_argument('--random-weights', action='store_true', help='random UNet weights, no UNet download (the caption still needs the base text encoder)')
+    p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"latent": "sample"}\'')
+    p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
+    p.set_defaults(func=_lazy('depth', 'run_depth'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model')
