@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=768, help='square size the images are resized to (default: 768)')
     p.add_argument('--prompt', default='A photo of a room', help='caption (default: "A photo of a room", as CleanDIFT)')
     p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
-    p.add_argument('--random-weights', action='store_true', help='random UNet weights, no UNet download (the caption still needs the base text encoder)')
+    p.add_argument('--random-weights', action='store_true',
+                   help='random UNet weights, no UNet download (the caption still needs the base text encoder)')
     p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"latent": "sample"}\'')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
