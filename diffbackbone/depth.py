@@ -17,7 +17,6 @@ CleanDIFT features vs 0.469 with noisy SD2.1 features (their figures, not measur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import uuid
 from pathlib import Path
@@ -87,7 +86,8 @@ def load_probe(path: Union[str, Path], channels: Optional[int] = None) -> DepthP
     sd = hub.load_safetensors(path, what=f'the depth probe {path}')
     sd = {k.removeprefix('conv_depth.'): v for k, v in sd.items()}
     weight, bias = sd.get('weight'), sd.get('bias')
-    if set(sd) != {'weight', 'bias'} or weight.ndim != 4 or weight.shape[2:] != (1, 1) or bias.shape != weight.shape[:1]:
+    if (set(sd) != {'weight', 'bias'} or weight.ndim != 4 or weight.shape[2:] != (1, 1)
+            or bias.shape != weight.shape[:1]):
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         raise DepthError(f'{path} is not a depth probe: expected the state dict of a Conv2d(C, bins, 1) (weight '
                          f'(bins, C, 1, 1), bias (bins,)), got {shapes}. Give CleanDIFT\'s {PROBE_FILE} or a probe '
@@ -220,7 +220,7 @@ def run_depth(args: argparse.Namespace) -> int:
         raise DepthError(f'--out {out} is a file: give a folder.')
     predictor = load_depth_predictor(
         args.model, probe=args.probe, tap=args.tap, size=args.size, prompt=args.prompt, weights=args.weights,
-        pretrained=not args.random_weights, model_kwargs=json.loads(args.model_kwargs) if args.model_kwargs else None,
+        pretrained=not args.random_weights, model_kwargs=args.model_kwargs,
         device=args.device, dtype=DTYPES[args.dtype])
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(paths), args.batch_size):
