@@ -106,12 +106,13 @@ def _point(text: str) -> tuple[float, float]:
 
 def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
     if batch_size:
-        p.add_argument('--batch-size', type=int, default=batch_size)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        p.add_argument('--batch-size', type=positive_int, default=batch_size)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
     p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
-    p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('trg', help='target image')
     p.add_argument('--points', nargs='+', required=True, type=_point, metavar='X,Y',
                    help='source points in pixels of the original source image')
-    p.add_argument('--model', default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
+    p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
     p.add_argument('--taps', default='us6', help='the tap to match with (default: us6)')
     p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
-    p.add_argument('--size', type=int, help='square input size (default: the model pretrained_cfg input_size)')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
     p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
     _add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
@@ -203,14 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      'size x size, features upsampled to the original size, cosine argmax; PCK@0.1 '
                                      'of the target bbox and of the target image, per image and per point.')
     p.add_argument('--data', required=True, help='SPair-71k folder (JPEGImages/, PairAnnotation/test/)')
-    p.add_argument('--model', required=True, help='timm model name, e.g. cleandift_sd21 or sd21 (DIFT)')
+    p.add_argument('--model', type=model_name, required=True, help='timm model, e.g. cleandift_sd21 or sd21 (DIFT)')
     p.add_argument('--taps', nargs='+', default=['us6'], help='the tap to match with (default: us6)')
-    p.add_argument('--size', type=int, default=768, help='square input size (default: 768, as DIFT)')
+    p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
     p.add_argument('--prompt-template', help='caption per image, e.g. "a photo of a {category}" (DIFT); '
                                              "default: the model's own (empty) prompt")
     p.add_argument('--json', help='write the figures (percent) to this JSON file')
     p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
-    p.add_argument('--limit', type=int, help='only the first N pairs (by file name)')
+    p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
     p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
     _add_model_args(p, batch_size=8)
     p.set_defaults(func=_lazy('evals.spair', 'run_spair'))

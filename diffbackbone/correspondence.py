@@ -9,7 +9,6 @@ feature is the similarity map, whose argmax is the match.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -242,7 +241,7 @@ def run_match(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone match`."""
     from .extract import DTYPES
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = dict(args.model_kwargs or {})
     matches, sims = match_images(
         args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, weights=args.weights,
         pretrained=not args.random_weights, prompt=args.prompt, device=args.device, dtype=DTYPES[args.dtype],

@@ -169,10 +169,8 @@ def run_spair(args: argparse.Namespace) -> int:
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
                              f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
-    if args.batch_size < 1:
-        raise ValueError(f'--batch-size must be at least 1, got {args.batch_size}.')
     pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = dict(args.model_kwargs or {})
     weights = args.weights
     if weights and not Path(weights).is_file():
         raise ValueError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
