@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+from .hub import atomic_path
 from .images import image_size, load_image, open_image
 
 if TYPE_CHECKING:
@@ -227,20 +228,18 @@ def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[flo
         sheet.paste(a, (0, top))
         sheet.paste(heat, (src_small.width, top))
         sheet.paste(b, (src_small.width + trg_small.width, top))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.stem}.tmp{out.suffix}')
-    try:
-        sheet.save(tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format=Image.registered_extensions()[Path(out).suffix.lower()])
 
 
 def run_match(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone match`."""
     from .extract import DTYPES
 
+    from PIL import Image
+
+    if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
     kwargs = dict(args.model_kwargs or {})
     matches, sims = match_images(
         args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, weights=args.weights,

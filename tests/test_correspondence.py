@@ -103,11 +103,12 @@ def test_match_cli(images, tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--points', '80,10'], 'outside the image of 80x48'),
     (['--points', '1,1', '--taps', 'nope'], "Unknown tap 'nope'"),
+    (['--points', '1,1', '--out', 'pic.txt'], 'ending in .png or .jpg'),
 ])
 def test_match_cli_errors(images, tmp_path, capsys, argv, message):
     src, trg = images
     rc = cli.main(['match', str(src), str(trg), '--model', 'test_cleandift', '--random-weights', '--size', '64',
-                   '--out', str(tmp_path / 'm.png')] + argv)
+                   '--out', str(tmp_path / 'm.png')] + argv)  # a later --out wins
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith('error: ') and message in err and err.count('\n') == 1
     assert not (tmp_path / 'm.png').exists()

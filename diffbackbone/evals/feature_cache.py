@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..hub import HubError, load_safetensors, save_safetensors
+from ..hub import HubError, load_safetensors, save_safetensors, write_text_atomic
 
 __all__ = ['FeatureCache', 'weights_fingerprint']
 
@@ -38,13 +36,7 @@ class FeatureCache:
         self.config = config
         info = self.folder / 'config.json'
         if not info.is_file():  # human-readable record of what the features are
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = info.with_name(f'.config.{uuid.uuid4().hex[:8]}.tmp')
-            try:
-                tmp.write_text(json.dumps(config, sort_keys=True, indent=1, default=str) + '\n')
-                os.replace(tmp, info)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text_atomic(info, json.dumps(config, sort_keys=True, indent=1, default=str) + '\n')
 
     def path(self, group: str, name: str) -> Path:
         return self.folder / group / f'{name}.safetensors'

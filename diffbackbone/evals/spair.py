@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..correspondence import normalised_map, point_features, similarity_argmax
+from ..hub import write_text_atomic
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
@@ -145,16 +144,6 @@ def _table(scores: Scores) -> str:
     return '\n'.join(rows)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + '\n')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
     from ..correspondence import load_tap_model
@@ -202,7 +191,7 @@ def run_spair(args: argparse.Namespace) -> int:
         result.update(per_category={c: scores.summary(c) for c in scores.categories()}, model=args.model,
                       weights=weights, tap=tap, size=args.size, prompt_template=args.prompt_template,
                       num_pairs=overall['num_pairs'], num_points=overall['num_points'])
-        _write_json(Path(args.json), result)
+        write_text_atomic(args.json, json.dumps(result, indent=1) + '\n')
         print(f'wrote {args.json}')
     return 0
 
