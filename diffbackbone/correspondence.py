@@ -151,7 +151,7 @@ def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional
 
     cfg = model.pretrained_cfg
     side = size or cfg['input_size'][-1]
-    param = next(model.parameters())
+    param = next(p for p in model.parameters() if p.ndim > 1)  # a weight (a clean model's timestep stays fp32)
     x = torch.stack([load_image(p, (side, side), 'stretch', cfg['mean'], cfg['std']) for p in paths])
     x = x.to(device=param.device, dtype=param.dtype)
     ctx = contextlib.nullcontext()

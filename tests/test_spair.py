@@ -322,3 +322,15 @@ def test_weights_file_and_prompt_template(small, published, hub_cache, tmp_path,
         want = image_features(model, [small / 'JPEGImages' / 'dog' / 'c.jpg'], 64)[0]
         torch.testing.assert_close(cached(folder, 'dog', 'c.jpg'), want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cached(prompted, 'cat', 'a.jpg'), cached(plain, 'cat', 'a.jpg'), atol=1e-4)
+
+
+def test_bfloat16_run(small, tmp_path, capsys):
+    """--dtype bfloat16: the model runs in bf16 (a clean model's timestep stays fp32) and its features are cached so."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / 'cache'
+    rc, printed, err = _run(['eval', 'spair', '--data', str(small), '--model', 'test_cleandift', '--random-weights',
+                             '--size', '64', '--dtype', 'bfloat16', '--cache', str(cache), '--limit', '1'], capsys)
+    assert rc == 0, err
+    files = _features_files(cache)
+    assert len(files) == 2 and all(load_file(f)['features'].dtype == torch.bfloat16 for f in files)
