@@ -8,7 +8,8 @@ The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded dra
 `UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
 Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
 `ensemble` seeded draws in one batched pass and average the features. The UNet's output head and the VAE decoder are
-never built. The empty-prompt text embedding is a buffer computed once from the base repo's text encoder.
+never built. The prompt's text embedding (empty by default) is a buffer computed once from the base repo's text
+encoder(s) and cached (`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
 """
 from __future__ import annotations
 
@@ -261,6 +262,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             noise_seed: int = 0,
             latent: Optional[str] = None,
             base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
             timestep_source: Optional[str] = None,
             head_tap: str = 'us6',
             cond_size: tuple[int, int] = (1024, 1024),
@@ -283,6 +285,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             latent: 'mode' (posterior mode, deterministic) or 'sample' (seeded draw, as DIFT does);
                 default 'mode' for clean, 'sample' for noisy models.
             base_repo: Hub repo ("org/name[@rev]") or local diffusers folder with vae/, text_encoder/, tokenizer/.
+            prompt: caption the UNet is conditioned on (None: the empty prompt). Its embedding is computed with
+                `base_repo`'s text encoder(s) when pretrained weights are loaded (cached on disk), unless the
+                checkpoint holds `prompt_embeds` already, which then wins.
             timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
             head_tap: tap whose map `forward_features` returns for classification.
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
@@ -304,11 +309,15 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         if clean and ensemble != 1:
             raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
         self.clean = clean
         self.ensemble = ensemble
         self.noise_seed = noise_seed
         self.latent = latent
         self.base_repo = base_repo
+        self.prompt = prompt or ''
+        self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by use_prompts
         self.timestep_source = timestep_source
         self.vae_file = vae_file
         self.in_chans = in_chans
@@ -442,6 +451,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
         if self.check_inputs:
             self._check_input(x)
+        if self._prompt_override is not None and self._prompt_override[0].shape[0] not in (1, x.shape[0]):
+            raise ValueError(f'{self._prompt_override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give '
+                             'one prompt per image, or one for all, to use_prompts.')
         if self._deepest is not None:
             missing = [t.name for t in wanted if t.order > self._deepest]
             if missing:
@@ -487,9 +499,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         n = z.shape[0]
         t = (self.timestep if timestep is None else timestep).expand(n)
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
-        ctx = self.prompt_embeds.to(dtype=z.dtype).expand(n, -1, -1)
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        ctx = _per_latent(ctx.to(dtype=z.dtype), n)
         if unet.config.addition_embed_type == 'text_time':
-            cond = dict(text_embeds=self.pooled_prompt_embeds.to(z.dtype).expand(n, -1),
+            cond = dict(text_embeds=_per_latent(pooled.to(z.dtype), n),
                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
             emb = emb + unet.get_aug_embed(emb, ctx, cond)
         return emb, ctx
@@ -562,11 +575,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            if hasattr(self, 'pooled_prompt_embeds'):  # SDXL: both text encoders, and the pooled embedding
-                from .sdxl import empty_prompt_embeds_sdxl
-                state_dict.update(empty_prompt_embeds_sdxl(self.base_repo))
-            else:
-                state_dict['prompt_embeds'] = hub.empty_prompt_embeds(self.base_repo)
+            from ..prompts import encode_prompts  # SDXL: both text encoders, and the pooled embedding
+
+            state_dict.update(encode_prompts(self, [self.prompt]).buffers())
         if self.clean:
             if self.timestep_fixed:
                 state_dict['timestep'] = self.timestep.detach().clone()
@@ -580,6 +591,18 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         else:
             state_dict.pop('timestep', None)
         return state_dict
+
+
+def _per_latent(embeds: torch.Tensor, n: int) -> torch.Tensor:
+    """Prompt embeddings (one, or one per image) for `n` latents; an image's `ensemble` latents are consecutive."""
+    m = embeds.shape[0]
+    if m == n:
+        return embeds
+    if m == 1:
+        return embeds.expand(n, *embeds.shape[1:])
+    if n % m:
+        raise ValueError(f'{m} prompt embeddings do not divide {n} latents: give one prompt per image, or one for all.')
+    return embeds.repeat_interleave(n // m, dim=0)
 
 
 def _vae_keys(vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
