@@ -54,15 +54,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
+    p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch', help='how images reach --size')
+    p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
+    p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
+                   'default) or stop (single-file default)')
+    p.add_argument('--store-dtype', choices=('float16', 'bfloat16', 'float32'),
+                   help='dtype of stored maps (default: float16 in a store, float32 in a single file)')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--feature-pool', type=int, metavar='R', help='average-pool stored maps by R (Meng et al.)')
+    g.add_argument('--feature-size', type=int, metavar='N', help='resize stored maps to N x N (bilinear)')
+    p.add_argument('--shard-size', type=int, metavar='N', help='images per store shard (default: about 256 MB)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output file or store')
+    p.add_argument('--compile', nargs='?', const='default', help='torch.compile the model (optional mode)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='diffbackbone', description='Diffusion UNet features as vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('features', help='extract features of images into a safetensors file')
-    p.add_argument('images', nargs='+', help='image files')
+    p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')
+    p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt (a path a line)')
     p.add_argument('--model', default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
-    p.add_argument('--out', required=True, help='output .safetensors file (one (N, C, H, W) tensor per tap)')
+    p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '
+                   'images (one (N, C, H, W) tensor per tap)')
     p.add_argument('--size', type=int, help='square input size (default: the model pretrained_cfg input_size)')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -71,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
     p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
+    _add_store_options(p)
     p.set_defaults(func=_lazy('extract', 'run_features'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")

@@ -1,19 +1,53 @@
-"""`diffbackbone features`: tap maps of image files into a safetensors file, and a PCA picture of one tap."""
+"""`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
+
+`--out DIR` writes a `FeatureStore` (diffbackbone/store.py) as the run goes: resumable, bounded memory, one slice of
+the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
+tensor per tap, optionally a PCA picture of one tap). Every check on inputs and outputs runs before the model does.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .hub import save_safetensors
-from .images import load_image
+from .images import ImageError, image_size
+from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
+from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
+                    store_files, write_index)
 
 __all__ = ['extract_features', 'pca_image', 'run_features', 'DTYPES']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
+
+
+def build_model(model_name: str, taps: Optional[Sequence[str]] = None, device: str = 'cpu', dtype: str = 'float32',
+                pretrained: bool = True, weights: Optional[str] = None, model_kwargs: Optional[dict] = None):
+    """A timm `features_only` model on `device`/`dtype` in eval mode, and its data config."""
+    import timm
+    from timm.data import resolve_data_config
+
+    import diffbackbone  # noqa: F401  (registers the models)
+
+    kwargs = dict(model_kwargs or {})
+    if weights:
+        kwargs['pretrained_cfg_overlay'] = dict(file=weights)
+    model = timm.create_model(model_name, pretrained=pretrained or bool(weights), features_only=True,
+                              out_indices=tuple(taps) if taps else None, **kwargs)
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    return model, resolve_data_config({}, model=model)
+
+
+def _tap_names(model) -> list[str]:
+    return [info['name'] for info in model.feature_info.get_dicts()]
 
 
 def extract_features(
@@ -28,34 +62,24 @@ def extract_features(
         weights: Optional[str] = None,
         model_kwargs: Optional[dict] = None,
         resize: str = 'stretch',
+        workers: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run `model_name` on image files; return {tap name: (N, C, H, W) tensor} and the model's data config."""
-    import timm
-    from timm.data import resolve_data_config
-    from tqdm import tqdm
+    """Run `model_name` on image files; return {tap name: (N, C, H, W) float32 tensor} and the model's data config.
 
-    import diffbackbone  # noqa: F401  (registers the models)
-
-    kwargs = dict(model_kwargs or {})
-    if weights:
-        kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    model = timm.create_model(
-        model_name, pretrained=pretrained or bool(weights), features_only=True,
-        out_indices=tuple(taps) if taps else None, **kwargs)
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-    data_cfg = resolve_data_config({}, model=model)
+    Everything stays in memory: for datasets, write a feature store (`diffbackbone features DIR --out STORE`).
+    """
+    model, data_cfg = build_model(model_name, taps, device, dtype, pretrained, weights, model_kwargs)
     if size:
         data_cfg['input_size'] = (3, size, size)
-    names = [info['name'] for info in model.feature_info.get_dicts()]
+    names = _tap_names(model)
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.inference_mode(), tqdm(total=len(images), unit='img', desc=model_name) as bar:
-        for start in range(0, len(images), batch_size):
-            paths = images[start:start + batch_size]
-            x = torch.stack([load_image(p, data_cfg['input_size'][1:], resize, data_cfg['mean'], data_cfg['std'])
-                             for p in paths]).to(device=device, dtype=DTYPES[dtype])
-            for name, feat in zip(names, model(x)):
-                chunks[name].append(feat.float().cpu())
-            bar.update(len(paths))
+    for _, feats, failures in extract_batches(
+            model, names, [str(p) for p in images], data_cfg['input_size'][1:], data_cfg['mean'], data_cfg['std'],
+            resize, batch_size, workers, torch.device(device), DTYPES[dtype]):
+        if failures:
+            raise ImageError(failures[0][1])
+        for n, f in feats.items():
+            chunks[n].append(f.float())
     return {n: torch.cat(c) for n, c in chunks.items()}, data_cfg
 
 
@@ -79,27 +103,265 @@ def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
     sheet.save(out)
 
 
+# ---- checks made before any work ---------------------------------------------------------------------------------
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise `ValueError` unless a file can be created at `path` (or in the folders above it), creating nothing."""
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f'cannot write {what} {path}: {parent} is a file, not a folder.')
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix='.diffbackbone-write-test-')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f'cannot write {what} {path}: {e.strerror or e} in {parent}. Give an --out in a writable '
+                         'folder.') from e
+
+
+def check_single_output(out: Path, images: Sequence[str], pca: Optional[str], overwrite: bool) -> None:
+    """The single-file `--out` (and its PCA picture) may not be a folder or an input, nor replace a file silently."""
+    targets = [out] + ([out.with_name(f'{out.stem}_pca_{pca}.png')] if pca else [])
+    for target in targets:
+        if target.is_dir():
+            raise ValueError(f'--out {target} is an existing folder. Give a .safetensors file path, or drop the '
+                             '.safetensors suffix to write a feature store folder.')
+        clash = next((p for p in images if _same_file(target, p)), None)
+        if clash is not None:
+            raise ValueError(f'--out {target} is the input image {clash}; writing would destroy it. Choose another '
+                             '--out.')
+        if target.exists() and not overwrite:
+            raise ValueError(f'{target} exists. Pass --overwrite to replace it, or choose another --out.')
+        check_writable(target, 'the output file')
+
+
+def check_store_output(out: Path, images: Sequence[str], overwrite: bool) -> None:
+    """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'--out {out} is a file. A feature store is a folder; for a single file give a name ending '
+                         'in .safetensors.')
+    root = out.resolve()
+    inside = next((p for p in images if root in Path(p).resolve().parents), None)
+    if inside is not None:
+        raise ValueError(f'--out {out} holds the input image {inside}; write the store to another folder.')
+    if out.is_dir() and not (out / INDEX).is_file():
+        foreign = [p.name for p in out.iterdir() if p not in store_files(out)]
+        if foreign:
+            raise ValueError(f'--out {out} is a folder with other files ({", ".join(sorted(foreign)[:3])}) and not '
+                             'a feature store. Give a new or empty folder.')
+    check_writable(out / INDEX, 'the feature store')
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Read every image header now (cheap), so a bad file stops the run before any feature is computed."""
+    for p in paths:
+        image_size(p)
+
+
+def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype, pool=None, feature_size=None
+                 ) -> dict[str, list[int]]:
+    """(C, h, w) of every stored tap, from one forward of a blank image (also checks the model runs at `size`)."""
+    from .pipeline import pool_features
+
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, *size, device=device, dtype=dtype))
+    return {n: list(pool_features(f, pool, feature_size).shape[1:]) for n, f in zip(names, out)}
+
+
+def _model_kwargs(text: Optional[str]) -> dict:
+    if not text:
+        return {}
+    if isinstance(text, dict):  # already parsed by the CLI's argparse type
+        return text
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--model-kwargs is not valid JSON ({e}).') from e
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'--model-kwargs must be a JSON object like \'{{"timestep": 100}}\', got {text}.')
+    return kwargs
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+        n /= 1024
+    return f'{n:.1f} TB'
+
+
+def _report_failed(failed: dict[str, str], where: str) -> None:
+    if failed:
+        print(f'{len(failed)} image(s) could not be read and were skipped (listed in {where}):')
+        for path, reason in list(failed.items())[:20]:
+            print(f'  {reason}')
+        if len(failed) > 20:
+            print(f'  ... and {len(failed) - 20} more')
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
 def run_features(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone features`."""
-    images = [Path(p) for p in args.images]
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise SystemExit(f'error: no such image file: {", ".join(missing)}')
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    feats, data_cfg = extract_features(
-        images, args.model, taps=args.taps, size=args.size, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, pretrained=not args.random_weights, weights=args.weights, model_kwargs=kwargs)
-    metadata = dict(model=args.model, images=json.dumps([str(p) for p in images]),
-                    input_size=json.dumps(list(data_cfg['input_size'])))
+    info = dist_info()
     out = Path(args.out)
+    single = out.suffix == '.safetensors'
+    on_error = args.on_error or ('fail' if single else 'skip')
+    args.store_dtype = args.store_dtype or ('float32' if single else 'float16')
+    if args.pca and not single:
+        raise ValueError('--pca needs the single-file form (--out F.safetensors); a feature store has no picture.')
+    if single and info.world > 1:
+        raise ValueError('torchrun needs a feature store: give --out a folder (no .safetensors suffix).')
+    for flag, value, least in (('--workers', args.workers, 0), ('--shard-size', args.shard_size, 1),
+                               ('--feature-pool', args.feature_pool, 1), ('--feature-size', args.feature_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f'{flag} must be at least {least}, got {value}.')
+    if args.compile:
+        from .models.fast import _compile_mode
+
+        _compile_mode(args.compile)
+    images = find_images(args.images)
+    if single:
+        check_single_output(out, images, args.pca, args.overwrite)
+    else:
+        check_store_output(out, images, args.overwrite)
+    mine = images[info.rank::info.world]
+    if on_error == 'fail':
+        check_images(mine)
+    kwargs = _model_kwargs(args.model_kwargs)
+
+    device = torch.device(args.device)
+    if device.type == 'cuda' and info.world > 1:
+        device = torch.device('cuda', info.local_rank)
+        torch.cuda.set_device(device)
+    init_distributed(info, device)
+    model, data_cfg = build_model(args.model, args.taps, str(device), args.dtype, not args.random_weights,
+                                  args.weights, kwargs)
+    if args.size:
+        data_cfg['input_size'] = (3, args.size, args.size)
+    size = tuple(data_cfg['input_size'][1:])
+    names = _tap_names(model)
+    shapes = probe_shapes(model, names, size, device, DTYPES[args.dtype], args.feature_pool, args.feature_size)
+    if args.pca:
+        if args.pca not in names:
+            raise ValueError(f'--pca {args.pca} is not among the extracted taps {names}; add it to --taps.')
+        if shapes[args.pca][1] * shapes[args.pca][2] < 2:
+            raise ValueError(f'--pca {args.pca}: its map is {shapes[args.pca][1]}x{shapes[args.pca][2]} at input '
+                             f'size {size[0]}; a PCA picture needs at least 2 positions. Pick a finer tap or a larger '
+                             '--size.')
+    if args.compile or args.channels_last:
+        from .models.fast import optimize
+
+        model = optimize(model, channels_last=args.channels_last, compile=args.compile or False)
+    workers = default_workers(info.local_world) if args.workers is None else args.workers
+    run = dict(model=model, names=names, size=size, mean=data_cfg['mean'], std=data_cfg['std'], resize=args.resize,
+               batch_size=args.batch_size, workers=workers, device=device, dtype=DTYPES[args.dtype],
+               pool=args.feature_pool, feature_size=args.feature_size)
+    if single:
+        return _run_single(args, out, images, run, shapes, on_error)
+    config = dict(
+        model=args.model, weights=args.weights or ('random' if args.random_weights else
+                                                   model.pretrained_cfg.get('hf_hub_id') or 'pretrained'),
+        prompt=kwargs.get('prompt'), model_kwargs=kwargs, taps=names, shapes=shapes, dtype=args.dtype,
+        store_dtype=args.store_dtype, input_size=list(size), resize=args.resize, mean=list(data_cfg['mean']),
+        std=list(data_cfg['std']), feature_pool=args.feature_pool, feature_size=args.feature_size)
+    return _run_store(args, out, mine, run, config, shapes, on_error, info)
+
+
+def _progress(total: int, info: DistInfo, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit='img', desc=desc, disable=not info.main, dynamic_ncols=True)
+
+
+def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_error: str) -> int:
+    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in run['names']}
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    with _progress(len(images), DistInfo(), args.model) as bar:
+        for paths, feats, failures in extract_batches(paths=images, **run):
+            if failures and on_error == 'fail':
+                raise ImageError(failures[0][1])
+            failed.update(failures)
+            for n, f in feats.items():
+                chunks[n].append(f.to(DTYPES[args.store_dtype]))
+            done.extend(paths)
+            bar.update(len(paths) + len(failures))
+    if not done:
+        raise ValueError(f'none of the {len(images)} images could be read; nothing written.')
+    feats = {n: torch.cat(c) for n, c in chunks.items()}
+    metadata = dict(model=args.model, images=json.dumps(done), failed=json.dumps(failed),
+                    input_size=json.dumps([3, *run['size']]), resize=args.resize)
     save_safetensors(feats, out, metadata=metadata)
     for name, f in feats.items():
         print(f'{name}: {tuple(f.shape)}')
     print(f'wrote {out}')
+    _report_failed(failed, f'the metadata of {out}')
     if args.pca:
-        if args.pca not in feats:
-            raise SystemExit(f'error: --pca {args.pca} is not among the extracted taps {list(feats)}; add it to --taps.')
         pca_out = out.with_name(f'{out.stem}_pca_{args.pca}.png')
-        pca_image(feats[args.pca], pca_out)
+        pca_image(feats[args.pca].float(), pca_out)
         print(f'wrote {pca_out}')
+    return 0
+
+
+def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> int:
+    """Check an existing store against `config` (or clear it with --overwrite); return the images stored already."""
+    if (out / INDEX).is_file() and not args.overwrite:
+        old = read_index(out)['config']
+        diff = config_difference(old, config)
+        if diff:
+            raise StoreError(f'{out} holds features made with other settings ({"; ".join(diff)}). Resume with the '
+                             'same settings, choose another --out, or pass --overwrite to replace the store.')
+    if info.main:
+        if args.overwrite:
+            for p in store_files(out):
+                p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        write_index(out, config)
+    barrier(info)
+    return len(scan_shards(out))
+
+
+def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes: dict, on_error: str,
+               info: DistInfo) -> int:
+    start = time.perf_counter()
+    before = _prepare_store(args, out, config, info)
+    stored = scan_shards(out)
+    todo = [p for p in mine if p not in stored]
+    per_image = sum(math.prod(s) for s in shapes.values()) * DTYPES[args.store_dtype].itemsize
+    shard_size = args.shard_size or max(args.batch_size, SHARD_BYTES // max(1, per_image))
+    writer = StoreWriter(out, config, info.rank, shard_size, DTYPES[args.store_dtype],
+                         index_every_s=30.0 if info.world == 1 else None)
+    if info.main and len(todo) < len(mine):
+        print(f'{out}: {len(mine) - len(todo)} of these images are stored already; extracting {len(todo)}.')
+    try:
+        with _progress(len(todo), info, args.model) as bar:
+            for paths, feats, failures in extract_batches(paths=todo, **run):
+                if paths:
+                    writer.add(paths, feats)
+                if failures and on_error == 'fail':
+                    raise ImageError(f'{failures[0][1]} (stopped by --on-error fail; the images before it are '
+                                     'stored, run again to resume)')
+                writer.failed.update(failures)
+                bar.update(len(paths) + len(failures))
+    finally:
+        writer.flush()  # whole shards only: what was extracted before an error is kept for the resume
+    writer.write_failed()
+    barrier(info)
+    if not info.main:
+        return 0
+    index = write_index(out, config, collect_failed(out))
+    seconds = time.perf_counter() - start
+    total = sum(p.stat().st_size for p in out.glob('shard-r*.safetensors'))
+    new = index['count'] - before
+    _report_failed(index['failed'], out / INDEX)
+    print(f'{out}: {index["count"]} images stored ({new} new), {len(index["failed"])} failed, {seconds:.1f} s, '
+          f'{new / max(seconds, 1e-9):.1f} img/s, store {_fmt_bytes(total)}')
     return 0

@@ -146,6 +146,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
             orientation = img.getexif().get(0x0112, 1)
     except FileNotFoundError as e:
         raise ImageError(f'{path}: no such file. Give paths of existing image files.') from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f'{path}: {e} Downscale the image first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust '
+                         'the file.') from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f'{path}: cannot read the image ({type(e).__name__}: {e}).') from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
