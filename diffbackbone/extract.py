@@ -40,8 +40,11 @@ def build_model(model_name: str, taps: Optional[Sequence[str]] = None, device: s
     kwargs = dict(model_kwargs or {})
     if weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    model = timm.create_model(model_name, pretrained=pretrained or bool(weights), features_only=True,
-                              out_indices=tuple(taps) if taps else None, **kwargs)
+    pretrained = pretrained or bool(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every run: a resumed store must not mix two models
+        model = timm.create_model(model_name, pretrained=pretrained, features_only=True,
+                                  out_indices=tuple(taps) if taps else None, **kwargs)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     return model, resolve_data_config({}, model=model)
 
@@ -113,7 +116,7 @@ def _same_file(a: Path, b: str) -> bool:
 
 def check_writable(path: Path, what: str) -> None:
     """Raise `ValueError` unless a file can be created at `path` (or in the folders above it), creating nothing."""
-    parent = path
+    parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
