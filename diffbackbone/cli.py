@@ -1,8 +1,9 @@
 """Command line: `diffbackbone features IMAGE... --model cleandift_sd21 --out feats.safetensors`.
 
 Subcommands:
-    features  extract tap maps of images into a safetensors file (one tensor per tap, images stacked), optionally a
-              PCA picture of one tap.
+    features  extract tap maps of images (files, folders, globs, @lists) into a resumable feature store folder
+              (`diffbackbone.FeatureStore`; torchrun for several GPUs), or into one safetensors file (one tensor per
+              tap, images stacked), optionally with a PCA picture of one tap.
     taps      list a model's taps with channels and strides.
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.

@@ -151,8 +151,8 @@ def check_store_output(out: Path, images: Sequence[str], overwrite: bool) -> Non
     if out.exists() and not out.is_dir():
         raise ValueError(f'--out {out} is a file. A feature store is a folder; for a single file give a name ending '
                          'in .safetensors.')
-    root = out.resolve()
-    inside = next((p for p in images if root in Path(p).resolve().parents), None)
+    root = os.path.join(os.path.abspath(out), '')
+    inside = next((p for p in images if os.path.abspath(p).startswith(root)), None)
     if inside is not None:
         raise ValueError(f'--out {out} holds the input image {inside}; write the store to another folder.')
     if out.is_dir() and not (out / INDEX).is_file():
