@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')
-    p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt (a path a line)')
+    p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt')
     p.add_argument('--model', default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
     p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '

@@ -50,7 +50,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def store_files(root: Path) -> list[Path]:
-    """Files of `root` that belong to a store (what `--overwrite` removes): shards, index, failure lists, temporaries."""
+    """Files of `root` belonging to a store (what `--overwrite` removes): shards, index, failure lists, temporaries."""
     if not root.is_dir():
         return []
     return [p for p in root.iterdir() if p.is_file() and (
@@ -190,7 +190,8 @@ class FeatureStore:
             yield path, self[path]
 
     def __repr__(self) -> str:
-        return f'FeatureStore({str(self.root)!r}, {len(self)} images, model={self.config.get("model")!r}, taps={self.taps})'
+        return (f'FeatureStore({str(self.root)!r}, {len(self)} images, model={self.config.get("model")!r}, '
+                f'taps={self.taps})')
 
     def _key(self, path: object) -> Optional[str]:
         for key in (str(path), os.path.normpath(str(path))):
