@@ -12,7 +12,9 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import json
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -30,22 +32,58 @@ def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _cmd_taps(args: argparse.Namespace) -> int:
+# ---- argument types: bad values end in `error: ...` and exit 2 before anything runs -----------------------------
+def model_name(value: str) -> str:
+    """A registered diffbackbone/timm model name, or `hf-hub:org/name`."""
     import timm
 
-    from .models.taps import list_taps
+    from . import models  # noqa: F401  (registers the models)
 
-    with torch.device('meta'):  # no weights, no download
-        model = timm.create_model(args.model)
-    index = {t.name: i for i, t in enumerate(model.taps)}
-    taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
-    print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
-    for tap in taps:
-        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  {", ".join(tap.aliases)}')
-    print('presets: ' + '; '.join(f'{k} = {", ".join(v)}' for k, v in model.presets.items()))
-    if not args.all:
-        print(f'{len(list_taps(args.model))} taps in all: `diffbackbone taps {args.model} --all` lists every one.')
-    return 0
+    if value.startswith('hf-hub:') or value in timm.list_models():
+        return value
+    ours = timm.list_models(module='diffusion_unet')
+    close = difflib.get_close_matches(value, timm.list_models(), n=3)
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    raise argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: {", ".join(sorted(set(ours)))}.')
+
+
+def device(value: str) -> str:
+    """A torch device that exists here."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f'invalid device {value!r}: use cpu, cuda, cuda:N or mps.') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f'{value!r}: no CUDA GPU is available here; use --device cpu.')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f'{value!r}: only {torch.cuda.device_count()} CUDA GPU(s) here.')
+    elif dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f'{value!r}: MPS is not available here; use --device cpu.')
+    return str(dev)
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number.') from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {n}.')
+    return n
+
+
+def json_object(value: str) -> dict:
+    """A JSON object, e.g. '{"timestep": 100}'."""
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'invalid JSON ({e.msg} at column {e.colno}): give an object such as '
+                                         '\'{"timestep": 100}\'.') from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object such as \'{{"timestep": 100}}\', got a '
+                                         f'{type(obj).__name__}.')
+    return obj
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -57,17 +95,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
-    p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch', help='how images reach --size')
     p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
     p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
                    'default) or stop (single-file default)')
     p.add_argument('--store-dtype', choices=('float16', 'bfloat16', 'float32'),
                    help='dtype of stored maps (default: float16 in a store, float32 in a single file)')
     g = p.add_mutually_exclusive_group()
-    g.add_argument('--feature-pool', type=int, metavar='R', help='average-pool stored maps by R (Meng et al.)')
-    g.add_argument('--feature-size', type=int, metavar='N', help='resize stored maps to N x N (bilinear)')
-    p.add_argument('--shard-size', type=int, metavar='N', help='images per store shard (default: about 256 MB)')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing output file or store')
+    g.add_argument('--feature-pool', type=positive_int, metavar='R', help='average-pool stored maps by R (Meng et al.)')
+    g.add_argument('--feature-size', type=positive_int, metavar='N', help='resize stored maps to N x N (bilinear)')
+    p.add_argument('--shard-size', type=positive_int, metavar='N', help='images per store shard (default: about 256 MB)')
     p.add_argument('--compile', nargs='?', const='default', help='torch.compile the model (optional mode)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
 
@@ -78,35 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')
     p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt')
-    p.add_argument('--model', default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
+    p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
     p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '
                    'images (one (N, C, H, W) tensor per tap)')
-    p.add_argument('--size', type=int, help='square input size (default: the model pretrained_cfg input_size)')
-    p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out file or feature store')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
+    p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch',
+                   help='stretch: whole image to size x size, as DIFT/CleanDIFT (default); pad: keep the aspect ratio, '
+                        'pad with the mean colour; crop: short side to size, centre crop (drops the rest)')
+    p.add_argument('--batch-size', type=positive_int, default=4)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
     p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
-    p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     _add_store_options(p)
     p.set_defaults(func=_lazy('extract', 'run_features'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
-    p.add_argument('model')
+    p.add_argument('model', type=model_name)
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
-    p.set_defaults(func=_cmd_taps)
+    p.set_defaults(func=_lazy('taps_cmd', 'run_taps'))
 
     p = sub.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, model.safetensors)',
                        description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '
                                    'timm.create_model("hf-hub:ORG/NAME", pretrained=True) loads it by name.')
     p.add_argument('source', help='clean-train run folder (its output .safetensors) or a .safetensors weights file')
     p.add_argument('--out', required=True, help='folder to write (must be new or empty, unless --overwrite)')
-    p.add_argument('--model', help='architecture, when the file does not record it (e.g. cleandift_sd21)')
+    p.add_argument('--model', type=model_name, help='architecture, when the file does not record it (e.g. cleandift_sd21)')
     p.add_argument('--push', metavar='ORG/NAME', help='also upload the folder to this Hub repo (created if needed)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
-    p.add_argument('--model-kwargs', help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.set_defaults(func=_lazy('export', 'run_export'))
 
     from .train.cli import add_clean_train_parser
@@ -131,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (HubError, TapError, ValueError) as e:
+    except (HubError, TapError, ValueError, OSError) as e:  # ImageError, ExportError, ... are ValueErrors
         print(f'error: {e}', file=sys.stderr)
         return 2
 

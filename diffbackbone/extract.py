@@ -2,7 +2,10 @@
 
 `--out DIR` writes a `FeatureStore` (diffbackbone/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
-tensor per tap, optionally a PCA picture of one tap). Every check on inputs and outputs runs before the model does.
+tensor per tap, optionally a PCA picture of one tap).
+
+Everything that can be checked is checked before the model runs: image headers (`--on-error fail`), the output path
+(not an input, not an existing file unless `--overwrite`, writable) and the `--pca` tap.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from .hub import save_safetensors
 from .images import ImageError, image_size
@@ -23,19 +27,29 @@ from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_bat
 from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
                     store_files, write_index)
 
-__all__ = ['extract_features', 'pca_image', 'run_features', 'DTYPES']
+__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'extract_features', 'pca_image', 'run_features']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
 
 
-def build_model(model_name: str, taps: Optional[Sequence[str]] = None, device: str = 'cpu', dtype: str = 'float32',
-                pretrained: bool = True, weights: Optional[str] = None, model_kwargs: Optional[dict] = None):
-    """A timm `features_only` model on `device`/`dtype` in eval mode, and its data config."""
-    import timm
-    from timm.data import resolve_data_config
+class OutputError(ValueError):
+    """An output path cannot be used; the message says why and what to do."""
 
-    import diffbackbone  # noqa: F401  (registers the models)
+
+def load_extractor(
+        model_name: str,
+        taps: Optional[Sequence[str]] = None,
+        device: str = 'cpu',
+        dtype: str = 'float32',
+        pretrained: bool = True,
+        weights: Optional[str] = None,
+        model_kwargs: Optional[dict] = None,
+) -> nn.Module:
+    """The timm `features_only` model for `taps` (names, indices or a preset; default the pyramid), ready to run."""
+    import timm
+
+    from . import models  # noqa: F401  (registers the models)
 
     kwargs = dict(model_kwargs or {})
     if weights:
@@ -45,8 +59,17 @@ def build_model(model_name: str, taps: Optional[Sequence[str]] = None, device: s
         torch.manual_seed(0)  # random weights are the same in every run: a resumed store must not mix two models
         model = timm.create_model(model_name, pretrained=pretrained, features_only=True,
                                   out_indices=tuple(taps) if taps else None, **kwargs)
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-    return model, resolve_data_config({}, model=model)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def data_config(model: nn.Module, size: Optional[int] = None) -> dict:
+    """timm's data config of `model` (input size, mean, std), at `size` x `size` if given."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    if size:
+        cfg['input_size'] = (3, size, size)
+    return cfg
 
 
 def _tap_names(model) -> list[str]:
@@ -55,35 +78,33 @@ def _tap_names(model) -> list[str]:
 
 def extract_features(
         images: Sequence[Path],
-        model_name: str,
-        taps: Optional[Sequence[str]] = None,
+        model: nn.Module,
         size: Optional[int] = None,
         batch_size: int = 4,
-        device: str = 'cpu',
-        dtype: str = 'float32',
-        pretrained: bool = True,
-        weights: Optional[str] = None,
-        model_kwargs: Optional[dict] = None,
         resize: str = 'stretch',
+        desc: str = 'features',
         workers: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run `model_name` on image files; return {tap name: (N, C, H, W) float32 tensor} and the model's data config.
+    """Run a `load_extractor` model on image files; return {tap name: (N, C, H, W) float32} and the data config.
 
     Everything stays in memory: for datasets, write a feature store (`diffbackbone features DIR --out STORE`).
     """
-    model, data_cfg = build_model(model_name, taps, device, dtype, pretrained, weights, model_kwargs)
-    if size:
-        data_cfg['input_size'] = (3, size, size)
+    from tqdm import tqdm
+
+    cfg = data_config(model, size)
+    param = next(model.parameters())
     names = _tap_names(model)
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for _, feats, failures in extract_batches(
-            model, names, [str(p) for p in images], data_cfg['input_size'][1:], data_cfg['mean'], data_cfg['std'],
-            resize, batch_size, workers, torch.device(device), DTYPES[dtype]):
-        if failures:
-            raise ImageError(failures[0][1])
-        for n, f in feats.items():
-            chunks[n].append(f.float())
-    return {n: torch.cat(c) for n, c in chunks.items()}, data_cfg
+    with tqdm(total=len(images), unit='img', desc=desc) as bar:
+        for paths, feats, failures in extract_batches(
+                model, names, [str(p) for p in images], cfg['input_size'][1:], cfg['mean'], cfg['std'], resize,
+                batch_size, workers, param.device, param.dtype):
+            if failures:
+                raise ImageError(failures[0][1])
+            for n, f in feats.items():
+                chunks[n].append(f.float())
+            bar.update(len(paths))
+    return {n: torch.cat(c) for n, c in chunks.items()}, cfg
 
 
 def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
@@ -114,59 +135,71 @@ def _same_file(a: Path, b: str) -> bool:
         return False
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Raise `ValueError` unless a file can be created at `path` (or in the folders above it), creating nothing."""
+def check_writable(path: Path) -> None:
+    """Raise `OutputError` unless a file can be created at `path`, probed beside it (nothing is left or created)."""
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f'cannot write {what} {path}: {parent} is a file, not a folder.')
+        raise OutputError(f'Cannot write to {path}: {parent} is a file, not a folder. Choose another --out.')
     try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix='.diffbackbone-write-test-')
+        fd, probe = tempfile.mkstemp(prefix='.diffbackbone-probe-', dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f'cannot write {what} {path}: {e.strerror or e} in {parent}. Give an --out in a writable '
-                         'folder.') from e
+        raise OutputError(f'Cannot write to {parent} ({e.strerror or e}): choose a writable --out.') from e
 
 
-def check_single_output(out: Path, images: Sequence[str], pca: Optional[str], overwrite: bool) -> None:
-    """The single-file `--out` (and its PCA picture) may not be a folder or an input, nor replace a file silently."""
-    targets = [out] + ([out.with_name(f'{out.stem}_pca_{pca}.png')] if pca else [])
-    for target in targets:
-        if target.is_dir():
-            raise ValueError(f'--out {target} is an existing folder. Give a .safetensors file path, or drop the '
-                             '.safetensors suffix to write a feature store folder.')
-        clash = next((p for p in images if _same_file(target, p)), None)
-        if clash is not None:
-            raise ValueError(f'--out {target} is the input image {clash}; writing would destroy it. Choose another '
-                             '--out.')
-        if target.exists() and not overwrite:
-            raise ValueError(f'{target} exists. Pass --overwrite to replace it, or choose another --out.')
-        check_writable(target, 'the output file')
+def _check_not_input(out: Path, inputs: Sequence[str]) -> None:
+    resolved = out.resolve()
+    for path in inputs:
+        if Path(path).resolve() == resolved:
+            raise OutputError(f'--out {out} is one of the input images: it would be overwritten. Choose another '
+                              'output path.')
 
 
-def check_store_output(out: Path, images: Sequence[str], overwrite: bool) -> None:
+def check_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> Path:
+    """Refuse an output file that is an input, a folder, an existing file (unless `overwrite`) or not writable."""
+    out = Path(out).expanduser()
+    _check_not_input(out, inputs)
+    if out.is_dir():
+        raise OutputError(f'--out {out} is a folder: give a file path such as {out / "features.safetensors"}, or '
+                          'a new folder name (no .safetensors suffix) for a feature store.')
+    if out.exists() and not overwrite:
+        raise OutputError(f'--out {out} exists: choose another path, or add --overwrite to replace it.')
+    check_writable(out)
+    return out
+
+
+def check_store(out: Path, inputs: Sequence[str]) -> None:
     """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs."""
+    _check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
-        raise ValueError(f'--out {out} is a file. A feature store is a folder; for a single file give a name ending '
-                         'in .safetensors.')
+        raise OutputError(f'--out {out} is a file. A feature store is a folder; for a single file give a name '
+                          'ending in .safetensors.')
     root = os.path.join(os.path.abspath(out), '')
-    inside = next((p for p in images if os.path.abspath(p).startswith(root)), None)
+    inside = next((p for p in inputs if os.path.abspath(p).startswith(root)), None)
     if inside is not None:
-        raise ValueError(f'--out {out} holds the input image {inside}; write the store to another folder.')
+        raise OutputError(f'--out {out} is a folder holding the input image {inside}; write the feature store to '
+                          'another folder, or give a .safetensors file.')
     if out.is_dir() and not (out / INDEX).is_file():
         foreign = [p.name for p in out.iterdir() if p not in store_files(out)]
         if foreign:
-            raise ValueError(f'--out {out} is a folder with other files ({", ".join(sorted(foreign)[:3])}) and not '
-                             'a feature store. Give a new or empty folder.')
-    check_writable(out / INDEX, 'the feature store')
+            raise OutputError(f'--out {out} is a folder with other files ({", ".join(sorted(foreign)[:3])}), not a '
+                              'feature store. Give a new or empty folder.')
+    check_writable(out / INDEX)
 
 
 def check_images(paths: Sequence[str]) -> None:
     """Read every image header now (cheap), so a bad file stops the run before any feature is computed."""
-    for p in paths:
-        image_size(p)
+    unreadable = []
+    for path in paths:
+        try:
+            image_size(path)
+        except ImageError as e:
+            unreadable.append(str(e))
+    if unreadable:
+        raise ImageError(f'{len(unreadable)} of {len(paths)} images cannot be read: ' + '; '.join(unreadable[:5]))
 
 
 def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype, pool=None, feature_size=None
@@ -177,20 +210,6 @@ def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *size, device=device, dtype=dtype))
     return {n: list(pool_features(f, pool, feature_size).shape[1:]) for n, f in zip(names, out)}
-
-
-def _model_kwargs(text: Optional[str]) -> dict:
-    if not text:
-        return {}
-    if isinstance(text, dict):  # already parsed by the CLI's argparse type
-        return text
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'--model-kwargs is not valid JSON ({e}).') from e
-    if not isinstance(kwargs, dict):
-        raise ValueError(f'--model-kwargs must be a JSON object like \'{{"timestep": 100}}\', got {text}.')
-    return kwargs
 
 
 def _fmt_bytes(n: float) -> str:
@@ -222,41 +241,40 @@ def run_features(args: argparse.Namespace) -> int:
         raise ValueError('--pca needs the single-file form (--out F.safetensors); a feature store has no picture.')
     if single and info.world > 1:
         raise ValueError('torchrun needs a feature store: give --out a folder (no .safetensors suffix).')
-    for flag, value, least in (('--workers', args.workers, 0), ('--shard-size', args.shard_size, 1),
-                               ('--feature-pool', args.feature_pool, 1), ('--feature-size', args.feature_size, 1)):
-        if value is not None and value < least:
-            raise ValueError(f'{flag} must be at least {least}, got {value}.')
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f'--workers must be at least 0, got {args.workers}.')
     if args.compile:
         from .models.fast import _compile_mode
 
         _compile_mode(args.compile)
     images = find_images(args.images)
     if single:
-        check_single_output(out, images, args.pca, args.overwrite)
+        check_output(out, images, args.overwrite)
+        if args.pca:
+            check_output(out.with_name(f'{out.stem}_pca_{args.pca}.png'), images, args.overwrite)
     else:
-        check_store_output(out, images, args.overwrite)
+        check_store(out, images)
     mine = images[info.rank::info.world]
     if on_error == 'fail':
         check_images(mine)
-    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs or {})
 
     device = torch.device(args.device)
     if device.type == 'cuda' and info.world > 1:
         device = torch.device('cuda', info.local_rank)
         torch.cuda.set_device(device)
     init_distributed(info, device)
-    model, data_cfg = build_model(args.model, args.taps, str(device), args.dtype, not args.random_weights,
-                                  args.weights, kwargs)
-    if args.size:
-        data_cfg['input_size'] = (3, args.size, args.size)
+    model = load_extractor(args.model, args.taps, str(device), args.dtype, not args.random_weights, args.weights,
+                           kwargs)
+    data_cfg = data_config(model, args.size)
     size = tuple(data_cfg['input_size'][1:])
     names = _tap_names(model)
     shapes = probe_shapes(model, names, size, device, DTYPES[args.dtype], args.feature_pool, args.feature_size)
     if args.pca:
         if args.pca not in names:
-            raise ValueError(f'--pca {args.pca} is not among the extracted taps {names}; add it to --taps.')
+            raise OutputError(f'--pca {args.pca} is not among the extracted taps {names}; add it to --taps.')
         if shapes[args.pca][1] * shapes[args.pca][2] < 2:
-            raise ValueError(f'--pca {args.pca}: its map is {shapes[args.pca][1]}x{shapes[args.pca][2]} at input '
+            raise OutputError(f'--pca {args.pca}: its map is {shapes[args.pca][1]}x{shapes[args.pca][2]} at input '
                              f'size {size[0]}; a PCA picture needs at least 2 positions. Pick a finer tap or a larger '
                              '--size.')
     if args.compile or args.channels_last:

@@ -73,8 +73,8 @@ def find_images(inputs: Sequence[str]) -> list[str]:
                 raise ValueError(f'the pattern {item!r} matches no image file.')
             found.extend(images)
         else:
-            raise ValueError(f'no such image file, folder or pattern: {item}. Check the path (quote glob patterns '
-                             'so the shell does not expand them).')
+            raise ValueError(f'{item}: no such file, folder or pattern. Check the path (quote glob patterns so the '
+                             'shell does not expand them).')
     return list(dict.fromkeys(found))
 
 

@@ -76,7 +76,7 @@ def test_inputs_mix_folders_globs_and_lists(dataset, tmp_path):
     rel = [str(Path(p).relative_to(dataset)) for p in found]
     assert rel == ['cats/a.png', 'cats/b.jpg', 'cats/deep/c.bmp', 'cats/deep/d.webp', 'dogs/e.png', 'dogs/x/g.png',
                    'dogs/f.jpg']  # recursive, sorted, extensions only, duplicates dropped
-    with pytest.raises(ValueError, match='no such image file'):
+    with pytest.raises(ValueError, match='nope: no such file'):
         find_images([str(dataset / 'nope')])
     with pytest.raises(ValueError, match='matches no image'):
         find_images([str(dataset / '*.tif')])
@@ -192,19 +192,21 @@ def test_output_checks_before_extracting(dataset, tmp_path, capsys):
     _save(img, 0)
     original = img.read_bytes()
     one = [str(img), *BASE]
-    _fails([*one, '--out', str(img)], capsys, 'is a file. A feature store is a folder')
+    _fails([*one, '--out', str(img)], capsys, 'is one of the input images')
     link = tmp_path / 'in.safetensors'
     link.symlink_to(img)
-    _fails([*one, '--out', str(link)], capsys, 'is the input image')
+    _fails([*one, '--out', str(link)], capsys, 'is one of the input images')
     assert img.read_bytes() == original
     existing = tmp_path / 'old.safetensors'
     existing.write_bytes(b'keep me')
-    _fails([*one, '--out', str(existing)], capsys, 'exists. Pass --overwrite')
+    _fails([*one, '--out', str(existing)], capsys, 'add --overwrite')
     assert existing.read_bytes() == b'keep me'
-    _fails([*one, '--out', '/proc/x.safetensors'], capsys, 'cannot write the output file /proc/x.safetensors')
-    _fails([*one, '--out', '/sys/x.safetensors'], capsys, 'cannot write the output file /sys/x.safetensors')
+    _fails([*one, '--out', '/proc/x.safetensors'], capsys, 'Cannot write to /proc')
+    _fails([*one, '--out', '/sys/x.safetensors'], capsys, 'Cannot write to /sys')  # read-only file system
+    (tmp_path / 'afile').write_text('x')
+    _fails([*one, '--out', str(tmp_path / 'afile' / 'f.safetensors')], capsys, 'is a file, not a folder')
     (tmp_path / 'dir.safetensors').mkdir()
-    _fails([*one, '--out', str(tmp_path / 'dir.safetensors')], capsys, 'is an existing folder')
+    _fails([*one, '--out', str(tmp_path / 'dir.safetensors')], capsys, 'is a folder')
     out = tmp_path / 'f.safetensors'
     _fails([*one, '--out', str(out), '--pca', 'us9'], capsys, "--pca us9 is not among the extracted taps")
     _fails([*one, '--out', str(out), '--pca', 'mid'], capsys, 'its map is 1x1')
@@ -212,14 +214,14 @@ def test_output_checks_before_extracting(dataset, tmp_path, capsys):
     (tmp_path / 'other').mkdir()
     (tmp_path / 'other' / 'mine.txt').write_text('x')
     _fails([*one, '--out', str(tmp_path / 'other')], capsys, 'not a feature store')
-    _fails([str(dataset), *BASE, '--out', str(dataset / 'cats')], capsys, 'holds the input image')
+    _fails([str(dataset), *BASE, '--out', str(dataset / 'cats')], capsys, 'is a folder holding the input image')
     huge = tmp_path / 'huge.png'
     _huge_png(huge)
     _fails([str(huge), *BASE, '--out', str(out)], capsys, 'huge.png')
     broken = dataset / 'dogs/x/broken.jpg'
     _fails([str(img), str(broken), *BASE, '--out', str(out)], capsys, 'broken.jpg')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['dir.safetensors', 'huge.png', 'in.png', 'in.safetensors',
-                                                          'old.safetensors', 'other']  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile', 'dir.safetensors', 'huge.png', 'in.png',
+                                                          'in.safetensors', 'old.safetensors', 'other']  # nothing written
 
 
 def test_single_file_overwrite_and_skip(dataset, tmp_path, capsys):
