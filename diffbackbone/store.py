@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from .hub import _write_text_atomic, save_safetensors
+from .hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'INDEX', 'scan_shards', 'store_files',
            'write_index']
@@ -46,7 +46,7 @@ class StoreError(ValueError):
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers never see half of it (the hub's atomic text writer)."""
-    _write_text_atomic(path, json.dumps(data, indent=1))
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def store_files(root: Path) -> list[Path]:
