@@ -131,9 +131,9 @@ def measure_command(cmd: Sequence[str], env: Optional[dict] = None, interval: fl
 def model_only_throughput(model_name: str, size: int, batch_size: int, dtype: str, device: str, images: int,
                           taps: Optional[Sequence[str]] = None, warmup: int = 2) -> float:
     """Images/s of the model alone (random input already on `device`, features left on `device`)."""
-    from .extract import DTYPES, build_model
+    from .extract import DTYPES, load_extractor
 
-    model, _ = build_model(model_name, taps, device, dtype, pretrained=False)
+    model = load_extractor(model_name, taps, device, dtype, pretrained=False)
     x = torch.randn(batch_size, 3, size, size, device=device, dtype=DTYPES[dtype])
     batches = max(1, -(-images // batch_size))
 
