@@ -147,7 +147,7 @@ def test_kill_then_resume_equals_uninterrupted(dataset, store, tmp_path, capsys)
 def test_torchrun_two_ranks_one_index(dataset, store, tmp_path):
     out = tmp_path / 'dist'
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', '29731', '-m',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', '-m',
            'diffbackbone', 'features', str(dataset), *BASE, '--device', 'cpu', '--workers', '0', '--out', str(out)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
