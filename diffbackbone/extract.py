@@ -332,7 +332,7 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
     return 0
 
 
-def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> int:
+def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> dict[str, tuple[str, int]]:
     """Check an existing store against `config` (or clear it with --overwrite); return the images stored already."""
     if (out / INDEX).is_file() and not args.overwrite:
         old = read_index(out)['config']
@@ -347,14 +347,13 @@ def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_index(out, config)
     barrier(info)
-    return len(scan_shards(out))
+    return scan_shards(out)
 
 
 def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes: dict, on_error: str,
                info: DistInfo) -> int:
     start = time.perf_counter()
-    before = _prepare_store(args, out, config, info)
-    stored = scan_shards(out)
+    stored = _prepare_store(args, out, config, info)
     todo = [p for p in mine if p not in stored]
     per_image = sum(math.prod(s) for s in shapes.values()) * DTYPES[args.store_dtype].itemsize
     shard_size = args.shard_size or max(args.batch_size, SHARD_BYTES // max(1, per_image))
@@ -381,7 +380,7 @@ def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes
     index = write_index(out, config, collect_failed(out))
     seconds = time.perf_counter() - start
     total = sum(p.stat().st_size for p in out.glob('shard-r*.safetensors'))
-    new = index['count'] - before
+    new = index['count'] - len(stored)
     _report_failed(index['failed'], out / INDEX)
     print(f'{out}: {index["count"]} images stored ({new} new), {len(index["failed"])} failed, {seconds:.1f} s, '
           f'{new / max(seconds, 1e-9):.1f} img/s, store {_fmt_bytes(total)}')

@@ -165,14 +165,17 @@ class FeatureStore:
     Args:
         root: the folder written by `diffbackbone features ... --out DIR`.
         max_open: shard files kept open at once.
+        rescan: list the images from the shard headers instead of the index (a run still going, or killed, refreshes
+            its index only now and then; the shards are always whole).
     """
 
-    def __init__(self, root: Union[str, Path], max_open: int = 8):
+    def __init__(self, root: Union[str, Path], max_open: int = 8, rescan: bool = False):
         self.root = Path(root)
         index = read_index(self.root)
         self.config: dict = index['config']
         self.failed: dict[str, str] = index.get('failed', {})
-        self._entries: dict[str, tuple[str, int]] = {p: (s, r) for p, (s, r) in index['entries'].items()}
+        entries = scan_shards(self.root) if rescan else index['entries']
+        self._entries: dict[str, tuple[str, int]] = {p: (s, r) for p, (s, r) in entries.items()}
         self.paths: list[str] = list(self._entries)
         self.taps: list[str] = list(self.config['taps'])
         self.max_open = max_open

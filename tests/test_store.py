@@ -134,6 +134,8 @@ def test_kill_then_resume_equals_uninterrupted(dataset, store, tmp_path, capsys)
     proc.wait()
     killed_with = len(list(out.glob('shard-*.safetensors')))
     assert 2 <= killed_with < 8, 'the run was not killed in the middle'
+    partial = FeatureStore(out, rescan=True)  # every shard on disk is whole and readable
+    assert len(partial) == killed_with and all(f['us6'].shape == (32, 4, 4) for _, f in partial)
     assert main(cmd[3:]) == 0
     assert f'{killed_with} of these images are stored already' in capsys.readouterr().out
     assert not [p for p in out.iterdir() if p.name.endswith('.tmp')]
