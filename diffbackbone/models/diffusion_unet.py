@@ -733,6 +733,12 @@ default_cfgs = generate_default_cfgs({
         license='openrail++', origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
         paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
         paper_ids='arXiv:2410.03558'),
+    'pgv2.playgroundai': _cfg(
+        hf_hub_id='playgroundai/playground-v2-1024px-aesthetic',
+        hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors', input_size=(3, 1024, 1024), pool_size=(64, 64),
+        license='playground-v2-community', origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
+        paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        paper_ids='arXiv:2410.03558'),
     'test_sdxl.tiny': _cfg(
         hf_hub_id='diffbackbone/test-sdxl', hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors',
         input_size=(3, 128, 128), pool_size=(8, 8)),
@@ -803,6 +809,15 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
                       base_repo='stabilityai/stable-diffusion-xl-base-1.0',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
+                      base_repo='playgroundai/playground-v2-1024px-aesthetic',
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
