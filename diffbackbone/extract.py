@@ -284,7 +284,7 @@ def run_features(args: argparse.Namespace) -> int:
     workers = default_workers(info.local_world) if args.workers is None else args.workers
     run = dict(model=model, names=names, size=size, mean=data_cfg['mean'], std=data_cfg['std'], resize=args.resize,
                batch_size=args.batch_size, workers=workers, device=device, dtype=DTYPES[args.dtype],
-               pool=args.feature_pool, feature_size=args.feature_size)
+               pool=args.feature_pool, feature_size=args.feature_size, out_dtype=DTYPES[args.store_dtype])
     if single:
         return _run_single(args, out, images, run, shapes, on_error)
     config = dict(

@@ -140,23 +140,48 @@ def extract_batches(
         dtype: torch.dtype = torch.float32,
         pool: Optional[int] = None,
         feature_size: Optional[int] = None,
+        out_dtype: Optional[torch.dtype] = None,
 ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], list[tuple[str, str]]]]:
     """Run `model` (timm `features_only`, outputs named `names`) over `paths`; yield (paths, {tap: CPU features},
-    [(path, error)]) per batch, in input order."""
+    [(path, error)]) per batch, in input order.
+
+    Features are pooled and cast to `out_dtype` on the device, so fewer bytes cross to the host. On CUDA the copy of a
+    batch's features is queued behind its forward and waited for only after the next batch's forward is queued: the
+    GPU is not idle while the host stores the previous batch.
+    """
     cuda = device.type == 'cuda'
     loader = DataLoader(ImageFiles(paths, size, resize, mean, std), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    pending = None  # (paths, {tap: host tensor}, failures, CUDA event of the copy)
+
+    def finish(item):
+        if item[3] is not None:
+            item[3].synchronize()
+        return item[:3]
+
     with torch.inference_mode():
         for idx, x, errors in loader:
             failures = [(paths[i], e) for i, e in errors]
             if x is None:
+                if pending is not None:
+                    yield finish(pending)
+                    pending = None
                 yield [], {}, failures
                 continue
             x = x.to(device, non_blocking=cuda).to(dtype)  # channels_last: `fast.optimize`'s input hook
             out = model(x)
-            feats = {n: pool_features(f, pool, feature_size).to('cpu', non_blocking=False) for n, f in zip(names, out)}
-            yield [paths[i] for i in idx], feats, failures
+            feats = {n: pool_features(f, pool, feature_size).to(out_dtype or f.dtype).to('cpu', non_blocking=cuda)
+                     for n, f in zip(names, out)}
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+            if pending is not None:
+                yield finish(pending)
+            pending = ([paths[i] for i in idx], feats, failures, event)
+        if pending is not None:
+            yield finish(pending)
 
 
 @dataclass
