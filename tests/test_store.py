@@ -20,6 +20,7 @@ from diffbackbone import FeatureStore
 from diffbackbone.cli import main
 from diffbackbone.images import load_image
 from diffbackbone.pipeline import find_images
+from test_pretrained import published  # noqa: F401  (tiny models on the fake Hub)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ['--model', 'test_cleandift', '--random-weights', '--size', '64', '--taps', 'us6', 'mid', '--workers', '1']
@@ -243,3 +244,19 @@ def test_single_file_overwrite_and_skip(dataset, tmp_path, capsys):
         assert list(json.loads(f.metadata()['failed'])) == [str(huge)]
         assert f.get_tensor('us6').shape == (1, 32, 4, 4) and f.get_tensor('us6').dtype == torch.float32
     assert (tmp_path / 'f_pca_us6.png').is_file()
+
+
+def test_store_of_a_pretrained_model_records_its_weights(published, hub_cache, dataset, tmp_path):
+    out = tmp_path / 'pre'
+    args = ['features', str(dataset / 'cats'), '--model', 'test_cleandift', '--size', '64', '--taps', 'mid',
+            '--model-kwargs', '{"timestep": 100}', '--workers', '0', '--out', str(out)]
+    assert main(args) == 0
+    fs = FeatureStore(out)
+    assert len(fs) == 4 and fs.config['weights'] == 'diffbackbone/test-cleandift'
+    assert fs.config['model_kwargs'] == {'timestep': 100} and fs.config['prompt'] is None
+    model = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('mid',),
+                              timestep=100).eval()
+    path = fs.paths[0]
+    with torch.no_grad():
+        ref = model(load_image(path, 64)[None])[0][0]
+    torch.testing.assert_close(fs[path]['mid'].float(), ref, atol=2e-3, rtol=2e-3)
