@@ -244,9 +244,10 @@ def run_features(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ValueError(f'--workers must be at least 0, got {args.workers}.')
     if args.compile:
-        from .models.fast import _compile_mode
+        from .models.fast import COMPILE_MODES
 
-        _compile_mode(args.compile)
+        if args.compile not in COMPILE_MODES:
+            raise ValueError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
     images = find_images(args.images)
     if single:
         check_output(out, images, args.overwrite)
