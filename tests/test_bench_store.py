@@ -1,4 +1,4 @@
-"""The feature-store benchmark: its memory probes see what a process tree holds, and one tiny run reports ratios."""
+"""The feature-store benchmark: its memory probes see a whole process tree, one real run is measured, ratios add up."""
 import json
 import sys
 import textwrap
@@ -42,8 +42,9 @@ def test_one_features_run_is_measured(tmp_path):
 
     store = FeatureStore(tmp_path / 'store')
     assert len(store) == 3 and len(list((tmp_path / 'store').glob('shard-*.safetensors'))) == 2  # shards of 2
-    with pytest.raises(RuntimeError, match='expected 4'):
-        bench_store._run_features(args, tmp_path / 'images', tmp_path / 'store', 4)  # resumes: 3 stored, 0 new
+    assert store[store.paths[0]]['mid'].shape[-2:] == (96, 96)  # the bench's --taps mid --feature-size 96
+    assert stats.store_mib == pytest.approx(sum(p.stat().st_size for p in (tmp_path / 'store').glob('*.safetensors'))
+                                            / 2 ** 20)
 
 
 def test_bench_store_ratios(tmp_path, monkeypatch, capsys):
