@@ -41,7 +41,7 @@ def model_name(value: str) -> str:
 
     if value.startswith('hf-hub:') or value in timm.list_models():
         return value
-    ours = timm.list_models(module='diffusion_unet')
+    ours = timm.list_models(module='diffusion_unet') + timm.list_models(module='pixart')
     close = difflib.get_close_matches(value, timm.list_models(), n=3)
     hint = f' Did you mean {", ".join(close)}?' if close else ''
     raise argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: {", ".join(sorted(set(ours)))}.')
