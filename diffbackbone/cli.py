@@ -8,6 +8,8 @@ Subcommands:
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
+    match     zero-shot correspondence of points between two images (see `diffbackbone.correspondence`).
+    eval      evaluations that reproduce published numbers: `eval spair` (SPair-71k PCK, see `diffbackbone.evals`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def model_name(value: str) -> str:
 
     if value.startswith('hf-hub:') or value in timm.list_models():
         return value
-    ours = timm.list_models(module='diffusion_unet')
+    ours = timm.list_models(module='diffusion_unet') + timm.list_models(module='pixart')
     close = difflib.get_close_matches(value, timm.list_models(), n=3)
     hint = f' Did you mean {", ".join(close)}?' if close else ''
     raise argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: {", ".join(sorted(set(ours)))}.')
@@ -91,6 +93,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     bench_main(args.rest)
     return 0
+
+
+def _point(text: str) -> tuple[float, float]:
+    """'X,Y' -> (x, y)."""
+    try:
+        x, y = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'points are X,Y pixel coordinates, e.g. 120,200; got {text!r}') from None
+    return x, y
+
+
+def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
+    if batch_size:
+        p.add_argument('--batch-size', type=positive_int, default=batch_size)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
+    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
+    p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_clean_train_parser
 
     add_clean_train_parser(sub)
+
+    p = sub.add_parser('match', help='match points of a source image onto a target image (zero-shot correspondence)',
+                       description="CleanDIFT's correspondence protocol: both images resized to the model's size, "
+                                   'one tap upsampled to each original size, cosine argmax over the target.')
+    p.add_argument('src', help='source image')
+    p.add_argument('trg', help='target image')
+    p.add_argument('--points', nargs='+', required=True, type=_point, metavar='X,Y',
+                   help='source points in pixels of the original source image')
+    p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
+    p.add_argument('--taps', default='us6', help='the tap to match with (default: us6)')
+    p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
+    p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
+    _add_model_args(p)
+    p.set_defaults(func=_lazy('correspondence', 'run_match'))
+
+    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair)')
+    evals = p.add_subparsers(dest='eval', required=True)
+    p = evals.add_parser('spair', help='SPair-71k zero-shot PCK@0.1 (DIFT protocol)',
+                         description="DIFT's eval_spair.py protocol: PairAnnotation/test pairs, images resized to "
+                                     'size x size, features upsampled to the original size, cosine argmax; PCK@0.1 '
+                                     'of the target bbox and of the target image, per image and per point.')
+    p.add_argument('--data', required=True, help='SPair-71k folder (JPEGImages/, PairAnnotation/test/)')
+    p.add_argument('--model', type=model_name, required=True, help='timm model, e.g. cleandift_sd21 or sd21 (DIFT)')
+    p.add_argument('--taps', nargs='+', default=['us6'], help='the tap to match with (default: us6)')
+    p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
+    p.add_argument('--prompt-template', help='caption per image, e.g. "a photo of a {category}" (DIFT); '
+                                             "default: the model's own (empty) prompt")
+    p.add_argument('--json', help='write the figures (percent) to this JSON file')
+    p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
+    p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
+    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    _add_model_args(p, batch_size=8)
+    p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
 
     p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',
                        add_help=False)

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention_taps import ActivationRecorder
 from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
-__all__ = ['DiffusionUNet', 'VAEEncoder', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+__all__ = ['DiffusionUNet', 'VAEEncoder', 'NoisyLatents', 'TapBackbone', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
@@ -136,7 +136,116 @@ class VAEEncoder(nn.Module):
         return z * self.scaling_factor
 
 
-class DiffusionUNet(nn.Module):
+class NoisyLatents:
+    """Latents of images for a diffusion backbone: the posterior mode, or seeded draws with DDPM noise at a timestep.
+
+    Used by `DiffusionUNet` and the transformer backbones; the host sets `vae`, `latent`, `clean`, `ensemble`,
+    `noise_seed` and, for noisy models, `noise_scales` = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)).
+    """
+
+    @torch.compiler.disable
+    def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
+
+        Drawn on the CPU (the same numbers on every device) once per shape, then kept on the device.
+        """
+        key = (tuple(shape), offset, self.noise_seed, x.device, x.dtype)
+        cache = self.__dict__.setdefault('_noise_cache', {})
+        if key not in cache:
+            gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
+        return cache[key]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
+        if self.latent == 'mode':
+            z = self.vae(x)
+        else:
+            posterior = self.vae.posterior(x)
+            eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
+            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
+            z = z * self.vae.scaling_factor
+        if self.clean:
+            return z
+        if z.shape[0] == x.shape[0]:
+            z = z.repeat_interleave(self.ensemble, dim=0)
+        noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
+        a, s = self.noise_scales
+        return a * z + s * noise
+
+
+
+class TapBackbone(nn.Module):
+    """timm model API shared by the diffusion backbones: taps selected by name, index or preset; a classifier head.
+
+    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head` and implements
+    `_extract(x, taps) -> {name: map}` and `prune_intermediate_layers`.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def tap_names(self, all: bool = False) -> list[str]:
+        """Canonical names of the `feature_info` taps in their order, or with `all` of every tap in execution order."""
+        if all:
+            return [t.name for t in sorted(self.all_taps, key=lambda t: t.seq)]
+        return [t.name for t in self.taps]
+
+    def _resolve(self, indices) -> list[Tap]:
+        """Taps for `out_indices`-style selections, memoised: timm's feature wrapper asks again on every forward."""
+        key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
+        cache = self.__dict__.setdefault('_resolved', {})
+        if key not in cache:
+            cache[key] = resolve_taps(self.taps, indices, presets=self.presets, all_taps=self.all_taps)
+        return list(cache[key])
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
+            norm: bool = False,
+            stop_early: bool = True,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Maps of the selected taps, with timm's meaning of `indices`: None = every `feature_info` tap, an int n =
+        the last n, a sequence = those (ints index `feature_info`; tap names, aliases and presets are accepted too).
+
+        Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+        take = self._resolve(indices)
+        head = self.taps[self.head_tap]
+        feats = self._extract(x, take if intermediates_only else take + [head])
+        maps = [feats[t.name] for t in take]
+        if intermediates_only:
+            return maps
+        return feats[head.name], maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.taps[self.head_tap]
+        return self._extract(x, [head])[head.name]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class DiffusionUNet(NoisyLatents, TapBackbone):
     """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
 
     Taps (see `taps.py`) are listed fine to coarse in `feature_info`; select them by index or name through
@@ -268,56 +377,6 @@ class DiffusionUNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r'^vae|^unet\.(conv_in|time_)', blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def tap_names(self, all: bool = False) -> list[str]:
-        """Canonical names of the `feature_info` taps in their order, or with `all` of every tap in execution order."""
-        if all:
-            return [t.name for t in sorted(self.all_taps, key=lambda t: t.seq)]
-        return [t.name for t in self.taps]
-
-    def _resolve(self, indices) -> list[Tap]:
-        """Taps for `out_indices`-style selections, memoised: timm's feature wrapper asks again on every forward."""
-        key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
-        cache = self.__dict__.setdefault('_resolved', {})
-        if key not in cache:
-            cache[key] = resolve_taps(self.taps, indices, presets=self.presets, all_taps=self.all_taps)
-        return list(cache[key])
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
-            norm: bool = False,
-            stop_early: bool = True,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Maps of the selected taps, with timm's meaning of `indices`: None = every `feature_info` tap, an int n =
-        the last n, a sequence = those (ints index `feature_info`; tap names, aliases and presets are accepted too).
-
-        Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
-        take = self._resolve(indices)
-        head = self.taps[self.head_tap]
-        feats = self._extract(x, take if intermediates_only else take + [head])
-        maps = [feats[t.name] for t in take]
-        if intermediates_only:
-            return maps
-        return feats[head.name], maps
-
     def prune_intermediate_layers(
             self,
             indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
@@ -366,16 +425,6 @@ class DiffusionUNet(nn.Module):
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        head = self.taps[self.head_tap]
-        return self._extract(x, [head])[head.name]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -397,38 +446,6 @@ class DiffusionUNet(nn.Module):
                              f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
-
-    @torch.compiler.disable
-    def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
-
-        Drawn on the CPU (the same numbers on every device) once per shape, then kept on the device.
-        """
-        key = (tuple(shape), offset, self.noise_seed, x.device, x.dtype)
-        cache = self.__dict__.setdefault('_noise_cache', {})
-        if key not in cache:
-            gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
-        return cache[key]
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
-        if self.latent == 'mode':
-            z = self.vae(x)
-        else:
-            posterior = self.vae.posterior(x)
-            eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
-            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
-            z = z * self.vae.scaling_factor
-        if self.clean:
-            return z
-        if z.shape[0] == x.shape[0]:
-            z = z.repeat_interleave(self.ensemble, dim=0)
-        noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
-        a, s = self.noise_scales
-        return a * z + s * noise
 
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
@@ -637,14 +654,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     return out
 
 
-def _new_model(**kwargs: Any) -> DiffusionUNet:
-    """`DiffusionUNet(**kwargs)` with an error naming unknown arguments (what timm forwards to the model)."""
-    known = set(inspect.signature(DiffusionUNet.__init__).parameters) - {'self'}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
-                         f'{", ".join(sorted(known - {"unet_cfg", "vae_cfg", "clean"}))}.')
-    return DiffusionUNet(**kwargs)
+def checked_constructor(cls: type, internal: Sequence[str] = ()) -> Callable[..., nn.Module]:
+    """`cls(**kwargs)` with an error naming unknown arguments (what timm forwards to the model) and the valid ones."""
+    known = set(inspect.signature(cls.__init__).parameters) - {'self'}
+
+    def build(**kwargs: Any) -> nn.Module:
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+                             f'{", ".join(sorted(known - set(internal)))}.')
+        return cls(**kwargs)
+
+    return build
 
 
 def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -700,7 +721,7 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
                                                 source=None)
     with errors():
         model = build_model_with_cfg(
-            _new_model,
+            checked_constructor(DiffusionUNet, ('unet_cfg', 'vae_cfg', 'clean')),
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
