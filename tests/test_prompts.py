@@ -118,17 +118,18 @@ def test_offline_uses_cached_prompts(fake_hub, hub_cache, tiny_base, run_python)
     torch.save(expected, hub_cache.ours / 'expected.pt')
     fake_hub.requests.clear()
     result = run_python(f"""
-import torch, transformers
+import sys, types, torch
+package = types.ModuleType('diffbackbone')  # prompts.py and hub.py alone: no timm, diffusers or transformers import
+package.__path__ = ['diffbackbone']
+sys.modules['diffbackbone'] = package
 from diffbackbone import hub, prompts
-def fail(*a, **k):
-    raise AssertionError('text encoder loaded')
-transformers.CLIPTextModel.from_pretrained = transformers.CLIPTokenizer.from_pretrained = fail
 assert torch.equal(prompts.encode_prompts('org/tiny-sd', [{DOG!r}]).prompt_embeds,
                    torch.load({str(hub_cache.ours / 'expected.pt')!r}))
 try:
     prompts.encode_prompts('org/tiny-sd', [{CAT!r}])
 except hub.HubError as e:
     print(str(e).replace(chr(10), ' '))
+assert 'transformers' not in sys.modules, 'a text encoder was imported although the embedding is cached'
 """, env=hub_cache.env, offline=True)
     assert result.returncode == 0, result.stderr
     assert 'HF_HUB_OFFLINE is set' in result.stdout and CAT in result.stdout
@@ -136,14 +137,16 @@ except hub.HubError as e:
 
 
 # ---- the model's own prompt -----------------------------------------------------------------------------------------
-def _pretrained(tiny_base, **kwargs):
-    return timm.create_model('test_cleandift', pretrained=True, base_repo=str(tiny_base), timestep=300.0,
+def _pretrained(tiny_base, base_repo=None, **kwargs):
+    return timm.create_model('test_cleandift', pretrained=True, base_repo=base_repo or str(tiny_base), timestep=300.0,
                              pretrained_cfg_overlay=dict(file=str(tiny_base / 'unet.safetensors')), **kwargs).eval()
 
 
-def test_prompt_argument_and_state_dict_round_trip(hub_cache, tiny_base, tmp_path, monkeypatch):
-    dog = _pretrained(tiny_base, prompt=DOG)
-    plain = _pretrained(tiny_base)
+def test_prompt_argument_and_state_dict_round_trip(fake_hub, hub_cache, tiny_base, tmp_path, monkeypatch):
+    dog = _pretrained(tiny_base, base_repo='org/tiny-sd', prompt=DOG)  # VAE and text encoder from the (fake) Hub
+    commit = fake_hub.commit_of('org/tiny-sd')
+    assert len(list((hub_cache.ours / 'prompt_embeds/org/tiny-sd' / commit).glob('prompt_*.safetensors'))) == 1
+    plain = _pretrained(tiny_base)  # from the local folder
     assert dog.prompt == DOG and plain.prompt == ''
     torch.testing.assert_close(dog.prompt_embeds, _reference_embeds(tiny_base, [DOG]), rtol=0, atol=0)
     torch.testing.assert_close(plain.prompt_embeds, _reference_embeds(tiny_base, ['']), rtol=0, atol=0)
