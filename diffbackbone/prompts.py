@@ -7,7 +7,7 @@ disk, and one prompt per image for any forward pass.
         feats = model(images)
 
 Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
-last hidden state; SDXL: see `models/sdxl.py`) in float32, and stored under
+last hidden state; SDXL: see `models/sdxl.py`; PixArt: T5, see `models/pixart.py`) in float32, and stored under
 `hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
 their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
 This module imports only `hub` at import time: models use it to fill their prompt embedding while loading weights.
@@ -36,11 +36,13 @@ _SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2'
 @dataclass(frozen=True)
 class PromptBatch:
     """Text embeddings of `prompts`, one row each: `prompt_embeds` (N, 77, D) and, for SDXL, `pooled_prompt_embeds`
-    (N, P); float32 on the CPU as encoded (`use_prompts` moves them to the model's device once)."""
+    (N, P) (PixArt: T5's (N, T, D) and its token mask `prompt_mask` (N, T)); float32 on the CPU as encoded
+    (`use_prompts` moves them to the model's device once)."""
 
     prompts: tuple[str, ...]
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: Optional[torch.Tensor] = None
+    prompt_mask: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,19 +52,19 @@ class PromptBatch:
         out = {'prompt_embeds': self.prompt_embeds}
         if self.pooled_prompt_embeds is not None:
             out['pooled_prompt_embeds'] = self.pooled_prompt_embeds
+        if self.prompt_mask is not None:
+            out['prompt_mask'] = self.prompt_mask
         return out
 
 
 def find_diffusion_model(module: nn.Module) -> nn.Module:
-    """The `DiffusionUNet` in `module` (itself, or inside a wrapper such as timm's `FeatureGetterNet` or
-    `diffbackbone.mmseg.DiffusionBackbone`)."""
-    from .models.diffusion_unet import DiffusionUNet
+    """The `DiffusionUNet` (or PixArt backbone) in `module`: itself, or inside a wrapper such as timm's
+    `FeatureGetterNet` or `diffbackbone.mmseg.DiffusionBackbone`."""
+    from .models.diffusion_unet import TapBackbone
 
-    if isinstance(module, DiffusionUNet):
-        return module
     if isinstance(module, nn.Module):
-        for sub in module.modules():
-            if isinstance(sub, DiffusionUNet):
+        for sub in module.modules():  # the module itself first
+            if isinstance(sub, TapBackbone) and hasattr(sub, '_prompt_override'):
                 return sub
     raise TypeError(f'{type(module).__name__} holds no diffbackbone DiffusionUNet: give a model built with '
                     'timm.create_model("cleandift_sd21", ...) (or a wrapper of one).')
@@ -205,6 +207,12 @@ def encode_prompts(model_or_base_repo: Union[nn.Module, str], prompts: Union[str
         if not net.base_repo:
             raise hub.HubError('The model has no base_repo to take the text encoder from; build it with '
                                "base_repo='org/name' or a local diffusers folder.")
+        if hasattr(net, 'prompt_mask'):  # PixArt: T5 prompts of the model's length, cached per (commit, prompt)
+            from .models.pixart import encode_t5_prompt
+
+            t5 = {p: encode_t5_prompt(net.base_repo, p, net.prompt_embeds.shape[1]) for p in dict.fromkeys(prompts)}
+            return PromptBatch(prompts, torch.cat([t5[p]['prompt_embeds'] for p in prompts]),
+                               prompt_mask=torch.cat([t5[p]['prompt_mask'] for p in prompts]))
         source, sdxl = net.base_repo, hasattr(net, 'pooled_prompt_embeds')
     tensors = _cached(source, list(dict.fromkeys(prompts)), sdxl)
     embeds = torch.cat([tensors[p]['prompt_embeds'] for p in prompts])
@@ -229,19 +237,21 @@ def use_prompts(model: nn.Module, prompts: Union[str, Sequence[str], PromptBatch
     """
     net = find_diffusion_model(model)
     batch = prompts if isinstance(prompts, PromptBatch) else encode_prompts(net, prompts)
-    sdxl = hasattr(net, 'pooled_prompt_embeds')
+    # the second conditioning tensor: SDXL's pooled embedding, PixArt's token mask, none for SD 1.x / 2.x
+    second = next((n for n in ('pooled_prompt_embeds', 'prompt_mask') if hasattr(net, n)), None)
     ref = net.prompt_embeds
-    if batch.prompt_embeds.shape[1:] != ref.shape[1:] or (batch.pooled_prompt_embeds is None) == sdxl:
+    given = getattr(batch, second) if second else None
+    if batch.prompt_embeds.shape[1:] != ref.shape[1:] or (given is None) != (second is None):
         raise ValueError(
             f'Prompt embeddings of shape {tuple(batch.prompt_embeds.shape[1:])}'
-            f'{"" if batch.pooled_prompt_embeds is not None else " without pooled embeddings"} do not fit this model '
-            f'({tuple(ref.shape[1:])}{", SDXL" if sdxl else ""}): encode them with encode_prompts(model, prompts).')
+            f'{f" without {second}" if second and given is None else ""} do not fit this model '
+            f'({tuple(ref.shape[1:])}{f" with {second}" if second else ""}): encode them with '
+            'encode_prompts(model, prompts).')
     ctx = batch.prompt_embeds.to(device=ref.device, dtype=ref.dtype)
-    pooled = None
-    if sdxl:
-        pooled = batch.pooled_prompt_embeds.to(device=ref.device, dtype=net.pooled_prompt_embeds.dtype)
+    if second:
+        given = given.to(device=ref.device, dtype=getattr(net, second).dtype)
     saved = net._prompt_override
-    net._prompt_override = (ctx, pooled)
+    net._prompt_override = (ctx, given)
     try:
         yield batch
     finally:

@@ -284,3 +284,25 @@ def test_cli_features_prompt(hub_cache, tiny_base, tmp_path):
         expected = model.forward_intermediates(load_image(image, 64)[None], indices=['us6'], intermediates_only=True)[0]
     torch.testing.assert_close(dog, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(dog, plain, atol=1e-4)
+
+
+def test_use_prompts_pixart(hub_cache, tmp_path):
+    from test_newer_models import _tiny_t5_repo
+
+    _tiny_t5_repo(tmp_path)
+    model = timm.create_model('test_pixart', base_repo=str(tmp_path), ensemble=2).eval()
+    batch = prompts.encode_prompts(model, ['a photo of a room', DOG])
+    assert batch.prompt_embeds.shape == (2, 8, 32) and batch.prompt_mask.tolist()[1] == [1] * 6 + [0] * 2
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        with prompts.use_prompts(model, batch):
+            both = model.forward_features(x)
+        singles = []
+        for i in range(2):
+            model.prompt_embeds.copy_(batch.prompt_embeds[i:i + 1])
+            model.prompt_mask.copy_(batch.prompt_mask[i:i + 1])
+            singles.append(model.forward_features(x[i:i + 1]))
+    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='without prompt_mask'):
+        with prompts.use_prompts(model, prompts.PromptBatch(('x',), batch.prompt_embeds[:1])):
+            pass

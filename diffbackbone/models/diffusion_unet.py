@@ -238,6 +238,13 @@ class TapBackbone(nn.Module):
         head = self.taps[self.head_tap]
         return self._extract(x, [head])[head.name]
 
+    def _check_prompt_count(self, x: torch.Tensor) -> None:
+        """Per-image prompts (`prompts.use_prompts`, held in `_prompt_override`) must be one, or one per image."""
+        override = getattr(self, '_prompt_override', None)
+        if override is not None and override[0].shape[0] not in (1, x.shape[0]):
+            raise ValueError(f'{override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give one prompt per '
+                             'image, or one for all, to use_prompts.')
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
@@ -451,9 +458,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
         if self.check_inputs:
             self._check_input(x)
-        if self._prompt_override is not None and self._prompt_override[0].shape[0] not in (1, x.shape[0]):
-            raise ValueError(f'{self._prompt_override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give '
-                             'one prompt per image, or one for all, to use_prompts.')
+        self._check_prompt_count(x)
         if self._deepest is not None:
             missing = [t.name for t in wanted if t.order > self._deepest]
             if missing:

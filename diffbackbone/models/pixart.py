@@ -26,8 +26,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .attention_taps import ActivationRecorder
 from .diffusion_unet import (
-    _VAE_SD, _VAE_SDXL, _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _pretrained_state_dict,
-    _vae_keys, checked_constructor,
+    _VAE_SD, _VAE_SDXL, _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent,
+    _pretrained_state_dict, _vae_keys, checked_constructor,
 )
 from .taps import Tap, TapError, _TableBuilder
 
@@ -127,7 +127,8 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
         self.clean, self.ensemble, self.noise_seed, self.latent = False, ensemble, noise_seed, latent
-        self.base_repo, self.prompt, self.vae_file = base_repo, prompt, vae_file
+        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
+        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
         self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
 
         self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
@@ -197,6 +198,7 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         if self.check_inputs:
             self._check_input(x)
+        self._check_prompt_count(x)
         if self._deepest is not None:
             missing = [t.name for t in wanted if t.order > self._deepest]
             if missing:
@@ -212,8 +214,9 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
         deepest = max(t.order for t in taps)
         h = tr.pos_embed(z)
         t_emb, _ = tr.adaln_single(self.timestep.expand(n), None, batch_size=n, hidden_dtype=h.dtype)
-        ctx = tr.caption_projection(self.prompt_embeds.to(h.dtype)).expand(n, -1, -1)
-        bias = ((1 - self.prompt_mask.to(h.dtype)) * -10000.0).unsqueeze(1).expand(n, -1, -1)
+        embeds, mask = self._prompt_override or (self.prompt_embeds, self.prompt_mask)  # per image: use_prompts
+        ctx = _per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
+        bias = _per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
         with ActivationRecorder(self, taps) as rec:
