@@ -13,7 +13,6 @@ The folder has timm's Hub layout, so after `import diffbackbone` anyone loads it
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -171,7 +170,7 @@ def push_folder(folder: Path, repo_id: str) -> None:
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone export`."""
     out = export_model(args.source, args.out, model=args.model, push=args.push, overwrite=args.overwrite,
-                       model_kwargs=json.loads(args.model_kwargs) if args.model_kwargs else None)
+                       model_kwargs=args.model_kwargs)
     print(f'wrote {out} (model.safetensors, config.json, README.md)')
     if args.push:
         print(f'pushed to {args.push}: timm.create_model("hf-hub:{args.push}", pretrained=True) loads it')

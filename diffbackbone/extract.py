@@ -85,7 +85,7 @@ def run_features(args: argparse.Namespace) -> int:
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise SystemExit(f'error: no such image file: {", ".join(missing)}')
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = args.model_kwargs or {}  # a dict: cli.json_object parsed it
     feats, data_cfg = extract_features(
         images, args.model, taps=args.taps, size=args.size, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, pretrained=not args.random_weights, weights=args.weights, model_kwargs=kwargs)

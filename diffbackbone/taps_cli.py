@@ -1,0 +1,28 @@
+"""`diffbackbone taps MODEL`: a model's taps (index, name, channels, stride, aliases) and presets."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+__all__ = ['run_taps']
+
+
+def run_taps(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone taps`."""
+    import timm
+
+    from .models.taps import list_taps
+
+    with torch.device('meta'):  # no weights, no download
+        model = timm.create_model(args.model)
+    index = {t.name: i for i, t in enumerate(model.taps)}
+    taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
+    print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
+    for tap in taps:
+        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  '
+              f'{", ".join(tap.aliases)}')
+    print('presets: ' + '; '.join(f'{k} = {", ".join(v)}' for k, v in model.presets.items()))
+    if not args.all:
+        print(f'{len(list_taps(args.model))} taps in all: `diffbackbone taps {args.model} --all` lists every one.')
+    return 0
