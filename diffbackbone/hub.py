@@ -1,9 +1,7 @@
 """Downloads from the Hugging Face Hub, with errors that say what to do.
 
-Everything goes through `huggingface_hub`, so its cache, progress bars, revisions, `HF_ENDPOINT` mirrors and
-`HF_HUB_OFFLINE` all apply. A dropped connection is resumed within the run (huggingface_hub retries with a Range
-request); a process killed mid-download starts that file anew next time, and the partial file it left (huggingface_hub
-names it per process, so it can never be resumed) is deleted by the next download from that repo. Two small things are derived once and kept in our own cache (`cache_dir()`),
+Everything goes through `huggingface_hub`, so its cache, resumable downloads, progress bars, revisions, `HF_ENDPOINT`
+mirrors and `HF_HUB_OFFLINE` all apply. Two small things are derived once and kept in our own cache (`cache_dir()`),
 keyed by repo and resolved commit: single tensors read out of huge safetensors files with HTTP range requests
 (CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the empty-prompt text embedding of a Stable Diffusion
 base repo (so that no 1.4 GB text encoder is ever loaded just to extract image features).
@@ -13,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gc
-import glob
 import hashlib
 import json
 import os
 import re
-import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,35 +167,8 @@ def download(repo: str, filename: str, *, what: str) -> Path:
     if folder is not None:
         return _local_file(folder, filename, what)
     repo_id, revision = split_repo(repo)
-    _remove_orphan_downloads(repo_id)
     with hub_errors(what, repo=repo_id, revision=revision, filename=filename):
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-
-
-def _remove_orphan_downloads(repo_id: str) -> list[Path]:
-    """Delete the partial files of killed downloads from `repo_id`'s HF cache folder; return them.
-
-    huggingface_hub writes `blobs/<etag>.<random>.incomplete` while it holds `.locks/<repo folder>/<etag>.lock`; a
-    process killed mid-download leaves the file behind for ever. A partial file whose lock nobody holds is an orphan.
-    """
-    from filelock import FileLock, Timeout
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder_name = repo_folder_name(repo_id=repo_id, repo_type='model')
-    blobs = Path(constants.HF_HUB_CACHE) / folder_name / 'blobs'
-    removed = []
-    for part in blobs.glob('*.incomplete') if blobs.is_dir() else ():
-        etag = part.name.split('.', 1)[0]
-        lock = FileLock(Path(constants.HF_HUB_CACHE) / '.locks' / folder_name / f'{etag}.lock')
-        try:
-            with lock.acquire(timeout=0):
-                part.unlink(missing_ok=True)
-                removed.append(part)
-        except Timeout:
-            continue  # another process is downloading it right now
-        except OSError:
-            continue  # read-only cache: leave it
-    return removed
 
 
 def _discard(path: Path) -> bool:
@@ -230,68 +199,26 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         raise HubError(f'Could not get {what}: {path} is truncated or corrupted ({err}). {fix}') from err
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (changing it is not thread-safe)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path('/proc/self/status').read_text().splitlines():
-            if line.startswith('Umask:'):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # exists (another user's), or not a pid we can judge: keep its file
-    return True
-
-
-_TMP_NAME = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$')
-
-
-@contextlib.contextmanager
-def _atomic_target(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it when the block succeeds and deleted when it fails.
-
-    The file gets the permissions a new file gets (0666 less the umask), or those of the file it replaces. Its name
-    `.<name>.<pid>.<random>.tmp` records the writer, so that the temporaries of killed writers (kill -9, power loss) are
-    deleted by the next write of the same file.
-    """
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: readers (and caches) never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
-        m = _TMP_NAME.match(old.name)
-        if m and m['name'] == path.name and not _pid_alive(int(m['pid'])):
-            with contextlib.suppress(OSError):
-                old.unlink()
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: readers (and caches) never see half of it, a failed or killed write leaves
-    the old file (and, once the next write of it has run, no temporary file); permissions follow the umask."""
-    with _atomic_target(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
-    with _atomic_target(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
         tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---- derived files, cached per commit ------------------------------------------------------------------------------
