@@ -334,11 +334,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _write_json(path: str, result: dict) -> None:
-    """Write `result` to `path` atomically (a temporary file renamed into place)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    """Write `result` to `path` atomically."""
+    from .hub import write_text_atomic
+
+    write_text_atomic(path, json.dumps(result, indent=1))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

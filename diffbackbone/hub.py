@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gc
+import glob
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'empty_prompt_embeds', 'save_safetensors',
+    'empty_prompt_embeds', 'save_safetensors', 'atomic_path', 'write_text_atomic',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -196,29 +197,59 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
     except SafetensorError as err:
         fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
                else 'Replace it with a complete copy.')
-        raise HubError(f'Could not get {what}: {path} is truncated or corrupted ({err}). {fix}') from err
+        raise HubError(f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file '
+                       f'({err}). {fix}') from err
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it replaces `path` in one step.
+
+    Readers never see half a file. The result gets the usual permissions (0666 less the umask), not the temporary's
+    0600. Temporaries of writers that died (kill -9) are named `.<name>.<pid>.<random>.tmp` and removed by the next
+    write of the same file; on any error the temporary is removed at once.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+        pid = old.name[len(path.name) + 2:].split('.', 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: readers (and caches) never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
+    """Write a safetensors file atomically (see `atomic_path`): readers (and caches) never see half of it."""
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- derived files, cached per commit ------------------------------------------------------------------------------
@@ -250,7 +281,7 @@ def _cached_per_commit(kind: str, repo_id: str, revision: str | None, probe: str
             if commit is None:
                 raise HubError(f'Could not get {what}: {constants.ENDPOINT} sent no X-Repo-Commit header; if '
                                'HF_ENDPOINT is set, it must point to a Hugging Face Hub compatible server.')
-            _write_text_atomic(ref, commit)
+            write_text_atomic(ref, commit)
     if commit is None and ref.is_file():
         commit = ref.read_text().strip()
     path = root / commit / f'{name}.safetensors' if commit else None

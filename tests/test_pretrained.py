@@ -185,3 +185,30 @@ def test_cli_errors(published, hub_cache, tmp_path, capsys):
     assert not (tmp_path / 'x.safetensors').exists()
     with pytest.raises(SystemExit, match='no such image'):
         main(['features', 'missing.jpg', '--model', 'test_cleandift', '--out', str(tmp_path / 'y.safetensors')])
+
+
+def test_truncated_cached_unet_is_removed_and_fetched_again(published, fake_hub, hub_cache):
+    """The UNet file goes through the same loader as the VAE: a cut cached blob heals on the next call."""
+    timm.create_model('test_cleandift', pretrained=True)
+    blobs = [p for p in hub_cache.hf.glob('models--diffbackbone--test-cleandift/blobs/*') if p.stat().st_size > 10000]
+    assert len(blobs) == 1
+    blobs[0].write_bytes(blobs[0].read_bytes()[:blobs[0].stat().st_size // 2])
+    with pytest.raises(HubError, match='deleted from the cache'):
+        timm.create_model('test_cleandift', pretrained=True)
+    assert not blobs[0].exists()
+    model = timm.create_model('test_cleandift', pretrained=True)  # downloaded again
+    torch.testing.assert_close(model.unet.conv_in.weight, published['clean_sd']['conv_in.weight'].float())
+    assert model.pretrained_cfg.get('state_dict') is None  # no second copy of the weights kept alive
+
+
+@pytest.mark.parametrize('kind', ['missing', 'folder', 'text'])
+def test_bad_weights_file_is_a_clear_error(published, hub_cache, tmp_path, kind):
+    path = tmp_path / 'w.safetensors'
+    if kind == 'folder':
+        path.mkdir()
+    elif kind == 'text':
+        path.write_text('not weights')
+    with pytest.raises(HubError, match='w.safetensors'):
+        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    if kind == 'text':
+        assert path.read_text() == 'not weights'  # a user's file is never deleted

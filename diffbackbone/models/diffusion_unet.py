@@ -13,6 +13,8 @@ never built. The empty-prompt text embedding is a buffer computed once from the 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -68,6 +70,21 @@ _VAE_TEST_SDXL = dict(_VAE_TEST, scaling_factor=0.13025, force_upcast=True)
 
 # The noise schedule all Stable Diffusion 1.x / 2.x UNets were trained with (DIFT's DDIM scheduler uses the same betas).
 _SCHEDULER_SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+
+
+def _check_timestep(timestep: Any, whole: bool) -> float:
+    """A diffusion timestep in [0, 999]; noisy models index the noise schedule, so theirs must be a whole number."""
+    n = _SCHEDULER_SD['num_train_timesteps']
+    try:
+        t = float(timestep)
+    except (TypeError, ValueError):
+        t = float('nan')
+    if not 0 <= t <= n - 1 or isinstance(timestep, bool):  # also rejects NaN
+        raise ValueError(f'timestep must be a number in [0, {n - 1}], got {timestep!r}.')
+    if whole and t != int(t):
+        raise ValueError(f'timestep of a noisy model indexes the {n}-step noise schedule and must be a whole number, '
+                         f'got {timestep!r}. Use {round(t)}.')
+    return t
 
 
 class VAEEncoder(nn.Module):
@@ -168,8 +185,10 @@ class DiffusionUNet(nn.Module):
             check_inputs: validate shapes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        if ensemble < 1:
-            raise ValueError(f'ensemble must be >= 1, got {ensemble}.')
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+        if timestep is not None:
+            timestep = _check_timestep(timestep, whole=not clean)
         if latent is None:
             latent = 'mode' if clean else 'sample'
         if latent not in ('mode', 'sample'):
@@ -205,8 +224,6 @@ class DiffusionUNet(nn.Module):
             self.timestep_fixed = timestep is not None  # user's value wins over the checkpoint's
         else:
             t = 261 if timestep is None else int(timestep)
-            if not 0 <= t < _SCHEDULER_SD['num_train_timesteps']:
-                raise ValueError(f'timestep must be in [0, 999], got {timestep}.')
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
             with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
                 alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
@@ -356,10 +373,19 @@ class DiffusionUNet(nn.Module):
             raise ValueError(
                 f'Expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}. '
                 f'Convert grayscale/RGBA images to RGB, or build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}.')
+        if x.shape[0] == 0:
+            raise ValueError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f'Images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the deepest UNet level has stride '
                 f'64), got {tuple(x.shape[-2:])}. Resize the images up.')
+        w = self.vae.encoder.conv_in.weight
+        if not x.is_floating_point():
+            raise ValueError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
+                             f'{x.dtype}. Convert with x.float() / 127.5 - 1.')
+        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
+                             f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
@@ -588,6 +614,46 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     return out
 
 
+def _new_model(**kwargs: Any) -> DiffusionUNet:
+    """`DiffusionUNet(**kwargs)` with an error naming unknown arguments (what timm forwards to the model)."""
+    known = set(inspect.signature(DiffusionUNet.__init__).parameters) - {'self'}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+                         f'{", ".join(sorted(known - {"unet_cfg", "vae_cfg", "clean"}))}.')
+    return DiffusionUNet(**kwargs)
+
+
+def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint timm would load for `variant` (its Hub file, or `file=` of the overlay), read by our loader.
+
+    One path for every weight file: downloads through `hub.download`, reads through `hub.load_safetensors`, so a
+    truncated or corrupted cached file is removed and fetched again on the next call.
+    """
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+
+    from .. import hub
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    load_from, location = _resolve_pretrained_source(cfg)
+    what = f'weights of {variant}'
+    if load_from == 'state_dict':
+        return location
+    if load_from == 'file':
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
+                               '.safetensors weights file.')
+    elif load_from == 'hf-hub':
+        repo, filename = location if isinstance(location, tuple) else (location, 'model.safetensors')
+        path = hub.download(repo, filename, what=what)
+    else:
+        raise hub.HubError(f'{variant} has no weights source: give pretrained_cfg_overlay=dict(file=...) or '
+                           "dict(hf_hub_id='org/name'), or pretrained=False.")
+    return hub.load_safetensors(path, what=what)
+
+
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
     # features_only default: the model's own 'pyramid' preset (SDXL's differs), not every tap.
     out_indices = kwargs.pop('out_indices', None)
@@ -599,19 +665,29 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
     if pretrained:
         from ..hub import hub_errors
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        errors = hub_errors(f'weights of {variant}', repo=overlay.get('hf_hub_id'),
-                            filename=overlay.get('file'))
+        errors = lambda: hub_errors(f'weights of {variant}', repo=overlay.get('hf_hub_id'),  # noqa: E731
+                                    filename=overlay.get('file'))
     else:
-        errors = contextlib.nullcontext()
-    with errors:
+        errors = contextlib.nullcontext
+    if pretrained:
+        with errors():
+            state_dict = _pretrained_state_dict(variant, kwargs)
+        # timm's highest-priority source: its filter, classifier and strictness handling apply as for any file.
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
+                                                source=None)
+    with errors():
         model = build_model_with_cfg(
-            DiffusionUNet,
+            _new_model,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs,
         )
+    for m in (model, getattr(model, 'model', None)):  # do not keep a second copy of the weights alive
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+            cfg['state_dict'] = None
     if not features_only and model.num_classes > 0:
         # A classifier uses the UNet only up to its head tap; drop the rest so every parameter gets a gradient.
         model.prune_intermediate_layers([model.head_tap], prune_head=False)
