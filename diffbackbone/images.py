@@ -17,7 +17,8 @@ Tensors are float32 (3, H, W), normalised with the model's mean/std (0.5 for Sta
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +55,11 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert('RGB')
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """The image at `path`, upright (EXIF), decoded, as 'RGB' (8-bit) or 'F' (one float channel in [0, 1], grey).
-
-    Raises:
-        ImageError: missing, unreadable or over-large file.
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Pillow's errors while reading `path` as one `ImageError` naming the file and what to do."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated files fail here, not later in a transform
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
-                return Image.fromarray(_high_depth_to_float(img), mode='F')
-            if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
-                return _flatten_alpha(img)
-            return img.convert('RGB')
+        yield
     except FileNotFoundError as e:
         raise ImageError(f'{path}: no such file. Give paths of existing image files.') from e
     except IsADirectoryError as e:
@@ -80,6 +70,23 @@ def open_image(path: str | Path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow raises all of these on bad data
         raise ImageError(f'{path}: cannot read the image ({type(e).__name__}: {e}). Give a readable image file '
                          f'({", ".join(IMAGE_EXTENSIONS)}).') from e
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path`, upright (EXIF), decoded, as 'RGB' (8-bit) or 'F' (one float channel in [0, 1], grey).
+
+    Raises:
+        ImageError: missing, unreadable or over-large file.
+    """
+    path = Path(path)
+    with _reading(path), Image.open(path) as img:
+        img.load()  # decode now: truncated files fail here, not later in a transform
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+            return Image.fromarray(_high_depth_to_float(img), mode='F')
+        if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info):
+            return _flatten_alpha(img)
+        return img.convert('RGB')
 
 
 def parse_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -138,14 +145,12 @@ def load_image(path: str | Path, size: int | Sequence[int] | None = None, mode: 
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image as the model sees it (EXIF orientation applied), reading only its header."""
+    """(width, height) of an image as the model sees it (EXIF orientation applied), reading only its header.
+
+    Raises `ImageError` for what `open_image` would refuse at open (missing, not an image, over the pixel limit).
+    """
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except FileNotFoundError as e:
-        raise ImageError(f'{path}: no such file. Give paths of existing image files.') from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f'{path}: cannot read the image ({type(e).__name__}: {e}).') from e
+    with _reading(path), Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -134,3 +134,93 @@ def test_unreadable_images_raise_image_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # 90,000 px is then > 2x the limit: a "bomb"
     with pytest.raises(ImageError, match='bomb.png.*Downscale'):
         open_image(tmp_path / 'bomb.png')
+
+
+# ---- the features command: every bad input is refused before any work, nothing is lost -------------------------
+def _img(path, size=(96, 96)):
+    Image.fromarray((np.random.rand(size[1], size[0], 3) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _features(*args):
+    from diffbackbone.cli import main
+
+    return main(['features', '--model', 'test_cleandift', '--random-weights', '--size', '128', *map(str, args)])
+
+
+def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, capsys):
+    img = _img(tmp_path / 'in.png')
+    before = img.read_bytes()
+    assert _features(img, '--out', img) == 2
+    assert 'is one of the input images' in capsys.readouterr().err and img.read_bytes() == before
+    out = tmp_path / 'f.safetensors'
+    out.write_bytes(b'precious')
+    assert _features(img, '--out', out) == 2
+    assert '--overwrite' in capsys.readouterr().err and out.read_bytes() == b'precious'
+    assert _features(img, '--out', out, '--overwrite', '--taps', 'us6') == 0 and out.stat().st_size > 100
+    assert _features(img, '--out', tmp_path) == 2
+    assert 'is a folder' in capsys.readouterr().err
+
+
+def test_features_checks_the_output_and_the_pca_tap_before_running(tmp_path, capsys, monkeypatch):
+    import diffbackbone.extract as ex
+
+    ran = []
+    monkeypatch.setattr(ex, 'extract_features', lambda *a, **k: ran.append(1))
+    img = _img(tmp_path / 'in.png')
+    assert _features(img, '--out', '/proc/x.safetensors') == 2
+    assert 'Cannot write to /proc' in capsys.readouterr().err
+    readonly = tmp_path / 'ro'
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() != 0:  # root writes anywhere; /proc above covers the unwritable case then
+        assert _features(img, '--out', readonly / 'f.safetensors') == 2
+    assert _features(img, '--out', tmp_path / 'f.safetensors', '--taps', 'us6', '--pca', 'mid') == 2
+    assert 'not among the extracted taps' in capsys.readouterr().err
+    assert _features(img, '--out', tmp_path / 'f.safetensors', '--taps', 'mid', '--pca', 'mid', '--size', '64') == 2
+    assert '1x1' in capsys.readouterr().err
+    assert not ran and not (tmp_path / 'f.safetensors').exists()
+
+
+def test_features_finds_unreadable_images_first(tmp_path, capsys, monkeypatch):
+    good = _img(tmp_path / 'good.png')
+    (tmp_path / 'bad.jpg').write_bytes(b'nope')
+    big = _img(tmp_path / 'big.png', (300, 300))
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 20000)  # 'big.png' (90,000 px) is then a bomb
+    assert _features(good, tmp_path / 'bad.jpg', big, '--out', tmp_path / 'f.safetensors') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: 2 of 3 images cannot be read') and 'bad.jpg' in err and 'big.png' in err
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--model', 'nope_model'], "unknown model 'nope_model'"),
+    (['--model', 'cleandift_sd12'], 'Did you mean cleandift_sd21'),
+    (['--batch-size', '0'], 'must be at least 1'),
+    (['--batch-size', '-1'], 'must be at least 1'),
+    (['--size', '0'], 'must be at least 1'),
+    (['--model-kwargs', '{"timestep": '], 'invalid JSON'),
+    (['--model-kwargs', '[1, 2]'], 'must be a JSON object'),
+    (['--device', 'gpu0'], "invalid device 'gpu0'"),
+    (['--device', 'cuda'], 'no CUDA GPU'),
+])
+def test_features_argument_errors(argv, message, tmp_path, capsys):
+    from diffbackbone.cli import main
+
+    if argv == ['--device', 'cuda'] and torch.cuda.is_available():
+        pytest.skip('this check is about machines without a GPU')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['features', 'diffbackbone/assets/sample.jpg', '--out', str(tmp_path / 'f.safetensors'), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_unknown_model_kwarg_and_taps_of_unknown_model(tmp_path, capsys):
+    from diffbackbone.cli import main
+
+    img = _img(tmp_path / 'in.png')
+    assert _features(img, '--out', tmp_path / 'f.safetensors', '--model-kwargs', '{"nope": 1}') == 2
+    assert 'Unknown model argument(s) nope' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(['taps', 'nope_model'])
+    assert exit_info.value.code == 2 and "unknown model 'nope_model'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`diffbackbone taps MODEL`: a model's taps (index, name, channels, stride, aliases) and presets."""
+"""`diffbackbone taps MODEL [--all]`: a model's taps with index, channels, stride and aliases, and its presets."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +20,7 @@ def run_taps(args: argparse.Namespace) -> int:
     taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
     print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
     for tap in taps:
-        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  '
-              f'{", ".join(tap.aliases)}')
+        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  {", ".join(tap.aliases)}')
     print('presets: ' + '; '.join(f'{k} = {", ".join(v)}' for k, v in model.presets.items()))
     if not args.all:
         print(f'{len(list_taps(args.model))} taps in all: `diffbackbone taps {args.model} --all` lists every one.')
