@@ -2,9 +2,9 @@
 
 Everything goes through `huggingface_hub`, so its cache, progress bars, revisions, `HF_ENDPOINT` mirrors and
 `HF_HUB_OFFLINE` all apply. Downloads resume: huggingface_hub resumes a dropped connection within a call, and
-`download` resumes the partial file of a process killed mid-download (huggingface_hub would leave it behind and start
-anew). Two small things are derived once and kept in our own cache (`cache_dir()`),
-keyed by repo and resolved commit: single tensors read out of huge safetensors files with HTTP range requests
+`download` first completes the partial files that processes killed mid-download left in the repo's cache folder
+(huggingface_hub, also inside transformers, would leave them there and start anew). Two small things are derived once
+and kept in our own cache (`cache_dir()`), keyed by repo and resolved commit: single tensors read out of huge safetensors files with HTTP range requests
 (CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the empty-prompt text embedding of a Stable Diffusion
 base repo (so that no 1.4 GB text encoder is ever loaded just to extract image features).
 """
@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'empty_prompt_embeds', 'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_download',
+    'empty_prompt_embeds', 'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_downloads',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -172,70 +172,83 @@ def download(repo: str, filename: str, *, what: str) -> Path:
         return _local_file(folder, filename, what)
     repo_id, revision = split_repo(repo)
     with hub_errors(what, repo=repo_id, revision=revision, filename=filename):
-        resume_killed_download(repo_id, filename, revision)
+        resume_killed_downloads(repo_id, revision)
         return Path(hf_hub_download(repo_id, filename, revision=revision))
 
 
 _STALE_PARTIAL_S = 24 * 3600
 
 
-def resume_killed_download(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
-    """Finish the download of `filename` that a killed process left half done; return the completed blob, if any.
+def resume_killed_downloads(repo_id: str, revision: str | None = None) -> list[Path]:
+    """Finish the downloads from `repo_id` that killed processes left half done; return the completed blobs.
 
-    huggingface_hub downloads into `blobs/<etag>.<random>.incomplete` while holding `.locks/<repo>/<etag>.lock`, and
-    never looks at such a file again once its process is gone. A partial file whose lock is free is an orphan: the
-    orphan of `filename` is completed with an HTTP Range request and checked against the file's sha256 (its Hub
-    etag), then moved to `blobs/<etag>` where `hf_hub_download` finds it. A partial file that is no prefix of the file
-    (e.g. written out of order by hf_xet, which has its own chunk cache) is deleted; so are orphans of other files
-    of the repo older than a day. Costs one HEAD request, and only when the repo has a partial file.
+    huggingface_hub (also inside transformers and `snapshot_download`) downloads into
+    `blobs/<etag>.<random>.incomplete` while holding `.locks/<repo>/<etag>.lock`, and never looks at such a file again
+    once its process is gone. A partial file whose lock is free is an orphan. An orphan of a file of the repo is
+    completed with one HTTP Range request and checked against the file's sha256 (its etag), then moved to
+    `blobs/<etag>`, where `hf_hub_download` finds it; one that is no prefix of the file (e.g. written out of order by
+    hf_xet, which keeps its own chunk cache) is deleted, and so are orphans older than a day of files the revision no
+    longer has. Costs nothing without partial files, else one listing of the repo and one HEAD per orphan.
     """
     from filelock import FileLock, Timeout
-    from huggingface_hub.file_download import REGEX_SHA256, http_get, is_xet_available, repo_folder_name
+    from huggingface_hub import HfApi
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.hf_api import RepoFile
 
     folder = repo_folder_name(repo_id=repo_id, repo_type='model')
     blobs = Path(constants.HF_HUB_CACHE) / folder / 'blobs'
     partials = sorted(blobs.glob('*.incomplete')) if blobs.is_dir() else []
     if not partials or constants.is_offline_mode():
-        return None
+        return []
     try:
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+        files = {(f.lfs.sha256 if f.lfs else f.blob_id): f.path
+                 for f in HfApi().list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)}
     except (HfHubHTTPError, httpx2.HTTPError, OSError):
-        return None  # hf_hub_download reports it (or uses its cache)
-    locks = Path(constants.HF_HUB_CACHE) / '.locks' / folder
-    done = None
+        return []  # hf_hub_download reports the problem (or uses its cache)
+    done = []
     for etag in sorted({p.name.split('.', 1)[0] for p in partials}):
-        mine = etag == meta.etag
-        group = [p for p in partials if p.name.startswith(etag + '.')]
-        if not mine and all(time.time() - p.stat().st_mtime < _STALE_PARTIAL_S for p in group):
-            continue  # another file's: resumed when that file is asked for
+        group = sorted((p for p in partials if p.name.startswith(etag + '.')), key=lambda p: p.stat().st_size)
+        filename = files.get(etag)
+        if filename is None and all(time.time() - p.stat().st_mtime < _STALE_PARTIAL_S for p in group):
+            continue  # maybe of another revision, resumed when that is asked for
         try:
-            with FileLock(locks / f'{etag}.lock', mode=0o664).acquire(timeout=0):
-                group.sort(key=lambda p: p.stat().st_size)
-                for p in group[:-1] if mine else group:
+            with FileLock(Path(constants.HF_HUB_CACHE) / '.locks' / folder / f'{etag}.lock', mode=0o664).acquire(0):
+                for p in group if filename is None else group[:-1]:
                     p.unlink(missing_ok=True)
-                if not mine:
-                    continue
-                part, blob = group[-1], blobs / etag
-                resumable = (not blob.exists() and meta.size and REGEX_SHA256.fullmatch(etag)
-                             and (meta.xet_file_data is None or not is_xet_available()))
-                if resumable:
-                    headers = build_hf_headers()
-                    if urlsplit(meta.location).netloc != urlsplit(constants.ENDPOINT).netloc:
-                        headers.pop('authorization', None)  # signed CDN URL: the token must not leave the Hub
-                    try:
-                        with part.open('ab') as f:
-                            http_get(meta.location, f, resume_size=part.stat().st_size, headers=headers,
-                                     expected_size=meta.size, displayed_filename=filename)
-                    except (HfHubHTTPError, httpx2.HTTPError, OSError):
-                        return None  # the partial file stays for the next call; hf_hub_download reports the error
-                    if _sha256(part) == etag:
-                        os.chmod(part, 0o666 & ~_umask())
-                        os.replace(part, blob)
-                        done = blob
-                part.unlink(missing_ok=True)  # not resumable, or not a prefix of the file: start anew
+                if filename is not None:
+                    blob = _complete_partial(group[-1], blobs / etag, repo_id, filename, revision)
+                    done += [blob] if blob else []
         except Timeout:
             continue  # its download is running in another process
     return done
+
+
+def _complete_partial(part: Path, blob: Path, repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """Download the rest of `part` (a prefix of `filename`, if all went well) and move it to `blob`."""
+    from huggingface_hub.file_download import REGEX_SHA256, http_get, is_xet_available
+
+    etag = blob.name
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+        return None  # kept for the next call; hf_hub_download reports the problem
+    if (not blob.exists() and REGEX_SHA256.fullmatch(etag) and meta.etag == etag and meta.size
+            and (meta.xet_file_data is None or not is_xet_available())):
+        headers = build_hf_headers()
+        if urlsplit(meta.location).netloc != urlsplit(constants.ENDPOINT).netloc:
+            headers.pop('authorization', None)  # signed CDN URL: the token must not leave the Hub
+        try:
+            with part.open('ab') as f:
+                http_get(meta.location, f, resume_size=part.stat().st_size, headers=headers,
+                         expected_size=meta.size, displayed_filename=filename)
+        except (HfHubHTTPError, httpx2.HTTPError, OSError):
+            return None  # kept for the next call; hf_hub_download reports the problem
+        if _sha256(part) == etag:
+            os.chmod(part, 0o666 & ~_umask())
+            os.replace(part, blob)
+            return blob
+    part.unlink(missing_ok=True)  # not resumable, or not a prefix of the file: it is downloaded anew
+    return None
 
 
 def _sha256(path: Path) -> str:

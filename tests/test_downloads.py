@@ -1,5 +1,6 @@
-"""Downloads killed mid-way: the next call resumes the partial file (one Range request for the rest) instead of
-starting anew, and no partial file is left behind in the HF cache."""
+"""Downloads killed mid-way: the next download from the repo resumes the partial file (one Range request for the
+rest) instead of starting anew, also for files downloaded by others (transformers), and leaves no partial file behind
+in the HF cache."""
 from __future__ import annotations
 
 import os
@@ -112,12 +113,31 @@ def test_partial_file_of_a_running_download_is_left_alone(fake_hub, hub_cache):
     fake_hub.add_file('org/busy', 'a.safetensors', data)
     part, lock = _fake_partial(hub_cache, 'org/busy', hashlib.sha256(data).hexdigest(), content=data[:1000])
     with FileLock(lock):  # held by the process downloading it, as huggingface_hub does
-        assert hub.resume_killed_download('org/busy', 'a.safetensors') is None
+        assert hub.resume_killed_downloads('org/busy') == []
         assert part.read_bytes() == data[:1000]
     fake_hub.requests.clear()
-    blob = hub.resume_killed_download('org/busy', 'a.safetensors')  # its writer is gone now: completed
-    assert blob is not None and blob.read_bytes() == data and not part.exists()
+    [blob] = hub.resume_killed_downloads('org/busy')  # its writer is gone now: completed
+    assert blob.read_bytes() == data and not part.exists()
     assert _gets(fake_hub, 'a.safetensors') == [('bytes=1000-', 4000)]
+
+
+def test_partial_text_encoder_is_resumed_by_the_next_download_from_the_repo(fake_hub, hub_cache):
+    """A text encoder killed mid-download by transformers is completed when the VAE of the same repo is fetched."""
+    import hashlib
+
+    encoder, vae = os.urandom(40_000), os.urandom(1000)
+    fake_hub.add_file('org/base', 'text_encoder/model.safetensors', encoder)
+    fake_hub.add_file('org/base', 'vae/diffusion_pytorch_model.safetensors', vae)
+    part, _ = _fake_partial(hub_cache, 'org/base', hashlib.sha256(encoder).hexdigest(), content=encoder[:30_000])
+    fake_hub.requests.clear()
+    assert hub.download('org/base', 'vae/diffusion_pytorch_model.safetensors', what='VAE').read_bytes() == vae
+    assert _gets(fake_hub, 'text_encoder/model.safetensors') == [('bytes=30000-', 10_000)]
+    assert not part.exists()
+    from huggingface_hub import hf_hub_download
+
+    fake_hub.requests.clear()  # transformers' own hf_hub_download now finds the file in the cache
+    assert Path(hf_hub_download('org/base', 'text_encoder/model.safetensors')).read_bytes() == encoder
+    assert _gets(fake_hub, 'text_encoder/model.safetensors') == []
 
 
 def test_orphans_of_other_files_go_when_stale(fake_hub, hub_cache):
@@ -132,5 +152,5 @@ def test_orphans_of_other_files_go_when_stale(fake_hub, hub_cache):
 def test_no_request_when_nothing_is_partial(fake_hub, hub_cache):
     fake_hub.add_file('org/plain', 'p.safetensors', b'p' * 10)
     fake_hub.requests.clear()
-    assert hub.resume_killed_download('org/plain', 'p.safetensors') is None
+    assert hub.resume_killed_downloads('org/plain') == []
     assert fake_hub.requests == []
