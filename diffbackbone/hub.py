@@ -207,19 +207,22 @@ def resume_killed_downloads(repo_id: str, revision: str | None = None) -> list[P
         return []  # hf_hub_download reports the problem (or uses its cache)
     done = []
     for etag in sorted({p.name.split('.', 1)[0] for p in partials}):
-        group = sorted((p for p in partials if p.name.startswith(etag + '.')), key=lambda p: p.stat().st_size)
         filename = files.get(etag)
-        if filename is None and all(time.time() - p.stat().st_mtime < _STALE_PARTIAL_S for p in group):
-            continue  # maybe of another revision, resumed when that is asked for
         try:
             with FileLock(Path(constants.HF_HUB_CACHE) / '.locks' / folder / f'{etag}.lock', mode=0o664).acquire(0):
+                group = sorted((p for p in blobs.glob(f'{glob.escape(etag)}.*.incomplete')),
+                               key=lambda p: p.stat().st_size)
+                if filename is None and all(time.time() - p.stat().st_mtime < _STALE_PARTIAL_S for p in group):
+                    continue  # maybe of another revision: resumed when that is asked for
                 for p in group if filename is None else group[:-1]:
                     p.unlink(missing_ok=True)
-                if filename is not None:
+                if filename is not None and group:
                     blob = _complete_partial(group[-1], blobs / etag, repo_id, filename, revision)
                     done += [blob] if blob else []
         except Timeout:
             continue  # its download is running in another process
+        except OSError:
+            continue  # read-only cache, or a file that went away meanwhile: hf_hub_download takes over
     return done
 
 
