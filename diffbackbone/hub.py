@@ -286,9 +286,13 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
     except SafetensorError as err:
         fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
-               else 'Replace it with a complete copy.')
+               else 'Replace it with a complete copy (a PyTorch .pt/.bin/.ckpt checkpoint must first be converted '
+                    'with safetensors.torch.save_file).')
         raise HubError(f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file '
                        f'({err}). {fix}') from err
+    except OSError as err:  # a folder, a device, no permission
+        reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'
+        raise HubError(f'Could not get {what}: {path} {reason}. Give the path of a .safetensors file.') from err
 
 
 def _pid_alive(pid: int) -> bool:
@@ -302,6 +306,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _umask() -> int:
+    """The process umask; read from /proc where it can be, since setting it to read it races with other threads."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from filelock import FileLock
 from huggingface_hub.file_download import repo_folder_name
 
@@ -154,3 +155,28 @@ def test_no_request_when_nothing_is_partial(fake_hub, hub_cache):
     fake_hub.requests.clear()
     assert hub.resume_killed_downloads('org/plain') == []
     assert fake_hub.requests == []
+
+
+# ---- small file-level guarantees of hub.py ----------------------------------------------------------------------
+@pytest.mark.parametrize('mask', [0o022, 0o077, 0o002])
+def test_umask_is_read_without_setting_it(mask, monkeypatch):
+    old = os.umask(mask)
+    try:
+        def no_set(_):  # setting the umask to read it races with files other threads create meanwhile
+            raise AssertionError('os.umask called')
+
+        monkeypatch.setattr(os, 'umask', no_set)
+        assert hub._umask() == mask
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
+def test_folder_or_pickle_given_as_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(hub.HubError, match='is a folder'):
+        hub.load_safetensors(tmp_path, what='weights')
+    pickle = tmp_path / 'unet.pt'
+    torch.save({'w': torch.zeros(2)}, pickle)
+    with pytest.raises(hub.HubError, match=r'unet\.pt is truncated or corrupted, or not a safetensors file.*convert'):
+        hub.load_safetensors(pickle, what='weights')
+    assert pickle.exists()  # a user's file is never deleted
