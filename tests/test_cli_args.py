@@ -89,3 +89,24 @@ def test_expected_errors_are_one_line(error, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err
     assert str(error).split('\n')[-1] in err
+
+
+def test_weights_of_another_architecture_are_one_error_line(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    full = {k: v.contiguous() for k, v in timm.create_model('test_cleandift').state_dict().items()}  # no Hub needed
+    cut = tmp_path / 'cut.safetensors'
+    save_file({k: v for k, v in full.items() if 'mid_block' not in k}, cut)
+    reshaped = tmp_path / 'reshaped.safetensors'
+    save_file({**full, 'unet.conv_in.weight': torch.zeros(8, 4, 3, 3)}, reshaped)
+    out = tmp_path / 'f.safetensors'
+    for weights, expected in ((cut, 'missing keys'), (reshaped, "1 of other shapes ['unet.conv_in.weight (8, 4, 3, 3)")):
+        assert cli.main(['features', SAMPLE, '--model', 'test_cleandift', '--out', str(out), '--size', '64',
+                         '--weights', str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: Could not use the weights '{weights}' for test_cleandift: Checkpoint does not "
+                              'match') and expected in err and err.count('\n') == 1, err
+    with pytest.raises(HubError, match='other shapes'):  # a RuntimeError, as timm raises for bad checkpoints
+        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(reshaped)))
+    assert not out.exists()

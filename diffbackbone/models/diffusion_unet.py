@@ -604,13 +604,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
         out[k] = v
     out = model.fill_missing_weights(out)
     # timm loads non-strictly when the classifier changes size; keep every other key strict here.
-    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
     got = {k for k in out if not k.startswith('head.')}
-    if expected != got:
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise RuntimeError(
+    missing, unexpected = sorted(own.keys() - got), sorted(got - own.keys())
+    resized = [f'{k} {tuple(out[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items()
+               if k in out and out[k].shape != v.shape]
+    if missing or unexpected or resized:
+        from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
+
+        raise HubError(
             f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
-            f'{len(unexpected)} unexpected keys {unexpected[:5]}. Is it for another architecture (SD1.5 vs SD2.1)?')
+            f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
+            'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
     return out
 
 
@@ -675,15 +680,21 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
         # timm's highest-priority source: its filter, classifier and strictness handling apply as for any file.
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
                                                 source=None)
-    with errors():
-        model = build_model_with_cfg(
-            _new_model,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
+    try:
+        with errors():
+            model = build_model_with_cfg(
+                _new_model,
+                variant,
+                pretrained,
+                pretrained_filter_fn=checkpoint_filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+                **kwargs,
+            )
+    except RuntimeError as e:  # checkpoint_filter_fn's HubError: name the weights that were given
+        source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
+        if not source or not str(e).startswith('Checkpoint does not match'):
+            raise
+        raise type(e)(f'Could not use the weights {str(source)!r} for {variant}: {e}') from e
     for m in (model, getattr(model, 'model', None)):  # do not keep a second copy of the weights alive
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
