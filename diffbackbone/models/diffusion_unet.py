@@ -414,12 +414,17 @@ class DiffusionUNet(nn.Module):
             z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
             z = z * self.vae.scaling_factor
         if self.clean:
-            return z
+            return self._in_unet_dtype(z)
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)
         noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
         a, s = self.noise_scales
-        return a * z + s * noise
+        return self._in_unet_dtype(a * z + s * noise)
+
+    def _in_unet_dtype(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the UNet's dtype: a VAE kept in float32 (SDXL's) gives float32 latents to a float16 UNet."""
+        dtype = self.unet.conv_in.weight.dtype
+        return z if z.dtype == dtype or torch.is_autocast_enabled(z.device.type) else z.to(dtype)
 
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
