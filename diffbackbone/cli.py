@@ -1,12 +1,16 @@
 """Command line: `diffbackbone features IMAGE... --model cleandift_sd21 --out feats.safetensors`.
 
 Subcommands:
-    features  extract tap maps of images into a safetensors file (one tensor per tap, images stacked), optionally a
-              PCA picture of one tap.
+    features  extract tap maps of images (files, folders, globs, @lists) into a resumable feature store folder
+              (`diffbackbone.FeatureStore`; torchrun for several GPUs), or into one safetensors file (one tensor per
+              tap, images stacked), optionally with a PCA picture of one tap.
     taps      list a model's taps with channels and strides.
+    depth     metric depth of images with CleanDIFT's published depth probe (see `diffbackbone.depth`).
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
+    match     zero-shot correspondence of points between two images (see `diffbackbone.correspondence`).
+    eval      evaluations that reproduce published numbers: `eval spair` (SPair-71k PCK, see `diffbackbone.evals`).
 """
 from __future__ import annotations
 
@@ -120,16 +124,52 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _point(text: str) -> tuple[float, float]:
+    """'X,Y' -> (x, y)."""
+    try:
+        x, y = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'points are X,Y pixel coordinates, e.g. 120,200; got {text!r}') from None
+    return x, y
+
+
+def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
+    if batch_size:
+        p.add_argument('--batch-size', type=positive_int, default=batch_size)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
+    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
+    p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
+    p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
+    p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
+                   'default) or stop (single-file default)')
+    p.add_argument('--store-dtype', choices=('float16', 'bfloat16', 'float32'),
+                   help='dtype of stored maps (default: float16 in a store, float32 in a single file)')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--feature-pool', type=positive_int, metavar='R', help='average-pool stored maps by R (Meng et al.)')
+    g.add_argument('--feature-size', type=positive_int, metavar='N', help='resize stored maps to N x N (bilinear)')
+    p.add_argument('--shard-size', type=positive_int, metavar='N', help='images per store shard (default: about 256 MB)')
+    p.add_argument('--compile', nargs='?', const='default', help='torch.compile the model (optional mode)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='diffbackbone', description='Diffusion UNet features as vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('features', help='extract features of images into a safetensors file')
-    p.add_argument('images', nargs='+', help='image files')
+    p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')
+    p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt')
     p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
-    p.add_argument('--out', required=True, help='output .safetensors file (one (N, C, H, W) tensor per tap)')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
+    p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '
+                   'images (one (N, C, H, W) tensor per tap)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out file or feature store')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
     p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch',
                    help='stretch: whole image to size x size, as DIFT/CleanDIFT (default); pad: keep the aspect ratio, '
@@ -142,7 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-kwargs', type=json_object,
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
+    p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
+    _add_store_options(p)
     p.set_defaults(func=_lazy('extract', 'run_features'))
+
+    p = sub.add_parser('depth', help="metric depth with CleanDIFT's published NYUv2 depth probe (us6, cleandift_sd21)",
+                       description="CleanDIFT's depth probe as their DepthPred.predict runs it; writes "
+                                   '<stem>_depth.npy (metres, float32, input size) and <stem>_depth.png per image.')
+    p.add_argument('images', nargs='+', help='image files')
+    p.add_argument('--out', default='.', help='output folder (default: the current folder)')
+    p.add_argument('--probe', help='probe .safetensors file, folder, or Hub repo "org/name[:file]" (default: '
+                                   'CompVis/cleandift cleandift_sd21_depth_probe.safetensors)')
+    p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
+    p.add_argument('--tap', default='us6', help='tap the probe reads (default: us6)')
+    p.add_argument('--size', type=positive_int, default=768, help='square size images are resized to (default: 768)')
+    p.add_argument('--prompt', default='A photo of a room', help='caption (default: "A photo of a room", CleanDIFT\'s)')
+    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
+    p.add_argument('--random-weights', action='store_true',
+                   help='random UNet weights, no UNet download (the caption still needs the base text encoder)')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"latent": "sample"}\'')
+    p.add_argument('--batch-size', type=positive_int, default=4)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
+    p.set_defaults(func=_lazy('depth', 'run_depth'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
@@ -165,6 +228,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_clean_train_parser(sub)
 
+    p = sub.add_parser('match', help='match points of a source image onto a target image (zero-shot correspondence)',
+                       description="CleanDIFT's correspondence protocol: both images resized to the model's size, "
+                                   'one tap upsampled to each original size, cosine argmax over the target.')
+    p.add_argument('src', help='source image')
+    p.add_argument('trg', help='target image')
+    p.add_argument('--points', nargs='+', required=True, type=_point, metavar='X,Y',
+                   help='source points in pixels of the original source image')
+    p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
+    p.add_argument('--taps', default='us6', help='the tap to match with (default: us6)')
+    p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
+    p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
+    _add_model_args(p)
+    p.set_defaults(func=_lazy('correspondence', 'run_match'))
+
+    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair)')
+    evals = p.add_subparsers(dest='eval', required=True)
+    p = evals.add_parser('spair', help='SPair-71k zero-shot PCK@0.1 (DIFT protocol)',
+                         description="DIFT's eval_spair.py protocol: PairAnnotation/test pairs, images resized to "
+                                     'size x size, features upsampled to the original size, cosine argmax; PCK@0.1 '
+                                     'of the target bbox and of the target image, per image and per point.')
+    p.add_argument('--data', required=True, help='SPair-71k folder (JPEGImages/, PairAnnotation/test/)')
+    p.add_argument('--model', type=model_name, required=True, help='timm model, e.g. cleandift_sd21 or sd21 (DIFT)')
+    p.add_argument('--taps', nargs='+', default=['us6'], help='the tap to match with (default: us6)')
+    p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
+    p.add_argument('--prompt-template', help='caption per image, e.g. "a photo of a {category}" (DIFT); '
+                                             "default: the model's own (empty) prompt")
+    p.add_argument('--json', help='write the figures (percent) to this JSON file')
+    p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
+    p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
+    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    _add_model_args(p, batch_size=8)
+    p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
+
     p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',
                        add_help=False)
     p.set_defaults(func=_cmd_bench)
@@ -182,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models import TapError
 
     try:
+        if getattr(args, 'prompt', None) is not None and args.command == 'features':  # passed as model kwarg `prompt`
+            args.model_kwargs = {**(args.model_kwargs or {}), 'prompt': args.prompt}
         return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,16 +3,16 @@
 Everything goes through `huggingface_hub`, so its cache, progress bars, revisions, `HF_ENDPOINT` mirrors and
 `HF_HUB_OFFLINE` all apply. Downloads resume: huggingface_hub resumes a dropped connection within a call, and
 `download` first completes the partial files that processes killed mid-download left in the repo's cache folder
-(huggingface_hub, also inside transformers, would leave them there and start anew). Two small things are derived once
-and kept in our own cache (`cache_dir()`), keyed by repo and resolved commit: single tensors read out of huge safetensors files with HTTP range requests
-(CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the empty-prompt text embedding of a Stable Diffusion
-base repo (so that no 1.4 GB text encoder is ever loaded just to extract image features).
+(huggingface_hub, also inside transformers, would leave them there and start anew). Small derived things are kept in
+our own cache (`cache_dir()`), keyed by repo and resolved commit (`_cached_per_commit`): single tensors read out of
+huge safetensors files with HTTP range requests (CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the
+prompt text embeddings of `diffbackbone.prompts` (so that no 1.4 GB text encoder is ever loaded just to extract image
+features).
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
-import gc
 import glob
 import hashlib
 import json
@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'empty_prompt_embeds', 'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_downloads',
+    'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_downloads',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -467,59 +467,3 @@ def read_tensor(repo: str, filename: str, key: str) -> torch.Tensor:
     repo_id, revision = split_repo(repo)
     return _cached_per_commit('tensors', repo_id, revision, filename, f'{filename}/{key}', what,
                               lambda commit, meta: _fetch_tensor(repo_id, filename, key, meta))[key]
-
-
-# ---- empty-prompt text embedding -----------------------------------------------------------------------------------
-def _encode_empty_prompt(source: str, revision: str | None, what: str) -> dict[str, torch.Tensor]:
-    """Text embedding of "" as diffusers' StableDiffusionPipeline.encode_prompt computes it, in float32."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    with hub_errors(what, repo=source, revision=revision):
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
-        encoder = CLIPTextModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
-                                                dtype=torch.float32)
-    inputs = tokenizer('', padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors='pt')
-    mask = inputs.attention_mask if getattr(encoder.config, 'use_attention_mask', False) else None
-    with torch.no_grad():
-        embeds = encoder.eval()(inputs.input_ids, attention_mask=mask)[0].float()
-    del encoder
-    gc.collect()  # the SD2.1 text encoder is 1.4 GB: give it back now
-    return {'prompt_embeds': embeds}
-
-
-def _fingerprint(*folders: Path) -> str:
-    """Key of local folders' contents: paths, sizes and modification times."""
-    h = hashlib.sha256()
-    for folder in folders:
-        h.update(str(folder.resolve()).encode())
-        for f in sorted(p for p in folder.rglob('*') if p.is_file()):
-            st = f.stat()
-            h.update(f'{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-    return h.hexdigest()[:32]
-
-
-def empty_prompt_embeds(base_repo: str) -> torch.Tensor:
-    """Text embedding of the empty prompt for an SD base repo in diffusers layout: (1, 77, D) float32.
-
-    Computed once with the repo's `tokenizer/` and `text_encoder/`, then read from
-    `cache_dir()/prompt_embeds/<repo>/<commit>/empty_prompt.safetensors` without loading any text encoder (also with
-    HF_HUB_OFFLINE=1). `base_repo` is `'org/name[@revision]'` or a local diffusers folder.
-    """
-    what = f'the empty-prompt text embedding of {base_repo!r}'
-    folder = _local_dir(base_repo)
-    if folder is not None:
-        for sub in ('tokenizer', 'text_encoder'):
-            if not (folder / sub).is_dir():
-                raise HubError(f'Could not get {what}: {folder / sub} does not exist (diffusers layout expected).')
-        key = _fingerprint(folder / 'tokenizer', folder / 'text_encoder')
-        path = cache_dir() / 'prompt_embeds' / 'local' / f'{key}.safetensors'
-        if path.is_file():
-            with contextlib.suppress(HubError):
-                return load_safetensors(path, what=what)['prompt_embeds']
-        tensors = _encode_empty_prompt(str(folder), None, what)
-        save_safetensors(tensors, path)
-        return tensors['prompt_embeds']
-    repo_id, revision = split_repo(base_repo)
-    return _cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder/config.json', 'empty_prompt', what,
-                              lambda commit, meta: _encode_empty_prompt(repo_id, commit, what))['prompt_embeds']

@@ -70,9 +70,44 @@ def test_clean_taps_equal_diffusers_non_multiple_of_64():
     _check_clean('test_cleandift', (136, 200), du._VAE_TEST, atol=1e-5)
 
 
-def test_clean_taps_equal_diffusers_full_sd21_architecture():
-    # Full-size SD2.1 UNet and VAE (random weights) at a small input.
-    _check_clean('cleandift_sd21', (64, 64), du._VAE_SD, atol=1e-4)
+def test_clean_taps_equal_cleandift_extractor_full_sd21_with_caption(hub_cache, tmp_path):
+    """CleanDIFT's get_features(x, caption): the caption through the pipeline's encode_prompt, then the UNet; full-size
+    SD2.1 UNet and VAE (random weights, fp32, small input) and a CLIP text encoder of SD2.1's width (tiny, random)."""
+    from diffusers import StableDiffusionPipeline
+    from fakehub import save_tiny_clip
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    caption = 'A photo of a dog'
+    save_tiny_clip(tmp_path, hidden_size=1024)
+    torch.manual_seed(0)
+    model = timm.create_model('cleandift_sd21', prompt=caption, base_repo=str(tmp_path)).eval()
+    with torch.no_grad():
+        model.timestep.fill_(273.5)
+    sd = model.state_dict()
+    del sd['prompt_embeds']  # as in CleanDIFT's UNet-only file: the caption's embedding is computed while loading
+    model.load_state_dict(du.checkpoint_filter_fn(sd, model))
+    unet, vae = _reference_models(model, du._VAE_SD)
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=CLIPTextModel.from_pretrained(tmp_path / 'text_encoder').eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(tmp_path / 'tokenizer'), scheduler=DDIMScheduler(clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    store, handles = _hooked_taps(unet, model)
+    with torch.no_grad():
+        ours = model.forward_intermediates(x, indices='cleandift', intermediates_only=True)
+        ctx = pipe.encode_prompt([caption] * 2, device='cpu', num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)[0]
+        latent = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        unet(latent, torch.full((2,), 273.5), encoder_hidden_states=ctx)
+    for h in handles:
+        h.remove()
+    assert not torch.allclose(ctx[0], pipe.encode_prompt('', 'cpu', 1, False)[0][0])  # the caption matters
+    names = [t.name for t in model._resolve('cleandift')]
+    assert len(names) == 11
+    for name, got in zip(names, ours):
+        ref = store[name][0]
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-4, f'tap {name}: relative error {err}'
 
 
 def test_noisy_taps_equal_dift_recipe():

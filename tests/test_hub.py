@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakehub import save_tiny_clip
 from safetensors.torch import save, save_file
 
 from diffbackbone import hub
@@ -225,63 +224,6 @@ def test_read_tensor_local_folder(tmp_path):
         hub.read_tensor(str(tmp_path), 'full.safetensors', 'time')
 
 
-# ---- empty_prompt_embeds -------------------------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def tiny_base(fake_hub, tmp_path_factory):
-    """A base repo with a tiny CLIP text encoder (hidden 32) and tokenizer, on the Hub and as a local folder."""
-    folder = tmp_path_factory.mktemp('tiny_base')
-    save_tiny_clip(folder, hidden_size=32)
-    fake_hub.add_folder('org/tiny-sd', folder)
-    return folder
-
-
-def _reference_embeds(folder: Path) -> torch.Tensor:
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(folder / 'tokenizer')
-    encoder = CLIPTextModel.from_pretrained(folder / 'text_encoder', dtype=torch.float32).eval()
-    ids = tokenizer('', padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors='pt').input_ids
-    with torch.no_grad():
-        return encoder(ids)[0]
-
-
-def _forbid_text_encoder(monkeypatch):
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    def fail(*args, **kwargs):
-        raise AssertionError('text encoder loaded although the embedding is cached')
-
-    monkeypatch.setattr(CLIPTextModel, 'from_pretrained', fail)
-    monkeypatch.setattr(CLIPTokenizer, 'from_pretrained', fail)
-
-
-def test_empty_prompt_embeds_from_hub(fake_hub, hub_cache, tiny_base, monkeypatch):
-    embeds = hub.empty_prompt_embeds('org/tiny-sd')
-    assert embeds.shape == (1, 77, 32) and embeds.dtype == torch.float32
-    torch.testing.assert_close(embeds, _reference_embeds(tiny_base), rtol=0, atol=0)
-    commit = fake_hub.commit_of('org/tiny-sd')
-    assert (hub_cache.ours / 'prompt_embeds/org/tiny-sd' / commit / 'empty_prompt.safetensors').is_file()
-
-    _forbid_text_encoder(monkeypatch)
-    fake_hub.requests.clear()
-    assert torch.equal(hub.empty_prompt_embeds('org/tiny-sd'), embeds)
-    assert [m for m, *_ in fake_hub.requests] == ['HEAD']
-    assert torch.equal(hub.empty_prompt_embeds(f'org/tiny-sd@{commit}'), embeds)
-
-
-def test_empty_prompt_embeds_local_folder(hub_cache, tiny_base, monkeypatch):
-    embeds = hub.empty_prompt_embeds(str(tiny_base))
-    torch.testing.assert_close(embeds, _reference_embeds(tiny_base), rtol=0, atol=0)
-    _forbid_text_encoder(monkeypatch)
-    assert torch.equal(hub.empty_prompt_embeds(str(tiny_base)), embeds)
-
-
-def test_empty_prompt_embeds_missing_repo(fake_hub, hub_cache):
-    with pytest.raises(HubError, match='empty-prompt text embedding.*not found.*base_repo='):
-        hub.empty_prompt_embeds('nobody/sd')
-
-
 # ---- offline (HF_HUB_OFFLINE is read at import: a fresh interpreter) ------------------------------------------------
 # hub.py is loaded on its own: the package __init__ imports timm and diffusers, seconds we need not spend here.
 _IMPORT_HUB = """
@@ -292,25 +234,19 @@ spec.loader.exec_module(hub)
 """
 
 
-def test_offline_mode(fake_hub, hub_cache, big_checkpoint, tiny_base, run_python):
+def test_offline_mode(fake_hub, hub_cache, big_checkpoint, run_python):
     fake_hub.add_file('org/off', 'w.safetensors', _safetensors_bytes(w=torch.ones(3)))
     path = hub.download('org/off', 'w.safetensors', what='weights')
     hub.read_tensor('org/cleandift', 'cleandift_full.safetensors', 'timestep')
-    embeds = hub.empty_prompt_embeds('org/tiny-sd')
-    torch.save(embeds, hub_cache.ours / 'expected.pt')
-    fake_hub.add_folder('org/tiny-sd-2', tiny_base)
     fake_hub.requests.clear()
     result = run_python(_IMPORT_HUB + f"""
 import torch
-# Cached: served without network, and without loading (or even importing) a text encoder.
+# Cached: served without network.
 assert str(hub.download('org/off', 'w.safetensors', what='weights')) == {str(path)!r}
 assert hub.read_tensor('org/cleandift', 'cleandift_full.safetensors', 'timestep').item() == 261.25
-assert torch.equal(hub.empty_prompt_embeds('org/tiny-sd'), torch.load({str(hub_cache.ours / 'expected.pt')!r}))
-assert 'transformers' not in sys.modules
 # Not cached: a HubError that says what to do.
 for call in (lambda: hub.download('org/cleandift', 'cleandift_full.safetensors', what='CleanDIFT weights'),
-             lambda: hub.read_tensor('org/cleandift', 'cleandift_full.safetensors', 'unet.weight'),
-             lambda: hub.empty_prompt_embeds('org/tiny-sd-2')):
+             lambda: hub.read_tensor('org/cleandift', 'cleandift_full.safetensors', 'unet.weight')):
     try:
         call()
     except hub.HubError as e:
@@ -320,11 +256,11 @@ for call in (lambda: hub.download('org/cleandift', 'cleandift_full.safetensors',
 """, env=hub_cache.env, offline=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3, result.stdout
+    assert len(lines) == 2, result.stdout
     for line in lines:
         assert 'HF_HUB_OFFLINE is set' in line and 'online' in line, line
     assert 'CleanDIFT weights' in lines[0] and 'local path' in lines[0]
-    assert "'unet.weight'" in lines[1] and 'empty-prompt' in lines[2] and 'tiny-sd-2' in lines[2]
+    assert "'unet.weight'" in lines[1]
     assert fake_hub.requests == []
 
 

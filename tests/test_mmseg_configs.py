@@ -83,15 +83,19 @@ def test_config_builds_with_real_backbone(path):
         if seg.with_auxiliary_head:
             seg.auxiliary_head(x)
     stride = min(seg.backbone.strides)
+    if seg.with_neck and model_cfg.neck.get('scales'):  # mmseg's MultiLevelNeck resamples a one-stride backbone
+        stride = int(stride / max(model_cfg.neck.scales))
     assert tuple(logits.shape) == (1, cfg.model.decode_head.num_classes, crop[0] // stride, crop[1] // stride)
 
 
 def tiny_config(cfg: Config) -> Config:
-    """The config's model with the backbone swapped to `test_cleandift` and in_channels taken from its feature_info."""
+    """The config's model with the backbone swapped to the tiny model of its family (`test_cleandift`,
+    `test_pixart`) and in_channels taken from its feature_info."""
     model = copy.deepcopy(cfg.model)
     bb = model.backbone
-    bb.model_name, bb.pretrained, bb.model_kwargs = 'test_cleandift', False, None
-    tiny = timm.create_model('test_cleandift', features_only=True, out_indices=bb.get('out_indices', 'pyramid'))
+    tiny_name = 'test_pixart' if 'pixart' in bb.model_name else 'test_cleandift'
+    bb.model_name, bb.pretrained, bb.model_kwargs = tiny_name, False, None
+    tiny = timm.create_model(tiny_name, features_only=True, out_indices=bb.get('out_indices', 'pyramid'))
     channels = tiny.feature_info.channels()
     if model.get('neck'):
         model.neck.in_channels = channels
@@ -131,11 +135,12 @@ def test_config_trains_a_step_with_tiny_backbone(path):
 
     bb = seg.backbone
     assert all(p.grad is None for p in bb.model.vae.parameters()), 'the VAE stays frozen'
-    unet_grads = [p.grad for p in bb.model.unet.parameters()]
+    body = getattr(bb.model, 'unet', None) or bb.model.transformer  # the denoiser: UNet or transformer
+    unet_grads = [p.grad for p in body.parameters()]
     if cfg.model.backbone.get('frozen'):
         assert not bb.model.training and all(g is None for g in unet_grads)
     else:
-        unused = [n for n, p in bb.model.unet.named_parameters() if p.grad is None]
+        unused = [n for n, p in body.named_parameters() if p.grad is None]
         if unused:  # taps inside a block leave its later sublayers idle: multi-GPU training must know
             assert cfg.get('find_unused_parameters') is True, (
                 f'{len(unused)} UNet parameters get no gradient ({unused[:3]}...): set find_unused_parameters = True '
@@ -143,12 +148,13 @@ def test_config_trains_a_step_with_tiny_backbone(path):
         assert len(unused) < len(unet_grads) // 2
         groups = {id(p): g for g in optim.optimizer.param_groups for p in g['params']}
         base_lr = cfg.optim_wrapper.optimizer.lr
-        unet_lr = groups[id(next(bb.model.unet.parameters()))]['lr']
+        unet_lr = groups[id(next(body.parameters()))]['lr']
         head_lr = groups[id(next(seg.decode_head.parameters()))]['lr']
         assert unet_lr == pytest.approx(0.1 * base_lr) and head_lr == pytest.approx(base_lr)
-        before = bb.model.unet.conv_in.weight.detach().clone()
+        first = next(body.parameters())
+        before = first.detach().clone()
         optim.step()
-        assert not torch.equal(before, bb.model.unet.conv_in.weight), 'the optimizer updates the UNet'
+        assert not torch.equal(before, first), 'the optimizer updates the UNet / transformer'
     seg.eval()
     with torch.no_grad():
         pred = seg.predict(torch.randn(1, 3, 64, 96), samples[:1])

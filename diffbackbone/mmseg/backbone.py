@@ -29,7 +29,7 @@ _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 
 def diffusion_model_names() -> list[str]:
     """timm names of the models this package registers."""
-    return timm.list_models(module='diffusion_unet')
+    return timm.list_models(module='diffusion_unet') + timm.list_models(module='pixart')
 
 
 @MODELS.register_module()

@@ -103,6 +103,10 @@ class ActivationRecorder:
         self._handles.clear()
         self._qk.clear()
 
+    def set_size(self, transformer: str, size: tuple[int, int]) -> None:
+        """The token grid (H, W) of `transformer` when its own forward (whose input gives it) is not called."""
+        self._sizes[transformer] = torch.Size(size)
+
     def drain(self) -> Iterator[tuple[str, torch.Tensor]]:
         out, self._out = self._out, {}
         yield from out.items()

@@ -8,7 +8,8 @@ The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded dra
 `UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
 Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
 `ensemble` seeded draws in one batched pass and average the features. The UNet's output head and the VAE decoder are
-never built. The empty-prompt text embedding is a buffer computed once from the base repo's text encoder.
+never built. The prompt's text embedding (empty by default) is a buffer computed once from the base repo's text
+encoder(s) and cached (`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention_taps import ActivationRecorder
 from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
-__all__ = ['DiffusionUNet', 'VAEEncoder', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+__all__ = ['DiffusionUNet', 'VAEEncoder', 'NoisyLatents', 'TapBackbone', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
@@ -135,7 +136,129 @@ class VAEEncoder(nn.Module):
         return z * self.scaling_factor
 
 
-class DiffusionUNet(nn.Module):
+class NoisyLatents:
+    """Latents of images for a diffusion backbone: the posterior mode, or seeded draws with DDPM noise at a timestep.
+
+    Used by `DiffusionUNet` and the transformer backbones; the host sets `vae`, `latent`, `clean`, `ensemble`,
+    `noise_seed` and, for noisy models, `noise_scales` = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)).
+    """
+
+    @torch.compiler.disable
+    def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
+
+        Drawn on the CPU (the same numbers on every device) once per shape, then kept on the device.
+        """
+        key = (tuple(shape), offset, self.noise_seed, x.device, x.dtype)
+        cache = self.__dict__.setdefault('_noise_cache', {})
+        if key not in cache:
+            gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
+        return cache[key]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
+        if self.latent == 'mode':
+            z = self.vae(x)
+        else:
+            posterior = self.vae.posterior(x)
+            eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
+            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
+            z = z * self.vae.scaling_factor
+        if self.clean:
+            return self._in_denoiser_dtype(z)
+        if z.shape[0] == x.shape[0]:
+            z = z.repeat_interleave(self.ensemble, dim=0)
+        noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
+        a, s = self.noise_scales
+        return self._in_denoiser_dtype(a * z + s * noise)
+
+    def _in_denoiser_dtype(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the UNet's / transformer's dtype: a VAE kept in float32 (SDXL's) gives float32 latents."""
+        denoiser = getattr(self, 'unet', None) or getattr(self, 'transformer', None)
+        dtype = next(denoiser.parameters()).dtype if denoiser is not None else z.dtype
+        return z if z.dtype == dtype or torch.is_autocast_enabled(z.device.type) else z.to(dtype)
+
+
+
+class TapBackbone(nn.Module):
+    """timm model API shared by the diffusion backbones: taps selected by name, index or preset; a classifier head.
+
+    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head` and implements
+    `_extract(x, taps) -> {name: map}` and `prune_intermediate_layers`.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def tap_names(self, all: bool = False) -> list[str]:
+        """Canonical names of the `feature_info` taps in their order, or with `all` of every tap in execution order."""
+        if all:
+            return [t.name for t in sorted(self.all_taps, key=lambda t: t.seq)]
+        return [t.name for t in self.taps]
+
+    def _resolve(self, indices) -> list[Tap]:
+        """Taps for `out_indices`-style selections, memoised: timm's feature wrapper asks again on every forward."""
+        key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
+        cache = self.__dict__.setdefault('_resolved', {})
+        if key not in cache:
+            cache[key] = resolve_taps(self.taps, indices, presets=self.presets, all_taps=self.all_taps)
+        return list(cache[key])
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
+            norm: bool = False,
+            stop_early: bool = True,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Maps of the selected taps, with timm's meaning of `indices`: None = every `feature_info` tap, an int n =
+        the last n, a sequence = those (ints index `feature_info`; tap names, aliases and presets are accepted too).
+
+        Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+        take = self._resolve(indices)
+        head = self.taps[self.head_tap]
+        feats = self._extract(x, take if intermediates_only else take + [head])
+        maps = [feats[t.name] for t in take]
+        if intermediates_only:
+            return maps
+        return feats[head.name], maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.taps[self.head_tap]
+        return self._extract(x, [head])[head.name]
+
+    def _check_prompt_count(self, x: torch.Tensor) -> None:
+        """Per-image prompts (`prompts.use_prompts`, held in `_prompt_override`) must be one, or one per image."""
+        override = getattr(self, '_prompt_override', None)
+        if override is not None and override[0].shape[0] not in (1, x.shape[0]):
+            raise ValueError(f'{override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give one prompt per '
+                             'image, or one for all, to use_prompts.')
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class DiffusionUNet(NoisyLatents, TapBackbone):
     """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
 
     Taps (see `taps.py`) are listed fine to coarse in `feature_info`; select them by index or name through
@@ -152,6 +275,7 @@ class DiffusionUNet(nn.Module):
             noise_seed: int = 0,
             latent: Optional[str] = None,
             base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
             timestep_source: Optional[str] = None,
             head_tap: str = 'us6',
             cond_size: tuple[int, int] = (1024, 1024),
@@ -174,6 +298,9 @@ class DiffusionUNet(nn.Module):
             latent: 'mode' (posterior mode, deterministic) or 'sample' (seeded draw, as DIFT does);
                 default 'mode' for clean, 'sample' for noisy models.
             base_repo: Hub repo ("org/name[@rev]") or local diffusers folder with vae/, text_encoder/, tokenizer/.
+            prompt: caption the UNet is conditioned on (None: the empty prompt). Its embedding is computed with
+                `base_repo`'s text encoder(s) when pretrained weights are loaded (cached on disk), unless the
+                checkpoint holds `prompt_embeds` already, which then wins.
             timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
             head_tap: tap whose map `forward_features` returns for classification.
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
@@ -195,11 +322,15 @@ class DiffusionUNet(nn.Module):
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         if clean and ensemble != 1:
             raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
         self.clean = clean
         self.ensemble = ensemble
         self.noise_seed = noise_seed
         self.latent = latent
         self.base_repo = base_repo
+        self.prompt = prompt or ''
+        self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by use_prompts
         self.timestep_source = timestep_source
         self.vae_file = vae_file
         self.in_chans = in_chans
@@ -259,56 +390,6 @@ class DiffusionUNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r'^vae|^unet\.(conv_in|time_)', blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def tap_names(self, all: bool = False) -> list[str]:
-        """Canonical names of the `feature_info` taps in their order, or with `all` of every tap in execution order."""
-        if all:
-            return [t.name for t in sorted(self.all_taps, key=lambda t: t.seq)]
-        return [t.name for t in self.taps]
-
-    def _resolve(self, indices) -> list[Tap]:
-        """Taps for `out_indices`-style selections, memoised: timm's feature wrapper asks again on every forward."""
-        key = tuple(indices) if isinstance(indices, (list, tuple)) else indices
-        cache = self.__dict__.setdefault('_resolved', {})
-        if key not in cache:
-            cache[key] = resolve_taps(self.taps, indices, presets=self.presets, all_taps=self.all_taps)
-        return list(cache[key])
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
-            norm: bool = False,
-            stop_early: bool = True,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Maps of the selected taps, with timm's meaning of `indices`: None = every `feature_info` tap, an int n =
-        the last n, a sequence = those (ints index `feature_info`; tap names, aliases and presets are accepted too).
-
-        Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
-        take = self._resolve(indices)
-        head = self.taps[self.head_tap]
-        feats = self._extract(x, take if intermediates_only else take + [head])
-        maps = [feats[t.name] for t in take]
-        if intermediates_only:
-            return maps
-        return feats[head.name], maps
-
     def prune_intermediate_layers(
             self,
             indices: Union[None, int, str, Sequence[Union[int, str]]] = None,
@@ -357,16 +438,6 @@ class DiffusionUNet(nn.Module):
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        head = self.taps[self.head_tap]
-        return self._extract(x, [head])[head.name]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -389,47 +460,11 @@ class DiffusionUNet(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
-    @torch.compiler.disable
-    def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
-
-        Drawn on the CPU (the same numbers on every device) once per shape, then kept on the device.
-        """
-        key = (tuple(shape), offset, self.noise_seed, x.device, x.dtype)
-        cache = self.__dict__.setdefault('_noise_cache', {})
-        if key not in cache:
-            gen = torch.Generator(device='cpu').manual_seed(self.noise_seed + offset)
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = torch.randn(tuple(shape), generator=gen).to(device=x.device, dtype=x.dtype)
-        return cache[key]
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
-        if self.latent == 'mode':
-            z = self.vae(x)
-        else:
-            posterior = self.vae.posterior(x)
-            eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
-            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
-            z = z * self.vae.scaling_factor
-        if self.clean:
-            return self._in_unet_dtype(z)
-        if z.shape[0] == x.shape[0]:
-            z = z.repeat_interleave(self.ensemble, dim=0)
-        noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
-        a, s = self.noise_scales
-        return self._in_unet_dtype(a * z + s * noise)
-
-    def _in_unet_dtype(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents in the UNet's dtype: a VAE kept in float32 (SDXL's) gives float32 latents to a float16 UNet."""
-        dtype = self.unet.conv_in.weight.dtype
-        return z if z.dtype == dtype or torch.is_autocast_enabled(z.device.type) else z.to(dtype)
-
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
         if self.check_inputs:
             self._check_input(x)
+        self._check_prompt_count(x)
         if self._deepest is not None:
             missing = [t.name for t in wanted if t.order > self._deepest]
             if missing:
@@ -475,9 +510,10 @@ class DiffusionUNet(nn.Module):
         n = z.shape[0]
         t = (self.timestep if timestep is None else timestep).expand(n)
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
-        ctx = self.prompt_embeds.to(dtype=z.dtype).expand(n, -1, -1)
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        ctx = _per_latent(ctx.to(dtype=z.dtype), n)
         if unet.config.addition_embed_type == 'text_time':
-            cond = dict(text_embeds=self.pooled_prompt_embeds.to(z.dtype).expand(n, -1),
+            cond = dict(text_embeds=_per_latent(pooled.to(z.dtype), n),
                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
             emb = emb + unet.get_aug_embed(emb, ctx, cond)
         return emb, ctx
@@ -550,11 +586,9 @@ class DiffusionUNet(nn.Module):
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            if hasattr(self, 'pooled_prompt_embeds'):  # SDXL: both text encoders, and the pooled embedding
-                from .sdxl import empty_prompt_embeds_sdxl
-                state_dict.update(empty_prompt_embeds_sdxl(self.base_repo))
-            else:
-                state_dict['prompt_embeds'] = hub.empty_prompt_embeds(self.base_repo)
+            from ..prompts import encode_prompts  # SDXL: both text encoders, and the pooled embedding
+
+            state_dict.update(encode_prompts(self, [self.prompt]).buffers())
         if self.clean:
             if self.timestep_fixed:
                 state_dict['timestep'] = self.timestep.detach().clone()
@@ -568,6 +602,18 @@ class DiffusionUNet(nn.Module):
         else:
             state_dict.pop('timestep', None)
         return state_dict
+
+
+def _per_latent(embeds: torch.Tensor, n: int) -> torch.Tensor:
+    """Prompt embeddings (one, or one per image) for `n` latents; an image's `ensemble` latents are consecutive."""
+    m = embeds.shape[0]
+    if m == n:
+        return embeds
+    if m == 1:
+        return embeds.expand(n, *embeds.shape[1:])
+    if n % m:
+        raise ValueError(f'{m} prompt embeddings do not divide {n} latents: give one prompt per image, or one for all.')
+    return embeds.repeat_interleave(n // m, dim=0)
 
 
 def _vae_keys(vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -624,14 +670,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     return out
 
 
-def _new_model(**kwargs: Any) -> DiffusionUNet:
-    """`DiffusionUNet(**kwargs)` with an error naming unknown arguments (what timm forwards to the model)."""
-    known = set(inspect.signature(DiffusionUNet.__init__).parameters) - {'self'}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
-                         f'{", ".join(sorted(known - {"unet_cfg", "vae_cfg", "clean"}))}.')
-    return DiffusionUNet(**kwargs)
+def checked_constructor(cls: type, internal: Sequence[str] = ()) -> Callable[..., nn.Module]:
+    """`cls(**kwargs)` with an error naming unknown arguments (what timm forwards to the model) and the valid ones."""
+    known = set(inspect.signature(cls.__init__).parameters) - {'self'}
+
+    def build(**kwargs: Any) -> nn.Module:
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+                             f'{", ".join(sorted(known - set(internal)))}.')
+        return cls(**kwargs)
+
+    return build
 
 
 def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -688,7 +738,7 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
     try:
         with errors():
             model = build_model_with_cfg(
-                _new_model,
+                checked_constructor(DiffusionUNet, ('unet_cfg', 'vae_cfg', 'clean')),
                 variant,
                 pretrained,
                 pretrained_filter_fn=checkpoint_filter_fn,
@@ -747,6 +797,12 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id='stabilityai/stable-diffusion-xl-base-1.0',
         hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors', input_size=(3, 1024, 1024), pool_size=(64, 64),
         license='openrail++', origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
+        paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        paper_ids='arXiv:2410.03558'),
+    'pgv2.playgroundai': _cfg(
+        hf_hub_id='playgroundai/playground-v2-1024px-aesthetic',
+        hf_hub_filename='unet/diffusion_pytorch_model.fp16.safetensors', input_size=(3, 1024, 1024), pool_size=(64, 64),
+        license='playground-v2-community', origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
         paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
         paper_ids='arXiv:2410.03558'),
     'test_sdxl.tiny': _cfg(
@@ -819,6 +875,15 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
                       base_repo='stabilityai/stable-diffusion-xl-base-1.0',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
+                      base_repo='playgroundai/playground-v2-1024px-aesthetic',
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -155,7 +155,7 @@ class _TableBuilder:
 
     def add(self, location: str, chs: int, reduction: int, module: str, hook: str = '', name: Optional[str] = None,
             aliases: tuple[str, ...] = (), base: bool = False) -> None:
-        module = f'{self.prefix}.{module}' if module else self.prefix
+        module = '.'.join(m for m in (self.prefix, module) if m)
         if name is not None and name != location:
             aliases = (location, *aliases)
         self.taps.append(Tap(name or location, location, chs, reduction, module, self.stage, aliases, hook, base,
@@ -164,9 +164,16 @@ class _TableBuilder:
     def resnet(self, point: str, resnet: nn.Module, module: str, reduction: int) -> None:
         self.add(f'{point}-res-increment', resnet.out_channels, reduction, f'{module}.conv2', 'conv')
 
-    def transformer(self, point: str, attn: nn.Module, module: str, reduction: int) -> None:
-        """Taps inside a Transformer2DModel, in execution order (its output is added by the caller)."""
+    def transformer(self, point: str, attn: nn.Module, module: str, reduction: int, stage_per_block: bool = False,
+                    ) -> None:
+        """Taps inside a Transformer2DModel, in execution order (its output is added by the caller).
+
+        With `stage_per_block` every transformer block is a stage of its own (a DiT: the forward can stop after it).
+        """
+        first = self.stage
         for k, tb in enumerate(attn.transformer_blocks):
+            if stage_per_block:
+                self.stage = first + k
             b, bm = f'{point}-block{k}', f'{module}.transformer_blocks.{k}'
             for name in ('attn1', 'attn2'):
                 a = getattr(tb, name, None)

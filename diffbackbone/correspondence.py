@@ -1,0 +1,251 @@
+"""Zero-shot semantic correspondence: `diffbackbone match SRC TRG --points X,Y ...`.
+
+The protocol of CleanDIFT's `get_correspondences.ipynb` (and of DIFT's SPair-71k evaluation): both images are resized
+to the model's input size (aspect ratio not kept) and mapped to [-1, 1]; one tap's feature maps are upsampled
+bilinearly (`align_corners=False`, as `F.interpolate` / `nn.Upsample` default) to each image's original (H, W); the
+source feature is read at the integer pixel (x, y); its L2-normalised dot product with every L2-normalised target
+feature is the similarity map, whose argmax is the match.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .hub import atomic_path
+from .images import image_size, load_image, open_image
+
+if TYPE_CHECKING:
+    from .prompts import PromptBatch
+
+__all__ = [
+    'upsample', 'point_features', 'normalised_map', 'similarity_argmax', 'match_points', 'check_points',
+    'load_tap_model', 'image_features', 'match_images', 'draw_matches', 'run_match',
+]
+
+Point = tuple[int, int]
+
+
+def upsample(feat: torch.Tensor, size_wh: Sequence[int]) -> torch.Tensor:
+    """(C, h, w) or (N, C, h, w) features bilinearly resized to (W, H), as `nn.Upsample(mode='bilinear')` does."""
+    w, h = size_wh
+    x = feat if feat.ndim == 4 else feat[None]
+    out = F.interpolate(x, size=(int(h), int(w)), mode='bilinear', align_corners=False)
+    return out if feat.ndim == 4 else out[0]
+
+
+def check_points(points: Sequence[Sequence[float]], size_wh: Sequence[int], where: str) -> list[Point]:
+    """Points as integer (x, y) pixels (truncated, as `.long()` does), checked to lie inside a (W, H) image."""
+    w, h = size_wh
+    out = []
+    for p in points:
+        if len(p) != 2:
+            raise ValueError(f'{where}: a point must be (x, y), got {list(p)}.')
+        x, y = float(p[0]), float(p[1])
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f'{where}: point ({p[0]}, {p[1]}) is outside the image of {w}x{h} pixels (x in [0, {w}), '
+                             f'y in [0, {h})). Give pixel coordinates of the original image, x first.')
+        out.append((int(x), int(y)))
+    return out
+
+
+def point_features(src_feat: torch.Tensor, points: Sequence[Point], src_size: Sequence[int]) -> torch.Tensor:
+    """(K, C) features of the upsampled source map at integer points (x, y)."""
+    up = upsample(src_feat.float(), src_size)
+    xy = torch.tensor(points, dtype=torch.long, device=up.device).reshape(-1, 2)
+    return up[:, xy[:, 1], xy[:, 0]].T
+
+
+def normalised_map(trg_feat: torch.Tensor, trg_size: Sequence[int]) -> torch.Tensor:
+    """(C, H*W) target features upsampled to (W, H) and L2-normalised per pixel (kept for several source images)."""
+    up = upsample(trg_feat.float(), trg_size).flatten(1)
+    return F.normalize(up, dim=0)
+
+
+def similarity_argmax(src_vecs: torch.Tensor, trg_norm: torch.Tensor, trg_size: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine maps (K, H, W) of source vectors over a `normalised_map`, and their argmax as (K, 2) integer (x, y)."""
+    w, h = trg_size
+    sims = F.normalize(src_vecs, dim=1) @ trg_norm
+    flat = sims.argmax(dim=1)
+    matches = torch.stack([flat % w, flat // w], dim=1)
+    return sims.view(-1, h, w), matches
+
+
+def match_points(
+        src_feat: torch.Tensor,
+        trg_feat: torch.Tensor,
+        points: Sequence[Sequence[float]],
+        src_size: Sequence[int],
+        trg_size: Sequence[int],
+) -> tuple[list[Point], torch.Tensor]:
+    """Match source points onto the target by feature similarity (CleanDIFT notebook protocol).
+
+    Args:
+        src_feat: (C, h, w) features of the source image (any resolution; the model's input was the resized image).
+        trg_feat: (C, h', w') features of the target image.
+        points: source points (x, y) in pixels of the original source image.
+        src_size: (W, H) of the original source image.
+        trg_size: (W', H') of the original target image.
+
+    Returns:
+        The matched (x', y') per point, and the (K, H', W') cosine similarity maps.
+    """
+    if src_feat.ndim != 3 or trg_feat.ndim != 3 or src_feat.shape[0] != trg_feat.shape[0]:
+        raise ValueError(f'Features must be (C, h, w) with the same C, got {tuple(src_feat.shape)} and '
+                         f'{tuple(trg_feat.shape)}.')
+    pts = check_points(points, src_size, 'source image')
+    sims, matches = similarity_argmax(point_features(src_feat, pts, src_size), normalised_map(trg_feat, trg_size),
+                                      trg_size)
+    return [(int(x), int(y)) for x, y in matches.tolist()], sims
+
+
+def load_tap_model(
+        model_name: str,
+        tap: str,
+        weights: Optional[str] = None,
+        pretrained: bool = True,
+        prompt: Optional[str] = None,
+        device: str = 'cpu',
+        dtype: torch.dtype = torch.float32,
+        model_kwargs: Optional[dict] = None,
+) -> torch.nn.Module:
+    """A timm `features_only` model returning one tap, in eval mode on `device`.
+
+    `weights` is a local checkpoint (`pretrained_cfg_overlay=dict(file=...)`, as in `diffbackbone features`);
+    `prompt` conditions every image on that caption (None: the model's own, empty prompt).
+    """
+    import timm
+
+    import diffbackbone  # noqa: F401  (registers the models)
+    from .models import TapError
+
+    kwargs = dict(model_kwargs or {})
+    if weights:
+        if not Path(weights).is_file():
+            raise ValueError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+    if prompt is not None:
+        kwargs['prompt'] = prompt
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained or bool(weights), features_only=True,
+                                  out_indices=(tap,), **kwargs)
+    except TapError as e:
+        raise TapError(f'{model_name}, --taps {tap}: {e}') from e
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional[int] = None,
+                   prompts: Optional[str | Sequence[str] | 'PromptBatch'] = None) -> torch.Tensor:
+    """(N, C, h, w) tap features of image files resized to `size` x `size` (default: the model's input size).
+
+    `prompts` (one per image, one for all, or a `PromptBatch`) conditions the UNet through
+    `diffbackbone.prompts.use_prompts`; None: the model's own prompt.
+    """
+    import contextlib
+
+    cfg = model.pretrained_cfg
+    side = size or cfg['input_size'][-1]
+    param = next(p for p in model.parameters() if p.ndim > 1)  # a weight (a clean model's timestep stays fp32)
+    x = torch.stack([load_image(p, (side, side), 'stretch', cfg['mean'], cfg['std']) for p in paths])
+    x = x.to(device=param.device, dtype=param.dtype)
+    ctx = contextlib.nullcontext()
+    if prompts is not None:
+        from .prompts import use_prompts
+        ctx = use_prompts(model, prompts)
+    with ctx:
+        out = model(x)
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def match_images(
+        src: str | Path,
+        trg: str | Path,
+        points: Sequence[Sequence[float]],
+        model: str | torch.nn.Module = 'cleandift_sd21',
+        tap: str = 'us6',
+        size: Optional[int] = None,
+        **model_args,
+) -> tuple[list[Point], torch.Tensor]:
+    """Run a model (a name, built with `load_tap_model(**model_args)`, or a one-tap features model) on two image files
+    and match `points` of `src` onto `trg`. Returns matches (x', y') and the (K, H', W') similarity maps."""
+    src, trg = Path(src), Path(trg)
+    src_size, trg_size = image_size(src), image_size(trg)
+    check_points(points, src_size, str(src))  # before any model is loaded
+    if isinstance(model, str):
+        model = load_tap_model(model, tap, **model_args)
+    feats = image_features(model, [src, trg], size)
+    return match_points(feats[0], feats[1], points, src_size, trg_size)
+
+
+def _heat(sim: torch.Tensor) -> 'Image.Image':
+    """A similarity map as an RGB picture (dark blue low -> yellow high)."""
+    import numpy as np
+    from PIL import Image
+
+    s = sim.float()
+    s = ((s - s.min()) / (s.max() - s.min()).clamp_min(1e-8)).cpu().numpy()
+    stops = np.array([[48, 18, 59], [40, 120, 220], [60, 200, 120], [250, 230, 40]], dtype=np.float32)
+    pos = s * (len(stops) - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
+    return Image.fromarray(rgb.round().astype(np.uint8), 'RGB')
+
+
+def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[float]], matches: Sequence[Point],
+                 sims: torch.Tensor, out: str | Path, height: int = 256) -> None:
+    """Save a picture: one row per point with the source and its point, the similarity map, the target and the match."""
+    from PIL import Image, ImageDraw
+
+    src_img, trg_img = open_image(src).convert('RGB'), open_image(trg).convert('RGB')
+    colours = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+
+    def scaled(img: Image.Image) -> tuple[Image.Image, float]:
+        s = height / img.height
+        return img.resize((max(1, round(img.width * s)), height), Image.BICUBIC), s
+
+    src_small, s_src = scaled(src_img)
+    trg_small, s_trg = scaled(trg_img)
+    row_w = src_small.width + 2 * trg_small.width
+    sheet = Image.new('RGB', (row_w, height * len(points)), (255, 255, 255))
+    r = max(3, height // 50)
+    for i, ((x, y), (mx, my)) in enumerate(zip(points, matches)):
+        colour = colours[i % len(colours)]
+        a, b = src_small.copy(), trg_small.copy()
+        heat = _heat(sims[i]).resize(b.size, Image.BILINEAR)
+        for img, px, py, s in ((a, x, y, s_src), (b, mx, my, s_trg), (heat, mx, my, s_trg)):
+            cx, cy = (px + 0.5) * s, (py + 0.5) * s
+            ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour, outline=(255, 255, 255))
+        top = i * height
+        sheet.paste(a, (0, top))
+        sheet.paste(heat, (src_small.width, top))
+        sheet.paste(b, (src_small.width + trg_small.width, top))
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format=Image.registered_extensions()[Path(out).suffix.lower()])
+
+
+def run_match(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone match`."""
+    from .extract import DTYPES
+
+    from PIL import Image
+
+    if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
+    kwargs = dict(args.model_kwargs or {})
+    matches, sims = match_images(
+        args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, weights=args.weights,
+        pretrained=not args.random_weights, prompt=args.prompt, device=args.device, dtype=DTYPES[args.dtype],
+        model_kwargs=kwargs)
+    for (x, y), (mx, my), sim in zip(args.points, matches, sims):
+        print(f'({x:g}, {y:g}) -> ({mx}, {my})  similarity {sim.max().item():.4f}')
+    if args.out:
+        draw_matches(args.src, args.trg, args.points, matches, sims, args.out)
+        print(f'wrote {args.out}')
+    return 0

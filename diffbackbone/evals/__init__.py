@@ -1,0 +1,1 @@
+"""Evaluations that reproduce published numbers (`diffbackbone eval ...`)."""

@@ -1,0 +1,198 @@
+"""`diffbackbone eval spair`: zero-shot semantic correspondence on SPair-71k, DIFT's protocol (`eval_spair.py`).
+
+Each test image is resized to size x size (aspect ratio not kept), mapped to [-1, 1] and run once (batched, cached on
+disk); one tap's features are upsampled bilinearly to the original image size; the source feature at each integer
+keypoint is matched by cosine argmax over the target; a keypoint is correct when the match lies within 0.1 x max side
+of the target bounding box (PCK@0.1 bbox) or of the target image (PCK@0.1 img, CleanDIFT's "alpha_img"). "Per image"
+averages the per-pair fractions, "per point" pools all keypoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..correspondence import normalised_map, point_features, similarity_argmax
+from ..hub import write_text_atomic
+from .feature_cache import FeatureCache, weights_fingerprint
+from .spair_data import Pair, SpairError, load_pairs
+
+__all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'evaluate', 'ImageFeatures', 'run_spair', 'SpairError']
+
+ALPHA = 0.1
+# (category, image names) -> {image name: (C, h, w) features}
+FeatureFn = Callable[[str, Sequence[str]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class PairScore:
+    category: str
+    num_points: int
+    correct_bbox: int
+    correct_img: int
+
+
+def score_pair(pair: Pair, src_feat: torch.Tensor, trg_norm: torch.Tensor) -> PairScore:
+    """Match the pair's source keypoints over a `normalised_map` of the target; count the correct ones."""
+    src_pts = [(int(x), int(y)) for x, y in pair.src_kps]
+    _, matches = similarity_argmax(point_features(src_feat, src_pts, pair.src_size), trg_norm, pair.trg_size)
+    correct_bbox = correct_img = 0
+    for (mx, my), (tx, ty) in zip(matches.tolist(), pair.trg_kps):
+        dist = math.hypot(mx - tx, my - ty)
+        correct_bbox += dist / pair.bbox_threshold <= ALPHA
+        correct_img += dist / pair.img_threshold <= ALPHA
+    return PairScore(pair.category, len(src_pts), correct_bbox, correct_img)
+
+
+@dataclass
+class Scores:
+    """PCK figures (percent) of a list of pair scores."""
+    pairs: list[PairScore] = field(default_factory=list)
+
+    def summary(self, category: Optional[str] = None) -> dict[str, float | int]:
+        ps = [p for p in self.pairs if category is None or p.category == category]
+        points = sum(p.num_points for p in ps)
+        return dict(
+            per_image_pck=100 * sum(p.correct_bbox / p.num_points for p in ps) / len(ps),
+            per_point_pck=100 * sum(p.correct_bbox for p in ps) / points,
+            per_image_pck_img=100 * sum(p.correct_img / p.num_points for p in ps) / len(ps),
+            per_point_pck_img=100 * sum(p.correct_img for p in ps) / points,
+            num_pairs=len(ps), num_points=points)
+
+    def categories(self) -> list[str]:
+        return sorted({p.category for p in self.pairs})
+
+
+def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.device = 'cpu',
+             progress: bool = False) -> Scores:
+    """Score every pair; `features(category, names)` gives each image's (C, h, w) map, one category at a time."""
+    from tqdm import tqdm
+
+    by_cat: dict[str, list[Pair]] = defaultdict(list)
+    for p in pairs:
+        by_cat[p.category].append(p)
+    scores = Scores()
+    with torch.inference_mode(), tqdm(total=len(pairs), unit='pair', desc='matching', disable=not progress) as bar:
+        for cat in sorted(by_cat):
+            cat_pairs = sorted(by_cat[cat], key=lambda p: (p.trg, p.name))  # reuse each target's upsampled map
+            names = sorted({p.src for p in cat_pairs} | {p.trg for p in cat_pairs})
+            feats = {k: v.to(device) for k, v in features(cat, names).items()}
+            trg_name, trg_norm = None, None
+            for p in cat_pairs:
+                if p.trg != trg_name:
+                    trg_name, trg_norm = p.trg, None  # free the previous map first
+                    trg_norm = normalised_map(feats[p.trg], p.trg_size)
+                scores.pairs.append(score_pair(p, feats[p.src], trg_norm))
+                bar.update(1)
+            del feats, trg_norm
+    return scores
+
+
+class ImageFeatures:
+    """Features of SPair images: from the cache when present, else computed in batches (and cached)."""
+
+    def __init__(self, root: Path, model_fn: Callable[[], torch.nn.Module], size: Optional[int],
+                 batch_size: int = 8, template: Optional[str] = None, cache: Optional[FeatureCache] = None,
+                 progress: bool = False):
+        self.images = Path(root) / 'JPEGImages'
+        self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
+        self.size, self.batch_size, self.template = size, batch_size, template
+        self.cache, self.progress = cache, progress
+        self.computed = 0
+
+    def __call__(self, category: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        from ..correspondence import image_features
+
+        out = {n: f for n in names
+               if self.cache and (f := self.cache.get(category, n, self.images / category / n)) is not None}
+        todo = [n for n in names if n not in out]
+        prompt = None
+        for start in range(0, len(todo), self.batch_size):
+            if self.model is None:
+                self.model = self.model_fn()
+            if self.template and prompt is None:  # encoded once per category, then broadcast to every image
+                from ..prompts import encode_prompts
+                prompt = encode_prompts(self.model, [self.template.format(category=category)])
+            batch = todo[start:start + self.batch_size]
+            paths = [self.images / category / n for n in batch]
+            feats = image_features(self.model, paths, self.size, prompts=prompt)
+            for n, f in zip(batch, feats):
+                f = f.detach().cpu().clone()
+                if self.cache:
+                    self.cache.put(category, n, f, self.images / category / n)
+                out[n] = f
+            self.computed += len(batch)
+            if self.progress:
+                print(f'  {category}: features of {min(start + self.batch_size, len(todo))}/{len(todo)} new images',
+                      flush=True)
+        return out
+
+
+def _table(scores: Scores) -> str:
+    head = f'{"category":<14}{"pairs":>7}{"points":>8}{"img/bbox":>10}{"pt/bbox":>9}{"img/img":>9}{"pt/img":>8}'
+    rows = [head, '-' * len(head)]
+    for cat in scores.categories() + [None]:
+        s = scores.summary(cat)
+        rows.append(f'{cat or "all":<14}{s["num_pairs"]:>7}{s["num_points"]:>8}{s["per_image_pck"]:>10.2f}'
+                    f'{s["per_point_pck"]:>9.2f}{s["per_image_pck_img"]:>9.2f}{s["per_point_pck_img"]:>8.2f}')
+    return '\n'.join(rows)
+
+
+def run_spair(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone eval spair`."""
+    from ..correspondence import load_tap_model
+    from ..extract import DTYPES
+
+    if args.taps is None or len(args.taps) != 1:
+        raise ValueError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
+    tap = args.taps[0]
+    if args.prompt_template is not None:
+        try:
+            args.prompt_template.format(category='cat')
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
+                             f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
+    pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
+    kwargs = dict(args.model_kwargs or {})
+    weights = args.weights
+    if weights and not Path(weights).is_file():
+        raise ValueError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
+
+    def model_fn() -> torch.nn.Module:
+        if args.random_weights:
+            torch.manual_seed(args.seed)  # reproducible random weights, so their cached features stay valid
+        return load_tap_model(args.model, tap, weights=weights, pretrained=not args.random_weights,
+                              device=args.device, dtype=DTYPES[args.dtype], model_kwargs=kwargs)
+
+    cache = None
+    if args.cache:
+        cache = FeatureCache(args.cache, dict(
+            model=args.model, weights=weights_fingerprint(weights), random_weights=args.random_weights and args.seed,
+            tap=tap, size=args.size, prompt_template=args.prompt_template, dtype=args.dtype, model_kwargs=kwargs,
+            protocol='stretch-[-1,1]', version=1))
+        print(f'feature cache: {cache.folder}')
+    feats = ImageFeatures(Path(args.data), model_fn, args.size, args.batch_size, args.prompt_template, cache,
+                          progress=True)
+    scores = evaluate(pairs, feats, device=args.device, progress=True)
+    print(_table(scores))
+    overall = scores.summary()
+    print(f'{args.model} {tap}: PCK@0.1 bbox {overall["per_image_pck"]:.2f} per image, {overall["per_point_pck"]:.2f} '
+          f'per point; PCK@0.1 img {overall["per_image_pck_img"]:.2f} per image, {overall["per_point_pck_img"]:.2f} '
+          f'per point ({overall["num_pairs"]} pairs, {overall["num_points"]} points, {feats.computed} images run, '
+          f'the rest from the cache)')
+    if args.json:
+        result = {k: overall[k] for k in ('per_image_pck', 'per_point_pck', 'per_image_pck_img', 'per_point_pck_img')}
+        result.update(per_category={c: scores.summary(c) for c in scores.categories()}, model=args.model,
+                      weights=weights, tap=tap, size=args.size, prompt_template=args.prompt_template,
+                      num_pairs=overall['num_pairs'], num_points=overall['num_points'])
+        write_text_atomic(args.json, json.dumps(result, indent=1) + '\n')
+        print(f'wrote {args.json}')
+    return 0
+

@@ -1,0 +1,344 @@
+""" PixArt-alpha / PixArt-Sigma diffusion transformers as timm backbones (noisy extraction as Meng et al. do it).
+
+PixArt-alpha - https://arxiv.org/abs/2310.00426, PixArt-Sigma - https://arxiv.org/abs/2403.04692 (weights
+`PixArt-alpha/*` on the Hub). Activations as evaluated in "Not All Diffusion Model Activations Have Been Evaluated as
+Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature), with their names:
+`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`.
+
+The backbone is the VAE encoder (a seeded posterior draw) plus DDPM noise at `timestep` (50, Meng et al.'s default),
+then diffusers' `PixArtTransformer2DModel` blocks run by a short forward of our own that records taps and stops after
+the deepest one. Every map has one stride: 16 px (2x2 patches on the 8x VAE latent), timm's ViT convention; the
+`pyramid` preset is four evenly spaced block outputs for a multi-level neck (mmseg's `MultiLevelNeck`). The T5-XXL
+text embedding of the prompt (empty by default) is computed once from the base repo and cached on disk: the 4.7B
+text encoder is never in memory at feature time. The output head (final norm, modulation, projection) is not built.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers import DDPMScheduler, PixArtTransformer2DModel
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .attention_taps import ActivationRecorder
+from .diffusion_unet import (
+    _VAE_SD, _VAE_SDXL, _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent,
+    _pretrained_state_dict, _vae_keys, checked_constructor,
+)
+from .taps import Tap, TapError, _TableBuilder
+
+__all__ = ['PixArtBackbone', 'checkpoint_filter_fn', 'encode_t5_prompt']
+
+# transformer/config.json of the Hub repos.
+_PIXART_SIGMA = dict(
+    sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+    patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type='ada_norm_single',
+    norm_elementwise_affine=False, norm_eps=1e-6, activation_fn='gelu-approximate', attention_bias=True,
+    num_embeds_ada_norm=1000, use_additional_conditions=False, interpolation_scale=2)
+_PIXART_SIGMA_512 = dict(_PIXART_SIGMA, sample_size=64, interpolation_scale=1)
+_PIXART_ALPHA_512 = dict(_PIXART_SIGMA_512)  # same transformer; T5 prompts of 120 tokens, SD's VAE
+_PIXART_TEST = dict(_PIXART_SIGMA, sample_size=8, num_layers=4, num_attention_heads=2, attention_head_dim=8,
+                    cross_attention_dim=16, caption_channels=32, norm_num_groups=8, interpolation_scale=1)
+# PixArt's training noise schedule (scheduler/scheduler_config.json).
+_SCHEDULER_PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear')
+_HEAD_KEYS = ('proj_out.', 'scale_shift_table')
+
+
+def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
+    """T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt`, as PixArt's pipelines compute
+    them, cached per (repo commit, prompt) under `cache_dir()/prompt_embeds`; the encoder is loaded on a miss only."""
+    import hashlib
+
+    from .. import hub
+
+    what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
+    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
+    folder = hub._local_dir(base_repo)
+    if folder is not None:
+        return _encode_t5(str(folder), None, prompt, max_tokens, what)
+    repo_id, revision = hub.split_repo(base_repo)
+    return hub._cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder/config.json', f't5-{key}', what,
+                                  lambda commit, meta: _encode_t5(repo_id, commit, prompt, max_tokens, what))
+
+
+def _encode_t5(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str) -> dict:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from ..hub import hub_errors
+
+    with hub_errors(what, repo=source, revision=revision):
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
+        encoder = T5EncoderModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
+                                                 dtype=torch.float32)
+    inputs = tokenizer(prompt, padding='max_length', max_length=max_tokens, truncation=True, add_special_tokens=True,
+                       return_tensors='pt')
+    with torch.no_grad():
+        embeds = encoder.eval()(inputs.input_ids, attention_mask=inputs.attention_mask)[0].float()
+    del encoder
+    gc.collect()  # T5-XXL is 4.7B parameters: give it back now
+    return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
+
+
+class PixArtBackbone(NoisyLatents, TapBackbone):
+    """VAE encoder + PixArt transformer as a backbone: every block's activations are taps, all at stride 16."""
+
+    def __init__(
+            self,
+            transformer_cfg: dict,
+            vae_cfg: dict,
+            timestep: Optional[int] = None,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            latent: str = 'sample',
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            max_tokens: int = 300,
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            transformer_cfg: diffusers `PixArtTransformer2DModel` config.
+            vae_cfg: `VAEEncoder` arguments.
+            timestep: diffusion timestep of the added noise (default 50, Meng et al.'s).
+            ensemble: noise draws averaged per image (one batched pass).
+            noise_seed: seed of the latent draw and the noise.
+            latent: 'sample' (seeded posterior draw, as the reference) or 'mode'.
+            base_repo: Hub repo or local diffusers folder with vae/, tokenizer/, text_encoder/.
+            prompt: text the features are conditioned on (default: the empty prompt).
+            max_tokens: T5 sequence length (300 for Sigma, 120 for alpha, as their pipelines).
+            vae_file: the VAE weights in `base_repo`.
+            num_classes, global_pool, drop_rate: classifier head on the last block's map.
+            in_chans: input image channels.
+            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+        """
+        super().__init__()
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+        if latent not in ('mode', 'sample'):
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
+        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        self.clean, self.ensemble, self.noise_seed, self.latent = False, ensemble, noise_seed, latent
+        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
+        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
+        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
+
+        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.transformer = PixArtTransformer2DModel(**transformer_cfg)
+        tr = self.transformer
+        tr.norm_out = tr.proj_out = tr.scale_shift_table = None  # output head: back to noise space, no tap needs it
+        self.patch = tr.config.patch_size
+        self.reduction = self.vae.reduction * self.patch
+        self.register_buffer('prompt_embeds', torch.zeros(1, max_tokens, tr.config.caption_channels))
+        self.register_buffer('prompt_mask', torch.zeros(1, max_tokens))
+        self.register_buffer('timestep', torch.tensor(t), persistent=False)
+        with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+            alphas_cumprod = DDPMScheduler(**_SCHEDULER_PIXART).alphas_cumprod
+        self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
+
+        table = _TableBuilder('', tokens=max_tokens)
+        table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
+        self.all_taps: list[Tap] = table.taps
+        self.taps: list[Tap] = [t for t in self.all_taps if t.location.endswith('-out')]  # block outputs, in order
+        n = len(self.taps)
+        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
+                        'blocks': tuple(t.name for t in self.taps)}
+        self.feature_info = [t.info() for t in self.taps]
+        self._deepest: Optional[int] = None
+        self.head_tap = n - 1
+        self.num_features = self.head_hidden_size = self.taps[-1].num_chs
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^vae|^transformer\.(pos_embed|adaln_single|caption_projection)',
+                    blocks=r'^transformer\.transformer_blocks\.(\d+)')
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
+        take = self._resolve(indices)
+        extra = [t for t in take if t not in self.taps]
+        if extra:  # inner activations join feature_info (one stride: execution order)
+            head = self.taps[self.head_tap]
+            self.__dict__.pop('_resolved', None)
+            self.taps = sorted(self.taps + extra, key=lambda t: t.seq)
+            self.feature_info = [t.info() for t in self.taps]
+            self.head_tap = self.taps.index(head)
+        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
+        blocks = self.transformer.transformer_blocks
+        self.transformer.transformer_blocks = nn.ModuleList(list(blocks)[:deepest + 1])
+        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return [self.taps.index(t) for t in take]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
+            raise ValueError(f'Expected images of shape (batch >= 1, {self.in_chans}, height, width), got '
+                             f'{tuple(x.shape)}.')
+        if any(s % self.reduction or s < 2 * self.reduction for s in x.shape[-2:]):
+            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
+                             f'at least {2 * self.reduction}, got {tuple(x.shape[-2:])}. Resize the images.')
+        w = self.vae.encoder.conv_in.weight
+        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
+                             f'or the model, or run under torch.autocast.')
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        if self.check_inputs:
+            self._check_input(x)
+        self._check_prompt_count(x)
+        if self._deepest is not None:
+            missing = [t.name for t in wanted if t.order > self._deepest]
+            if missing:
+                raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
+        feats = self.transformer_features(self.encode(x), wanted)
+        if self.ensemble > 1:
+            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
+        return feats
+
+    def transformer_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        """{tap name: map} of the transformer on (noised) latents `z`, stopping after the deepest of `taps`."""
+        tr, n = self.transformer, z.shape[0]
+        deepest = max(t.order for t in taps)
+        h = tr.pos_embed(z)
+        t_emb, _ = tr.adaln_single(self.timestep.expand(n), None, batch_size=n, hidden_dtype=h.dtype)
+        embeds, mask = self._prompt_override or (self.prompt_embeds, self.prompt_mask)  # per image: use_prompts
+        ctx = _per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
+        bias = _per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
+        by_loc = {t.location: t.name for t in taps}
+        feats: dict[str, torch.Tensor] = {}
+        with ActivationRecorder(self, taps) as rec:
+            rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
+            for k, block in enumerate(tr.transformer_blocks):
+                args = (h, None, ctx, bias, t_emb)
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                else:
+                    h = block(*args)
+                for loc, m in rec.drain():
+                    if loc in by_loc:
+                        feats[by_loc[loc]] = m
+                if k >= deepest:
+                    break
+        return feats
+
+    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embedding from `base_repo`."""
+        from .. import hub
+
+        if not any(k.startswith('vae.') for k in state_dict):
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
+            path = hub.download(self.base_repo, self.vae_file, what='VAE')
+            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
+        if 'prompt_embeds' not in state_dict:
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
+            state_dict.update(encode_t5_prompt(self.base_repo, self.prompt or '', self.prompt_embeds.shape[1]))
+        return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PixArtBackbone) -> dict[str, torch.Tensor]:
+    """Map a diffusers `PixArtTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if not k.startswith(('transformer.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'prompt_mask'):
+            k = 'transformer.' + k  # diffusers layout
+        if k.startswith(tuple('transformer.' + h for h in _HEAD_KEYS)):
+            continue  # output head, not built
+        out[k] = v
+    out = model.fill_missing_weights(out)
+    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    got = {k for k in out if not k.startswith('head.')}
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise RuntimeError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
+                           f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
+    return out
+
+
+def _create_pixart(variant: str, pretrained: bool = False, **kwargs) -> PixArtBackbone:
+    out_indices = kwargs.pop('out_indices', None) or 'pyramid'
+    errors = contextlib.nullcontext
+    if pretrained:
+        from ..hub import hub_errors
+
+        errors = lambda: hub_errors(f'weights of {variant}')  # noqa: E731
+        with errors():
+            state_dict = _pretrained_state_dict(variant, kwargs)
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
+                                                source=None)
+    with errors():
+        model = build_model_with_cfg(
+            checked_constructor(PixArtBackbone, ('transformer_cfg', 'vae_cfg')), variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    for m in (model, getattr(model, 'model', None)):  # do not keep a second copy of the weights alive
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+            cfg['state_dict'] = None
+    return model
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors', 'license': 'openrail++',
+        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
+        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        'paper_ids': 'arXiv:2410.03558', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'pixart_sigma.1024_ms': _cfg(hf_hub_id='PixArt-alpha/PixArt-Sigma-XL-2-1024-MS'),
+    'pixart_sigma_512.512_ms': _cfg(hf_hub_id='PixArt-alpha/PixArt-Sigma-XL-2-512-MS', input_size=(3, 512, 512),
+                                    pool_size=(32, 32)),
+    'pixart_alpha.512': _cfg(hf_hub_id='PixArt-alpha/PixArt-XL-2-512x512', input_size=(3, 512, 512),
+                             pool_size=(32, 32)),
+    'test_pixart.tiny': _cfg(hf_hub_id='diffbackbone/test-pixart', input_size=(3, 128, 128), pool_size=(8, 8)),
+})
+
+
+@register_model
+def pixart_sigma(pretrained: bool = False, **kwargs) -> PixArtBackbone:
+    """PixArt-Sigma XL/2 1024 px (SDXL's VAE, T5 prompts of 300 tokens), noisy at t=50 as Meng et al."""
+    model_args = dict(transformer_cfg=_PIXART_SIGMA, vae_cfg=_VAE_SDXL, max_tokens=300,
+                      base_repo='PixArt-alpha/PixArt-Sigma-XL-2-1024-MS')
+    return _create_pixart('pixart_sigma', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pixart_sigma_512(pretrained: bool = False, **kwargs) -> PixArtBackbone:
+    """PixArt-Sigma XL/2 512 px."""
+    model_args = dict(transformer_cfg=_PIXART_SIGMA_512, vae_cfg=_VAE_SDXL, max_tokens=300,
+                      base_repo='PixArt-alpha/PixArt-Sigma-XL-2-512-MS')
+    return _create_pixart('pixart_sigma_512', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pixart_alpha(pretrained: bool = False, **kwargs) -> PixArtBackbone:
+    """PixArt-alpha XL/2 512 px (SD's VAE, T5 prompts of 120 tokens)."""
+    model_args = dict(transformer_cfg=_PIXART_ALPHA_512, vae_cfg=_VAE_SD, max_tokens=120,
+                      base_repo='PixArt-alpha/PixArt-XL-2-512x512')
+    return _create_pixart('pixart_alpha', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_pixart(pretrained: bool = False, **kwargs) -> PixArtBackbone:
+    """Tiny random-weight PixArt layout, for tests."""
+    model_args = dict(transformer_cfg=_PIXART_TEST, vae_cfg=_VAE_TEST, max_tokens=8, base_repo='diffbackbone/test-pixart')
+    return _create_pixart('test_pixart', pretrained=pretrained, **dict(model_args, **kwargs))

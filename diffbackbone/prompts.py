@@ -1,0 +1,258 @@
+"""Text prompts for the diffusion backbones: embeddings computed once with the base repo's text encoder(s), cached on
+disk, and one prompt per image for any forward pass.
+
+    model = timm.create_model('cleandift_sd21', pretrained=True, prompt='a photo of a dog')   # one prompt for all
+    batch = encode_prompts(model, ['a photo of a cat', 'a photo of a dog'])   # cached per (repo commit, prompt)
+    with use_prompts(model, batch):   # image i conditioned on prompt i; also through features_only / mmseg wrappers
+        feats = model(images)
+
+Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
+last hidden state; SDXL: see `models/sdxl.py`; PixArt: T5, see `models/pixart.py`) in float32, and stored under
+`hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
+their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
+This module imports only `hub` at import time: models use it to fill their prompt embedding while loading weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import hub
+
+__all__ = ['PromptBatch', 'encode_prompts', 'use_prompts', 'find_diffusion_model', 'empty_prompt_embeds']
+
+_SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
+_SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Text embeddings of `prompts`, one row each: `prompt_embeds` (N, 77, D) and, for SDXL, `pooled_prompt_embeds`
+    (N, P) (PixArt: T5's (N, T, D) and its token mask `prompt_mask` (N, T)); float32 on the CPU as encoded
+    (`use_prompts` moves them to the model's device once)."""
+
+    prompts: tuple[str, ...]
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    prompt_mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The model buffers these embeddings fill (`prompt_embeds`, and `pooled_prompt_embeds` for SDXL)."""
+        out = {'prompt_embeds': self.prompt_embeds}
+        if self.pooled_prompt_embeds is not None:
+            out['pooled_prompt_embeds'] = self.pooled_prompt_embeds
+        if self.prompt_mask is not None:
+            out['prompt_mask'] = self.prompt_mask
+        return out
+
+
+def find_diffusion_model(module: nn.Module) -> nn.Module:
+    """The `DiffusionUNet` (or PixArt backbone) in `module`: itself, or inside a wrapper such as timm's
+    `FeatureGetterNet` or `diffbackbone.mmseg.DiffusionBackbone`."""
+    from .models.diffusion_unet import TapBackbone
+
+    if isinstance(module, nn.Module):
+        for sub in module.modules():  # the module itself first
+            if isinstance(sub, TapBackbone) and hasattr(sub, '_prompt_override'):
+                return sub
+    raise TypeError(f'{type(module).__name__} holds no diffbackbone DiffusionUNet: give a model built with '
+                    'timm.create_model("cleandift_sd21", ...) (or a wrapper of one).')
+
+
+def _as_prompts(prompts: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = tuple(prompts)
+    if not prompts:
+        raise ValueError('No prompts given: give one prompt per image, or one for all images.')
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f'Prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r}.')
+    return prompts
+
+
+# ---- encoding (SD 1.x / 2.x: one CLIP text encoder) -----------------------------------------------------------------
+def _load_clip(source: str, revision: Optional[str], what: str) -> list[tuple[Any, nn.Module]]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with hub.hub_errors(what, repo=source, revision=revision):
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
+        encoder = CLIPTextModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
+                                                dtype=torch.float32)
+    return [(tokenizer, encoder.eval())]
+
+
+def _encode_clip(encoders: list[tuple[Any, nn.Module]], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """As diffusers' StableDiffusionPipeline.encode_prompt: padded to 77 tokens, last hidden state, float32."""
+    tokenizer, encoder = encoders[0]
+    inputs = tokenizer(list(prompts), padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors='pt')
+    mask = inputs.attention_mask if getattr(encoder.config, 'use_attention_mask', False) else None
+    with torch.no_grad():
+        return {'prompt_embeds': encoder(inputs.input_ids, attention_mask=mask)[0].float()}
+
+
+class _TextEncoders:
+    """The base repo's tokenizer(s) and text encoder(s), loaded on the first cache miss and released by `close`."""
+
+    def __init__(self, sdxl: bool):
+        self.sdxl = sdxl
+        self.loaded = None
+
+    def __call__(self, source: str, revision: Optional[str], prompts: Sequence[str], what: str) -> dict:
+        from .models import sdxl as sdxl_text
+
+        if self.loaded is None:
+            load = sdxl_text.load_text_encoders if self.sdxl else _load_clip
+            self.loaded = load(source, revision, what)
+        encode = sdxl_text._encode if self.sdxl else _encode_clip
+        return encode(self.loaded, prompts)
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded = None
+            gc.collect()  # the SD2.1 text encoder is 1.4 GB: give it back now
+
+
+# ---- cache ----------------------------------------------------------------------------------------------------------
+def _fingerprint(*folders: Path) -> str:
+    """Key of local folders' contents: paths, sizes and modification times."""
+    h = hashlib.sha256()
+    for folder in folders:
+        h.update(str(folder.resolve()).encode())
+        for f in sorted(p for p in folder.rglob('*') if p.is_file()):
+            st = f.stat()
+            h.update(f'{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:32]
+
+
+def _prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:32]
+
+
+def _what(source: str, prompt: str, sdxl: bool) -> str:
+    kind = 'SDXL ' if sdxl else ''
+    if prompt == '':
+        return f'the {kind}empty-prompt text embedding{"s" if sdxl else ""} of {source!r}'
+    return f'the {kind}text embedding of the prompt {prompt!r} from {source!r}'
+
+
+def _cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{prompt: tensors} for distinct `prompts`, each read from the cache or encoded once and cached."""
+    encoders = _TextEncoders(sdxl)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        folder = hub._local_dir(source)
+        if folder is not None:
+            subs = _SDXL_SUBFOLDERS if sdxl else _SD_SUBFOLDERS
+            for sub in subs:
+                if not (folder / sub).is_dir():
+                    raise hub.HubError(
+                        f'Could not get {_what(source, prompts[0], sdxl)}: {folder / sub} does not exist '
+                        f'({"SDXL " if sdxl else ""}diffusers layout expected: {", ".join(subs)}).')
+            key = _fingerprint(*(folder / sub for sub in subs))
+            for prompt in prompts:
+                what = _what(source, prompt, sdxl)
+                suffix = ('' if prompt == '' else f'-{_prompt_key(prompt)}') + ('-sdxl' if sdxl else '')
+                path = hub.cache_dir() / 'prompt_embeds' / 'local' / f'{key}{suffix}.safetensors'
+                if path.is_file():
+                    with contextlib.suppress(hub.HubError):
+                        out[prompt] = hub.load_safetensors(path, what=what)
+                        continue
+                out[prompt] = encoders(str(folder), None, [prompt], what)
+                hub.save_safetensors(out[prompt], path)
+            return out
+        repo_id, revision = hub.split_repo(source)
+        probe = 'text_encoder_2/config.json' if sdxl else 'text_encoder/config.json'
+        for prompt in prompts:
+            what = _what(source, prompt, sdxl)
+            name = 'empty_prompt' if prompt == '' else f'prompt_{_prompt_key(prompt)}'
+            name += '_sdxl' if sdxl else ''
+            compute: Callable = lambda commit, meta, p=prompt, w=what: encoders(repo_id, commit, [p], w)  # noqa: E731
+            out[prompt] = hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what, compute)
+        return out
+    finally:
+        encoders.close()
+
+
+def encode_prompts(model_or_base_repo: Union[nn.Module, str], prompts: Union[str, Sequence[str]],
+                   sdxl: bool = False) -> PromptBatch:
+    """Text embeddings of `prompts` for a model (its `base_repo`'s text encoders) or a base repo.
+
+    Args:
+        model_or_base_repo: a diffbackbone model (or any wrapper of one), or a base repo `'org/name[@revision]'` /
+            local diffusers folder with `tokenizer/` and `text_encoder/` (SDXL: also `tokenizer_2/`, `text_encoder_2/`).
+        prompts: one string per image (a single string is one prompt).
+        sdxl: base repo given by name: encode with SDXL's two text encoders (a model knows this itself).
+
+    Each distinct prompt is encoded once, ever: later calls read it from the cache without loading any text encoder
+    (also with HF_HUB_OFFLINE=1).
+    """
+    prompts = _as_prompts(prompts)
+    if isinstance(model_or_base_repo, str):
+        source = model_or_base_repo
+    else:
+        net = find_diffusion_model(model_or_base_repo)
+        if not net.base_repo:
+            raise hub.HubError('The model has no base_repo to take the text encoder from; build it with '
+                               "base_repo='org/name' or a local diffusers folder.")
+        if hasattr(net, 'prompt_mask'):  # PixArt: T5 prompts of the model's length, cached per (commit, prompt)
+            from .models.pixart import encode_t5_prompt
+
+            t5 = {p: encode_t5_prompt(net.base_repo, p, net.prompt_embeds.shape[1]) for p in dict.fromkeys(prompts)}
+            return PromptBatch(prompts, torch.cat([t5[p]['prompt_embeds'] for p in prompts]),
+                               prompt_mask=torch.cat([t5[p]['prompt_mask'] for p in prompts]))
+        source, sdxl = net.base_repo, hasattr(net, 'pooled_prompt_embeds')
+    tensors = _cached(source, list(dict.fromkeys(prompts)), sdxl)
+    embeds = torch.cat([tensors[p]['prompt_embeds'] for p in prompts])
+    pooled = torch.cat([tensors[p]['pooled_prompt_embeds'] for p in prompts]) if sdxl else None
+    return PromptBatch(prompts, embeds, pooled)
+
+
+def empty_prompt_embeds(base_repo: str) -> torch.Tensor:
+    """Text embedding of the empty prompt for an SD base repo in diffusers layout: (1, 77, D) float32, cached."""
+    return encode_prompts(base_repo, ['']).prompt_embeds
+
+
+# ---- per-image prompts ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def use_prompts(model: nn.Module, prompts: Union[str, Sequence[str], PromptBatch]) -> Iterator[PromptBatch]:
+    """Inside the block, every forward of `model` (or of any wrapper holding it) conditions image i of the batch on
+    `prompts[i]`; a single prompt applies to all images. Outside it, the model's own prompt is used again.
+
+    Strings are encoded (and cached) on entry with `encode_prompts`; the embeddings move to the model's device and
+    dtype once, so forwards cost nothing more. Noisy models condition all `ensemble` noisy copies of image i on its
+    prompt. Blocks nest; the innermost wins.
+    """
+    net = find_diffusion_model(model)
+    batch = prompts if isinstance(prompts, PromptBatch) else encode_prompts(net, prompts)
+    # the second conditioning tensor: SDXL's pooled embedding, PixArt's token mask, none for SD 1.x / 2.x
+    second = next((n for n in ('pooled_prompt_embeds', 'prompt_mask') if hasattr(net, n)), None)
+    ref = net.prompt_embeds
+    given = getattr(batch, second) if second else None
+    if batch.prompt_embeds.shape[1:] != ref.shape[1:] or (given is None) != (second is None):
+        raise ValueError(
+            f'Prompt embeddings of shape {tuple(batch.prompt_embeds.shape[1:])}'
+            f'{f" without {second}" if second and given is None else ""} do not fit this model '
+            f'({tuple(ref.shape[1:])}{f" with {second}" if second else ""}): encode them with '
+            'encode_prompts(model, prompts).')
+    ctx = batch.prompt_embeds.to(device=ref.device, dtype=ref.dtype)
+    if second:
+        given = given.to(device=ref.device, dtype=getattr(net, second).dtype)
+    saved = net._prompt_override
+    net._prompt_override = (ctx, given)
+    try:
+        yield batch
+    finally:
+        net._prompt_override = saved

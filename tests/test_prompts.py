@@ -1,0 +1,308 @@
+"""Text prompts: embeddings computed once with the base repo's text encoder(s) and cached per (commit, prompt), the
+`prompt=` constructor argument, state-dict round trips, and per-image prompts through every wrapper."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from fakehub import save_tiny_clip
+from safetensors.torch import save_file
+
+import diffbackbone  # noqa: F401  (registers the models)
+from diffbackbone import prompts
+from diffbackbone.hub import HubError
+from diffbackbone.models import diffusion_unet as du
+
+DOG, CAT = 'a photo of a dog', 'a photo of a cat'
+
+
+@pytest.fixture(scope='module')
+def tiny_base(fake_hub, tmp_path_factory):
+    """A base repo with a tiny CLIP text encoder (hidden 32), tokenizer and VAE, on the Hub and as a local folder."""
+    folder = tmp_path_factory.mktemp('tiny_base')
+    save_tiny_clip(folder, hidden_size=32)
+    cfg = du._VAE_TEST
+    n = len(cfg['block_out_channels'])
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=cfg['block_out_channels'], layers_per_block=cfg['layers_per_block'],
+                        latent_channels=4, norm_num_groups=cfg['norm_num_groups'],
+                        down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n)
+    (folder / 'vae').mkdir()
+    save_file(vae.state_dict(), folder / 'vae' / 'diffusion_pytorch_model.safetensors')
+    save_file(UNet2DConditionModel(**du._UNET_TEST).state_dict(), folder / 'unet.safetensors')
+    fake_hub.add_folder('org/tiny-sd', folder)
+    return folder
+
+
+def _reference_embeds(folder: Path, texts) -> torch.Tensor:
+    """CLIP text encoding as diffusers' StableDiffusionPipeline.encode_prompt does it."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / 'tokenizer')
+    encoder = CLIPTextModel.from_pretrained(folder / 'text_encoder', dtype=torch.float32).eval()
+    ids = tokenizer(list(texts), padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors='pt').input_ids
+    with torch.no_grad():
+        return encoder(ids)[0]
+
+
+def _forbid_text_encoder(monkeypatch):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def fail(*args, **kwargs):
+        raise AssertionError('text encoder loaded although the embedding is cached')
+
+    for cls in (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer):
+        monkeypatch.setattr(cls, 'from_pretrained', fail)
+
+
+# ---- encode and cache -----------------------------------------------------------------------------------------------
+def test_empty_prompt_embeds_from_hub(fake_hub, hub_cache, tiny_base, monkeypatch):
+    embeds = prompts.empty_prompt_embeds('org/tiny-sd')
+    assert embeds.shape == (1, 77, 32) and embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds, _reference_embeds(tiny_base, ['']), rtol=0, atol=0)
+    commit = fake_hub.commit_of('org/tiny-sd')
+    assert (hub_cache.ours / 'prompt_embeds/org/tiny-sd' / commit / 'empty_prompt.safetensors').is_file()
+
+    _forbid_text_encoder(monkeypatch)
+    fake_hub.requests.clear()
+    assert torch.equal(prompts.empty_prompt_embeds('org/tiny-sd'), embeds)
+    assert [m for m, *_ in fake_hub.requests] == ['HEAD']
+    assert torch.equal(prompts.empty_prompt_embeds(f'org/tiny-sd@{commit}'), embeds)
+
+
+def test_encode_prompts_caches_each_prompt(fake_hub, hub_cache, tiny_base, monkeypatch):
+    batch = prompts.encode_prompts('org/tiny-sd', [DOG, CAT, DOG])
+    assert batch.prompts == (DOG, CAT, DOG) and batch.pooled_prompt_embeds is None
+    torch.testing.assert_close(batch.prompt_embeds, _reference_embeds(tiny_base, [DOG, CAT, DOG]), rtol=0, atol=0)
+    assert not torch.equal(batch.prompt_embeds[0], batch.prompt_embeds[1])
+    commit = fake_hub.commit_of('org/tiny-sd')
+    assert len(list((hub_cache.ours / 'prompt_embeds/org/tiny-sd' / commit).glob('prompt_*.safetensors'))) == 2
+
+    _forbid_text_encoder(monkeypatch)
+    fake_hub.requests.clear()
+    again = prompts.encode_prompts('org/tiny-sd', [CAT, DOG])
+    assert torch.equal(again.prompt_embeds, batch.prompt_embeds[[1, 0]])
+    assert [m for m, *_ in fake_hub.requests] == ['HEAD', 'HEAD']  # one revision check per prompt, no download
+
+
+def test_encode_prompts_local_folder(hub_cache, tiny_base, monkeypatch):
+    batch = prompts.encode_prompts(str(tiny_base), DOG)  # a single string is one prompt
+    assert len(batch) == 1
+    torch.testing.assert_close(batch.prompt_embeds, _reference_embeds(tiny_base, [DOG]), rtol=0, atol=0)
+    empty = prompts.empty_prompt_embeds(str(tiny_base))
+    _forbid_text_encoder(monkeypatch)
+    assert torch.equal(prompts.encode_prompts(str(tiny_base), [DOG]).prompt_embeds, batch.prompt_embeds)
+    assert torch.equal(prompts.empty_prompt_embeds(str(tiny_base)), empty)
+
+
+def test_encode_prompts_errors(fake_hub, hub_cache, tmp_path):
+    with pytest.raises(HubError, match='empty-prompt text embedding.*not found.*base_repo='):
+        prompts.empty_prompt_embeds('nobody/sd')
+    with pytest.raises(HubError, match=f"prompt '{DOG}'.*not found"):
+        prompts.encode_prompts('nobody/sd', [DOG])
+    with pytest.raises(HubError, match='tokenizer does not exist.*diffusers layout'):
+        prompts.encode_prompts(str(tmp_path), [DOG])
+    with pytest.raises(ValueError, match='No prompts'):
+        prompts.encode_prompts('org/tiny-sd', [])
+    with pytest.raises(ValueError, match='must be strings'):
+        prompts.encode_prompts('org/tiny-sd', [DOG, 3])
+    with pytest.raises(TypeError, match='no diffbackbone DiffusionUNet'):
+        prompts.encode_prompts(torch.nn.Linear(2, 2), [DOG])
+
+
+def test_offline_uses_cached_prompts(fake_hub, hub_cache, tiny_base, run_python):
+    expected = prompts.encode_prompts('org/tiny-sd', [DOG]).prompt_embeds
+    torch.save(expected, hub_cache.ours / 'expected.pt')
+    fake_hub.requests.clear()
+    result = run_python(f"""
+import sys, types, torch
+package = types.ModuleType('diffbackbone')  # prompts.py and hub.py alone: no timm, diffusers or transformers import
+package.__path__ = ['diffbackbone']
+sys.modules['diffbackbone'] = package
+from diffbackbone import hub, prompts
+assert torch.equal(prompts.encode_prompts('org/tiny-sd', [{DOG!r}]).prompt_embeds,
+                   torch.load({str(hub_cache.ours / 'expected.pt')!r}))
+try:
+    prompts.encode_prompts('org/tiny-sd', [{CAT!r}])
+except hub.HubError as e:
+    print(str(e).replace(chr(10), ' '))
+assert 'transformers' not in sys.modules, 'a text encoder was imported although the embedding is cached'
+""", env=hub_cache.env, offline=True)
+    assert result.returncode == 0, result.stderr
+    assert 'HF_HUB_OFFLINE is set' in result.stdout and CAT in result.stdout
+    assert fake_hub.requests == []
+
+
+# ---- the model's own prompt -----------------------------------------------------------------------------------------
+def _pretrained(tiny_base, base_repo=None, **kwargs):
+    return timm.create_model('test_cleandift', pretrained=True, base_repo=base_repo or str(tiny_base), timestep=300.0,
+                             pretrained_cfg_overlay=dict(file=str(tiny_base / 'unet.safetensors')), **kwargs).eval()
+
+
+def test_prompt_argument_and_state_dict_round_trip(fake_hub, hub_cache, tiny_base, tmp_path, monkeypatch):
+    dog = _pretrained(tiny_base, base_repo='org/tiny-sd', prompt=DOG)  # VAE and text encoder from the (fake) Hub
+    commit = fake_hub.commit_of('org/tiny-sd')
+    assert len(list((hub_cache.ours / 'prompt_embeds/org/tiny-sd' / commit).glob('prompt_*.safetensors'))) == 1
+    plain = _pretrained(tiny_base)  # from the local folder
+    assert dog.prompt == DOG and plain.prompt == ''
+    torch.testing.assert_close(dog.prompt_embeds, _reference_embeds(tiny_base, [DOG]), rtol=0, atol=0)
+    torch.testing.assert_close(plain.prompt_embeds, _reference_embeds(tiny_base, ['']), rtol=0, atol=0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        f_dog, f_plain = dog.forward_features(x), plain.forward_features(x)
+    assert not torch.allclose(f_dog, f_plain, atol=1e-4)
+
+    _forbid_text_encoder(monkeypatch)  # the embedding travels in the state dict: nothing is encoded again
+    rebuilt = timm.create_model('test_cleandift', prompt=DOG).eval()
+    rebuilt.load_state_dict(dog.state_dict())
+    save_file(dog.state_dict(), tmp_path / 'dog.safetensors')
+    from_file = timm.create_model('test_cleandift', pretrained=True, prompt=CAT, base_repo=str(tiny_base),
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'dog.safetensors'))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.forward_features(x), f_dog, rtol=0, atol=0)
+        torch.testing.assert_close(from_file.forward_features(x), f_dog, rtol=0, atol=0)  # the file's embedding wins
+        plain.load_state_dict(dog.state_dict())
+        torch.testing.assert_close(plain.forward_features(x), f_dog, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='prompt must be a string'):
+        timm.create_model('test_cleandift', prompt=[DOG])
+
+
+# ---- per-image prompts ----------------------------------------------------------------------------------------------
+def _with_embedding(model: du.DiffusionUNet, embeds: torch.Tensor) -> du.DiffusionUNet:
+    other = timm.create_model('test_dift', ensemble=model.ensemble, noise_seed=model.noise_seed).eval()
+    sd = model.state_dict()
+    sd['prompt_embeds'] = embeds
+    missing, unexpected = other.load_state_dict(sd, strict=False)  # `model` may be pruned after its taps
+    assert not unexpected and all(k.startswith('unet.up_blocks.') for k in missing)
+    return other
+
+
+def test_use_prompts_per_image_through_wrappers(hub_cache, tiny_base):
+    from diffbackbone.mmseg import DiffusionBackbone
+
+    torch.manual_seed(0)
+    getter = timm.create_model('test_dift', ensemble=2, base_repo=str(tiny_base), features_only=True,
+                               out_indices=('us6', 'mid')).eval()
+    net = prompts.find_diffusion_model(getter)
+    assert isinstance(net, du.DiffusionUNet)
+    batch = prompts.encode_prompts(getter, [DOG, CAT, ''])
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        own = getter(x)
+        with prompts.use_prompts(getter, batch):
+            per_image = getter(x)
+        # image i with prompt i equals a model whose own prompt is prompt i (each of its noisy copies conditioned)
+        for i in range(3):
+            ref = _with_embedding(net, batch.prompt_embeds[i:i + 1])
+            expected = ref.forward_intermediates(x[i:i + 1], indices=['us6', 'mid'], intermediates_only=True)
+            for got, exp in zip(per_image, expected):
+                torch.testing.assert_close(got[i:i + 1], exp, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(per_image[0][0], per_image[0][1], atol=1e-4)
+        torch.testing.assert_close(getter(x)[0], own[0], rtol=0, atol=0)  # outside the block: the model's own prompt
+        with prompts.use_prompts(getter, [DOG]):  # one prompt broadcasts to every image
+            broadcast = getter(x)[0]
+        torch.testing.assert_close(broadcast[0], per_image[0][0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match='2 prompts for a batch of 3 images'), prompts.use_prompts(getter, [DOG, CAT]):
+            getter(x)
+
+    backbone = DiffusionBackbone('test_dift', pretrained=False, out_indices=('us6',), frozen=True,
+                                 model_kwargs=dict(ensemble=2, base_repo=str(tiny_base)))
+    backbone.model.load_state_dict(net.state_dict())
+    with prompts.use_prompts(backbone, batch):
+        out = backbone(x)[0]
+    torch.testing.assert_close(out, per_image[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='do not fit this model'):
+        with prompts.use_prompts(backbone, prompts.PromptBatch(('x',), torch.zeros(1, 77, 16))):
+            pass
+
+
+def _sdxl_folder(folder: Path) -> Path:
+    """Tokenizers and text encoders of a tiny SDXL-layout repo (hidden 16 + 16, pooled 16)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    save_tiny_clip(folder, hidden_size=16, seed=0)
+    save_tiny_clip(folder / 'second', hidden_size=16, seed=1)
+    (folder / 'second' / 'tokenizer').rename(folder / 'tokenizer_2')
+    config = CLIPTextConfig.from_pretrained(folder / 'second' / 'text_encoder')
+    torch.manual_seed(2)
+    CLIPTextModelWithProjection(config).eval().save_pretrained(folder / 'text_encoder_2')
+    return folder
+
+
+def test_sdxl_prompts(hub_cache, tmp_path, monkeypatch):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = _sdxl_folder(tmp_path / 'sdxl')
+    model = timm.create_model('test_sdxl', ensemble=1, base_repo=str(folder)).eval()
+    batch = prompts.encode_prompts(model, [DOG, CAT])
+    hidden = []
+    for tok, enc, cls in (('tokenizer', 'text_encoder', CLIPTextModel),
+                          ('tokenizer_2', 'text_encoder_2', CLIPTextModelWithProjection)):
+        ids = CLIPTokenizer.from_pretrained(folder / tok)([DOG, CAT], padding='max_length', max_length=77,
+                                                          return_tensors='pt').input_ids
+        with torch.no_grad():
+            out = cls.from_pretrained(folder / enc).eval()(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    torch.testing.assert_close(batch.prompt_embeds, torch.cat(hidden, -1), rtol=0, atol=0)
+    torch.testing.assert_close(batch.pooled_prompt_embeds, out.text_embeds)  # encoded one by one
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        with prompts.use_prompts(model, batch):
+            both = model.forward_features(x)
+        model.prompt_embeds.copy_(batch.prompt_embeds[1:])
+        model.pooled_prompt_embeds.copy_(batch.pooled_prompt_embeds[1:])
+        cat = model.forward_features(x[1:])
+    torch.testing.assert_close(both[1:], cat, rtol=1e-5, atol=1e-5)
+    _forbid_text_encoder(monkeypatch)
+    assert torch.equal(prompts.encode_prompts(model, [CAT]).pooled_prompt_embeds, batch.pooled_prompt_embeds[1:])
+    with pytest.raises(ValueError, match='without pooled'):
+        with prompts.use_prompts(model, prompts.PromptBatch(('x',), batch.prompt_embeds[:1])):
+            pass
+
+
+def test_cli_features_prompt(hub_cache, tiny_base, tmp_path):
+    from PIL import Image
+    from safetensors import safe_open
+
+    from diffbackbone.cli import main
+
+    image = tmp_path / 'img.png'
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(image)
+    common = ['features', str(image), '--model', 'test_cleandift', '--taps', 'us6', '--size', '64',
+              '--weights', str(tiny_base / 'unet.safetensors'),
+              '--model-kwargs', json.dumps(dict(base_repo=str(tiny_base), timestep=300.0))]
+    assert main(common + ['--out', str(tmp_path / 'dog.safetensors'), '--prompt', DOG]) == 0
+    assert main(common + ['--out', str(tmp_path / 'plain.safetensors')]) == 0
+    with safe_open(tmp_path / 'dog.safetensors', 'pt') as f, safe_open(tmp_path / 'plain.safetensors', 'pt') as g:
+        dog, plain = f.get_tensor('us6'), g.get_tensor('us6')
+    model = _pretrained(tiny_base, prompt=DOG)
+    from diffbackbone.images import load_image
+    with torch.no_grad():
+        expected = model.forward_intermediates(load_image(image, 64)[None], indices=['us6'], intermediates_only=True)[0]
+    torch.testing.assert_close(dog, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dog, plain, atol=1e-4)
+
+
+def test_use_prompts_pixart(hub_cache, tmp_path):
+    from test_newer_models import _tiny_t5_repo
+
+    _tiny_t5_repo(tmp_path)
+    model = timm.create_model('test_pixart', base_repo=str(tmp_path), ensemble=2).eval()
+    batch = prompts.encode_prompts(model, ['a photo of a room', DOG])
+    assert batch.prompt_embeds.shape == (2, 8, 32) and batch.prompt_mask.tolist()[1] == [1] * 6 + [0] * 2
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        with prompts.use_prompts(model, batch):
+            both = model.forward_features(x)
+        singles = []
+        for i in range(2):
+            model.prompt_embeds.copy_(batch.prompt_embeds[i:i + 1])
+            model.prompt_mask.copy_(batch.prompt_mask[i:i + 1])
+            singles.append(model.forward_features(x[i:i + 1]))
+    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='without prompt_mask'):
+        with prompts.use_prompts(model, prompts.PromptBatch(('x',), batch.prompt_embeds[:1])):
+            pass
