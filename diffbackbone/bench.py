@@ -341,8 +341,11 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from .cli import device, diffusion_model_name
+
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench', description=__doc__.split('\n\n')[0])
-    p.add_argument('--model', default='cleandift_sd21', help='clean model (random weights, nothing downloaded)')
+    p.add_argument('--model', default='cleandift_sd21', type=diffusion_model_name,
+                   help='clean model (random weights, nothing downloaded)')
     p.add_argument('--size', type=int, default=768, help='image side in pixels')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--dtype', choices=DTYPES, default='bf16')
@@ -354,7 +357,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU (default 790 on CUDA: H100 bf16)')
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--noisy-ensemble', type=int, default=0, metavar='E',
                    help='also time the noisy model with this ensemble against DIFT (0: skip)')
     p.add_argument('--timestep', type=float, default=261.0, help='clean models: the timestep they run at')

@@ -18,12 +18,13 @@ import argparse
 import difflib
 import importlib
 import json
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ['main', 'build_parser']
+__all__ = ['main', 'build_parser', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object']
 
 
 def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
@@ -36,18 +37,45 @@ def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
 
 
 # ---- argument types: bad values end in `error: ...` and exit 2 before anything runs -----------------------------
+def _diffusion_models() -> list[str]:
+    """The models diffbackbone registers with timm (importing `diffbackbone.models` registers them)."""
+    import timm
+    from timm.models import model_entrypoint
+
+    from . import models  # noqa: F401
+
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
+
+
+def _unknown_model(value: str, candidates: Sequence[str]) -> argparse.ArgumentTypeError:
+    close = difflib.get_close_matches(value, candidates, n=3)
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    return argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: '
+                                      f'{", ".join(sorted(_diffusion_models()))}.')
+
+
 def model_name(value: str) -> str:
-    """A registered diffbackbone/timm model name, or `hf-hub:org/name`."""
+    """A registered diffbackbone/timm model name (with an optional `.tag`), `hf-hub:org/name` or `local-dir:PATH`."""
     import timm
 
     from . import models  # noqa: F401  (registers the models)
 
-    if value.startswith('hf-hub:') or value in timm.list_models():
+    if value.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(value):
         return value
-    ours = timm.list_models(module='diffusion_unet') + timm.list_models(module='pixart')
-    close = difflib.get_close_matches(value, timm.list_models(), n=3)
-    hint = f' Did you mean {", ".join(close)}?' if close else ''
-    raise argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: {", ".join(sorted(set(ours)))}.')
+    raise _unknown_model(value, timm.list_models())
+
+
+def diffusion_model_name(value: str) -> str:
+    """The name of one of diffbackbone's diffusion models (commands that need its taps)."""
+    import timm
+
+    ours = _diffusion_models()
+    if value.partition('.')[0] in ours and timm.is_model(value):
+        return value
+    if timm.is_model(value):
+        raise argparse.ArgumentTypeError(f'{value!r} is a timm model but not a diffusion model of diffbackbone: '
+                                         f'choose one of {", ".join(sorted(ours))}.')
+    raise _unknown_model(value, ours)
 
 
 def device(value: str) -> str:
@@ -180,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy('depth', 'run_depth'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
-    p.add_argument('model', type=model_name)
+    p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
     p.set_defaults(func=_lazy('taps_cmd', 'run_taps'))
 
@@ -254,8 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, 'prompt', None) is not None and args.command == 'features':  # passed as model kwarg `prompt`
             args.model_kwargs = {**(args.model_kwargs or {}), 'prompt': args.prompt}
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (HubError, TapError, ValueError, OSError) as e:  # ImageError, ExportError, ... are ValueErrors
-        print(f'error: {e}', file=sys.stderr)
+        print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)  # one line (Hub errors add their cause)
         return 2
 
 

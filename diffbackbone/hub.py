@@ -1,19 +1,24 @@
 """Downloads from the Hugging Face Hub, with errors that say what to do.
 
-Everything goes through `huggingface_hub`, so its cache, resumable downloads, progress bars, revisions, `HF_ENDPOINT`
-mirrors and `HF_HUB_OFFLINE` all apply. Small derived things are kept in our own cache (`cache_dir()`), keyed by repo
-and resolved commit (`_cached_per_commit`): single tensors read out of huge safetensors files with HTTP range requests
-(CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the prompt text embeddings of `diffbackbone.prompts`
-(so that no 1.4 GB text encoder is ever loaded just to extract image features).
+Everything goes through `huggingface_hub`, so its cache, progress bars, revisions, `HF_ENDPOINT` mirrors and
+`HF_HUB_OFFLINE` all apply. Downloads resume: huggingface_hub resumes a dropped connection within a call, and
+`download` first completes the partial files that processes killed mid-download left in the repo's cache folder
+(huggingface_hub, also inside transformers, would leave them there and start anew). Small derived things are kept in
+our own cache (`cache_dir()`), keyed by repo and resolved commit (`_cached_per_commit`): single tensors read out of
+huge safetensors files with HTTP range requests (CleanDIFT's learned timestep sits in a 3.9 GB checkpoint), and the
+prompt text embeddings of `diffbackbone.prompts` (so that no 1.4 GB text encoder is ever loaded just to extract image
+features).
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import glob
+import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'save_safetensors', 'atomic_path', 'write_text_atomic',
+    'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_downloads',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -167,7 +172,94 @@ def download(repo: str, filename: str, *, what: str) -> Path:
         return _local_file(folder, filename, what)
     repo_id, revision = split_repo(repo)
     with hub_errors(what, repo=repo_id, revision=revision, filename=filename):
+        resume_killed_downloads(repo_id, revision)
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+
+_STALE_PARTIAL_S = 24 * 3600
+
+
+def resume_killed_downloads(repo_id: str, revision: str | None = None) -> list[Path]:
+    """Finish the downloads from `repo_id` that killed processes left half done; return the completed blobs.
+
+    huggingface_hub (also inside transformers and `snapshot_download`) downloads into
+    `blobs/<etag>.<random>.incomplete` while holding `.locks/<repo>/<etag>.lock`, and never looks at such a file again
+    once its process is gone. A partial file whose lock is free is an orphan. An orphan of a file of the repo is
+    completed with one HTTP Range request and checked against the file's sha256 (its etag), then moved to
+    `blobs/<etag>`, where `hf_hub_download` finds it; one that is no prefix of the file (e.g. written out of order by
+    hf_xet, which keeps its own chunk cache) is deleted, and so are orphans older than a day of files the revision no
+    longer has. Costs nothing without partial files, else one listing of the repo and one HEAD per orphan.
+    """
+    from filelock import FileLock, Timeout
+    from huggingface_hub import HfApi
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.hf_api import RepoFile
+
+    folder = repo_folder_name(repo_id=repo_id, repo_type='model')
+    blobs = Path(constants.HF_HUB_CACHE) / folder / 'blobs'
+    partials = sorted(blobs.glob('*.incomplete')) if blobs.is_dir() else []
+    if not partials or constants.is_offline_mode():
+        return []
+    try:
+        files = {(f.lfs.sha256 if f.lfs else f.blob_id): f.path
+                 for f in HfApi().list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)}
+    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+        return []  # hf_hub_download reports the problem (or uses its cache)
+    done = []
+    for etag in sorted({p.name.split('.', 1)[0] for p in partials}):
+        filename = files.get(etag)
+        try:
+            with FileLock(Path(constants.HF_HUB_CACHE) / '.locks' / folder / f'{etag}.lock', mode=0o664).acquire(0):
+                group = sorted((p for p in blobs.glob(f'{glob.escape(etag)}.*.incomplete')),
+                               key=lambda p: p.stat().st_size)
+                if filename is None and all(time.time() - p.stat().st_mtime < _STALE_PARTIAL_S for p in group):
+                    continue  # maybe of another revision: resumed when that is asked for
+                for p in group if filename is None else group[:-1]:
+                    p.unlink(missing_ok=True)
+                if filename is not None and group:
+                    blob = _complete_partial(group[-1], blobs / etag, repo_id, filename, revision)
+                    done += [blob] if blob else []
+        except Timeout:
+            continue  # its download is running in another process
+        except OSError:
+            continue  # read-only cache, or a file that went away meanwhile: hf_hub_download takes over
+    return done
+
+
+def _complete_partial(part: Path, blob: Path, repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """Download the rest of `part` (a prefix of `filename`, if all went well) and move it to `blob`."""
+    from huggingface_hub.file_download import REGEX_SHA256, http_get, is_xet_available
+
+    etag = blob.name
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+        return None  # kept for the next call; hf_hub_download reports the problem
+    if (not blob.exists() and REGEX_SHA256.fullmatch(etag) and meta.etag == etag and meta.size
+            and (meta.xet_file_data is None or not is_xet_available())):
+        headers = build_hf_headers()
+        if urlsplit(meta.location).netloc != urlsplit(constants.ENDPOINT).netloc:
+            headers.pop('authorization', None)  # signed CDN URL: the token must not leave the Hub
+        try:
+            with part.open('ab') as f:
+                http_get(meta.location, f, resume_size=part.stat().st_size, headers=headers,
+                         expected_size=meta.size, displayed_filename=filename)
+        except (HfHubHTTPError, httpx2.HTTPError, OSError):
+            return None  # kept for the next call; hf_hub_download reports the problem
+        if _sha256(part) == etag:
+            os.chmod(part, 0o666 & ~_umask())
+            os.replace(part, blob)
+            return blob
+    part.unlink(missing_ok=True)  # not resumable, or not a prefix of the file: it is downloaded anew
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open('rb') as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _discard(path: Path) -> bool:
@@ -194,9 +286,13 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
     except SafetensorError as err:
         fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
-               else 'Replace it with a complete copy.')
+               else 'Replace it with a complete copy (a PyTorch .pt/.bin/.ckpt checkpoint must first be converted '
+                    'with safetensors.torch.save_file).')
         raise HubError(f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file '
                        f'({err}). {fix}') from err
+    except OSError as err:  # a folder, a device, no permission
+        reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'
+        raise HubError(f'Could not get {what}: {path} {reason}. Give the path of a .safetensors file.') from err
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,6 +306,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _umask() -> int:
+    """The process umask; read from /proc where it can be, since setting it to read it races with other threads."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -253,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, code, {})
         if kind == 'tree':
             prefix = prefix.strip('/')
-            entries = [{'type': 'file', 'path': p, 'size': len(d), 'oid': _git_sha1(d)}
+            entries = [{'type': 'file', 'path': p, 'size': len(d), 'oid': _git_sha1(d), **self._lfs(p, d)}
                        for p, d in sorted(files.items()) if not prefix or p.startswith(prefix + '/')]
             if prefix and not entries:
                 return self._error(404, 'EntryNotFound', {'X-Repo-Commit': commit})
@@ -263,6 +263,13 @@ class _Handler(BaseHTTPRequestHandler):
                        'siblings': [{'rfilename': p} for p in sorted(files)]}
         body = json.dumps(payload).encode()
         self._body(body, head, {'Content-Type': 'application/json', 'X-Repo-Commit': commit})
+
+    @staticmethod
+    def _lfs(path: str, data: bytes) -> dict[str, Any]:
+        """The `lfs` field of a tree entry: LFS files are known by their sha256, as on the Hub."""
+        if not (path.endswith(_LFS_SUFFIXES) or len(data) >= _LFS_MIN_SIZE):
+            return {}
+        return {'lfs': {'oid': hashlib.sha256(data).hexdigest(), 'size': len(data), 'pointerSize': 134}}
 
     # ---- responses -----------------------------------------------------------------------------------------------
     def _error(self, status: int, code: str | None, headers: dict[str, str]) -> None:

@@ -13,7 +13,11 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from .backbone import DiffusionBackbone, DiffusionEncoderDecoder
 from .checks import ConfigError, check_config, check_head_channels
 from .compat import allow_mmengine_checkpoints
+from .optim import DiffusionOptimWrapperConstructor
 
 allow_mmengine_checkpoints()
 
-__all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder', 'ConfigError', 'check_config', 'check_head_channels']
+__all__ = [
+    'DiffusionBackbone', 'DiffusionEncoderDecoder', 'DiffusionOptimWrapperConstructor', 'ConfigError', 'check_config',
+    'check_head_channels',
+]

@@ -137,9 +137,11 @@ class DiffusionBackbone(BaseModule):
 @MODELS.register_module()
 class DiffusionEncoderDecoder(EncoderDecoder):
     """mmseg's `EncoderDecoder` that checks, once built, that its neck or heads take the backbone's channels and that
-    its training crop (`data_preprocessor.size`) and sliding window are at least `MIN_INPUT_SIZE` px per side.
+    its training crop (`data_preprocessor.size`) and sliding window are at least `MIN_INPUT_SIZE` px per side; at test
+    time it names `test_pipeline` when images reach it smaller than that.
 
-    Either mistake otherwise surfaces as a shape error deep inside the first training step.
+    With plain `EncoderDecoder` these mistakes surface as shape errors deep inside the first training or test step
+    (`python -m diffbackbone.mmseg` checks the channels of plain `EncoderDecoder` configs too, after building them).
     """
 
     def __init__(self, *args, **kwargs):
@@ -153,3 +155,12 @@ class DiffusionEncoderDecoder(EncoderDecoder):
                     f'{where}={tuple(_pair(size))} is smaller than the {MIN_INPUT_SIZE} px per side the diffusion '
                     f'backbone needs (its deepest level has stride {MIN_INPUT_SIZE}). Raise it to at least '
                     f'{MIN_INPUT_SIZE}.')
+
+    def inference(self, inputs: torch.Tensor, batch_img_metas: list[dict]) -> torch.Tensor:
+        if min(inputs.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ConfigError(
+                f'Test images reach the model at {tuple(inputs.shape[-2:])} px, smaller than the {MIN_INPUT_SIZE} px '
+                f'per side the diffusion backbone needs (its deepest level has stride {MIN_INPUT_SIZE}). Raise the '
+                f'`Resize` scale in test_pipeline (and tta_pipeline) so that the short side is at least '
+                f'{MIN_INPUT_SIZE} px.')
+        return super().inference(inputs, batch_img_metas)

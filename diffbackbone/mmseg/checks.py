@@ -37,7 +37,17 @@ def check_head_channels(segmentor: nn.Module) -> None:
     taps = getattr(backbone, 'tap_names', [f'out{i}' for i in range(len(channels))])
     strides = getattr(backbone, 'strides', ['?'] * len(channels))
     outputs = f"The backbone returns {len(channels)} maps: {_describe(channels, taps, strides)}."
+    try:
+        _check_heads(segmentor, channels, outputs)
+    except ConfigError as e:
+        if type(segmentor).__name__ == 'DiffusionEncoderDecoder':
+            raise
+        # Plain EncoderDecoder: only our tools run this check; mmseg's own tools fail at the first step instead.
+        raise ConfigError(f"{e} Use model.type='DiffusionEncoderDecoder' (registered by diffbackbone.mmseg) to have "
+                          "this checked whenever the model is built, also by mmseg's own tools.") from None
 
+
+def _check_heads(segmentor: nn.Module, channels: list[int], outputs: str) -> None:
     if getattr(segmentor, 'with_neck', False):
         in_ch = getattr(segmentor.neck, 'in_channels', None)
         if isinstance(in_ch, (list, tuple)) and list(in_ch) != channels:
@@ -119,8 +129,34 @@ def _loaders(cfg: Any, mode: str) -> list[str]:
     return ['test_dataloader']
 
 
+def _size_pipelines(cfg: Any, mode: str) -> Iterator[tuple[str, list]]:
+    """(name, pipeline) of every pipeline whose output reaches the backbone in this run, or in a later `test` run.
+
+    A training run also checks the test data loader, so that a too small test `Resize` is found before training, not
+    after it. Pipelines equal to the config's `test_pipeline` / `train_pipeline` variables are named after them.
+    """
+    loaders = _loaders(cfg, mode) + (['test_dataloader'] if mode == 'train' else [])
+    named = {key: cfg.get(key) for key in ('test_pipeline', 'train_pipeline') if cfg.get(key)}
+    seen: list[list] = []
+    for loader in dict.fromkeys(loaders):
+        dataset = (cfg.get(loader) or {}).get('dataset')
+        if not dataset:
+            continue
+        for where, pipeline in _pipelines(dataset, f'{loader}.dataset'):
+            if pipeline in seen:
+                continue
+            seen.append(pipeline)
+            name = next((key for key, p in named.items() if p == pipeline), None)
+            yield (f'{name} ({where})' if name else where), pipeline
+
+
 def check_image_sizes(cfg: Any, mode: str = 'train', min_size: int = MIN_INPUT_SIZE) -> None:
-    """Raise `ConfigError` when the config's crops or resizes make images smaller than `min_size` px per side."""
+    """Raise `ConfigError` when the config's crops or resizes make images smaller than `min_size` px per side.
+
+    Checks the training crop (`data_preprocessor.size`), the sliding window, and the pipelines of the run's data
+    loaders; a training run also checks the test pipeline (`test_pipeline`), which it would otherwise meet only at
+    the end.
+    """
     model = cfg.get('model') or {}
     if (model.get('backbone') or {}).get('type') != 'DiffusionBackbone':
         return
@@ -131,12 +167,9 @@ def check_image_sizes(cfg: Any, mode: str = 'train', min_size: int = MIN_INPUT_S
     test_cfg = model.get('test_cfg') or {}
     if test_cfg.get('mode') == 'slide' and test_cfg.get('crop_size') is not None:
         found.append(('model.test_cfg.crop_size', min(_pair(test_cfg['crop_size']))))
-    for loader in _loaders(cfg, mode):
-        dataset = (cfg.get(loader) or {}).get('dataset')
-        if not dataset:
-            continue
-        for where, pipeline in _pipelines(dataset, f'{loader}.dataset'):
-            for t in pipeline:
+    for where, pipeline in _size_pipelines(cfg, mode):
+        for t in pipeline:
+            if isinstance(t, dict):
                 found += [(f'{where}: {what}', side) for what, side in _short_sides(t)]
     small = [(where, side) for where, side in found if side < min_size]
     if small:

@@ -168,12 +168,18 @@ class NoisyLatents:
             z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
             z = z * self.vae.scaling_factor
         if self.clean:
-            return z
+            return self._in_denoiser_dtype(z)
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)
         noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
         a, s = self.noise_scales
-        return a * z + s * noise
+        return self._in_denoiser_dtype(a * z + s * noise)
+
+    def _in_denoiser_dtype(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the UNet's / transformer's dtype: a VAE kept in float32 (SDXL's) gives float32 latents."""
+        denoiser = getattr(self, 'unet', None) or getattr(self, 'transformer', None)
+        dtype = next(denoiser.parameters()).dtype if denoiser is not None else z.dtype
+        return z if z.dtype == dtype or torch.is_autocast_enabled(z.device.type) else z.to(dtype)
 
 
 
@@ -657,13 +663,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
         out[k] = v
     out = model.fill_missing_weights(out)
     # timm loads non-strictly when the classifier changes size; keep every other key strict here.
-    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
     got = {k for k in out if not k.startswith('head.')}
-    if expected != got:
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise RuntimeError(
+    missing, unexpected = sorted(own.keys() - got), sorted(got - own.keys())
+    resized = [f'{k} {tuple(out[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items()
+               if k in out and out[k].shape != v.shape]
+    if missing or unexpected or resized:
+        from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
+
+        raise HubError(
             f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
-            f'{len(unexpected)} unexpected keys {unexpected[:5]}. Is it for another architecture (SD1.5 vs SD2.1)?')
+            f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
+            'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
     return out
 
 
@@ -734,11 +745,17 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
         with errors():
             state_dict = _pretrained_state_dict(variant, kwargs)
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state_dict, source=None)
-    with errors():
-        model = build_model_with_cfg(
-            checked_constructor(cls, internal), variant, pretrained, pretrained_filter_fn=filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
-    for m in (model, getattr(model, 'model', None)):
+    try:
+        with errors():
+            model = build_model_with_cfg(
+                checked_constructor(cls, internal), variant, pretrained, pretrained_filter_fn=filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    except RuntimeError as e:  # the filter's mismatch error: name the weights that were given
+        source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
+        if not source or not str(e).startswith('Checkpoint does not match'):
+            raise
+        raise type(e)(f'Could not use the weights {str(source)!r} for {variant}: {e}') from e
+    for m in (model, getattr(model, 'model', None)):  # do not keep a second copy of the weights alive
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None

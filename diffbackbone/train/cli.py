@@ -9,6 +9,8 @@ __all__ = ['add_clean_train_parser', 'run_clean_train']
 
 def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `clean-train` subcommand to `diffbackbone`'s subparsers."""
+    from ..cli import device, positive_int
+
     p = subparsers.add_parser(
         'clean-train', help='make a diffusion UNet clean (CleanDIFT recipe) on a folder of images',
         description='Fine-tune a clean copy of a Stable Diffusion UNet so that, with projection heads, its features '
@@ -19,9 +21,9 @@ def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.A
                         'diffusers folder (default: sd21)')
     p.add_argument('--data', required=True, help='folder of images, searched recursively')
     p.add_argument('--out', required=True, help='run folder: checkpoints, log.jsonl and the output .safetensors')
-    p.add_argument('--steps', type=int, default=5000, help='optimizer steps (default: 5000)')
-    p.add_argument('--batch-size', type=int, default=8, help='images per GPU per micro-batch (default: 8)')
-    p.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step (default: 1)')
+    p.add_argument('--steps', type=positive_int, default=5000, help='optimizer steps (default: 5000)')
+    p.add_argument('--batch-size', type=positive_int, default=8, help='images per GPU per micro-batch (default: 8)')
+    p.add_argument('--grad-accum', type=positive_int, default=1, help='micro-batches per optimizer step (default: 1)')
     p.add_argument('--lr', type=float, default=1e-5, help='AdamW learning rate (default: 1e-5)')
     p.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (default: 0, as CleanDIFT)')
     p.add_argument('--warmup', type=int, default=2000, help='linear warm-up steps (default: 2000)')
@@ -30,7 +32,7 @@ def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument('--t-max', type=int, default=999, help='largest teacher timestep (default: 999)')
     p.add_argument('--taps', nargs='+', default=['cleandift'],
                    help="taps matched by heads: names or a preset (default: cleandift = us1..us10 and mid)")
-    p.add_argument('--size', type=int, help='crop size in pixels (default: the model input size, 768 for SD2.1)')
+    p.add_argument('--size', type=positive_int, help='crop size in pixels (default: the model input size, 768 for SD2.1)')
     p.add_argument('--crop-scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
                    help='area range of the random resized crops (default: 0.5 1.0)')
     p.add_argument('--captions', action='store_true',
@@ -52,7 +54,7 @@ def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument('--resume', nargs='?', const='auto',
                    help='continue a run: the latest checkpoint in --out, or the checkpoint folder given')
     p.add_argument('--random-weights', action='store_true', help='random base weights, no download (trying out)')
-    p.add_argument('--device', help='cpu, cuda, cuda:1 (default: the GPU of this rank, else cpu)')
+    p.add_argument('--device', type=device, help='cpu, cuda, cuda:1 (default: the GPU of this rank, else cpu)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.set_defaults(func=run_clean_train)
     return p

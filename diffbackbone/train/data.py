@@ -3,6 +3,8 @@
 Every random choice of a sample (its crop) is seeded from (seed, epoch, index), and the order of an epoch from
 (seed, epoch), so a resumed run sees exactly the batches the uninterrupted one would have seen, whatever the number
 of loader workers. An image that cannot be read is replaced by the next readable one and reported in the batch.
+Images are read by `diffbackbone.images.open_image`, as everywhere in the package (EXIF orientation applied, 16-bit
+images scaled, transparency on white).
 """
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
+
+from ..images import IMAGE_EXTENSIONS, open_image
 
 __all__ = [
     'IMAGE_EXTENSIONS',
@@ -26,9 +31,6 @@ __all__ = [
     'read_caption',
     'split_files',
 ]
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.gif', '.ppm')
-
 
 class DataError(ValueError):
     """The training data cannot be used; the message says why and what to do."""
@@ -61,9 +63,12 @@ def read_caption(image: Path) -> str:
 
 
 def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # decode now: truncated files fail here, not later in a transform
-        return img.convert('RGB')
+    """8-bit RGB pixels of an image file, read by the package's one loader (`images.open_image`)."""
+    img = open_image(path)
+    if img.mode == 'F':  # grey of a high bit depth, in [0, 1]: the crops work on 8-bit RGB
+        grey = np.asarray(img, dtype=np.float32) * 255.0 + 0.5
+        img = Image.fromarray(grey.clip(0, 255).astype(np.uint8), 'L').convert('RGB')
+    return img
 
 
 class ImageFolder(Dataset):

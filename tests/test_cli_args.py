@@ -1,0 +1,112 @@
+"""CLI argument types and error handling: every bad value is one `error: ...` line, exit 2, no traceback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffbackbone import cli
+from diffbackbone.hub import HubError
+from diffbackbone.images import ImageError
+from diffbackbone.models import TapError
+
+SAMPLE = 'diffbackbone/assets/sample.jpg'
+
+
+def _parse_error(argv: list[str], capsys) -> str:
+    """stderr of a command line argparse refuses (exit 2), checked to be an `error:` line without a traceback."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return err.strip().splitlines()[-1]
+
+
+def _features(*extra: str) -> list[str]:
+    return ['features', SAMPLE, '--out', 'unused.safetensors', '--random-weights', *extra]
+
+
+# `features`' own flags are covered in test_reliability.py; these are the other subcommands' and the shared types'.
+@pytest.mark.parametrize('argv, expected', [
+    (['taps', 'nope_model'], "argument model: unknown model 'nope_model'"),
+    (['taps', 'cleandift_sd2'], 'Did you mean cleandift_sd21'),
+    (['taps', 'resnet50'], "'resnet50' is a timm model but not a diffusion model of diffbackbone"),
+    (['export', 'run', '--out', 'x', '--model', 'cleandift_sd12'], 'argument --model: unknown model'),
+    (['export', 'run', '--out', 'x', '--model-kwargs', '"x"'], 'argument --model-kwargs: must be a JSON object'),
+    (['bench', '--model', 'resnet50'], 'argument --model:'),
+    (['bench', '--device', 'gpu0'], "argument --device: invalid device 'gpu0'"),
+    (['clean-train', '--data', 'd', '--out', 'o', '--batch-size', '0'], 'argument --batch-size: must be at least 1'),
+    (['clean-train', '--data', 'd', '--out', 'o', '--size', '-1'], 'argument --size: must be at least 1'),
+    (['clean-train', '--data', 'd', '--out', 'o', '--steps', 'many'], "argument --steps: 'many' is not a whole"),
+    (['clean-train', '--data', 'd', '--out', 'o', '--device', 'gpu0'], "argument --device: invalid device 'gpu0'"),
+])
+def test_bad_argument_is_one_error_line(argv, expected, capsys):
+    line = _parse_error(argv, capsys)
+    assert 'error: ' in line and expected in line, line
+
+
+def test_cuda_without_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # also on a GPU machine
+    for dev in ('cuda', 'cuda:1'):
+        line = _parse_error(_features('--device', dev), capsys)
+        assert f"argument --device: '{dev}'" in line and 'no CUDA GPU' in line and '--device cpu' in line
+
+
+def test_cuda_index_out_of_range(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert cli.device('cuda:1') == 'cuda:1'
+    assert "'cuda:2': only 2 CUDA GPU(s)" in _parse_error(_features('--device', 'cuda:2'), capsys)
+
+
+def test_good_values_are_parsed():
+    args = cli.build_parser().parse_args(_features(
+        '--model', 'test_cleandift', '--batch-size', '3', '--size', '64', '--device', 'cpu',
+        '--model-kwargs', '{"timestep": 100}'))
+    assert (args.model, args.batch_size, args.size, args.device) == ('test_cleandift', 3, 64, 'cpu')
+    assert args.model_kwargs == {'timestep': 100}
+    # timm's own names, pretrained tags and Hub repos pass through
+    for name in ('resnet18', 'cleandift_sd21.compvis', 'hf-hub:org/name'):
+        assert cli.model_name(name) == name
+
+
+def test_taps_command(capsys):
+    assert cli.main(['taps', 'test_cleandift']) == 0
+    out = capsys.readouterr().out
+    assert 'us6' in out and 'presets: ' in out
+
+
+@pytest.mark.parametrize('error', [HubError('no weights\n[HTTPError: 404]'), TapError('no tap'), ImageError('bad image'),
+                                   ValueError('bad value'), PermissionError(13, 'Permission denied', '/x')])
+def test_expected_errors_are_one_line(error, monkeypatch, capsys):
+    import diffbackbone.taps_cmd
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(diffbackbone.taps_cmd, 'run_taps', fail)
+    assert cli.main(['taps', 'test_cleandift']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err
+    assert str(error).split('\n')[-1] in err
+
+
+def test_weights_of_another_architecture_are_one_error_line(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    full = {k: v.contiguous() for k, v in timm.create_model('test_cleandift').state_dict().items()}  # no Hub needed
+    cut = tmp_path / 'cut.safetensors'
+    save_file({k: v for k, v in full.items() if 'mid_block' not in k}, cut)
+    reshaped = tmp_path / 'reshaped.safetensors'
+    save_file({**full, 'unet.conv_in.weight': torch.zeros(8, 4, 3, 3)}, reshaped)
+    out = tmp_path / 'f.safetensors'
+    for weights, expected in ((cut, 'missing keys'), (reshaped, "1 of other shapes ['unet.conv_in.weight (8, 4, 3, 3)")):
+        assert cli.main(['features', SAMPLE, '--model', 'test_cleandift', '--out', str(out), '--size', '64',
+                         '--weights', str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: Could not use the weights '{weights}' for test_cleandift: Checkpoint does not "
+                              'match') and expected in err and err.count('\n') == 1, err
+    with pytest.raises(HubError, match='other shapes'):  # a RuntimeError, as timm raises for bad checkpoints
+        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(reshaped)))
+    assert not out.exists()
