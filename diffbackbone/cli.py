@@ -1,8 +1,9 @@
 """Command line: `diffbackbone features IMAGE... --model cleandift_sd21 --out feats.safetensors`.
 
 Subcommands:
-    features  extract tap maps of images into a safetensors file (one tensor per tap, images stacked), optionally a
-              PCA picture of one tap.
+    features  extract tap maps of images (files, folders, globs, @lists) into a resumable feature store folder
+              (`diffbackbone.FeatureStore`; torchrun for several GPUs), or into one safetensors file (one tensor per
+              tap, images stacked), optionally with a PCA picture of one tap.
     taps      list a model's taps with channels and strides.
     depth     metric depth of images with CleanDIFT's published depth probe (see `diffbackbone.depth`).
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
@@ -115,16 +116,32 @@ def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
 
 
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
+    p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
+    p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
+                   'default) or stop (single-file default)')
+    p.add_argument('--store-dtype', choices=('float16', 'bfloat16', 'float32'),
+                   help='dtype of stored maps (default: float16 in a store, float32 in a single file)')
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--feature-pool', type=positive_int, metavar='R', help='average-pool stored maps by R (Meng et al.)')
+    g.add_argument('--feature-size', type=positive_int, metavar='N', help='resize stored maps to N x N (bilinear)')
+    p.add_argument('--shard-size', type=positive_int, metavar='N', help='images per store shard (default: about 256 MB)')
+    p.add_argument('--compile', nargs='?', const='default', help='torch.compile the model (optional mode)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='diffbackbone', description='Diffusion UNet features as vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('features', help='extract features of images into a safetensors file')
-    p.add_argument('images', nargs='+', help='image files')
+    p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')
+    p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt')
     p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model name (default: cleandift_sd21)')
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
-    p.add_argument('--out', required=True, help='output .safetensors file (one (N, C, H, W) tensor per tap)')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
+    p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '
+                   'images (one (N, C, H, W) tensor per tap)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out file or feature store')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
     p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch',
                    help='stretch: whole image to size x size, as DIFT/CleanDIFT (default); pad: keep the aspect ratio, '
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
+    _add_store_options(p)
     p.set_defaults(func=_lazy('extract', 'run_features'))
 
     p = sub.add_parser('depth', help="metric depth with CleanDIFT's published NYUv2 depth probe (us6, cleandift_sd21)",

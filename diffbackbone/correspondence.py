@@ -183,8 +183,6 @@ def match_images(
     return match_points(feats[0], feats[1], points, src_size, trg_size)
 
 
-
-
 def _heat(sim: torch.Tensor) -> 'Image.Image':
     """A similarity map as an RGB picture (dark blue low -> yellow high)."""
     import numpy as np

@@ -1,7 +1,11 @@
-"""`diffbackbone features`: tap maps of image files into a safetensors file, and a PCA picture of one tap.
+"""`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-Everything that can be checked is checked before the model runs: every image's header, the output path (not an
-input, not an existing file unless `--overwrite`, writable) and the `--pca` tap. Images are read by `images.py`.
+`--out DIR` writes a `FeatureStore` (diffbackbone/store.py) as the run goes: resumable, bounded memory, one slice of
+the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
+tensor per tap, optionally a PCA picture of one tap).
+
+Everything that can be checked is checked before the model runs: image headers (`--on-error fail`), the output path
+(not an input, not an existing file unless `--overwrite`, writable) and the `--pca` tap.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,42 +22,19 @@ import torch
 import torch.nn as nn
 
 from .hub import save_safetensors
-from .images import ImageError, image_size, load_image
+from .images import ImageError, image_size
+from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
+from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
+                    store_files, write_index)
 
 __all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'extract_features', 'pca_image', 'run_features']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
 
 
 class OutputError(ValueError):
     """An output path cannot be used; the message says why and what to do."""
-
-
-def check_output(out: Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> Path:
-    """Refuse an output file that is an input, a folder, an existing file (unless `overwrite`) or not writable.
-
-    Writability is probed by creating (and removing) a file beside it, so a read-only file system is found before
-    any work is done.
-    """
-    out = Path(out).expanduser()
-    resolved = out.resolve()
-    for path in inputs:
-        if Path(path).resolve() == resolved:
-            raise OutputError(f'--out {out} is one of the input images: it would be overwritten. Choose another '
-                              'output path.')
-    if out.is_dir():
-        raise OutputError(f'--out {out} is a folder: give a file path such as {out / "features.safetensors"}.')
-    if out.exists() and not overwrite:
-        raise OutputError(f'--out {out} exists: choose another path, or add --overwrite to replace it.')
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.probe', dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f'Cannot write to {parent} ({e.strerror or e}): choose a writable --out.') from e
-    return out
 
 
 def load_extractor(
@@ -72,10 +54,26 @@ def load_extractor(
     kwargs = dict(model_kwargs or {})
     if weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    model = timm.create_model(
-        model_name, pretrained=pretrained or bool(weights), features_only=True,
-        out_indices=tuple(taps) if taps else None, **kwargs)
+    pretrained = pretrained or bool(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every run: a resumed store must not mix two models
+        model = timm.create_model(model_name, pretrained=pretrained, features_only=True,
+                                  out_indices=tuple(taps) if taps else None, **kwargs)
     return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def data_config(model: nn.Module, size: Optional[int] = None) -> dict:
+    """timm's data config of `model` (input size, mean, std), at `size` x `size` if given."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    if size:
+        cfg['input_size'] = (3, size, size)
+    return cfg
+
+
+def _tap_names(model) -> list[str]:
+    return [info['name'] for info in model.feature_info.get_dicts()]
 
 
 def extract_features(
@@ -85,26 +83,28 @@ def extract_features(
         batch_size: int = 4,
         resize: str = 'stretch',
         desc: str = 'features',
+        workers: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run a `load_extractor` model on image files; return {tap name: (N, C, H, W) float32} and the data config."""
-    from timm.data import resolve_data_config
+    """Run a `load_extractor` model on image files; return {tap name: (N, C, H, W) float32} and the data config.
+
+    Everything stays in memory: for datasets, write a feature store (`diffbackbone features DIR --out STORE`).
+    """
     from tqdm import tqdm
 
-    data_cfg = resolve_data_config({}, model=model)
-    if size:
-        data_cfg['input_size'] = (3, size, size)
+    cfg = data_config(model, size)
     param = next(model.parameters())
-    names = [info['name'] for info in model.feature_info.get_dicts()]
+    names = _tap_names(model)
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with torch.inference_mode(), tqdm(total=len(images), unit='img', desc=desc) as bar:
-        for start in range(0, len(images), batch_size):
-            paths = images[start:start + batch_size]
-            x = torch.stack([load_image(p, data_cfg['input_size'][1:], resize, data_cfg['mean'], data_cfg['std'])
-                             for p in paths]).to(device=param.device, dtype=param.dtype)
-            for name, feat in zip(names, model(x)):
-                chunks[name].append(feat.float().cpu())
+    with tqdm(total=len(images), unit='img', desc=desc) as bar:
+        for paths, feats, failures in extract_batches(
+                model, names, [str(p) for p in images], cfg['input_size'][1:], cfg['mean'], cfg['std'], resize,
+                batch_size, workers, param.device, param.dtype):
+            if failures:
+                raise ImageError(failures[0][1])
+            for n, f in feats.items():
+                chunks[n].append(f.float())
             bar.update(len(paths))
-    return {n: torch.cat(c) for n, c in chunks.items()}, data_cfg
+    return {n: torch.cat(c) for n, c in chunks.items()}, cfg
 
 
 def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
@@ -127,40 +127,262 @@ def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
     sheet.save(out)
 
 
-def run_features(args: argparse.Namespace) -> int:
-    """Handler of `diffbackbone features`."""
-    images = [Path(p) for p in args.images]
+# ---- checks made before any work ---------------------------------------------------------------------------------
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: Path) -> None:
+    """Raise `OutputError` unless a file can be created at `path`, probed beside it (nothing is left or created)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f'Cannot write to {path}: {parent} is a file, not a folder. Choose another --out.')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.diffbackbone-probe-', dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f'Cannot write to {parent} ({e.strerror or e}): choose a writable --out.') from e
+
+
+def _check_not_input(out: Path, inputs: Sequence[str]) -> None:
+    resolved = out.resolve()
+    for path in inputs:
+        if Path(path).resolve() == resolved:
+            raise OutputError(f'--out {out} is one of the input images: it would be overwritten. Choose another '
+                              'output path.')
+
+
+def check_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> Path:
+    """Refuse an output file that is an input, a folder, an existing file (unless `overwrite`) or not writable."""
+    out = Path(out).expanduser()
+    _check_not_input(out, inputs)
+    if out.is_dir():
+        raise OutputError(f'--out {out} is a folder: give a file path such as {out / "features.safetensors"}, or '
+                          'a new folder name (no .safetensors suffix) for a feature store.')
+    if out.exists() and not overwrite:
+        raise OutputError(f'--out {out} exists: choose another path, or add --overwrite to replace it.')
+    check_writable(out)
+    return out
+
+
+def check_store(out: Path, inputs: Sequence[str]) -> None:
+    """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs."""
+    _check_not_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f'--out {out} is a file. A feature store is a folder; for a single file give a name '
+                          'ending in .safetensors.')
+    root = os.path.join(os.path.abspath(out), '')
+    inside = next((p for p in inputs if os.path.abspath(p).startswith(root)), None)
+    if inside is not None:
+        raise OutputError(f'--out {out} is a folder holding the input image {inside}; write the feature store to '
+                          'another folder, or give a .safetensors file.')
+    if out.is_dir() and not (out / INDEX).is_file():
+        foreign = [p.name for p in out.iterdir() if p not in store_files(out)]
+        if foreign:
+            raise OutputError(f'--out {out} is a folder with other files ({", ".join(sorted(foreign)[:3])}), not a '
+                              'feature store. Give a new or empty folder.')
+    check_writable(out / INDEX)
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Read every image header now (cheap), so a bad file stops the run before any feature is computed."""
     unreadable = []
-    for path in images:  # headers only: a bad file is found before any model work
+    for path in paths:
         try:
             image_size(path)
         except ImageError as e:
             unreadable.append(str(e))
     if unreadable:
-        raise ImageError(f'{len(unreadable)} of {len(images)} images cannot be read: ' + '; '.join(unreadable[:5]))
-    out = check_output(Path(args.out), images, args.overwrite)
-    pca_out = out.with_name(f'{out.stem}_pca_{args.pca}.png') if args.pca else None
-    if pca_out is not None:
-        check_output(pca_out, images, args.overwrite)
-    model = load_extractor(args.model, taps=args.taps, device=args.device, dtype=args.dtype,
-                           pretrained=not args.random_weights, weights=args.weights, model_kwargs=args.model_kwargs)
+        raise ImageError(f'{len(unreadable)} of {len(paths)} images cannot be read: ' + '; '.join(unreadable[:5]))
+
+
+def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype, pool=None, feature_size=None
+                 ) -> dict[str, list[int]]:
+    """(C, h, w) of every stored tap, from one forward of a blank image (also checks the model runs at `size`)."""
+    from .pipeline import pool_features
+
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, *size, device=device, dtype=dtype))
+    return {n: list(pool_features(f, pool, feature_size).shape[1:]) for n, f in zip(names, out)}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+        n /= 1024
+    return f'{n:.1f} TB'
+
+
+def _report_failed(failed: dict[str, str], where: str) -> None:
+    if failed:
+        print(f'{len(failed)} image(s) could not be read and were skipped (listed in {where}):')
+        for path, reason in list(failed.items())[:20]:
+            print(f'  {reason}')
+        if len(failed) > 20:
+            print(f'  ... and {len(failed) - 20} more')
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+def run_features(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone features`."""
+    info = dist_info()
+    out = Path(args.out)
+    single = out.suffix == '.safetensors'
+    on_error = args.on_error or ('fail' if single else 'skip')
+    args.store_dtype = args.store_dtype or ('float32' if single else 'float16')
+    if args.pca and not single:
+        raise ValueError('--pca needs the single-file form (--out F.safetensors); a feature store has no picture.')
+    if single and info.world > 1:
+        raise ValueError('torchrun needs a feature store: give --out a folder (no .safetensors suffix).')
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f'--workers must be at least 0, got {args.workers}.')
+    if args.compile:
+        from .models.fast import COMPILE_MODES
+
+        if args.compile not in COMPILE_MODES:
+            raise ValueError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
+    images = find_images(args.images)
+    if single:
+        check_output(out, images, args.overwrite)
+        if args.pca:
+            check_output(out.with_name(f'{out.stem}_pca_{args.pca}.png'), images, args.overwrite)
+    else:
+        check_store(out, images)
+    mine = images[info.rank::info.world]
+    if on_error == 'fail':
+        check_images(mine)
+    kwargs = dict(args.model_kwargs or {})
+
+    device = torch.device(args.device)
+    if device.type == 'cuda' and info.world > 1:
+        device = torch.device('cuda', info.local_rank)
+        torch.cuda.set_device(device)
+    init_distributed(info, device)
+    model = load_extractor(args.model, args.taps, str(device), args.dtype, not args.random_weights, args.weights,
+                           kwargs)
+    data_cfg = data_config(model, args.size)
+    size = tuple(data_cfg['input_size'][1:])
+    names = _tap_names(model)
+    shapes = probe_shapes(model, names, size, device, DTYPES[args.dtype], args.feature_pool, args.feature_size)
     if args.pca:
-        infos = {i['name']: i for i in model.feature_info.get_dicts()}
-        if args.pca not in infos:
-            raise OutputError(f'--pca {args.pca} is not among the extracted taps ({", ".join(infos)}); add it to --taps.')
-        side = args.size or model.pretrained_cfg['input_size'][-1]
-        if math.ceil(side / infos[args.pca]['reduction']) < 2:
-            raise OutputError(f'--pca {args.pca}: its map is 1x1 at {side} px (stride {infos[args.pca]["reduction"]}), '
-                              'nothing to picture. Pick a finer tap or a larger --size.')
-    feats, data_cfg = extract_features(images, model, size=args.size, batch_size=args.batch_size,
-                                       resize=args.resize, desc=args.model)
-    metadata = dict(model=args.model, images=json.dumps([str(p) for p in images]),
-                    input_size=json.dumps(list(data_cfg['input_size'])), resize=args.resize)
+        if args.pca not in names:
+            raise OutputError(f'--pca {args.pca} is not among the extracted taps {names}; add it to --taps.')
+        if shapes[args.pca][1] * shapes[args.pca][2] < 2:
+            raise OutputError(f'--pca {args.pca}: its map is {shapes[args.pca][1]}x{shapes[args.pca][2]} at input '
+                             f'size {size[0]}; a PCA picture needs at least 2 positions. Pick a finer tap or a larger '
+                             '--size.')
+    if args.compile or args.channels_last:
+        from .models.fast import optimize
+
+        model = optimize(model, channels_last=args.channels_last, compile=args.compile or False)
+    workers = default_workers(info.local_world) if args.workers is None else args.workers
+    run = dict(model=model, names=names, size=size, mean=data_cfg['mean'], std=data_cfg['std'], resize=args.resize,
+               batch_size=args.batch_size, workers=workers, device=device, dtype=DTYPES[args.dtype],
+               pool=args.feature_pool, feature_size=args.feature_size, out_dtype=DTYPES[args.store_dtype])
+    if single:
+        return _run_single(args, out, images, run, shapes, on_error)
+    config = dict(
+        model=args.model, weights=args.weights or ('random' if args.random_weights else
+                                                   model.pretrained_cfg.get('hf_hub_id') or 'pretrained'),
+        prompt=kwargs.get('prompt'), model_kwargs=kwargs, taps=names, shapes=shapes, dtype=args.dtype,
+        store_dtype=args.store_dtype, input_size=list(size), resize=args.resize, mean=list(data_cfg['mean']),
+        std=list(data_cfg['std']), feature_pool=args.feature_pool, feature_size=args.feature_size)
+    return _run_store(args, out, mine, run, config, shapes, on_error, info)
+
+
+def _progress(total: int, info: DistInfo, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit='img', desc=desc, disable=not info.main, dynamic_ncols=True)
+
+
+def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_error: str) -> int:
+    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in run['names']}
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    with _progress(len(images), DistInfo(), args.model) as bar:
+        for paths, feats, failures in extract_batches(paths=images, **run):
+            if failures and on_error == 'fail':
+                raise ImageError(failures[0][1])
+            failed.update(failures)
+            for n, f in feats.items():
+                chunks[n].append(f.to(DTYPES[args.store_dtype]))
+            done.extend(paths)
+            bar.update(len(paths) + len(failures))
+    if not done:
+        raise ValueError(f'none of the {len(images)} images could be read; nothing written.')
+    feats = {n: torch.cat(c) for n, c in chunks.items()}
+    metadata = dict(model=args.model, images=json.dumps(done), failed=json.dumps(failed),
+                    input_size=json.dumps([3, *run['size']]), resize=args.resize)
     save_safetensors(feats, out, metadata=metadata)
     for name, f in feats.items():
         print(f'{name}: {tuple(f.shape)}')
     print(f'wrote {out}')
-    if pca_out is not None:
-        pca_image(feats[args.pca], pca_out)
+    _report_failed(failed, f'the metadata of {out}')
+    if args.pca:
+        pca_out = out.with_name(f'{out.stem}_pca_{args.pca}.png')
+        pca_image(feats[args.pca].float(), pca_out)
         print(f'wrote {pca_out}')
+    return 0
+
+
+def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> dict[str, tuple[str, int]]:
+    """Check an existing store against `config` (or clear it with --overwrite); return the images stored already."""
+    if (out / INDEX).is_file() and not args.overwrite:
+        old = read_index(out)['config']
+        diff = config_difference(old, config)
+        if diff:
+            raise StoreError(f'{out} holds features made with other settings ({"; ".join(diff)}). Resume with the '
+                             'same settings, choose another --out, or pass --overwrite to replace the store.')
+    if info.main:
+        if args.overwrite:
+            for p in store_files(out):
+                p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        write_index(out, config)
+    barrier(info)
+    return scan_shards(out)
+
+
+def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes: dict, on_error: str,
+               info: DistInfo) -> int:
+    start = time.perf_counter()
+    stored = _prepare_store(args, out, config, info)
+    todo = [p for p in mine if p not in stored]
+    per_image = sum(math.prod(s) for s in shapes.values()) * DTYPES[args.store_dtype].itemsize
+    shard_size = args.shard_size or max(args.batch_size, SHARD_BYTES // max(1, per_image))
+    writer = StoreWriter(out, config, info.rank, shard_size, DTYPES[args.store_dtype],
+                         index_every_s=30.0 if info.world == 1 else None)
+    if info.main and len(todo) < len(mine):
+        print(f'{out}: {len(mine) - len(todo)} of these images are stored already; extracting {len(todo)}.')
+    try:
+        with _progress(len(todo), info, args.model) as bar:
+            for paths, feats, failures in extract_batches(paths=todo, **run):
+                if paths:
+                    writer.add(paths, feats)
+                if failures and on_error == 'fail':
+                    raise ImageError(f'{failures[0][1]} (stopped by --on-error fail; the images before it are '
+                                     'stored, run again to resume)')
+                writer.failed.update(failures)
+                bar.update(len(paths) + len(failures))
+    finally:
+        writer.flush()  # whole shards only: what was extracted before an error is kept for the resume
+    writer.write_failed()
+    barrier(info)
+    if not info.main:
+        return 0
+    index = write_index(out, config, collect_failed(out))
+    seconds = time.perf_counter() - start
+    total = sum(p.stat().st_size for p in out.glob('shard-r*.safetensors'))
+    new = index['count'] - len(stored)
+    _report_failed(index['failed'], out / INDEX)
+    print(f'{out}: {index["count"]} images stored ({new} new), {len(index["failed"])} failed, {seconds:.1f} s, '
+          f'{new / max(seconds, 1e-9):.1f} img/s, store {_fmt_bytes(total)}')
     return 0

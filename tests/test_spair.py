@@ -206,6 +206,10 @@ def test_cli_end_to_end_and_resume(small, tmp_path, capsys):
     assert rc == 0 and '1 images run' in printed
     assert json.loads(out.read_text()) == first
 
+    Image.new('RGB', (66, 66), (200, 10, 10)).save(small / 'JPEGImages' / 'dog' / 'c.jpg')  # a replaced image
+    rc, printed, _ = _run(argv, capsys)
+    assert rc == 0 and '1 images run' in printed
+
     rc, printed, _ = _run(argv[:-4] + ['--size', '128', '--json', str(out)], capsys)  # another size: not stale
     assert rc == 0 and '4 images run' in printed
     assert len({p.parent.parent for p in _features_files(cache)}) == 2

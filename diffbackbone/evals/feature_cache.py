@@ -1,8 +1,8 @@
 """On-disk cache of per-image feature maps, so that an interrupted evaluation resumes where it stopped.
 
 Files live in `<root>/<key>/<group>/<image>.safetensors`, where `<key>` hashes everything that changes the features
-(model, weights file, size, taps, prompt, dtype, model arguments): another configuration never reads them. Each file
-is written atomically (`hub.save_safetensors`), so a killed run leaves no half-written entry.
+(model, weights file, size, taps, prompt, dtype, model arguments): another configuration never reads them; each file
+records the size and mtime of its image, so a replaced image is computed again. Each file is written atomically (`hub.save_safetensors`), so a killed run leaves no half-written entry.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from ..hub import HubError, load_safetensors, save_safetensors, write_text_atomic
+from ..hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureCache', 'weights_fingerprint']
 
@@ -41,15 +42,27 @@ class FeatureCache:
     def path(self, group: str, name: str) -> Path:
         return self.folder / group / f'{name}.safetensors'
 
-    def get(self, group: str, name: str) -> Optional[torch.Tensor]:
+    def get(self, group: str, name: str, source: Optional[Path] = None) -> Optional[torch.Tensor]:
+        """The cached map, or None when absent, unreadable, or computed from another version of `source` (the image)."""
         path = self.path(group, name)
         if not path.is_file():
             return None
         try:
-            return load_safetensors(path, what=f'cached features of {group}/{name}')['features']
-        except (HubError, KeyError):  # not written by us (writes are atomic): drop it and compute again
+            with safe_open(path, 'pt') as f:
+                stale = source is not None and (f.metadata() or {}).get('source') != _stamp(source)
+                features = None if stale else f.get_tensor('features')
+        except (SafetensorError, OSError, KeyError):  # not written by us (writes are atomic): compute it again
+            features = None
+        if features is None:
             path.unlink(missing_ok=True)
-            return None
+        return features
 
-    def put(self, group: str, name: str, features: torch.Tensor) -> None:
-        save_safetensors({'features': features}, self.path(group, name), metadata=dict(cache_key=self.key))
+    def put(self, group: str, name: str, features: torch.Tensor, source: Optional[Path] = None) -> None:
+        metadata = dict(cache_key=self.key, **({'source': _stamp(source)} if source is not None else {}))
+        save_safetensors({'features': features}, self.path(group, name), metadata=metadata)
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time of a file: a replaced image invalidates its cached features."""
+    st = Path(path).stat()
+    return f'{st.st_size}:{st.st_mtime_ns}'

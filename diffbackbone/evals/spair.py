@@ -110,7 +110,8 @@ class ImageFeatures:
     def __call__(self, category: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         from ..correspondence import image_features
 
-        out = {n: f for n in names if self.cache and (f := self.cache.get(category, n)) is not None}
+        out = {n: f for n in names
+               if self.cache and (f := self.cache.get(category, n, self.images / category / n)) is not None}
         todo = [n for n in names if n not in out]
         prompt = None
         for start in range(0, len(todo), self.batch_size):
@@ -125,7 +126,7 @@ class ImageFeatures:
             for n, f in zip(batch, feats):
                 f = f.detach().cpu().clone()
                 if self.cache:
-                    self.cache.put(category, n, f)
+                    self.cache.put(category, n, f, self.images / category / n)
                 out[n] = f
             self.computed += len(batch)
             if self.progress:
