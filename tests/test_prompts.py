@@ -119,14 +119,16 @@ def test_offline_uses_cached_prompts(fake_hub, hub_cache, tiny_base, run_python)
     fake_hub.requests.clear()
     result = run_python(f"""
 import sys, types, torch
-package = types.ModuleType('diffbackbone')  # prompts.py and hub.py alone: no timm, diffusers or transformers import
-package.__path__ = ['diffbackbone']
-sys.modules['diffbackbone'] = package
-from diffbackbone import hub, prompts
-assert torch.equal(prompts.encode_prompts('org/tiny-sd', [{DOG!r}]).prompt_embeds,
+for name, path in (('diffbackbone', 'diffbackbone'), ('diffbackbone.models', 'diffbackbone/models')):
+    package = types.ModuleType(name)  # models/text.py and hub.py alone: no timm, diffusers or transformers import
+    package.__path__ = [path]
+    sys.modules[name] = package
+from diffbackbone import hub
+from diffbackbone.models import text
+assert torch.equal(text.encode_cached('org/tiny-sd', [{DOG!r}], sdxl=False)[{DOG!r}]['prompt_embeds'],
                    torch.load({str(hub_cache.ours / 'expected.pt')!r}))
 try:
-    prompts.encode_prompts('org/tiny-sd', [{CAT!r}])
+    text.encode_cached('org/tiny-sd', [{CAT!r}], sdxl=False)
 except hub.HubError as e:
     print(str(e).replace(chr(10), ' '))
 assert 'transformers' not in sys.modules, 'a text encoder was imported although the embedding is cached'

@@ -594,9 +594,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            from ..prompts import encode_prompts  # SDXL: both text encoders, and the pooled embedding
+            from .text import encode_cached  # SDXL: both text encoders, and the pooled embedding
 
-            state_dict.update(encode_prompts(self, [self.prompt]).buffers())
+            state_dict.update(encode_cached(self.base_repo, [self.prompt], hasattr(self, 'pooled_prompt_embeds'))[
+                self.prompt])
         if self.clean:
             if self.timestep_fixed:
                 state_dict['timestep'] = self.timestep.detach().clone()

@@ -1,0 +1,130 @@
+"""Prompt text embeddings of Stable Diffusion base repos, computed once and cached on disk (used by the models while
+loading weights, and by `diffbackbone.prompts`).
+
+Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
+last hidden state; SDXL: `sdxl.py`) in float32 and stored under
+`hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
+their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import hub
+
+__all__ = ['encode_cached']
+
+_SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
+_SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
+
+
+# ---- encoding (SD 1.x / 2.x: one CLIP text encoder) -----------------------------------------------------------------
+def _load_clip(source: str, revision: Optional[str], what: str) -> list[tuple[Any, nn.Module]]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with hub.hub_errors(what, repo=source, revision=revision):
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
+        encoder = CLIPTextModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
+                                                dtype=torch.float32)
+    return [(tokenizer, encoder.eval())]
+
+
+def _encode_clip(encoders: list[tuple[Any, nn.Module]], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """As diffusers' StableDiffusionPipeline.encode_prompt: padded to 77 tokens, last hidden state, float32."""
+    tokenizer, encoder = encoders[0]
+    inputs = tokenizer(list(prompts), padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors='pt')
+    mask = inputs.attention_mask if getattr(encoder.config, 'use_attention_mask', False) else None
+    with torch.no_grad():
+        return {'prompt_embeds': encoder(inputs.input_ids, attention_mask=mask)[0].float()}
+
+
+class _TextEncoders:
+    """The base repo's tokenizer(s) and text encoder(s), loaded on the first cache miss and released by `close`."""
+
+    def __init__(self, sdxl: bool):
+        self.sdxl = sdxl
+        self.loaded = None
+
+    def __call__(self, source: str, revision: Optional[str], prompts: Sequence[str], what: str) -> dict:
+        from . import sdxl as sdxl_text
+
+        if self.loaded is None:
+            load = sdxl_text.load_text_encoders if self.sdxl else _load_clip
+            self.loaded = load(source, revision, what)
+        encode = sdxl_text._encode if self.sdxl else _encode_clip
+        return encode(self.loaded, prompts)
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded = None
+            gc.collect()  # the SD2.1 text encoder is 1.4 GB: give it back now
+
+
+# ---- cache ----------------------------------------------------------------------------------------------------------
+def _fingerprint(*folders: Path) -> str:
+    """Key of local folders' contents: paths, sizes and modification times."""
+    h = hashlib.sha256()
+    for folder in folders:
+        h.update(str(folder.resolve()).encode())
+        for f in sorted(p for p in folder.rglob('*') if p.is_file()):
+            st = f.stat()
+            h.update(f'{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:32]
+
+
+def _prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:32]
+
+
+def _what(source: str, prompt: str, sdxl: bool) -> str:
+    kind = 'SDXL ' if sdxl else ''
+    if prompt == '':
+        return f'the {kind}empty-prompt text embedding{"s" if sdxl else ""} of {source!r}'
+    return f'the {kind}text embedding of the prompt {prompt!r} from {source!r}'
+
+
+def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{prompt: tensors} for distinct `prompts`, each read from the cache or encoded once and cached."""
+    encoders = _TextEncoders(sdxl)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        folder = hub._local_dir(source)
+        if folder is not None:
+            subs = _SDXL_SUBFOLDERS if sdxl else _SD_SUBFOLDERS
+            for sub in subs:
+                if not (folder / sub).is_dir():
+                    raise hub.HubError(
+                        f'Could not get {_what(source, prompts[0], sdxl)}: {folder / sub} does not exist '
+                        f'({"SDXL " if sdxl else ""}diffusers layout expected: {", ".join(subs)}).')
+            key = _fingerprint(*(folder / sub for sub in subs))
+            for prompt in prompts:
+                what = _what(source, prompt, sdxl)
+                suffix = ('' if prompt == '' else f'-{_prompt_key(prompt)}') + ('-sdxl' if sdxl else '')
+                path = hub.cache_dir() / 'prompt_embeds' / 'local' / f'{key}{suffix}.safetensors'
+                if path.is_file():
+                    with contextlib.suppress(hub.HubError):
+                        out[prompt] = hub.load_safetensors(path, what=what)
+                        continue
+                out[prompt] = encoders(str(folder), None, [prompt], what)
+                hub.save_safetensors(out[prompt], path)
+            return out
+        repo_id, revision = hub.split_repo(source)
+        probe = 'text_encoder_2/config.json' if sdxl else 'text_encoder/config.json'
+        for prompt in prompts:
+            what = _what(source, prompt, sdxl)
+            name = 'empty_prompt' if prompt == '' else f'prompt_{_prompt_key(prompt)}'
+            name += '_sdxl' if sdxl else ''
+            compute: Callable = lambda commit, meta, p=prompt, w=what: encoders(repo_id, commit, [p], w)  # noqa: E731
+            out[prompt] = hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what, compute)
+        return out
+    finally:
+        encoders.close()
