@@ -155,7 +155,8 @@ def load_depth_predictor(
     channels = getter.feature_info.channels()[0]
     depth_probe = load_probe(probe_path, channels=channels)
     with torch.no_grad():  # the caption's embedding, also when the weights file carried another prompt's
-        net.prompt_embeds.copy_(encode_prompts(net, [prompt]).prompt_embeds)
+        for name, value in encode_prompts(net, [prompt]).buffers().items():
+            getattr(net, name).copy_(value)
     predictor = DepthPredictor(net, depth_probe, tap=getter.feature_info.get('name')[0], size=size)
     return predictor.to(device=device, dtype=dtype).eval()
 

@@ -1,7 +1,6 @@
 """`diffbackbone export`: a fine-tuned model as a timm Hub repo, loaded back by `hf-hub:` name through the fake Hub."""
 import json
 
-import pytest
 import timm
 import torch
 from safetensors.torch import save_file

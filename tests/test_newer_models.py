@@ -92,7 +92,6 @@ def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cac
     from transformers import AutoTokenizer, T5EncoderModel
 
     torch.manual_seed(2)
-    src = timm.create_model('test_pixart')
     _tiny_t5_repo(tmp_path)
     ref_tr = PixArtTransformer2DModel(**px._PIXART_TEST)
     save_file(ref_tr.state_dict(), tmp_path / 'transformer.safetensors')

@@ -205,8 +205,9 @@ def test_use_prompts_per_image_through_wrappers(hub_cache, tiny_base):
         with prompts.use_prompts(getter, [DOG]):  # one prompt broadcasts to every image
             broadcast = getter(x)[0]
         torch.testing.assert_close(broadcast[0], per_image[0][0], rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match='2 prompts for a batch of 3 images'), prompts.use_prompts(getter, [DOG, CAT]):
-            getter(x)
+        with pytest.raises(ValueError, match='2 prompts for a batch of 3 images'):
+            with prompts.use_prompts(getter, [DOG, CAT]):
+                getter(x)
 
     backbone = DiffusionBackbone('test_dift', pretrained=False, out_indices=('us6',), frozen=True,
                                  model_kwargs=dict(ensemble=2, base_repo=str(tiny_base)))

@@ -186,8 +186,9 @@ class NoisyLatents:
 class TapBackbone(nn.Module):
     """timm model API shared by the diffusion backbones: taps selected by name, index or preset; a classifier head.
 
-    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head` and implements
-    `_extract(x, taps) -> {name: map}` and `prune_intermediate_layers`.
+    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head`, `vae`, `in_chans`,
+    `check_inputs`, `ensemble` and implements `_check_size`, `_denoiser_features(latents, taps)` and
+    `prune_intermediate_layers`.
     """
 
     @torch.jit.ignore
@@ -257,6 +258,39 @@ class TapBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    # --- one pass: checks, latents, the denoiser up to the deepest tap, ensemble mean ----------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Shape, batch, dtype and finiteness of an input batch; the model's size rule is `_check_size`."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'Expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}. '
+                f'Convert grayscale/RGBA images to RGB, or build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}.')
+        if x.shape[0] == 0:
+            raise ValueError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
+        self._check_size(x.shape[-2:])
+        w = self.vae.encoder.conv_in.weight
+        if not x.is_floating_point():
+            raise ValueError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
+                             f'{x.dtype}. Convert with x.float() / 127.5 - 1.')
+        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
+                             f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
+        if self.check_inputs:
+            self._check_input(x)
+        self._check_prompt_count(x)
+        if self._deepest is not None:
+            missing = [t.name for t in wanted if t.order > self._deepest]
+            if missing:
+                raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
+        feats = self._denoiser_features(self.encode(x), wanted)
+        if self.ensemble > 1:
+            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
+        return feats
 
 class DiffusionUNet(NoisyLatents, TapBackbone):
     """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
@@ -439,40 +473,14 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         return [self.taps.index(t) for t in take]
 
     # --- feature extraction ---------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'Expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}. '
-                f'Convert grayscale/RGBA images to RGB, or build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}.')
-        if x.shape[0] == 0:
-            raise ValueError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
-        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+    def _check_size(self, size: torch.Size) -> None:
+        if min(size) < MIN_INPUT_SIZE:
             raise ValueError(
                 f'Images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the deepest UNet level has stride '
-                f'64), got {tuple(x.shape[-2:])}. Resize the images up.')
-        w = self.vae.encoder.conv_in.weight
-        if not x.is_floating_point():
-            raise ValueError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
-                             f'{x.dtype}. Convert with x.float() / 127.5 - 1.')
-        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
-                             f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+                f'64), got {tuple(size)}. Resize the images up.')
 
-    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
-        """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
-        if self.check_inputs:
-            self._check_input(x)
-        self._check_prompt_count(x)
-        if self._deepest is not None:
-            missing = [t.name for t in wanted if t.order > self._deepest]
-            if missing:
-                raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
-        feats = self.unet_features(self.encode(x), wanted)
-        if self.ensemble > 1:
-            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
-        return feats
+    def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        return self.unet_features(z, taps)
 
     def unet_features(self, z: torch.Tensor, taps: Sequence[Tap],
                       timestep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -714,38 +722,35 @@ def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor
     return hub.load_safetensors(path, what=what)
 
 
-def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
-    # features_only default: the model's own 'pyramid' preset (SDXL's differs), not every tap.
+def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callable, internal: Sequence[str] = (),
+                   **kwargs) -> nn.Module:
+    """timm's `build_model_with_cfg` for a diffusion backbone class, with the package's loading rules.
+
+    The weights are read by our loader (`_pretrained_state_dict`) and given to timm as its state-dict source, so its
+    filter, classifier and strictness handling apply; timm keeps no second copy of them. Unknown arguments are
+    refused by name; `features_only` defaults to the model's own 'pyramid' preset, not every tap.
+    """
     out_indices = kwargs.pop('out_indices', None)
     if out_indices is None:
         out_indices = 'pyramid'
     elif isinstance(out_indices, list):
         out_indices = tuple(out_indices)
-    features_only = kwargs.get('features_only', False)
+    errors = contextlib.nullcontext
     if pretrained:
         from ..hub import hub_errors
+
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
         errors = lambda: hub_errors(f'weights of {variant}', repo=overlay.get('hf_hub_id'),  # noqa: E731
                                     filename=overlay.get('file'))
-    else:
-        errors = contextlib.nullcontext
-    if pretrained:
         with errors():
             state_dict = _pretrained_state_dict(variant, kwargs)
-        # timm's highest-priority source: its filter, classifier and strictness handling apply as for any file.
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
-                                                source=None)
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state_dict, source=None)
     try:
         with errors():
             model = build_model_with_cfg(
-                checked_constructor(DiffusionUNet, ('unet_cfg', 'vae_cfg', 'clean')),
-                variant,
-                pretrained,
-                pretrained_filter_fn=checkpoint_filter_fn,
-                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-                **kwargs,
-            )
-    except RuntimeError as e:  # checkpoint_filter_fn's HubError: name the weights that were given
+                checked_constructor(cls, internal), variant, pretrained, pretrained_filter_fn=filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    except RuntimeError as e:  # the filter's mismatch error: name the weights that were given
         source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
         if not source or not str(e).startswith('Checkpoint does not match'):
             raise
@@ -754,7 +759,13 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
-    if not features_only and model.num_classes > 0:
+    return model
+
+
+def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
+                           **kwargs)
+    if not kwargs.get('features_only', False) and model.num_classes > 0:
         # A classifier uses the UNet only up to its head tap; drop the rest so every parameter gets a gradient.
         model.prune_intermediate_layers([model.head_tap], prune_head=False)
     return model

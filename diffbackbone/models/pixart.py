@@ -14,7 +14,6 @@ text encoder is never in memory at feature time. The output head (final norm, mo
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 from typing import Optional, Sequence
 
@@ -22,14 +21,14 @@ import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .diffusion_unet import (
     _VAE_SD, _VAE_SDXL, _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent,
-    _pretrained_state_dict, _vae_keys, checked_constructor,
+    _vae_keys, build_backbone,
 )
-from .taps import Tap, TapError, _TableBuilder
+from .taps import Tap, _TableBuilder
 
 __all__ = ['PixArtBackbone', 'checkpoint_filter_fn', 'encode_t5_prompt']
 
@@ -181,32 +180,13 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
-            raise ValueError(f'Expected images of shape (batch >= 1, {self.in_chans}, height, width), got '
-                             f'{tuple(x.shape)}.')
-        if any(s % self.reduction or s < 2 * self.reduction for s in x.shape[-2:]):
+    def _check_size(self, size: torch.Size) -> None:
+        if any(s % self.reduction or s < 2 * self.reduction for s in size):
             raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
-                             f'at least {2 * self.reduction}, got {tuple(x.shape[-2:])}. Resize the images.')
-        w = self.vae.encoder.conv_in.weight
-        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
-                             f'or the model, or run under torch.autocast.')
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+                             f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
 
-    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
-        if self.check_inputs:
-            self._check_input(x)
-        self._check_prompt_count(x)
-        if self._deepest is not None:
-            missing = [t.name for t in wanted if t.order > self._deepest]
-            if missing:
-                raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
-        feats = self.transformer_features(self.encode(x), wanted)
-        if self.ensemble > 1:
-            feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
-        return feats
+    def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        return self.transformer_features(z, taps)
 
     def transformer_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """{tap name: map} of the transformer on (noised) latents `z`, stopping after the deepest of `taps`."""
@@ -270,25 +250,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PixArtBackb
 
 
 def _create_pixart(variant: str, pretrained: bool = False, **kwargs) -> PixArtBackbone:
-    out_indices = kwargs.pop('out_indices', None) or 'pyramid'
-    errors = contextlib.nullcontext
-    if pretrained:
-        from ..hub import hub_errors
-
-        errors = lambda: hub_errors(f'weights of {variant}')  # noqa: E731
-        with errors():
-            state_dict = _pretrained_state_dict(variant, kwargs)
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
-                                                source=None)
-    with errors():
-        model = build_model_with_cfg(
-            checked_constructor(PixArtBackbone, ('transformer_cfg', 'vae_cfg')), variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
-    for m in (model, getattr(model, 'model', None)):  # do not keep a second copy of the weights alive
-        cfg = getattr(m, 'pretrained_cfg', None)
-        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
-            cfg['state_dict'] = None
-    return model
+    return build_backbone(PixArtBackbone, variant, pretrained, checkpoint_filter_fn, ('transformer_cfg', 'vae_cfg'),
+                          **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
