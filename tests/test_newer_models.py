@@ -74,17 +74,21 @@ def test_pixart_taps_equal_diffusers_forward():
 
 
 def _tiny_t5_repo(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    """A T5 text encoder and a SentencePiece tokenizer (`spiece.model`, T5Tokenizer) laid out as PixArt repos ship."""
+    import json
 
-    vocab = {w: i for i, w in enumerate(['<pad>', '</s>', '<unk>', 'a', 'photo', 'of', 'room', 'dog'])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', eos_token='</s>',
-                            unk_token='<unk>').save_pretrained(folder / 'tokenizer')
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+
+    (folder / 'tokenizer').mkdir(parents=True)
+    corpus = folder / 'corpus.txt'
+    corpus.write_text('a photo of a room\na photo of a dog\nthe quick brown fox jumps over the lazy dog\n' * 20)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / 'tokenizer' / 'spiece'),
+                                   vocab_size=30, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (folder / 'tokenizer' / 'tokenizer_config.json').write_text(
+        json.dumps({'tokenizer_class': 'T5Tokenizer', 'model_max_length': 8, 'extra_ids': 0}))
     torch.manual_seed(1)
-    T5EncoderModel(T5Config(vocab_size=8, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).save_pretrained(
+    T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).save_pretrained(
         folder / 'text_encoder')
 
 
@@ -106,17 +110,18 @@ def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cac
     fake_hub.add_folder(repo, tmp_path / 'tokenizer', prefix='tokenizer')
     fake_hub.add_folder(repo, tmp_path / 'text_encoder', prefix='text_encoder')
 
-    model = timm.create_model('test_pixart', pretrained=True, prompt='a photo of a room')
+    model = timm.create_model('test_pixart', pretrained=True, prompt='a dog')
     torch.testing.assert_close(model.transformer.pos_embed.proj.weight, ref_tr.pos_embed.proj.weight)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / 'tokenizer'))
+    assert type(tokenizer).__name__ == 'T5Tokenizer'
     encoder = T5EncoderModel.from_pretrained(str(tmp_path / 'text_encoder')).eval()
-    inputs = tokenizer('a photo of a room', padding='max_length', max_length=8, return_tensors='pt')
+    inputs = tokenizer('a dog', padding='max_length', max_length=8, truncation=True, return_tensors='pt')
     with torch.no_grad():
         want = encoder(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
     torch.testing.assert_close(model.prompt_embeds, want)
-    assert model.prompt_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+    assert model.prompt_mask.tolist() == inputs.attention_mask.float().tolist() and 0 < model.prompt_mask.sum() < 8
     monkeypatch.setattr(px, '_encode_t5', lambda *a: pytest.fail('the T5 encoder was loaded again'))
-    again = timm.create_model('test_pixart', pretrained=True, prompt='a photo of a room', features_only=True)
+    again = timm.create_model('test_pixart', pretrained=True, prompt='a dog', features_only=True)
     torch.testing.assert_close(again.model.prompt_embeds, want)
     with torch.no_grad():
         assert [f.shape for f in again(torch.rand(1, 3, 64, 96) * 2 - 1)] == [(1, 16, 4, 6)] * 4

@@ -294,8 +294,9 @@ def test_use_prompts_pixart(hub_cache, tmp_path):
 
     _tiny_t5_repo(tmp_path)
     model = timm.create_model('test_pixart', base_repo=str(tmp_path), ensemble=2).eval()
-    batch = prompts.encode_prompts(model, ['a photo of a room', DOG])
-    assert batch.prompt_embeds.shape == (2, 8, 32) and batch.prompt_mask.tolist()[1] == [1] * 6 + [0] * 2
+    batch = prompts.encode_prompts(model, ['a photo of a room', 'a dog'])
+    assert batch.prompt_embeds.shape == (2, 8, 32)
+    assert batch.prompt_mask[1, 0] == 1 and batch.prompt_mask[1, -1] == 0  # the short prompt is padded, masked
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         with prompts.use_prompts(model, batch):
