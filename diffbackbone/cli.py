@@ -134,6 +134,7 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
+    """The options every model-running subcommand shares: batch, device, dtype, weights, model kwargs."""
     if batch_size:
         p.add_argument('--batch-size', type=positive_int, default=batch_size)
     p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -174,13 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch',
                    help='stretch: whole image to size x size, as DIFT/CleanDIFT (default); pad: keep the aspect ratio, '
                         'pad with the mean colour; crop: short side to size, centre crop (drops the rest)')
-    p.add_argument('--batch-size', type=positive_int, default=4)
-    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
-    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
-    p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
-    p.add_argument('--model-kwargs', type=json_object,
-                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    _add_model_args(p, batch_size=4)
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
     _add_store_options(p)
@@ -197,14 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tap', default='us6', help='tap the probe reads (default: us6)')
     p.add_argument('--size', type=positive_int, default=768, help='square size images are resized to (default: 768)')
     p.add_argument('--prompt', default='A photo of a room', help='caption (default: "A photo of a room", CleanDIFT\'s)')
-    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
-    p.add_argument('--random-weights', action='store_true',
-                   help='random UNet weights, no UNet download (the caption still needs the base text encoder)')
-    p.add_argument('--model-kwargs', type=json_object,
-                   help='JSON dict of extra model arguments, e.g. \'{"latent": "sample"}\'')
-    p.add_argument('--batch-size', type=positive_int, default=4)
-    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
+    _add_model_args(p, batch_size=4)
     p.set_defaults(func=_lazy('depth', 'run_depth'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")

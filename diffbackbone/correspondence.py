@@ -20,6 +20,8 @@ from .hub import atomic_path
 from .images import image_size, load_image, open_image
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .prompts import PromptBatch
 
 __all__ = [

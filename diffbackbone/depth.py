@@ -17,10 +17,8 @@ CleanDIFT features vs 0.469 with noisy SD2.1 features (their figures, not measur
 from __future__ import annotations
 
 import argparse
-import os
-import uuid
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +27,9 @@ import torch.nn.functional as F
 
 from . import hub
 from .images import image_size, open_image, to_tensor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ['DepthProbe', 'DepthPredictor', 'DepthError', 'load_probe', 'load_depth_predictor', 'predict_depth',
            'colorize', 'run_depth', 'PROBE_REPO', 'PROBE_FILE', 'CAPTION']
@@ -194,16 +195,6 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
     return Image.fromarray(rgb, 'RGB')
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_depth(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone depth`."""
     from .extract import DTYPES
@@ -229,7 +220,9 @@ def run_depth(args: argparse.Namespace) -> int:
         depths = predict_depth(predictor, [to_tensor(open_image(p)) for p in batch], batch_size=args.batch_size)
         for p, depth in zip(batch, depths):
             npy, png = out / f'{p.stem}_depth.npy', out / f'{p.stem}_depth.png'
-            _write_atomic(npy, lambda f: np.save(f, depth.numpy().astype(np.float32)))
-            _write_atomic(png, lambda f: colorize(depth).save(f, format='PNG'))
+            with hub.atomic_path(npy) as tmp, open(tmp, 'wb') as f:
+                np.save(f, depth.numpy().astype(np.float32))
+            with hub.atomic_path(png) as tmp:
+                colorize(depth).save(tmp, format='PNG')
             print(f'{p}: depth {depth.min():.3f} .. {depth.max():.3f} m (median {depth.median():.3f}) -> {npy}, {png}')
     return 0

@@ -20,7 +20,7 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from .hub import save_safetensors
+from .hub import save_safetensors, umask
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
@@ -135,7 +135,7 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
         save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
         save_config_for_hf(net, str(work / 'config.json'), model_args=args)
         (work / 'README.md').write_text(_model_card(net, name, push))
-        work.chmod(0o777 & ~_umask())
+        work.chmod(0o777 & ~umask())
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -144,14 +144,6 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     if push:
         push_folder(out, push)
     return out
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def push_folder(folder: Path, repo_id: str) -> None:

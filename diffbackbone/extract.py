@@ -27,7 +27,7 @@ from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_bat
 from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
                     store_files, write_index)
 
-__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'extract_features', 'pca_image', 'run_features']
+__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
@@ -74,37 +74,6 @@ def data_config(model: nn.Module, size: Optional[int] = None) -> dict:
 
 def _tap_names(model) -> list[str]:
     return [info['name'] for info in model.feature_info.get_dicts()]
-
-
-def extract_features(
-        images: Sequence[Path],
-        model: nn.Module,
-        size: Optional[int] = None,
-        batch_size: int = 4,
-        resize: str = 'stretch',
-        desc: str = 'features',
-        workers: int = 0,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run a `load_extractor` model on image files; return {tap name: (N, C, H, W) float32} and the data config.
-
-    Everything stays in memory: for datasets, write a feature store (`diffbackbone features DIR --out STORE`).
-    """
-    from tqdm import tqdm
-
-    cfg = data_config(model, size)
-    param = next(model.parameters())
-    names = _tap_names(model)
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with tqdm(total=len(images), unit='img', desc=desc) as bar:
-        for paths, feats, failures in extract_batches(
-                model, names, [str(p) for p in images], cfg['input_size'][1:], cfg['mean'], cfg['std'], resize,
-                batch_size, workers, param.device, param.dtype):
-            if failures:
-                raise ImageError(failures[0][1])
-            for n, f in feats.items():
-                chunks[n].append(f.float())
-            bar.update(len(paths))
-    return {n: torch.cat(c) for n, c in chunks.items()}, cfg
 
 
 def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
@@ -313,7 +282,7 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
                 raise ImageError(failures[0][1])
             failed.update(failures)
             for n, f in feats.items():
-                chunks[n].append(f.to(DTYPES[args.store_dtype]))
+                chunks[n].append(f)  # already in the store dtype (extract_batches' out_dtype)
             done.extend(paths)
             bar.update(len(paths) + len(failures))
     if not done:

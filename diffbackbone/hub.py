@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
-    'save_safetensors', 'atomic_path', 'write_text_atomic', 'resume_killed_downloads',
+    'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -247,7 +247,7 @@ def _complete_partial(part: Path, blob: Path, repo_id: str, filename: str, revis
         except (HfHubHTTPError, httpx2.HTTPError, OSError):
             return None  # kept for the next call; hf_hub_download reports the problem
         if _sha256(part) == etag:
-            os.chmod(part, 0o666 & ~_umask())
+            os.chmod(part, 0o666 & ~umask())
             os.replace(part, blob)
             return blob
     part.unlink(missing_ok=True)  # not resumable, or not a prefix of the file: it is downloaded anew
@@ -305,7 +305,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask; read from /proc where it can be, since setting it to read it races with other threads."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path('/proc/self/status').read_text().splitlines():
@@ -333,7 +333,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -166,7 +166,7 @@ def test_umask_is_read_without_setting_it(mask, monkeypatch):
             raise AssertionError('os.umask called')
 
         monkeypatch.setattr(os, 'umask', no_set)
-        assert hub._umask() == mask
+        assert hub.umask() == mask
     finally:
         monkeypatch.undo()
         os.umask(old)

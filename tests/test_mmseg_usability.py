@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import mmseg  # noqa: F401
-except ImportError as e:  # a missing extra is an install error, not a reason to skip
-    raise ImportError('These tests need the mmseg extra: pip install -e ".[mmseg,test]" && '
-                      'bash tools/build_mmcv.sh python') from e
+import mmseg_required  # noqa: F401  (a missing mmseg extra fails, not skips)
 
 import timm  # noqa: E402
 import torch  # noqa: E402

@@ -166,7 +166,7 @@ def test_features_checks_the_output_and_the_pca_tap_before_running(tmp_path, cap
     import diffbackbone.extract as ex
 
     ran = []
-    monkeypatch.setattr(ex, 'extract_features', lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(ex, 'extract_batches', lambda *a, **k: ran.append(1) or iter(()))
     img = _img(tmp_path / 'in.png')
     assert _features(img, '--out', '/proc/x.safetensors') == 2
     assert 'Cannot write to /proc' in capsys.readouterr().err

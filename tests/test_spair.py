@@ -14,6 +14,7 @@ from PIL import Image
 from diffbackbone import cli
 from diffbackbone.evals import spair
 from diffbackbone.evals.spair_data import SpairError, load_pairs
+from test_correspondence import _planted  # planted one-hot features
 
 
 def _write_pair(root: Path, name: str, category: str, src: tuple, trg: tuple, src_kps, trg_kps, bbox, **extra):
@@ -30,16 +31,6 @@ def _write_pair(root: Path, name: str, category: str, src: tuple, trg: tuple, sr
     folder = root / 'PairAnnotation' / 'test'
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f'{name}.json').write_text(json.dumps(ann))
-
-
-def _planted(h, w, cells, channels=8):
-    """(C, h, w): background e0, code e_k at cell (row, col) = cells[k - 1]."""
-    f = torch.zeros(channels, h, w)
-    f[0] = 1.0
-    for k, (r, c) in enumerate(cells, start=1):
-        f[:, r, c] = 0
-        f[k, r, c] = 1.0
-    return f
 
 
 def _px(row, col):
