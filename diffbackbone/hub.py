@@ -43,7 +43,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'hub_errors', 'read_tensor',
+    'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
+    'read_tensor',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads',
 ]
 
@@ -293,6 +294,41 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
     except OSError as err:  # a folder, a device, no permission
         reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'
         raise HubError(f'Could not get {what}: {path} {reason}. Give the path of a .safetensors file.') from err
+
+
+def load_sharded_safetensors(repo: str, index_file: str, *, what: str) -> dict[str, torch.Tensor]:
+    """A checkpoint split into shards, as diffusers and transformers save big models: the index `index_file`
+    (`*.safetensors.index.json`, whose `weight_map` maps every tensor to its shard file) and the shards it names,
+    from `repo` (Hub or local folder, fetched with `download`), merged into one state dict.
+
+    Each shard must hold exactly the tensors the index gives it; a broken cached index or shard is removed so that
+    the next call fetches it again.
+    """
+    path = download(repo, index_file, what=f'{what} (shard index {index_file})')
+    try:
+        weight_map = json.loads(path.read_text())['weight_map']
+        if not weight_map or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError('empty, or not a mapping of tensor names to file names')
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        fix = 'It was deleted from the cache and will be downloaded again on the next call.' if _discard(path) else ''
+        raise HubError(f'Could not get {what}: {path} is not a sharded-checkpoint index (JSON whose "weight_map" maps '
+                       f'tensor names to shard files): {type(err).__name__}: {err}. {fix}'.rstrip()) from err
+    folder = index_file.rpartition('/')[0]
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if '/' in shard or '\\' in shard or shard in ('', '.', '..'):
+            raise HubError(f'Could not get {what}: the index {index_file} names the shard {shard!r} outside its '
+                           'folder; shards must sit beside their index.')
+        name = f'{folder}/{shard}' if folder else shard
+        part = load_safetensors(download(repo, name, what=f'{what} (shard {name})'), what=f'{what} (shard {name})')
+        want = {k for k, v in weight_map.items() if v == shard}
+        if part.keys() != want:
+            missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)
+            raise HubError(f'Could not get {what}: the shard {name} does not hold the tensors its index lists '
+                           f'({len(missing)} missing {missing[:3]}, {len(extra)} not in the index {extra[:3]}). The '
+                           'index and the shards are from different saves: download both again.')
+        state.update(part)
+    return state
 
 
 def _pid_alive(pid: int) -> bool:

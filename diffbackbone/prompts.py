@@ -97,12 +97,11 @@ def encode_prompts(model_or_base_repo: Union[nn.Module, str], prompts: Union[str
         if not net.base_repo:
             raise hub.HubError('The model has no base_repo to take the text encoder from; build it with '
                                "base_repo='org/name' or a local diffusers folder.")
-        if hasattr(net, 'prompt_mask'):  # PixArt: T5 prompts of the model's length, cached per (commit, prompt)
-            from .models.pixart import encode_t5_prompt
-
-            t5 = {p: encode_t5_prompt(net.base_repo, p, net.prompt_embeds.shape[1]) for p in dict.fromkeys(prompts)}
-            return PromptBatch(prompts, torch.cat([t5[p]['prompt_embeds'] for p in prompts]),
-                               prompt_mask=torch.cat([t5[p]['prompt_mask'] for p in prompts]))
+        if hasattr(net, 'prompt_tensors'):  # transformers (PixArt: T5; FLUX: T5 + CLIP pooled), cached per prompt
+            enc = {p: net.prompt_tensors(p) for p in dict.fromkeys(prompts)}
+            given = {k: torch.cat([enc[p][k] for p in prompts]) for k in enc[prompts[0]]}
+            return PromptBatch(prompts, given['prompt_embeds'], given.get('pooled_prompt_embeds'),
+                               given.get('prompt_mask'))
         source, sdxl = net.base_repo, hasattr(net, 'pooled_prompt_embeds')
     tensors = encode_cached(source, list(dict.fromkeys(prompts)), sdxl)
     embeds = torch.cat([tensors[p]['prompt_embeds'] for p in prompts])

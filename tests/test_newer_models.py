@@ -73,23 +73,25 @@ def test_pixart_taps_equal_diffusers_forward():
         torch.testing.assert_close(ours[name], want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def _tiny_t5_repo(folder):
-    """A T5 text encoder and a SentencePiece tokenizer (`spiece.model`, T5Tokenizer) laid out as PixArt repos ship."""
+def _tiny_t5_repo(folder, tokenizer='tokenizer', text_encoder='text_encoder'):
+    """A T5 text encoder and a SentencePiece tokenizer (`spiece.model`, T5Tokenizer) laid out as PixArt repos ship
+    them (FLUX: in `tokenizer_2/`, `text_encoder_2/`)."""
     import json
 
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel
 
-    (folder / 'tokenizer').mkdir(parents=True)
+    (folder / tokenizer).mkdir(parents=True)
     corpus = folder / 'corpus.txt'
     corpus.write_text('a photo of a room\na photo of a dog\nthe quick brown fox jumps over the lazy dog\n' * 20)
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / 'tokenizer' / 'spiece'),
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / tokenizer / 'spiece'),
                                    vocab_size=30, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    (folder / 'tokenizer' / 'tokenizer_config.json').write_text(
+    corpus.unlink()
+    (folder / tokenizer / 'tokenizer_config.json').write_text(
         json.dumps({'tokenizer_class': 'T5Tokenizer', 'model_max_length': 8, 'extra_ids': 0}))
     torch.manual_seed(1)
     T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).save_pretrained(
-        folder / 'text_encoder')
+        folder / text_encoder)
 
 
 def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cache, tmp_path, monkeypatch):
@@ -120,7 +122,9 @@ def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cac
         want = encoder(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
     torch.testing.assert_close(model.prompt_embeds, want)
     assert model.prompt_mask.tolist() == inputs.attention_mask.float().tolist() and 0 < model.prompt_mask.sum() < 8
-    monkeypatch.setattr(px, '_encode_t5', lambda *a: pytest.fail('the T5 encoder was loaded again'))
+    from diffbackbone.models import text
+
+    monkeypatch.setattr(text, '_t5_embeds', lambda *a: pytest.fail('the T5 encoder was loaded again'))
     again = timm.create_model('test_pixart', pretrained=True, prompt='a dog', features_only=True)
     torch.testing.assert_close(again.model.prompt_embeds, want)
     with torch.no_grad():

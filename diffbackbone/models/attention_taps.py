@@ -8,7 +8,8 @@ which SDPA never materialises, are computed from the recorded query and key only
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import re
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,10 +56,12 @@ def _nchw(tokens: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 def _transformer_of(module: str) -> str:
-    """Path of the Transformer2DModel holding a module path `....attentions.j.transformer_blocks.k....`."""
-    if '.transformer_blocks.' not in module:
+    """Path of the transformer holding a module path `....transformer_blocks.k....` (FLUX: also
+    `single_transformer_blocks`)."""
+    parts = re.split(r'\.(?:single_)?transformer_blocks\.', module, maxsplit=1)
+    if len(parts) == 1:
         raise ValueError(f'{module} is not inside a diffusers transformer.')
-    return module.split('.transformer_blocks.')[0]
+    return parts[0]
 
 
 class ActivationRecorder:
@@ -85,8 +88,12 @@ class ActivationRecorder:
                 transformers.add(_transformer_of(tap.module))
             if tap.hook == 'conv':
                 self._hook(tap.module, self._store_conv(tap.location))
-            elif tap.hook in ('tokens', 'q', 'k', 'v'):
-                self._hook(tap.module, self._store_tokens(tap.location, _transformer_of(tap.module)))
+            elif tap.hook in ('tokens', 'q', 'k', 'v', 'tokens@0', 'tokens@1'):
+                pick = int(tap.hook[-1]) if '@' in tap.hook else None
+                self._hook(tap.module, self._store_tokens(tap.location, _transformer_of(tap.module), pick))
+            elif tap.hook == 'input':
+                self._handles.append(self._module(tap.module).register_forward_pre_hook(
+                    self._store_input(tap.location, _transformer_of(tap.module))))
             elif tap.hook in ('self-map', 'cross-map'):
                 for p in ('q', 'k'):
                     self._hook(f'{tap.module}.to_{p}', self._keep(tap.module, p))
@@ -125,9 +132,21 @@ class ActivationRecorder:
             self._out[location] = out
         return hook
 
-    def _store_tokens(self, location: str, transformer: str):
+    def _image_tokens(self, tokens: torch.Tensor, transformer: str) -> torch.Tensor:
+        """NCHW map of the image tokens: the last H*W of the sequence (FLUX's joint blocks put the text first)."""
+        size = self._sizes[transformer]
+        return _nchw(tokens[:, tokens.shape[1] - size.numel():], size)
+
+    def _store_tokens(self, location: str, transformer: str, pick: Optional[int] = None):
         def hook(module, args, out):
-            self._out[location] = _nchw(out, self._sizes[transformer])
+            if pick is not None and isinstance(out, tuple):  # (image, text) of FLUX attention, (text, image) of blocks
+                out = out[pick]
+            self._out[location] = self._image_tokens(out, transformer)
+        return hook
+
+    def _store_input(self, location: str, transformer: str):
+        def hook(module, args):
+            self._out[location] = self._image_tokens(args[0], transformer)
         return hook
 
     def _keep(self, attn: str, which: str):

@@ -100,6 +100,8 @@ class VAEEncoder(nn.Module):
             norm_num_groups: int = 32,
             scaling_factor: float = 0.18215,
             force_upcast: bool = False,
+            shift_factor: float = 0.0,
+            use_quant_conv: bool = True,
     ):
         super().__init__()
         self.force_upcast = force_upcast  # activations overflow in float16 (SDXL's VAE): kept in float32
@@ -112,28 +114,32 @@ class VAEEncoder(nn.Module):
             norm_num_groups=norm_num_groups,
             double_z=True,
         )
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.scaling_factor = scaling_factor
+        # FLUX's VAE has no quant_conv and shifts its latents before scaling
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else nn.Identity()
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.reduction = 2 ** (len(block_out_channels) - 1)
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         if not self.force_upcast:
             return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
         with torch.autocast(x.device.type, enabled=False):  # float16 autocast would overflow
-            x = x.to(self.quant_conv.weight.dtype)
+            x = x.to(self.encoder.conv_in.weight.dtype)
             return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        if self.force_upcast and self.quant_conv.weight.dtype == torch.float16:
+        if self.force_upcast and self.encoder.conv_in.weight.dtype == torch.float16:
             super()._apply(lambda t: t.float() if t.dtype == torch.float16 else t, recurse)
         return self
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = False):
         """Scaled latent: the posterior mode, or one draw from it when `sample` is set."""
         posterior = self.posterior(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return z * self.scaling_factor
+        return self.scale(posterior.sample(generator) if sample else posterior.mode())
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """A posterior draw in the denoiser's latent space, as diffusers' pipelines scale it."""
+        return (z - self.shift_factor) * self.scaling_factor if self.shift_factor else z * self.scaling_factor
 
 
 class NoisyLatents:
@@ -165,15 +171,18 @@ class NoisyLatents:
         else:
             posterior = self.vae.posterior(x)
             eps = self._noise((self.ensemble, *posterior.mean.shape[1:]), x, offset=1)
-            z = (posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1)
-            z = z * self.vae.scaling_factor
+            z = self.vae.scale((posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1))
         if self.clean:
             return self._in_denoiser_dtype(z)
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)
         noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
-        a, s = self.noise_scales
+        a, s = self._noise_scales(z)
         return self._in_denoiser_dtype(a * z + s * noise)
+
+    def _noise_scales(self, z: torch.Tensor) -> tuple[float, float]:
+        """(signal, noise) factors of the noised latent; a flow-matching host's depend on the latent size."""
+        return self.noise_scales
 
     def _in_denoiser_dtype(self, z: torch.Tensor) -> torch.Tensor:
         """Latents in the UNet's / transformer's dtype: a VAE kept in float32 (SDXL's) gives float32 latents."""
@@ -696,8 +705,9 @@ def checked_constructor(cls: type, internal: Sequence[str] = ()) -> Callable[...
 def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor]:
     """The checkpoint timm would load for `variant` (its Hub file, or `file=` of the overlay), read by our loader.
 
-    One path for every weight file: downloads through `hub.download`, reads through `hub.load_safetensors`, so a
-    truncated or corrupted cached file is removed and fetched again on the next call.
+    One path for every weight file: downloads through `hub.download`, reads through `hub.load_safetensors` (sharded
+    checkpoints, named by their `.index.json`: `hub.load_sharded_safetensors`), so a truncated or corrupted cached
+    file is removed and fetched again on the next call.
     """
     from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
 
@@ -713,9 +723,13 @@ def _pretrained_state_dict(variant: str, kwargs: dict) -> dict[str, torch.Tensor
         path = Path(location).expanduser()
         if not path.is_file():
             raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
-                               '.safetensors weights file.')
+                               '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
+        if path.name.endswith('.index.json'):
+            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what)
     elif load_from == 'hf-hub':
         repo, filename = location if isinstance(location, tuple) else (location, 'model.safetensors')
+        if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
+            return hub.load_sharded_safetensors(repo, filename, what=what)
         path = hub.download(repo, filename, what=what)
     else:
         raise hub.HubError(f'{variant} has no weights source: give pretrained_cfg_overlay=dict(file=...) or '

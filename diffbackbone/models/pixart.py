@@ -14,7 +14,6 @@ text encoder is never in memory at feature time. The output head (final norm, mo
 """
 from __future__ import annotations
 
-import gc
 from typing import Optional, Sequence
 
 import torch
@@ -29,8 +28,9 @@ from .diffusion_unet import (
     _vae_keys, build_backbone,
 )
 from .taps import Tap, _TableBuilder
+from .text import encode_t5_prompt
 
-__all__ = ['PixArtBackbone', 'checkpoint_filter_fn', 'encode_t5_prompt']
+__all__ = ['PixArtBackbone', 'checkpoint_filter_fn']
 
 # transformer/config.json of the Hub repos.
 _PIXART_SIGMA = dict(
@@ -45,41 +45,6 @@ _PIXART_TEST = dict(_PIXART_SIGMA, sample_size=8, num_layers=4, num_attention_he
 # PixArt's training noise schedule (scheduler/scheduler_config.json).
 _SCHEDULER_PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear')
 _HEAD_KEYS = ('proj_out.', 'scale_shift_table')
-
-
-def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
-    """T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt`, as PixArt's pipelines compute
-    them, cached per (repo commit, prompt) under `cache_dir()/prompt_embeds`; the encoder is loaded on a miss only."""
-    import hashlib
-
-    from .. import hub
-
-    what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
-    folder = hub._local_dir(base_repo)
-    if folder is not None:
-        return _encode_t5(str(folder), None, prompt, max_tokens, what)
-    repo_id, revision = hub.split_repo(base_repo)
-    return hub._cached_per_commit('prompt_embeds', repo_id, revision, 'text_encoder/config.json', f't5-{key}', what,
-                                  lambda commit, meta: _encode_t5(repo_id, commit, prompt, max_tokens, what))
-
-
-def _encode_t5(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str) -> dict:
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    from ..hub import hub_errors
-
-    with hub_errors(what, repo=source, revision=revision):
-        tokenizer = AutoTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
-        encoder = T5EncoderModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
-                                                 dtype=torch.float32)
-    inputs = tokenizer(prompt, padding='max_length', max_length=max_tokens, truncation=True, add_special_tokens=True,
-                       return_tensors='pt')
-    with torch.no_grad():
-        embeds = encoder.eval()(inputs.input_ids, attention_mask=inputs.attention_mask)[0].float()
-    del encoder
-    gc.collect()  # T5-XXL is 4.7B parameters: give it back now
-    return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
 
 
 class PixArtBackbone(NoisyLatents, TapBackbone):
@@ -214,6 +179,10 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
                     break
         return feats
 
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's conditioning buffers for `prompt` (T5 embedding and mask), encoded once and cached."""
+        return encode_t5_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
+
     def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embedding from `base_repo`."""
         from .. import hub
@@ -226,7 +195,7 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            state_dict.update(encode_t5_prompt(self.base_repo, self.prompt or '', self.prompt_embeds.shape[1]))
+            state_dict.update(self.prompt_tensors(self.prompt or ''))
         return state_dict
 
 

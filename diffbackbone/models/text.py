@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import hub
 
-__all__ = ['encode_cached']
+__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt']
 
 _SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
 _SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
@@ -128,3 +128,65 @@ def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, 
         return out
     finally:
         encoders.close()
+
+
+# ---- T5 (PixArt) and CLIP pooled + T5 (FLUX) ------------------------------------------------------------------------
+def _cached_or_local(base_repo: str, probe: str, name: str, what: str,
+                     encode: Callable[[str, Optional[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`encode(source, revision)` cached per (repo commit, name); a local base folder is encoded on every call."""
+    folder = hub._local_dir(base_repo)
+    if folder is not None:
+        return encode(str(folder), None)
+    repo_id, revision = hub.split_repo(base_repo)
+    return hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what,
+                                  lambda commit, meta: encode(repo_id, commit))
+
+
+def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str,
+               tokenizer: str = 'tokenizer', text_encoder: str = 'text_encoder', masked: bool = True
+               ) -> dict[str, torch.Tensor]:
+    """T5 last hidden state (1, max_tokens, D) and token mask, as PixArt's pipelines compute them (attending to the
+    prompt's tokens only) or, with `masked=False`, FLUX's (attending to the padding too)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    with hub.hub_errors(what, repo=source, revision=revision):
+        tok = AutoTokenizer.from_pretrained(source, subfolder=tokenizer, revision=revision)
+        encoder = T5EncoderModel.from_pretrained(source, subfolder=text_encoder, revision=revision,
+                                                 dtype=torch.float32)
+    inputs = tok(prompt, padding='max_length', max_length=max_tokens, truncation=True, add_special_tokens=True,
+                 return_tensors='pt')
+    with torch.no_grad():
+        embeds = encoder.eval()(inputs.input_ids, attention_mask=inputs.attention_mask if masked else None)[0].float()
+    del encoder
+    gc.collect()  # T5-XXL is 4.7B parameters: give it back now
+    return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
+
+
+def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
+    """PixArt's T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt`, cached per
+    (repo commit, prompt) under `cache_dir()/prompt_embeds`; the encoder is loaded on a miss only."""
+    what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
+    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
+    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-{key}', what,
+                            lambda source, rev: _t5_embeds(source, rev, prompt, max_tokens, what))
+
+
+def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
+    """FLUX's conditioning of `prompt` as `FluxPipeline.encode_prompt` computes it: the T5 last hidden state
+    `prompt_embeds` (1, max_tokens, 4096) from `text_encoder_2/` and CLIP's pooled output `pooled_prompt_embeds`
+    (1, 768) from `text_encoder/`; cached per (repo commit, prompt), encoders loaded on a miss only."""
+    what = f'the FLUX text embeddings (CLIP + T5) of {prompt!r} for {base_repo!r}'
+    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
+
+    def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
+        clip = _load_clip(source, revision, what)
+        tokenizer, encoder = clip[0]
+        ids = tokenizer([prompt], padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors='pt').input_ids
+        with torch.no_grad():
+            pooled = encoder(ids).pooler_output.float()
+        del clip, encoder
+        t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_2', 'text_encoder_2', masked=False)
+        return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled}
+
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, encode)

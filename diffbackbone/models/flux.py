@@ -1,0 +1,365 @@
+""" FLUX.1 diffusion transformers as timm backbones (noisy extraction as Meng et al. do it).
+
+FLUX.1 [dev] / [schnell] (Black Forest Labs, `black-forest-labs/FLUX.1-*` on the Hub): 19 double-stream (MMDiT)
+blocks and 38 single-stream blocks of width 3072 on 2x2-packed latents of a 16-channel VAE, conditioned on T5-XXL
+token embeddings and CLIP's pooled embedding. Activations as evaluated in "Not All Diffusion Model Activations Have
+Been Evaluated as Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature),
+with their names: blocks are numbered on through both kinds (`vit-block0` .. `vit-block18` double, `vit-block19` ..
+`vit-block56` single). Every block has `-q`, `-k`, `-v` (image tokens), `-attn-out` and `-out`; a double block also
+`-norm-out` (the modulated input of its feed-forward) and `-ffn-inner`. `-out` is the block's output image tokens.
+(In Meng et al.'s code a double block's `-out` records the same tensor as its `-norm-out`; ours is the block output,
+as the name says and as their single blocks record it.)
+
+Noise as Meng et al. extract FLUX features: they run diffusers' `FluxImg2ImgPipeline` with `strength = t / 1000`
+(t = 50), its default 28 steps and guidance 1, and keep the activations of its last transformer call. That schedule
+is reproduced here with diffusers' own scheduler: the image latent (a seeded posterior draw) is noised to the first
+sigma of the truncated schedule, every step but the last runs the whole transformer and an Euler step, and the last
+one runs the blocks up to the deepest tap. With the defaults that is two transformer passes at 1024 px. The text
+embeddings (T5 + CLIP) of the prompt (empty by default) are computed once from the base repo and cached on disk: no
+text encoder is in memory at feature time. Every map has stride 16.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from timm.layers import ClassifierHead
+from timm.models import generate_default_cfgs, register_model
+
+from .attention_taps import ActivationRecorder
+from .diffusion_unet import (
+    _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent, _vae_keys, build_backbone,
+)
+from .taps import Tap, _ffn_inner_chs, _TableBuilder
+from .text import encode_flux_prompt
+
+__all__ = ['FluxBackbone', 'checkpoint_filter_fn', 'flux_taps']
+
+# transformer/config.json of the Hub repos (dev is guidance-distilled: it embeds the guidance scale).
+_FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56))
+_FLUX_SCHNELL = dict(_FLUX_DEV, guidance_embeds=False)
+_FLUX_TEST = dict(_FLUX_DEV, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+# vae/config.json: 16 latent channels, no quant_conv, latents shifted then scaled.
+_VAE_FLUX = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
+_VAE_TEST_FLUX = dict(_VAE_TEST, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
+# scheduler/scheduler_config.json: dev shifts its sigmas by the image size (`mu`), schnell does not shift.
+_SCHEDULER_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+_SCHEDULER_SCHNELL = dict(_SCHEDULER_DEV, shift=1.0, use_dynamic_shifting=False)
+
+
+def flux_taps(transformer: FluxTransformer2DModel, reduction: int, tokens: int, prefix: str = 'transformer') -> list[Tap]:
+    """Every tap of a FLUX transformer in execution order, with Meng et al.'s names; block k is stage k."""
+    tb = _TableBuilder('', tokens)
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    n_double = len(transformer.transformer_blocks)
+    dim = transformer.inner_dim
+    for k, block in enumerate(blocks):
+        tb.stage = k
+        b = f'vit-block{k}'
+        m = f'{prefix}.transformer_blocks.{k}' if k < n_double else f'{prefix}.single_transformer_blocks.{k - n_double}'
+        for p in ('q', 'k', 'v'):
+            tb.add(f'{b}-{p}', dim, reduction, f'{m}.attn.to_{p}', p)
+        if k < n_double:
+            tb.add(f'{b}-attn-out', dim, reduction, f'{m}.attn.to_out.0', 'tokens')
+            tb.add(f'{b}-norm-out', dim, reduction, f'{m}.ff', 'input')
+            tb.add(f'{b}-ffn-inner', _ffn_inner_chs(block.ff), reduction, f'{m}.ff.net.0', 'tokens')
+        else:
+            tb.add(f'{b}-attn-out', dim, reduction, f'{m}.attn', 'tokens')
+        tb.add(f'{b}-out', dim, reduction, m, 'tokens@1')  # blocks return (text, image)
+    return tb.taps
+
+
+class FluxBackbone(NoisyLatents, TapBackbone):
+    """VAE encoder + FLUX transformer as a backbone: every block's activations are taps, all at stride 16."""
+
+    def __init__(
+            self,
+            transformer_cfg: dict,
+            vae_cfg: dict,
+            scheduler_cfg: dict,
+            timestep: Optional[int] = None,
+            num_inference_steps: int = 28,
+            guidance: float = 1.0,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            latent: str = 'sample',
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            max_tokens: int = 512,
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            transformer_cfg: diffusers `FluxTransformer2DModel` config.
+            vae_cfg: `VAEEncoder` arguments.
+            scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
+            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
+            num_inference_steps: steps of the full schedule before the strength truncates it (the pipeline's 28).
+            guidance: guidance scale a guidance-distilled model (dev) is told (Meng et al.: 1).
+            ensemble: noise draws averaged per image (one batched pass).
+            noise_seed: seed of the latent draw and the noise.
+            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
+            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2)/, text_encoder(_2)/.
+            prompt: text the features are conditioned on (default: the empty prompt).
+            max_tokens: T5 sequence length (the pipeline's 512).
+            vae_file: the VAE weights in `base_repo`.
+            num_classes, global_pool, drop_rate: classifier head on the last block's map.
+            in_chans: input image channels.
+            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+        """
+        super().__init__()
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+        if latent not in ('mode', 'sample'):
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
+        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        strength = t / 1000
+        # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its last `passes` steps
+        self.t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+        if self.t_start >= num_inference_steps:
+            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+                             '(strength t / 1000 times the steps must be above 0): raise the timestep.')
+        self.passes = num_inference_steps - self.t_start
+        self.clean, self.ensemble, self.noise_seed, self.latent = False, ensemble, noise_seed, latent
+        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
+        self.num_inference_steps, self.guidance, self.scheduler_cfg = num_inference_steps, float(guidance), scheduler_cfg
+        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
+        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
+
+        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.transformer = FluxTransformer2DModel(**transformer_cfg)
+        tr = self.transformer
+        self.reduction = self.vae.reduction * 2  # 2x2 latent patches packed into tokens
+        self.register_buffer('prompt_embeds', torch.zeros(1, max_tokens, tr.config.joint_attention_dim))
+        self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
+
+        self.all_taps: list[Tap] = flux_taps(tr, self.reduction, max_tokens)
+        self.taps: list[Tap] = [t for t in self.all_taps if t.location.endswith('-out')
+                                and not t.location.endswith(('-attn-out', '-norm-out'))]  # block outputs, in order
+        n = len(self.taps)
+        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
+                        'blocks': tuple(t.name for t in self.taps)}
+        self.feature_info = [t.info() for t in self.taps]
+        self._deepest: Optional[int] = None
+        self.head_tap = n - 1
+        self.num_features = self.head_hidden_size = self.taps[-1].num_chs
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^vae|^transformer\.(pos_embed|time_text_embed|context_embedder|x_embedder)',
+                    blocks=[(r'^transformer\.transformer_blocks\.(\d+)', None),
+                            (r'^transformer\.single_transformer_blocks\.(\d+)', (len(self.transformer.transformer_blocks),)),
+                            (r'^transformer\.(norm_out|proj_out)', (99999,))])
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the deepest selected tap (when the schedule has one pass: earlier passes need them
+        all); return the selection as `feature_info` indices."""
+        take = self._resolve(indices)
+        extra = [t for t in take if t not in self.taps]
+        if extra:  # inner activations join feature_info (one stride: execution order)
+            head = self.taps[self.head_tap]
+            self.__dict__.pop('_resolved', None)
+            self.taps = sorted(self.taps + extra, key=lambda t: t.seq)
+            self.feature_info = [t.info() for t in self.taps]
+            self.head_tap = self.taps.index(head)
+        if self.passes == 1:
+            deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
+            tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
+            tr.single_transformer_blocks = nn.ModuleList(list(tr.single_transformer_blocks)[:max(deepest + 1 - n_double, 0)])
+            tr.transformer_blocks = nn.ModuleList(list(tr.transformer_blocks)[:deepest + 1])
+            tr.norm_out = tr.proj_out = None  # the head turns the last block into a velocity: only earlier passes
+            self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return [self.taps.index(t) for t in take]
+
+    def _check_size(self, size: torch.Size) -> None:
+        if any(s % self.reduction or s < 2 * self.reduction for s in size):
+            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
+                             f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
+
+    # --- the truncated image-to-image schedule ---------------------------------------------------------------------
+    def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps of the passes, sigmas from the first pass on with the next one after each) for latents of
+        `height` x `width`, as `FluxImg2ImgPipeline` computes them (float32, CPU)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cache = self.__dict__.setdefault('_schedules', {})
+        if (height, width) not in cache:
+            cfg = self.scheduler_cfg
+            scheduler = FlowMatchEulerDiscreteScheduler(**cfg)
+            n = self.num_inference_steps
+            mu = calculate_shift((height // 2) * (width // 2), cfg['base_image_seq_len'], cfg['max_image_seq_len'],
+                                 cfg['base_shift'], cfg['max_shift'])
+            with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+                scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu, device='cpu')
+            cache[height, width] = (scheduler.timesteps[self.t_start:].clone(), scheduler.sigmas[self.t_start:].clone())
+        return cache[height, width]
+
+    def _noise_scales(self, z: torch.Tensor) -> tuple[float, float]:
+        sigma = self.schedule(*z.shape[-2:])[1][0].item()  # FlowMatchEulerDiscreteScheduler.scale_noise
+        return 1.0 - sigma, sigma
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def _conditioning(self, x: torch.Tensor, height: int, width: int) -> dict:
+        """Transformer keyword arguments besides the latents and the timestep, for packed latents `x`."""
+        tr, n = self.transformer, x.shape[0]
+        embeds, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
+        img_ids = torch.zeros(height // 2, width // 2, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(height // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(width // 2, device=x.device)[None, :]
+        guidance = torch.full((n,), self.guidance, device=x.device) if tr.config.guidance_embeds else None
+        return dict(encoder_hidden_states=_per_latent(embeds.to(x.dtype), n),
+                    pooled_projections=_per_latent(pooled.to(x.dtype), n),
+                    img_ids=img_ids.flatten(0, 1).to(x.dtype),
+                    txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype), guidance=guidance)
+
+    def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        n, c, h, w = z.shape
+        x = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+        return self.features_from_packed(x, h, w, taps)
+
+    def features_from_packed(self, x: torch.Tensor, height: int, width: int, taps: Sequence[Tap]
+                             ) -> dict[str, torch.Tensor]:
+        """{tap name: map} from packed noised latents `x` (B, HW/4, 64) of a `height` x `width` latent: the passes of
+        the schedule but the last with Euler steps, then the last up to the deepest of `taps`."""
+        timesteps, sigmas = self.schedule(height, width)
+        cond = self._conditioning(x, height, width)
+        for i in range(self.passes - 1):
+            t = timesteps[i].to(x.device).expand(x.shape[0]).to(x.dtype)
+            v = self.transformer(hidden_states=x, timestep=t / 1000, return_dict=False, **cond)[0]
+            x = (x.float() + (sigmas[i + 1] - sigmas[i]).item() * v.float()).to(x.dtype)  # scheduler.step
+        return self._tapped_pass(x, timesteps[-1].to(x.device).expand(x.shape[0]).to(x.dtype) / 1000, cond,
+                                 (height // 2, width // 2), taps)
+
+    def _tapped_pass(self, x: torch.Tensor, t: torch.Tensor, cond: dict, grid: tuple[int, int], taps: Sequence[Tap]
+                     ) -> dict[str, torch.Tensor]:
+        """The transformer's forward (diffusers' `FluxTransformer2DModel.forward`) up to the deepest of `taps`."""
+        tr = self.transformer
+        deepest = max(t.order for t in taps)
+        h = tr.x_embedder(x)
+        t = t.to(h.dtype) * 1000
+        guidance = cond['guidance']
+        temb = (tr.time_text_embed(t, cond['pooled_projections']) if guidance is None
+                else tr.time_text_embed(t, guidance.to(h.dtype) * 1000, cond['pooled_projections']))
+        ctx = tr.context_embedder(cond['encoder_hidden_states'])
+        rope = tr.pos_embed(torch.cat((cond['txt_ids'], cond['img_ids']), dim=0))
+        by_loc = {t.location: t.name for t in taps}
+        feats: dict[str, torch.Tensor] = {}
+        with ActivationRecorder(self, taps) as rec:
+            rec.set_size('transformer', grid)
+            for k, block in enumerate([*tr.transformer_blocks, *tr.single_transformer_blocks]):
+                args = (h, ctx, temb, rope)
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    ctx, h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                else:
+                    ctx, h = block(*args)
+                for loc, m in rec.drain():
+                    if loc in by_loc:
+                        feats[by_loc[loc]] = m
+                if k >= deepest:
+                    break
+        return feats
+
+    # --- weights ------------------------------------------------------------------------------------------------------
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's conditioning buffers for `prompt` (T5 embedding, CLIP pooled), encoded once and cached."""
+        return encode_flux_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
+
+    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embeddings from `base_repo`."""
+        from .. import hub
+
+        if not any(k.startswith('vae.') for k in state_dict):
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
+            path = hub.download(self.base_repo, self.vae_file, what='VAE')
+            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
+        if 'prompt_embeds' not in state_dict:
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
+            state_dict.update(self.prompt_tensors(self.prompt or ''))
+        return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FluxBackbone) -> dict[str, torch.Tensor]:
+    """Map a diffusers `FluxTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
+    own = ('transformer.', 'vae.', 'head.')
+    out = {(k if k.startswith(own) or k in ('prompt_embeds', 'pooled_prompt_embeds') else 'transformer.' + k): v
+           for k, v in state_dict.items()}
+    out = model.fill_missing_weights(out)
+    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    got = {k for k in out if not k.startswith('head.')}
+    if expected != got:
+        from ..hub import HubError
+
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise HubError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
+                       f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
+    return out
+
+
+def _create_flux(variant: str, pretrained: bool = False, **kwargs) -> FluxBackbone:
+    return build_backbone(FluxBackbone, variant, pretrained, checkpoint_filter_fn,
+                          ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors.index.json',  # sharded
+        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
+        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        'paper_ids': 'arXiv:2410.03558', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'flux.dev': _cfg(hf_hub_id='black-forest-labs/FLUX.1-dev', license='flux-1-dev-non-commercial-license'),
+    'flux_schnell.schnell': _cfg(hf_hub_id='black-forest-labs/FLUX.1-schnell', license='apache-2.0'),
+    'test_flux.tiny': _cfg(hf_hub_id='diffbackbone/test-flux', input_size=(3, 128, 128), pool_size=(8, 8),
+                           license='apache-2.0'),
+})
+
+
+@register_model
+def flux(pretrained: bool = False, **kwargs) -> FluxBackbone:
+    """FLUX.1 [dev], the FLUX Meng et al. evaluated (gated on the Hub: accept its license and log in first)."""
+    model_args = dict(transformer_cfg=_FLUX_DEV, vae_cfg=_VAE_FLUX, scheduler_cfg=_SCHEDULER_DEV,
+                      base_repo='black-forest-labs/FLUX.1-dev')
+    return _create_flux('flux', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def flux_schnell(pretrained: bool = False, **kwargs) -> FluxBackbone:
+    """FLUX.1 [schnell]: the same architecture without guidance embedding, Apache-2.0, not gated."""
+    model_args = dict(transformer_cfg=_FLUX_SCHNELL, vae_cfg=_VAE_FLUX, scheduler_cfg=_SCHEDULER_SCHNELL,
+                      base_repo='black-forest-labs/FLUX.1-schnell')
+    return _create_flux('flux_schnell', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_flux(pretrained: bool = False, **kwargs) -> FluxBackbone:
+    """Tiny random-weight FLUX layout (dev's schedule and guidance), for tests."""
+    model_args = dict(transformer_cfg=_FLUX_TEST, vae_cfg=_VAE_TEST_FLUX, scheduler_cfg=_SCHEDULER_DEV, max_tokens=8,
+                      base_repo='diffbackbone/test-flux')
+    return _create_flux('test_flux', pretrained=pretrained, **dict(model_args, **kwargs))

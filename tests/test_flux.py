@@ -1,0 +1,203 @@
+"""FLUX.1 backbones: sharded weights through the Hub loader, Meng et al.'s schedule and taps against diffusers' own
+FluxImg2ImgPipeline, the full-size architecture on the meta device."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
+from PIL import Image
+from safetensors.torch import save_file
+
+import diffbackbone  # noqa: F401
+from diffbackbone import cli, hub
+from diffbackbone.models import flux as fx
+from fakehub import save_tiny_clip
+from test_newer_models import _tiny_t5_repo
+
+REPO = 'diffbackbone/test-flux'
+INDEX = 'transformer/diffusion_pytorch_model.safetensors.index.json'
+
+
+def _save_sharded(state: dict, folder: Path, shards: int = 3) -> list[str]:
+    """`state` as diffusers saves a big model: `diffusion_pytorch_model-0000i-of-0000n.safetensors` and the index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state)
+    weight_map, names = {}, []
+    for i, part in enumerate(np.array_split(np.array(keys, dtype=object), shards), start=1):
+        name = f'diffusion_pytorch_model-{i:05d}-of-{shards:05d}.safetensors'
+        save_file({k: state[k].contiguous() for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+        names.append(name)
+    (folder / 'diffusion_pytorch_model.safetensors.index.json').write_text(
+        json.dumps({'metadata': {'total_size': sum(v.numel() * v.element_size() for v in state.values())},
+                    'weight_map': weight_map}))
+    return names
+
+
+def _tiny_flux_repo(folder: Path) -> tuple[FluxTransformer2DModel, AutoencoderKL]:
+    """A FLUX-layout diffusers folder: sharded transformer, 16-channel VAE without quant_conv, CLIP, T5."""
+    torch.manual_seed(3)
+    transformer = FluxTransformer2DModel(**fx._FLUX_TEST).eval()
+    transformer.save_config(folder / 'transformer')
+    _save_sharded(transformer.state_dict(), folder / 'transformer')
+    vae_cfg = fx._VAE_TEST_FLUX
+    n = len(vae_cfg['block_out_channels'])
+    vae = AutoencoderKL(block_out_channels=vae_cfg['block_out_channels'], layers_per_block=1, latent_channels=16,
+                        norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * n,
+                        up_block_types=('UpDecoderBlock2D',) * n, scaling_factor=vae_cfg['scaling_factor'],
+                        shift_factor=vae_cfg['shift_factor'], use_quant_conv=False, use_post_quant_conv=False).eval()
+    vae.save_pretrained(folder / 'vae', safe_serialization=True)
+    save_tiny_clip(folder, hidden_size=32)
+    _tiny_t5_repo(folder, 'tokenizer_2', 'text_encoder_2')
+    FlowMatchEulerDiscreteScheduler(**fx._SCHEDULER_DEV).save_config(folder / 'scheduler')
+    return transformer, vae
+
+
+@pytest.fixture(scope='module')
+def tiny_repo(tmp_path_factory, fake_hub):
+    folder = tmp_path_factory.mktemp('flux')
+    transformer, vae = _tiny_flux_repo(folder)
+    fake_hub.add_folder(REPO, folder)
+    return folder, transformer, vae
+
+
+def test_sharded_transformer_loads_through_the_hub(tiny_repo, fake_hub, hub_cache):
+    folder, transformer, _ = tiny_repo
+    start = len(fake_hub.requests)
+    model = timm.create_model('test_flux', pretrained=True)
+    fetched = [r[1] for r in fake_hub.requests[start:] if 'diffusion_pytorch_model-0000' in r[1] and r[0] == 'GET']
+    assert len({p.rsplit('/', 1)[1] for p in fetched}) == 3  # every shard, from the index
+    for k, v in transformer.state_dict().items():
+        torch.testing.assert_close(model.state_dict()['transformer.' + k], v, rtol=0, atol=0, msg=k)
+    assert model.pooled_prompt_embeds.shape == (1, 32) and model.prompt_embeds.shape == (1, 8, 32)
+
+
+def test_pipeline_schedule_text_and_taps_equal_diffusers(tiny_repo, hub_cache):
+    """The tiny model from the Hub against diffusers' FluxImg2ImgPipeline run as Meng et al. run it (strength 0.05,
+    28 steps, guidance 1): same timesteps, text conditioning, Euler step and taps of the pipeline's last call."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    folder, transformer, vae = tiny_repo
+    pipe = FluxImg2ImgPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / 'scheduler'), vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(folder / 'text_encoder').eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / 'tokenizer'),
+        text_encoder_2=T5EncoderModel.from_pretrained(folder / 'text_encoder_2').eval(),
+        tokenizer_2=AutoTokenizer.from_pretrained(folder / 'tokenizer_2'), transformer=transformer)
+    model = timm.create_model('test_flux', pretrained=True, prompt='a dog').eval()
+
+    embeds, pooled, _ = pipe.encode_prompt('a dog', prompt_2=None, max_sequence_length=8)
+    torch.testing.assert_close(model.prompt_embeds, embeds)
+    torch.testing.assert_close(model.pooled_prompt_embeds, pooled)
+
+    calls, recorded = [], {}
+    names = {'vit-block0-q': (0, 'attn.to_q', 'out'), 'vit-block1-norm-out': (1, 'ff', 'in'),
+             'vit-block1-ffn-inner': (1, 'ff.net.0', 'out'), 'vit-block1-out': (1, '', 'out1'),
+             'vit-block3-k': (3, 'attn.to_k', 'out'), 'vit-block3-attn-out': (3, 'attn', 'out'),
+             'vit-block4-out': (4, '', 'out1')}
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    hooks = [pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)]
+    for name, (k, path, kind) in names.items():
+        module = blocks[k].get_submodule(path) if path else blocks[k]
+        if kind == 'in':
+            hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: recorded.__setitem__(n, a[0])))
+        else:
+            pick = (lambda o: o[1]) if kind == 'out1' else (lambda o: o)
+            hooks.append(module.register_forward_hook(lambda m, a, o, n=name, p=pick: recorded.__setitem__(n, p(o))))
+    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    with torch.no_grad():
+        pipe('a dog', image=image, height=64, width=96, strength=0.05, num_inference_steps=28, guidance_scale=1.0,
+             max_sequence_length=8, output_type='latent', generator=torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+
+    timesteps, sigmas = model.schedule(8, 12)
+    assert len(calls) == model.passes == 2
+    torch.testing.assert_close(torch.stack([c['timestep'][0] for c in calls]), timesteps / 1000)
+    assert model._noise_scales(torch.zeros(1, 16, 8, 12)) == pytest.approx((1 - sigmas[0].item(), sigmas[0].item()))
+    with torch.no_grad():
+        ours = model.features_from_packed(calls[0]['hidden_states'], 8, 12, model._resolve(list(names)))
+    for name, want in recorded.items():
+        want = want[:, -24:].transpose(1, 2).unflatten(2, (4, 6))  # image tokens on the 4x6 patch grid
+        torch.testing.assert_close(ours[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_vae_latents_are_shifted_and_scaled_as_the_pipeline(tiny_repo, hub_cache):
+    _, _, vae = tiny_repo
+    model = timm.create_model('test_flux', pretrained=True).eval()
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        want = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        torch.testing.assert_close(model.vae(x), want, rtol=1e-5, atol=1e-5)
+        feats = timm.create_model('test_flux', pretrained=True, features_only=True)(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 4, 6)] * 4
+
+
+def test_broken_shards_are_named(tiny_repo, fake_hub, hub_cache, tmp_path):
+    folder = tmp_path / 'local'
+    state = {'a': torch.ones(2), 'b': torch.zeros(3)}
+    names = _save_sharded(state, folder, shards=2)
+    assert hub.load_sharded_safetensors(str(folder), 'diffusion_pytorch_model.safetensors.index.json',
+                                        what='w').keys() == state.keys()
+    (folder / names[1]).unlink()
+    with pytest.raises(hub.HubError, match=f'{names[1]} does not exist'):
+        timm.create_model('test_flux', pretrained=True, pretrained_cfg_overlay=dict(
+            file=str(folder / 'diffusion_pytorch_model.safetensors.index.json')))
+    save_file({'a': torch.ones(2), 'c': torch.ones(1)}, folder / names[0])
+    with pytest.raises(hub.HubError, match=r'does not hold the tensors its index lists \(0 missing .*1 not in the '):
+        hub.load_sharded_safetensors(str(folder), 'diffusion_pytorch_model.safetensors.index.json', what='w')
+    (folder / 'diffusion_pytorch_model.safetensors.index.json').write_text('{"weight_map": {"a": "../x"}}')
+    with pytest.raises(hub.HubError, match='outside its folder'):
+        hub.load_sharded_safetensors(str(folder), 'diffusion_pytorch_model.safetensors.index.json', what='w')
+    (folder / 'diffusion_pytorch_model.safetensors.index.json').write_text('not json')
+    with pytest.raises(hub.HubError, match='is not a sharded-checkpoint index'):
+        hub.load_sharded_safetensors(str(folder), 'diffusion_pytorch_model.safetensors.index.json', what='w')
+
+
+@pytest.mark.parametrize('name,cfg', [('flux', fx._FLUX_DEV), ('flux_schnell', fx._FLUX_SCHNELL)])
+def test_full_size_loads_diffusers_state_dict_strictly(name, cfg):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+        ref = FluxTransformer2DModel(**cfg)
+    n = sum(p.numel() for p in ref.parameters())
+    assert n == pytest.approx(11.9e9, rel=0.005)  # FLUX.1: "a 12 billion parameter rectified flow transformer"
+    assert sum(p.numel() for p in model.transformer.parameters()) == n
+    sd = {k: torch.empty_like(v, device='meta') for k, v in ref.state_dict().items()}
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith(('vae.', 'prompt_', 'pooled_'))})
+    model.load_state_dict(fx.checkpoint_filter_fn(sd, model), strict=True, assign=True)
+    assert len(model.taps) == 57 and {f['reduction'] for f in model.feature_info} == {16}
+    assert model.prompt_embeds.shape == (1, 512, 4096) and model.vae.encoder.conv_out.out_channels == 32
+    del sd['transformer_blocks.0.attn.to_q.weight']
+    with pytest.raises(RuntimeError, match='1 missing keys'):
+        fx.checkpoint_filter_fn(sd, model)
+
+
+def test_taps_follow_meng_et_al_names(capsys):
+    assert cli.main(['taps', 'flux', '--all']) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[1] for line in out.splitlines()[1:] if line.split()[0] == '-' or line.split()[0].isdigit()]
+    assert len(rows) == 19 * 7 + 38 * 5
+    assert rows[:7] == [f'vit-block0-{s}' for s in ('q', 'k', 'v', 'attn-out', 'norm-out', 'ffn-inner', 'out')]
+    assert rows[-5:] == [f'vit-block56-{s}' for s in ('q', 'k', 'v', 'attn-out', 'out')]
+    assert 'vit-block18-ffn-inner' in rows and 'vit-block19-ffn-inner' not in rows
+
+
+def test_schedule_and_bad_arguments():
+    model = timm.create_model('test_flux', num_inference_steps=20)  # 20 * 0.05 = 1 step: one pass, prunable
+    assert model.passes == 1
+    model.prune_intermediate_layers(['vit-block1-out'])
+    assert len(model.transformer.transformer_blocks) == 2 and len(model.transformer.single_transformer_blocks) == 0
+    default = timm.create_model('test_flux')
+    default.prune_intermediate_layers(['vit-block1-out'])  # two passes: the first needs every block
+    assert len(default.transformer.single_transformer_blocks) == 3
+    with pytest.raises(ValueError, match='leaves no denoising step'):
+        timm.create_model('test_flux', timestep=0)
+    with pytest.raises(ValueError, match='num_inference_steps must be a whole number'):
+        timm.create_model('test_flux', num_inference_steps=0)
+    schnell = timm.create_model('flux_schnell', pretrained=False, transformer_cfg=dict(fx._FLUX_TEST,
+                                guidance_embeds=False), vae_cfg=fx._VAE_TEST_FLUX, max_tokens=8)
+    _, sigmas = schnell.schedule(64, 64)
+    assert sigmas.tolist() == pytest.approx([2 / 28, 1 / 28, 0.0])  # no shift for schnell
