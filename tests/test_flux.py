@@ -201,3 +201,54 @@ def test_schedule_and_bad_arguments():
                                 guidance_embeds=False), vae_cfg=fx._VAE_TEST_FLUX, max_tokens=8)
     _, sigmas = schnell.schedule(64, 64)
     assert sigmas.tolist() == pytest.approx([2 / 28, 1 / 28, 0.0])  # no shift for schnell
+
+
+def test_every_tap_has_the_promised_shape_and_the_forward_stops_early():
+    torch.manual_seed(0)
+    model = timm.create_model('test_flux', num_inference_steps=20).eval()  # one pass
+    names = model.tap_names(all=True)
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=names, intermediates_only=True)
+    taps = {t.name: t for t in model.all_taps}
+    for name, m in zip(names, maps):
+        assert m.shape == (1, taps[name].num_chs, 4, 6) and torch.isfinite(m).all(), name
+    ran = []
+    for block in model.transformer.single_transformer_blocks:
+        block.register_forward_pre_hook(lambda mod, args: ran.append(mod))
+    with torch.no_grad():
+        early = model.forward_intermediates(x, indices=['vit-block1-ffn-inner'], intermediates_only=True)[0]
+    assert not ran
+    torch.testing.assert_close(early, maps[names.index('vit-block1-ffn-inner')])
+    feat = timm.create_model('test_flux', num_inference_steps=20, features_only=True, out_indices=['vit-block2-q'])
+    feat.model.load_state_dict(model.state_dict(), strict=False)  # pruned blocks are gone
+    assert len(feat.model.transformer.single_transformer_blocks) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(feat.eval()(x)[0], maps[names.index('vit-block2-q')])
+
+
+def test_prompts_are_cached_and_per_image(tiny_repo, hub_cache, monkeypatch):
+    from diffbackbone import prompts
+    from diffbackbone.models import text
+
+    folder, _, _ = tiny_repo
+    model = timm.create_model('test_flux', pretrained=True, prompt='a dog').eval()
+    monkeypatch.setattr(text, '_t5_embeds', lambda *a, **k: pytest.fail('the T5 encoder was loaded again'))
+    monkeypatch.setattr(text, '_load_clip', lambda *a, **k: pytest.fail('the CLIP encoder was loaded again'))
+    again = timm.create_model('test_flux', pretrained=True, prompt='a dog')
+    torch.testing.assert_close(again.pooled_prompt_embeds, model.pooled_prompt_embeds)
+    monkeypatch.undo()
+    batch = prompts.encode_prompts(model, ['a photo of a room', 'a dog'])
+    assert batch.prompt_embeds.shape == (2, 8, 32) and batch.pooled_prompt_embeds.shape == (2, 32)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        with prompts.use_prompts(model, batch):
+            both = model.forward_features(x)
+        singles = []
+        for i in range(2):
+            model.prompt_embeds.copy_(batch.prompt_embeds[i:i + 1])
+            model.pooled_prompt_embeds.copy_(batch.pooled_prompt_embeds[i:i + 1])
+            singles.append(model.forward_features(x[i:i + 1]))
+    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), prompts.use_prompts(model, 'a dog'):
+        assert not torch.allclose(model.forward_features(x)[0], both[0], atol=1e-4)  # the prompt matters
