@@ -1,0 +1,14 @@
+"""`python -m diffbackbone.bench_cost`: FLOPs on the meta device and the bf16 activation peak, on tiny layouts."""
+import pytest
+
+from diffbackbone import bench_cost
+
+
+@pytest.mark.parametrize('name', ['test_flux', 'test_pixart'])
+def test_cost_lines(name, capsys):
+    gflop, params = bench_cost.count(name, 64)
+    assert gflop > 0 and params > 0
+    assert bench_cost.count(name, 128)[0] > 3 * gflop  # 4x the tokens
+    assert bench_cost.main(['memory', name, '--size', '64']) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f'{name} 64px pyramid: ') and 'activation peak (CPU, batch 1, bf16)' in line
