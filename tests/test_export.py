@@ -76,3 +76,25 @@ def test_export_bad_input(tmp_path, capsys):
     not_st.write_text('hello')
     assert main(['export', str(not_st), '--out', str(tmp_path / 'o2')]) == 2
     assert not (tmp_path / 'o').exists() and not (tmp_path / 'o2').exists()
+
+
+def test_export_flux_round_trip(fake_hub, hub_cache, tmp_path):
+    """A fine-tuned diffusion transformer (tiny FLUX, its prompt embeddings included) exports and loads back."""
+    torch.manual_seed(1)
+    net = timm.create_model('test_flux', timestep=30)
+    with torch.no_grad():
+        net.prompt_embeds.normal_()
+        net.pooled_prompt_embeds.normal_()
+    weights = tmp_path / 'flux.safetensors'
+    save_file({k: v for k, v in net.state_dict().items() if not k.startswith('head.')}, weights)
+    out = tmp_path / 'export'
+    assert main(['export', str(weights), '--model', 'test_flux', '--out', str(out),
+                 '--model-kwargs', '{"timestep": 30}']) == 0
+    assert json.loads((out / 'config.json').read_text())['model_args']['timestep'] == 30
+    fake_hub.add_folder('someone/my-flux', out)
+    loaded = timm.create_model('hf-hub:someone/my-flux', pretrained=True, features_only=True).eval()
+    assert loaded.model.t_start == 27  # timestep 30 of 28 steps: one pass
+    with torch.no_grad():
+        for a, b in zip(loaded(X), timm.create_model('test_flux', pretrained=True, timestep=30, features_only=True,
+                                                     pretrained_cfg_overlay=dict(file=str(weights))).eval()(X)):
+            assert torch.equal(a, b)
