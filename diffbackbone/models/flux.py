@@ -30,8 +30,9 @@ from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
+from .dit import DiTBackbone, filter_transformer_state_dict
 from .diffusion_unet import (
-    _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent, _vae_keys, build_backbone,
+    _VAE_TEST, VAEEncoder, _check_timestep, _per_latent, build_backbone,
 )
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_flux_prompt
@@ -77,7 +78,7 @@ def flux_taps(transformer: FluxTransformer2DModel, reduction: int, tokens: int, 
     return tb.taps
 
 
-class FluxBackbone(NoisyLatents, TapBackbone):
+class FluxBackbone(DiTBackbone):
     """VAE encoder + FLUX transformer as a backbone: every block's activations are taps, all at stride 16."""
 
     def __init__(
@@ -172,13 +173,7 @@ class FluxBackbone(NoisyLatents, TapBackbone):
         """Drop the blocks after the deepest selected tap (when the schedule has one pass: earlier passes need them
         all); return the selection as `feature_info` indices."""
         take = self._resolve(indices)
-        extra = [t for t in take if t not in self.taps]
-        if extra:  # inner activations join feature_info (one stride: execution order)
-            head = self.taps[self.head_tap]
-            self.__dict__.pop('_resolved', None)
-            self.taps = sorted(self.taps + extra, key=lambda t: t.seq)
-            self.feature_info = [t.info() for t in self.taps]
-            self.head_tap = self.taps.index(head)
+        self._take_into_feature_info(take)
         if self.passes == 1:
             deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
             tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
@@ -189,11 +184,6 @@ class FluxBackbone(NoisyLatents, TapBackbone):
         if prune_head:
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
-
-    def _check_size(self, size: torch.Size) -> None:
-        if any(s % self.reduction or s < 2 * self.reduction for s in size):
-            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
-                             f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
 
     # --- the truncated image-to-image schedule ---------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,37 +273,11 @@ class FluxBackbone(NoisyLatents, TapBackbone):
         """The model's conditioning buffers for `prompt` (T5 embedding, CLIP pooled), encoded once and cached."""
         return encode_flux_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
 
-    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embeddings from `base_repo`."""
-        from .. import hub
-
-        if not any(k.startswith('vae.') for k in state_dict):
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
-            path = hub.download(self.base_repo, self.vae_file, what='VAE')
-            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
-        if 'prompt_embeds' not in state_dict:
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            state_dict.update(self.prompt_tensors(self.prompt or ''))
-        return state_dict
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FluxBackbone) -> dict[str, torch.Tensor]:
     """Map a diffusers `FluxTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    own = ('transformer.', 'vae.', 'head.')
-    out = {(k if k.startswith(own) or k in ('prompt_embeds', 'pooled_prompt_embeds') else 'transformer.' + k): v
-           for k, v in state_dict.items()}
-    out = model.fill_missing_weights(out)
-    expected = {k for k in model.state_dict() if not k.startswith('head.')}
-    got = {k for k in out if not k.startswith('head.')}
-    if expected != got:
-        from ..hub import HubError
-
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise HubError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
-                       f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
-    return out
+    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'pooled_prompt_embeds'))
 
 
 def _create_flux(variant: str, pretrained: bool = False, **kwargs) -> FluxBackbone:

@@ -23,9 +23,10 @@ from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
+from .dit import DiTBackbone, filter_transformer_state_dict
 from .diffusion_unet import (
-    _VAE_SD, _VAE_SDXL, _VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, _check_timestep, _per_latent,
-    _vae_keys, build_backbone,
+    _VAE_SD, _VAE_SDXL, _VAE_TEST, VAEEncoder, _check_timestep, _per_latent,
+    build_backbone,
 )
 from .taps import Tap, _TableBuilder
 from .text import encode_t5_prompt
@@ -47,7 +48,7 @@ _SCHEDULER_PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0
 _HEAD_KEYS = ('proj_out.', 'scale_shift_table')
 
 
-class PixArtBackbone(NoisyLatents, TapBackbone):
+class PixArtBackbone(DiTBackbone):
     """VAE encoder + PixArt transformer as a backbone: every block's activations are taps, all at stride 16."""
 
     def __init__(
@@ -130,13 +131,7 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
         take = self._resolve(indices)
-        extra = [t for t in take if t not in self.taps]
-        if extra:  # inner activations join feature_info (one stride: execution order)
-            head = self.taps[self.head_tap]
-            self.__dict__.pop('_resolved', None)
-            self.taps = sorted(self.taps + extra, key=lambda t: t.seq)
-            self.feature_info = [t.info() for t in self.taps]
-            self.head_tap = self.taps.index(head)
+        self._take_into_feature_info(take)
         deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
         blocks = self.transformer.transformer_blocks
         self.transformer.transformer_blocks = nn.ModuleList(list(blocks)[:deepest + 1])
@@ -144,11 +139,6 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
         if prune_head:
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
-
-    def _check_size(self, size: torch.Size) -> None:
-        if any(s % self.reduction or s < 2 * self.reduction for s in size):
-            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
-                             f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
 
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.transformer_features(z, taps)
@@ -183,39 +173,11 @@ class PixArtBackbone(NoisyLatents, TapBackbone):
         """The model's conditioning buffers for `prompt` (T5 embedding and mask), encoded once and cached."""
         return encode_t5_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
 
-    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embedding from `base_repo`."""
-        from .. import hub
-
-        if not any(k.startswith('vae.') for k in state_dict):
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
-            path = hub.download(self.base_repo, self.vae_file, what='VAE')
-            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
-        if 'prompt_embeds' not in state_dict:
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            state_dict.update(self.prompt_tensors(self.prompt or ''))
-        return state_dict
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PixArtBackbone) -> dict[str, torch.Tensor]:
     """Map a diffusers `PixArtTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        if not k.startswith(('transformer.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'prompt_mask'):
-            k = 'transformer.' + k  # diffusers layout
-        if k.startswith(tuple('transformer.' + h for h in _HEAD_KEYS)):
-            continue  # output head, not built
-        out[k] = v
-    out = model.fill_missing_weights(out)
-    expected = {k for k in model.state_dict() if not k.startswith('head.')}
-    got = {k for k in out if not k.startswith('head.')}
-    if expected != got:
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise RuntimeError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
-                           f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
-    return out
+    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'prompt_mask'), skip=_HEAD_KEYS)
 
 
 def _create_pixart(variant: str, pretrained: bool = False, **kwargs) -> PixArtBackbone:

@@ -1,0 +1,74 @@
+"""What the diffusion-transformer backbones (PixArt, FLUX) share: one stride, taps by block, a transformer-only
+checkpoint completed from the base repo (VAE encoder, cached prompt embeddings)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .diffusion_unet import NoisyLatents, TapBackbone, _vae_keys
+from .taps import Tap
+
+__all__ = ['DiTBackbone', 'filter_transformer_state_dict']
+
+
+class DiTBackbone(NoisyLatents, TapBackbone):
+    """Base of the transformer backbones. The host sets what `TapBackbone` needs plus `reduction`, `base_repo`,
+    `prompt`, `vae_file`, and implements `prompt_tensors(prompt)` (its conditioning buffers for a prompt)."""
+
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_size(self, size: torch.Size) -> None:
+        if any(s % self.reduction or s < 2 * self.reduction for s in size):
+            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
+                             f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
+
+    def _take_into_feature_info(self, take: Sequence[Tap]) -> None:
+        """Selected inner activations join `feature_info` (one stride: in execution order)."""
+        extra = [t for t in take if t not in self.taps]
+        if extra:
+            head = self.taps[self.head_tap]
+            self.__dict__.pop('_resolved', None)
+            self.taps = sorted(self.taps + extra, key=lambda t: t.seq)
+            self.feature_info = [t.info() for t in self.taps]
+            self.head_tap = self.taps.index(head)
+
+    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add what a transformer-only checkpoint lacks: VAE encoder and prompt embeddings from `base_repo`."""
+        from .. import hub
+
+        if not any(k.startswith('vae.') for k in state_dict):
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
+            path = hub.download(self.base_repo, self.vae_file, what='VAE')
+            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
+        if 'prompt_embeds' not in state_dict:
+            if not self.base_repo:
+                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
+            state_dict.update(self.prompt_tensors(self.prompt or ''))
+        return state_dict
+
+
+def filter_transformer_state_dict(state_dict: dict[str, torch.Tensor], model: DiTBackbone,
+                                  buffers: Sequence[str], skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Map a diffusers transformer state dict (or our own) onto `model`: diffusers keys go under `transformer.`, keys
+    starting with `skip` (an output head that is not built) are dropped, VAE and prompt buffers are filled in, and
+    the result must hold exactly the model's keys."""
+    from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if not k.startswith(('transformer.', 'vae.', 'head.')) and k not in buffers:
+            k = 'transformer.' + k  # diffusers layout
+        if skip and k.startswith(tuple('transformer.' + s for s in skip)):
+            continue
+        out[k] = v
+    out = model.fill_missing_weights(out)
+    expected = {k for k in model.state_dict() if not k.startswith('head.')}
+    got = {k for k in out if not k.startswith('head.')}
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise HubError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
+                       f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
+    return out
