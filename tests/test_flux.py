@@ -16,6 +16,7 @@ from diffbackbone import cli, hub
 from diffbackbone.models import flux as fx
 from fakehub import save_tiny_clip
 from test_newer_models import _tiny_t5_repo
+from test_prompts import assert_per_image_prompts
 
 REPO = 'diffbackbone/test-flux'
 INDEX = 'transformer/diffusion_pytorch_model.safetensors.index.json'
@@ -240,15 +241,9 @@ def test_prompts_are_cached_and_per_image(tiny_repo, hub_cache, monkeypatch):
     monkeypatch.undo()
     batch = prompts.encode_prompts(model, ['a photo of a room', 'a dog'])
     assert batch.prompt_embeds.shape == (2, 8, 32) and batch.pooled_prompt_embeds.shape == (2, 32)
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        with prompts.use_prompts(model, batch):
-            both = model.forward_features(x)
-        singles = []
-        for i in range(2):
-            model.prompt_embeds.copy_(batch.prompt_embeds[i:i + 1])
-            model.pooled_prompt_embeds.copy_(batch.pooled_prompt_embeds[i:i + 1])
-            singles.append(model.forward_features(x[i:i + 1]))
-    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    both = assert_per_image_prompts(model, batch)
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # the helper's images
     with torch.no_grad(), prompts.use_prompts(model, 'a dog'):
         assert not torch.allclose(model.forward_features(x)[0], both[0], atol=1e-4)  # the prompt matters

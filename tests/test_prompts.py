@@ -289,6 +289,22 @@ def test_cli_features_prompt(hub_cache, tiny_base, tmp_path):
     assert not torch.allclose(dog, plain, atol=1e-4)
 
 
+def assert_per_image_prompts(model, batch) -> torch.Tensor:
+    """Two images under `use_prompts(model, batch)` give what each gives alone with its prompt in the model's buffers;
+    returns the batched features."""
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        with prompts.use_prompts(model, batch):
+            both = model.forward_features(x)
+        singles = []
+        for i in range(2):
+            for name, value in batch.buffers().items():
+                getattr(model, name).copy_(value[i:i + 1])
+            singles.append(model.forward_features(x[i:i + 1]))
+    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    return both
+
+
 def test_use_prompts_pixart(hub_cache, tmp_path):
     from test_newer_models import _tiny_t5_repo
 
@@ -297,16 +313,7 @@ def test_use_prompts_pixart(hub_cache, tmp_path):
     batch = prompts.encode_prompts(model, ['a photo of a room', 'a dog'])
     assert batch.prompt_embeds.shape == (2, 8, 32)
     assert batch.prompt_mask[1, 0] == 1 and batch.prompt_mask[1, -1] == 0  # the short prompt is padded, masked
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        with prompts.use_prompts(model, batch):
-            both = model.forward_features(x)
-        singles = []
-        for i in range(2):
-            model.prompt_embeds.copy_(batch.prompt_embeds[i:i + 1])
-            model.prompt_mask.copy_(batch.prompt_mask[i:i + 1])
-            singles.append(model.forward_features(x[i:i + 1]))
-    torch.testing.assert_close(both, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    assert_per_image_prompts(model, batch)
     with pytest.raises(ValueError, match='without prompt_mask'):
         with prompts.use_prompts(model, prompts.PromptBatch(('x',), batch.prompt_embeds[:1])):
             pass

@@ -149,6 +149,16 @@ class NoisyLatents:
     `noise_seed` and, for noisy models, `noise_scales` = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)).
     """
 
+    def _init_noise(self, ensemble: int, noise_seed: int, latent: str, clean: bool) -> None:
+        """Check and set the latent and noise settings the host's constructor was given."""
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+        if latent not in ('mode', 'sample'):
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
+        if clean and ensemble != 1:
+            raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        self.clean, self.ensemble, self.noise_seed, self.latent = clean, ensemble, noise_seed, latent
+
     @torch.compiler.disable
     def _noise(self, shape: Sequence[int], x: torch.Tensor, offset: int) -> torch.Tensor:
         """Seeded Gaussian noise, the same for every image of a batch so features do not depend on batch mates.
@@ -355,22 +365,11 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             check_inputs: validate shapes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+        self._init_noise(ensemble, noise_seed, ('mode' if clean else 'sample') if latent is None else latent, clean)
         if timestep is not None:
             timestep = _check_timestep(timestep, whole=not clean)
-        if latent is None:
-            latent = 'mode' if clean else 'sample'
-        if latent not in ('mode', 'sample'):
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
-        if clean and ensemble != 1:
-            raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
-        self.clean = clean
-        self.ensemble = ensemble
-        self.noise_seed = noise_seed
-        self.latent = latent
         self.base_repo = base_repo
         self.prompt = prompt or ''
         self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by use_prompts

@@ -2,9 +2,10 @@
 checkpoint completed from the base repo (VAE encoder, cached prompt embeddings)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+from timm.layers import ClassifierHead
 
 from .diffusion_unet import NoisyLatents, TapBackbone, _vae_keys
 from .taps import Tap
@@ -18,6 +19,21 @@ class DiTBackbone(NoisyLatents, TapBackbone):
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _init_block_taps(self, all_taps: list[Tap], num_classes: int, global_pool: str, drop_rate: float) -> None:
+        """Taps and head: `feature_info` lists the block outputs `vit-block{k}-out` (block k is stage k), `pyramid` is
+        four evenly spaced ones for a multi-level neck, and the classifier reads the last."""
+        self.all_taps = all_taps
+        self.taps = [t for t in all_taps if t.location == f'vit-block{t.order}-out']
+        n = len(self.taps)
+        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
+                        'blocks': tuple(t.name for t in self.taps)}
+        self.feature_info = [t.info() for t in self.taps]
+        self._deepest: Optional[int] = None
+        self.head_tap = n - 1
+        self.num_features = self.head_hidden_size = self.taps[-1].num_chs
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % self.reduction or s < 2 * self.reduction for s in size):

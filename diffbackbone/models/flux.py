@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
@@ -122,12 +121,8 @@ class FluxBackbone(DiTBackbone):
             check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        if latent not in ('mode', 'sample'):
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
         strength = t / 1000
         # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its last `passes` steps
@@ -136,7 +131,7 @@ class FluxBackbone(DiTBackbone):
             raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
                              '(strength t / 1000 times the steps must be above 0): raise the timestep.')
         self.passes = num_inference_steps - self.t_start
-        self.clean, self.ensemble, self.noise_seed, self.latent = False, ensemble, noise_seed, latent
+        self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
         self.num_inference_steps, self.guidance, self.scheduler_cfg = num_inference_steps, float(guidance), scheduler_cfg
         self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
@@ -149,18 +144,7 @@ class FluxBackbone(DiTBackbone):
         self.register_buffer('prompt_embeds', torch.zeros(1, max_tokens, tr.config.joint_attention_dim))
         self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
 
-        self.all_taps: list[Tap] = flux_taps(tr, self.reduction, max_tokens)
-        self.taps: list[Tap] = [t for t in self.all_taps if t.location.endswith('-out')
-                                and not t.location.endswith(('-attn-out', '-norm-out'))]  # block outputs, in order
-        n = len(self.taps)
-        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
-                        'blocks': tuple(t.name for t in self.taps)}
-        self.feature_info = [t.info() for t in self.taps]
-        self._deepest: Optional[int] = None
-        self.head_tap = n - 1
-        self.num_features = self.head_hidden_size = self.taps[-1].num_chs
-        self.num_classes, self.drop_rate = num_classes, drop_rate
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_block_taps(flux_taps(tr, self.reduction, max_tokens), num_classes, global_pool, drop_rate)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
-from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
@@ -86,12 +85,8 @@ class PixArtBackbone(DiTBackbone):
             check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
-        if latent not in ('mode', 'sample'):
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
-        self.clean, self.ensemble, self.noise_seed, self.latent = False, ensemble, noise_seed, latent
+        self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
         self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
         self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
@@ -111,17 +106,7 @@ class PixArtBackbone(DiTBackbone):
 
         table = _TableBuilder('', tokens=max_tokens)
         table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
-        self.all_taps: list[Tap] = table.taps
-        self.taps: list[Tap] = [t for t in self.all_taps if t.location.endswith('-out')]  # block outputs, in order
-        n = len(self.taps)
-        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
-                        'blocks': tuple(t.name for t in self.taps)}
-        self.feature_info = [t.info() for t in self.taps]
-        self._deepest: Optional[int] = None
-        self.head_tap = n - 1
-        self.num_features = self.head_hidden_size = self.taps[-1].num_chs
-        self.num_classes, self.drop_rate = num_classes, drop_rate
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
