@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import models  # noqa: F401  (registers the models)
 from .bench import _RSSPeak
+from .cli import diffusion_model_name, positive_int
 
 __all__ = ['count', 'activation_peak', 'main']
 
@@ -35,6 +36,7 @@ def count(name: str, size: Optional[int] = None) -> tuple[float, int]:
     with torch.device('meta'):
         m = timm.create_model(name, features_only=True, check_inputs=False).eval().requires_grad_(False)
         x = torch.empty(1, 3, size, size)
+    m.model._check_size(x.shape[-2:])  # inputs are not checked on meta tensors, the size rule still applies
     if hasattr(m.model.vae, 'force_upcast'):
         m.model.vae.force_upcast = False  # autocast does not exist on the meta device; same FLOPs
     with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -64,13 +66,21 @@ def activation_peak(name: str, blocks: int = 1, size: Optional[int] = None) -> t
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench_cost', description=__doc__.split('\n\n')[0])
     p.add_argument('what', choices=('flops', 'memory'))
-    p.add_argument('models', nargs='+')
-    p.add_argument('--size', type=int, help='square input side (default: each model\'s native size)')
-    p.add_argument('--blocks', type=int, default=1, help='memory: blocks of each kind kept (default 1)')
+    p.add_argument('models', nargs='+', type=diffusion_model_name, metavar='MODEL')
+    p.add_argument('--size', type=positive_int, help='square input side (default: each model\'s native size)')
+    p.add_argument('--blocks', type=positive_int, default=1, help='memory: blocks of each kind kept (default 1)')
     args = p.parse_args(argv)
+    if args.what == 'memory':
+        unets = [n for n in args.models if not timm.get_pretrained_cfg(n).hf_hub_filename.startswith('transformer/')]
+        if unets:
+            p.error(f'memory measures the diffusion transformers (pixart_*, flux*), not {", ".join(unets)}; '
+                    'use `flops` for them, or `python -m diffbackbone.bench` for the UNets.')
     for name in args.models:
         size = args.size or _native_size(name)
-        gflop, params = count(name, size)
+        try:
+            gflop, params = count(name, size)
+        except ValueError as err:  # the model's size rule
+            p.error(f'{name} at {size} px: {err}')
         line = f'{name} {size}px pyramid: {gflop:.0f} GFLOP/img, params {params / 1e9:.2f}B = {params * 2 / 2**30:.2f} GiB in bf16'
         if args.what == 'memory':
             t0 = time.perf_counter()
