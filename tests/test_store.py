@@ -572,7 +572,8 @@ def test_store_form_with_no_readable_image_fails(dataset, tmp_path, capsys):
     assert main(['features', str(dataset / 'dogs/x/broken.jpg'), *BASE, '--workers', '0', '--out',
                  str(tmp_path / 'store')]) == 2
     err = capsys.readouterr().err
-    assert err.startswith('error: none of the 1 images could be read') and 'broken.jpg' in err
+    last = err.strip().splitlines()[-1]  # above it: the progress bar
+    assert last.startswith('error: none of the 1 images could be read') and 'broken.jpg' in last
 
 
 def test_safetensors_suffix_is_case_insensitive(dataset, tmp_path):
