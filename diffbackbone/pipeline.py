@@ -102,6 +102,9 @@ def _glob_images(pattern: str) -> list[str]:
     bases = sorted(glob.glob(prefix)) if prefix else [os.sep if cut else os.curdir]
     images: list[str] = []
     for base in (b for b in bases if os.path.isdir(b)):
+        if all(x == '**' for x in parts[cut:]):  # `base/**` matches `base/` itself, as in glob: all of it
+            images += _folder_images(base)
+            continue
         matched_dirs: list[str] = []
         for path, is_dir in _walk(base, set()):
             rel = os.path.relpath(path, base).split(os.sep)

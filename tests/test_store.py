@@ -580,3 +580,22 @@ def test_safetensors_suffix_is_case_insensitive(dataset, tmp_path):
     out = tmp_path / 'feats.SAFETENSORS'
     assert main(['features', str(dataset / 'cats/a.png'), *BASE, '--workers', '0', '--out', str(out)]) == 0
     assert out.is_file()
+
+
+def test_recursive_globs_match_glob_and_end_on_loops(tmp_path, monkeypatch):
+    import glob as globmod
+
+    for name in ['a/1.png', 'a/b/2.jpg', 'a/b/c/3.png', 'a/.hid/4.png', 'a/b/sub/5.png', 'a/x.txt']:
+        _save(tmp_path / name, 0) if name.endswith(('png', 'jpg')) else (tmp_path / name).write_text('x')
+    monkeypatch.chdir(tmp_path)
+    for pattern in ['a/**/*.png', 'a/**', 'a/**/sub', '**/*.png', 'a/**/b/**/*.png', str(tmp_path / 'a/**/*.jpg')]:
+        expected = [m for m in globmod.glob(pattern, recursive=True) if os.path.isfile(m) and m.endswith(('g',))]
+        expected += [str(Path(r) / f) for m in globmod.glob(pattern, recursive=True) if os.path.isdir(m)
+                     for r, _, fs in os.walk(m) for f in fs if f.endswith('g')]
+        assert sorted(map(os.path.normpath, find_images([pattern]))) == sorted(set(map(os.path.normpath, expected)))
+    (tmp_path / 'a' / 'loop').symlink_to(tmp_path / 'a', target_is_directory=True)
+    (tmp_path / 'a' / 'b' / 'up').symlink_to(tmp_path / 'a', target_is_directory=True)
+    code = f'from diffbackbone.pipeline import find_images\nprint(len(find_images([{str(tmp_path / "a/**/*.png")!r}])))'
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=60)  # glob.glob('a/**/*.png', recursive=True) does not end here
+    assert res.returncode == 0 and res.stdout.split() == ['3'], res.stderr[-2000:]
