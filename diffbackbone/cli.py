@@ -118,7 +118,7 @@ def json_object(value: str) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .bench.speed import main as bench_main
 
     bench_main(args.rest)
     return 0
@@ -146,7 +146,7 @@ def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
-    """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
+    """`features` options of the dataset-scale pipeline (diffbackbone/data/pipeline.py, diffbackbone/data/store.py)."""
     p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
     p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
                    'default) or stop (single-file default)')
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
     _add_store_options(p)
-    p.set_defaults(func=_lazy('extract', 'run_features'))
+    p.set_defaults(func=_lazy('commands.features', 'run_features'))
 
     p = sub.add_parser('depth', help="metric depth with CleanDIFT's published NYUv2 depth probe (us6, cleandift_sd21)",
                        description="CleanDIFT's depth probe as their DepthPred.predict runs it; writes "
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
-    p.set_defaults(func=_lazy('taps_cmd', 'run_taps'))
+    p.set_defaults(func=_lazy('commands.taps', 'run_taps'))
 
     p = sub.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, model.safetensors)',
                        description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
     p.add_argument('--model-kwargs', type=json_object,
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
-    p.set_defaults(func=_lazy('export', 'run_export'))
+    p.set_defaults(func=_lazy('commands.export', 'run_export'))
 
     from .train.cli import add_clean_train_parser
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .hub import atomic_path
-from .images import image_size, load_image, open_image
+from .data.images import image_size, load_image, open_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -234,7 +234,7 @@ def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[flo
 
 def run_match(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone match`."""
-    from .extract import DTYPES
+    from .commands.features import DTYPES
 
     from PIL import Image
 

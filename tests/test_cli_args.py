@@ -6,7 +6,7 @@ import torch
 
 from diffbackbone import cli
 from diffbackbone.hub import HubError
-from diffbackbone.images import ImageError
+from diffbackbone.data.images import ImageError
 from diffbackbone.models import TapError
 
 SAMPLE = 'diffbackbone/assets/sample.jpg'
@@ -79,12 +79,12 @@ def test_taps_command(capsys):
 @pytest.mark.parametrize('error', [HubError('no weights\n[HTTPError: 404]'), TapError('no tap'), ImageError('bad image'),
                                    ValueError('bad value'), PermissionError(13, 'Permission denied', '/x')])
 def test_expected_errors_are_one_line(error, monkeypatch, capsys):
-    import diffbackbone.taps_cmd
+    import diffbackbone.commands.taps
 
     def fail(args):
         raise error
 
-    monkeypatch.setattr(diffbackbone.taps_cmd, 'run_taps', fail)
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run_taps', fail)
     assert cli.main(['taps', 'test_cleandift']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err

@@ -111,7 +111,7 @@ def test_cli_depth_follows_cleandift_predict(tiny_depth, hub_cache, tmp_path):
     text encoder directly, bilinear resizes with align_corners=False, relu + 0.1 normalisation)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffbackbone.images import load_image
+    from diffbackbone.data.images import load_image
 
     torch.manual_seed(1)
     weight, bias = torch.randn(256, 32, 1, 1) * 0.5, torch.randn(256)

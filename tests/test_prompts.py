@@ -282,7 +282,7 @@ def test_cli_features_prompt(hub_cache, tiny_base, tmp_path):
     with safe_open(tmp_path / 'dog.safetensors', 'pt') as f, safe_open(tmp_path / 'plain.safetensors', 'pt') as g:
         dog, plain = f.get_tensor('us6'), g.get_tensor('us6')
     model = _pretrained(tiny_base, prompt=DOG)
-    from diffbackbone.images import load_image
+    from diffbackbone.data.images import load_image
     with torch.no_grad():
         expected = model.forward_intermediates(load_image(image, 64)[None], indices=['us6'], intermediates_only=True)[0]
     torch.testing.assert_close(dog, expected, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ def run_taps(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone taps`."""
     import timm
 
-    from .models.taps import list_taps
+    from ..models.taps import list_taps
 
     with torch.device('meta'):  # no weights, no download
         model = timm.create_model(args.model)
