@@ -234,7 +234,7 @@ def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[flo
 
 def run_match(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone match`."""
-    from .commands.features import DTYPES
+    from .cli_args import DTYPES
 
     from PIL import Image
 

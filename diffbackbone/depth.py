@@ -197,7 +197,7 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
 
 def run_depth(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone depth`."""
-    from .commands.features import DTYPES
+    from .cli_args import DTYPES
 
     paths = [Path(p) for p in args.images]
     for p in paths:

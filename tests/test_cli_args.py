@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffbackbone import cli
+from diffbackbone import cli, cli_args
 from diffbackbone.hub import HubError
 from diffbackbone.data.images import ImageError
 from diffbackbone.models import TapError
@@ -55,7 +55,7 @@ def test_cuda_without_gpu(monkeypatch, capsys):
 def test_cuda_index_out_of_range(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    assert cli.device('cuda:1') == 'cuda:1'
+    assert cli_args.device('cuda:1') == 'cuda:1'
     assert "'cuda:2': only 2 CUDA GPU(s)" in _parse_error(_features('--device', 'cuda:2'), capsys)
 
 
@@ -67,7 +67,7 @@ def test_good_values_are_parsed():
     assert args.model_kwargs == {'timestep': 100}
     # timm's own names, pretrained tags and Hub repos pass through
     for name in ('resnet18', 'cleandift_sd21.compvis', 'hf-hub:org/name'):
-        assert cli.model_name(name) == name
+        assert cli_args.model_name(name) == name
 
 
 def test_taps_command(capsys):

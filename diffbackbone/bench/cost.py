@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import models  # noqa: F401  (registers the models)
 from .speed import _RSSPeak
-from ..cli import diffusion_model_name, positive_int
+from ..cli_args import diffusion_model_name, positive_int
 
 __all__ = ['count', 'activation_peak', 'main']
 

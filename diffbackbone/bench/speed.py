@@ -341,7 +341,7 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from ..cli import device, diffusion_model_name
+    from ..cli_args import device, diffusion_model_name
 
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='cleandift_sd21', type=diffusion_model_name,

@@ -131,7 +131,8 @@ def measure_command(cmd: Sequence[str], env: Optional[dict] = None, interval: fl
 def model_only_throughput(model_name: str, size: int, batch_size: int, dtype: str, device: str, images: int,
                           taps: Optional[Sequence[str]] = None, warmup: int = 2) -> float:
     """Images/s of the model alone (random input already on `device`, features left on `device`)."""
-    from ..commands.features import DTYPES, load_extractor
+    from ..cli_args import DTYPES
+    from ..commands.features import load_extractor
 
     model = load_extractor(model_name, taps, device, dtype, pretrained=False)
     x = torch.randn(batch_size, 3, size, size, device=device, dtype=DTYPES[dtype])

@@ -21,15 +21,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..hub import save_safetensors
+from ..cli_args import DTYPES
 from ..data.images import ImageError, image_size
 from ..data.pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
 from ..data.store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
-                    store_files, write_index)
+                          store_files, write_index)
+from ..hub import save_safetensors
 
-__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
+__all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
 
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
 
 

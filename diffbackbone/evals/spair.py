@@ -148,7 +148,7 @@ def _table(scores: Scores) -> str:
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
     from ..correspondence import load_tap_model
-    from ..commands.features import DTYPES
+    from ..cli_args import DTYPES
 
     if args.taps is None or len(args.taps) != 1:
         raise ValueError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
