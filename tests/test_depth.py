@@ -16,6 +16,7 @@ import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import depth
 from diffbackbone.cli import main
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_TEST
 
 BINS = np.linspace(0.1, 10.0, 256)
 
@@ -72,7 +73,7 @@ def tiny_depth(fake_hub, tmp_path_factory):
     base = tmp / 'base'
     save_tiny_clip(base, hidden_size=32)
     torch.manual_seed(0)
-    cfg = du._VAE_TEST
+    cfg = VAE_TEST
     n = len(cfg['block_out_channels'])
     vae = AutoencoderKL(block_out_channels=cfg['block_out_channels'], layers_per_block=cfg['layers_per_block'],
                         latent_channels=4, norm_num_groups=cfg['norm_num_groups'],

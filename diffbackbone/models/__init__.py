@@ -1,5 +1,6 @@
 """Model definitions; importing this package registers them with timm."""
-from .diffusion_unet import DiffusionUNet, VAEEncoder, MIN_INPUT_SIZE
+from .backbone import VAEEncoder
+from .diffusion_unet import DiffusionUNet, MIN_INPUT_SIZE
 from .flux import FluxBackbone
 from .pixart import PixArtBackbone
 from .taps import PRESETS, Tap, TapError
