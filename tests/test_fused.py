@@ -236,3 +236,9 @@ def test_eval_spair_with_co_pca(published, hub_cache, tmp_path, capsys):
     assert json.loads((tmp_path / 'r.json').read_text())['per_point_pck'] == first['per_point_pck']
     rc = cli.main(['eval', 'spair', '--data', str(root), '--model', 'test_cleandift', '--co-pca', '4'])
     assert rc == 2 and 'fused' in capsys.readouterr().err
+
+
+def test_taps_command_lists_fused_taps(capsys):
+    assert cli.main(['taps', 'test_cleandift_dinov2']) == 0
+    out = capsys.readouterr().out
+    assert 'fused' in out and 'us8' in out and 'raw = dino, us8, us5, us2' in out
