@@ -136,7 +136,8 @@ def test_co_pca_matches_their_steps(published, hub_cache):
         mean, basis = _numpy_pca(both, d)
         proj = torch.from_numpy((both - mean) @ basis).float().T
         n = a[tap].shape[-1] * a[tap].shape[-2]
-        reduced[tap] = [proj[:, :n].reshape(d, *a[tap].shape[-2:])[None], proj[:, n:].reshape(d, *b[tap].shape[-2:])[None]]
+        reduced[tap] = [proj[:, :n].reshape(d, *a[tap].shape[-2:])[None],
+                        proj[:, n:].reshape(d, *b[tap].shape[-2:])[None]]
     for i, got in enumerate((fa, fb)):
         want = _tale_fuse(reduced['us8'][i], reduced['us5'][i], reduced['us2'][i], ref['dino'][i:i + 1])[0]
         assert got.shape == want.shape == (6 + 5 + 4 + 24, 8, 8)

@@ -2,7 +2,9 @@
 
 Files live in `<root>/<key>/<group>/<image>.safetensors`, where `<key>` hashes everything that changes the features
 (model, weights file, size, taps, prompt, dtype, model arguments): another configuration never reads them; each file
-records the size and mtime of its image, so a replaced image is computed again. Each file is written atomically (`hub.save_safetensors`), so a killed run leaves no half-written entry.
+records the size and mtime of its image, so a replaced image is computed again. Each file is written atomically
+(`hub.save_safetensors`), so a killed run leaves no half-written entry. A file holds one map, or several (`tap.<name>`,
+e.g. the raw maps a fused model's co-PCA needs).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class FeatureCache:
     def path(self, group: str, name: str) -> Path:
         return self.folder / group / f'{name}.safetensors'
 
-    def get(self, group: str, name: str, source: Optional[Path] = None) -> Optional[torch.Tensor | dict[str, torch.Tensor]]:
+    def get(self, group: str, name: str, source: Optional[Path] = None
+            ) -> Optional[torch.Tensor | dict[str, torch.Tensor]]:
         """The cached map (or {tap: map} as put), or None when absent, unreadable, or computed from another version of
         `source` (the image)."""
         path = self.path(group, name)

@@ -132,10 +132,12 @@ class ImageFeatures:
                 prompt = encode_prompts(self.model, [self.template.format(category=category)])
             batch = todo[start:start + self.batch_size]
             paths = [self.images / category / n for n in batch]
-            feats = image_features(self.model, paths, self.size, prompts=prompt, all_taps=self.all_taps)
             if self.all_taps:  # {tap: map} per image
+                feats = image_features(self.model, paths, self.size, prompts=prompt, all_taps=True)
                 names = [i['name'] for i in self.model.feature_info.get_dicts()]
                 feats = [{t: m[i] for t, m in zip(names, feats)} for i in range(len(batch))]
+            else:
+                feats = image_features(self.model, paths, self.size, prompts=prompt)
             for n, f in zip(batch, feats):
                 f = ({t: m.detach().cpu().clone() for t, m in f.items()} if isinstance(f, dict)
                      else f.detach().cpu().clone())

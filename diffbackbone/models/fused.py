@@ -32,8 +32,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from .taps import TapError
 
-__all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model', 'FUSED_TAP',
-           'DINO_TAP', 'RAW_PRESET']
+__all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
+           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
 RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
