@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
     p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
+    p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
+                   help='fused models (cleandift_sd21_dinov2, ...): reduce each SD tap to D dims by a PCA fitted on '
+                        'the two images together, as "A Tale of Two Features" (theirs: 256); --taps is then unused')
     add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
 
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
     p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
     p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
+                   help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
     add_model_args(p, batch_size=8)
     p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
 
