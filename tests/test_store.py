@@ -18,8 +18,8 @@ from PIL import Image
 import diffbackbone  # noqa: F401
 from diffbackbone import FeatureStore
 from diffbackbone.cli import main
-from diffbackbone.images import load_image
-from diffbackbone.pipeline import find_images
+from diffbackbone.data.images import load_image
+from diffbackbone.data.pipeline import find_images
 from test_pretrained import published  # noqa: F401  (tiny models on the fake Hub)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
     (tmp_path / 'data' / 'b' / 'z_broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     out = tmp_path / 'store'
     # Each writer stops before its first image until both have set up their writers: the runs truly overlap.
-    code = ('import sys, time\nfrom pathlib import Path\nimport diffbackbone.pipeline as p\n'
+    code = ('import sys, time\nfrom pathlib import Path\nimport diffbackbone.data.pipeline as p\n'
             'get = p.ImageFiles.__getitem__\n'
             'def wait_then_get(self, i):\n'
             '    Path(sys.argv[1]).touch()\n'
@@ -355,7 +355,7 @@ def test_resume_extracts_an_image_replaced_on_disk_again(tmp_path, capsys):
 
 
 def test_store_recorded_by_a_newer_writer_wins_on_rescan(tmp_path):
-    from diffbackbone.store import StoreWriter, write_index
+    from diffbackbone.data.store import StoreWriter, write_index
 
     config = dict(model='m', taps=['us6'], shapes={'us6': [1, 1, 1]})
     for value in (1.0, 2.0):  # the same image written twice (replaced on disk in between): the later row counts
@@ -370,7 +370,7 @@ def test_store_recorded_by_a_newer_writer_wins_on_rescan(tmp_path):
 
 def _tiny_store(root: Path, paths, seed: int = 0, taps=('us6', 'mid')):
     """A store written by StoreWriter without a model: one shard per image, random maps."""
-    from diffbackbone.store import StoreWriter, write_index
+    from diffbackbone.data.store import StoreWriter, write_index
 
     config = dict(model='m', taps=list(taps), shapes={t: [2, 2, 2] for t in taps})
     w = StoreWriter(root, config, shard_size=1, index_every_s=None)
@@ -387,7 +387,7 @@ def _shards(root: Path) -> list[Path]:
 
 
 def test_reader_checks_each_shard_against_the_index(tmp_path):
-    from diffbackbone.store import StoreError
+    from diffbackbone.data.store import StoreError
 
     a, b = tmp_path / 'a', tmp_path / 'b'
     _tiny_store(a, ['/x/1.png', '/x/2.png'])
@@ -420,7 +420,7 @@ def test_reader_checks_each_shard_against_the_index(tmp_path):
     ('{"format": "diffbackbone-feature-store-2", "config": {"taps": ["us6"]}, "entries": {"a": 1}}', 'entries'),
 ])
 def test_reader_refuses_a_damaged_index_clearly(tmp_path, content, match):
-    from diffbackbone.store import StoreError
+    from diffbackbone.data.store import StoreError
 
     _tiny_store(tmp_path, ['/x/1.png'])
     (tmp_path / 'index.json').write_text(content)
@@ -447,7 +447,7 @@ def test_reader_rescans_a_store_whose_index_is_gone(tmp_path):
     _tiny_store(tmp_path, ['/x/1.png', '/x/2.png'])
     before = FeatureStore(tmp_path)['/x/2.png']['mid']
     (tmp_path / 'index.json').unlink()
-    from diffbackbone.store import StoreError
+    from diffbackbone.data.store import StoreError
 
     with pytest.raises(StoreError, match='rescan=True'):
         FeatureStore(tmp_path)
@@ -471,7 +471,7 @@ def test_folder_walk_follows_links_once(tmp_path):
     other = tmp_path / 'other'
     _save(other / 'e.png', 2)
     (d / 'ext').symlink_to(other, target_is_directory=True)  # a linked folder outside: followed
-    code = ('import sys; from diffbackbone.pipeline import find_images\n'
+    code = ('import sys; from diffbackbone.data.pipeline import find_images\n'
             f'print("\\n".join(find_images([{str(d)!r}, {str(d / "self" / "a.png")!r}])))')
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=60)
@@ -482,7 +482,7 @@ def test_folder_walk_follows_links_once(tmp_path):
 
 
 def test_list_files_including_themselves_or_empty(tmp_path, capsys, monkeypatch):
-    import diffbackbone.extract as ex
+    import diffbackbone.commands.features as ex
 
     _save(tmp_path / 'a.png', 0)
     loop = tmp_path / 'loop.txt'
@@ -595,7 +595,7 @@ def test_recursive_globs_match_glob_and_end_on_loops(tmp_path, monkeypatch):
         assert sorted(map(os.path.normpath, find_images([pattern]))) == sorted(set(map(os.path.normpath, expected)))
     (tmp_path / 'a' / 'loop').symlink_to(tmp_path / 'a', target_is_directory=True)
     (tmp_path / 'a' / 'b' / 'up').symlink_to(tmp_path / 'a', target_is_directory=True)
-    code = f'from diffbackbone.pipeline import find_images\nprint(len(find_images([{str(tmp_path / "a/**/*.png")!r}])))'
+    code = f'from diffbackbone.data.pipeline import find_images\nprint(len(find_images([{str(tmp_path / "a/**/*.png")!r}])))'
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=60)  # glob.glob('a/**/*.png', recursive=True) does not end here
     assert res.returncode == 0 and res.stdout.split() == ['3'], res.stderr[-2000:]

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Seque
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .hub import save_safetensors, write_text_atomic
+from ..hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'ShardEntry', 'INDEX', 'scan_shards',
            'store_files', 'write_index', 'prepare_store', 'store_lock']
