@@ -595,7 +595,8 @@ def test_recursive_globs_match_glob_and_end_on_loops(tmp_path, monkeypatch):
         assert sorted(map(os.path.normpath, find_images([pattern]))) == sorted(set(map(os.path.normpath, expected)))
     (tmp_path / 'a' / 'loop').symlink_to(tmp_path / 'a', target_is_directory=True)
     (tmp_path / 'a' / 'b' / 'up').symlink_to(tmp_path / 'a', target_is_directory=True)
-    code = f'from diffbackbone.data.pipeline import find_images\nprint(len(find_images([{str(tmp_path / "a/**/*.png")!r}])))'
+    pattern = str(tmp_path / 'a/**/*.png')
+    code = f'from diffbackbone.data.pipeline import find_images\nprint(len(find_images([{pattern!r}])))'
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=60)  # glob.glob('a/**/*.png', recursive=True) does not end here
     assert res.returncode == 0 and res.stdout.split() == ['3'], res.stderr[-2000:]

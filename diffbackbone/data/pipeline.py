@@ -5,7 +5,8 @@
 * `ImageFiles` is a `Dataset` whose workers decode, convert and resize with `images.load_image`, off the main process;
   an unreadable image becomes an error record instead of stopping the loader.
 * `extract_batches` runs the model on every batch (pinned memory and non-blocking copies on CUDA) and yields
-  a `Batch` (paths, {tap: features}, failures, file stamps) as it goes, so the caller can write them out with bounded memory.
+  a `Batch` (paths, {tap: features}, failures, file stamps) as it goes, so the caller can write them out with
+  bounded memory.
 * `dist_info`/`init_distributed` read torchrun's environment: each rank takes the slice `paths[rank::world]`.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
 
-__all__ = ['find_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers', 'DistInfo',
-           'dist_info', 'init_distributed']
+__all__ = ['find_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers',
+           'DistInfo', 'dist_info', 'init_distributed']
 
 
 def _is_image(path: str | Path) -> bool:
