@@ -75,7 +75,8 @@ class SimpleFeaturePyramid(nn.Module):
             ratio = in_stride / stride
             steps = math.log2(ratio) if ratio >= 1 else math.log2(1 / ratio)
             if steps != int(steps):
-                raise ValueError(f'Pyramid stride {stride} is not a power-of-two step from the input stride {in_stride}.')
+                raise ValueError(f'Pyramid stride {stride} is not a power-of-two step from the input stride '
+                                 f'{in_stride}.')
             layers: list[nn.Module] = []
             chs = in_channels
             if ratio > 1:  # ViTDet: deconv, LN, GELU between two deconvs; each halves the channels
@@ -86,9 +87,9 @@ class SimpleFeaturePyramid(nn.Module):
                     chs = max(chs // 2, 1)
             elif ratio < 1:
                 layers.append(nn.MaxPool2d(int(1 / ratio), int(1 / ratio)))
-            layers += [nn.Conv2d(chs, out_channels, 1, bias=not norm), LayerNorm2d(out_channels) if norm else nn.Identity(),
-                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=not norm),
-                       LayerNorm2d(out_channels) if norm else nn.Identity()]
+            ln = (lambda: LayerNorm2d(out_channels)) if norm else nn.Identity
+            layers += [nn.Conv2d(chs, out_channels, 1, bias=not norm), ln(),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=not norm), ln()]
             self.stages.append(nn.Sequential(*layers))
         self.extra_blocks = extra_blocks
 
