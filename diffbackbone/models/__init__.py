@@ -2,6 +2,7 @@
 from .diffusion_unet import DiffusionUNet, VAEEncoder, MIN_INPUT_SIZE
 from .flux import FluxBackbone
 from .pixart import PixArtBackbone
+from .sd3 import SD3Backbone
 from .taps import PRESETS, Tap, TapError
 
-__all__ = ['DiffusionUNet', 'FluxBackbone', 'PixArtBackbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']
+__all__ = ['DiffusionUNet', 'FluxBackbone', 'PixArtBackbone', 'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']
