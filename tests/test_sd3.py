@@ -104,9 +104,9 @@ def test_text_noise_and_taps_equal_diffusers_img2img(tiny_repo, hub_cache):
 
     names = {'vit-block0-q': (0, 'attn.to_q', 'out'), 'vit-block0-attn2-k': (0, 'attn2.to_k', 'out'),
              'vit-block1-attn2-out': (1, 'attn2.to_out.0', 'out'), 'vit-block1-norm-out': (1, 'ff', 'in'),
-             'vit-block1-out': (1, '', 'out1'), 'vit-block2-v': (2, 'attn.to_v', 'out'),
-             'vit-block2-attn-out': (2, 'attn.to_out.0', 'out'), 'vit-block2-ffn-inner': (2, 'ff.net.0', 'out'),
-             'vit-block2-out': (2, '', 'out1')}
+             'vit-block1-out': (1, '', 'out1'), 'vit-block3-v': (3, 'attn.to_v', 'out'),
+             'vit-block3-attn-out': (3, 'attn.to_out.0', 'out'), 'vit-block3-ffn-inner': (3, 'ff.net.0', 'out'),
+             'vit-block3-out': (3, '', 'out1')}
     calls, recorded = [], {}
 
     def keep(name: str, value: torch.Tensor) -> None:  # the first call's only (a hook returning a value replaces it)

@@ -141,6 +141,9 @@ def test_dit_trainable_blocks_get_gradients_and_concatenated_taps():
     assert flux.neck == 'simple' and flux.inputs == [3]
     names = {n.split('.')[4] for n, p in flux.named_parameters() if p.requires_grad and not n.startswith('fpn.')}
     assert names == {'1', '2'}  # the last two single-stream blocks (2 double + 3 single)
+    mmdit = fpn_backbone('test_sd3', out_channels=8, trainable=1)
+    assert mmdit.neck == 'simple' and {n.split('.')[4] for n, p in mmdit.named_parameters()
+                                       if p.requires_grad and not n.startswith('fpn.')} == {'3'}
     with pytest.raises(ValueError, match='taps of one stride'):
         fpn_backbone('test_cleandift', neck='simple')
     with pytest.raises(ValueError, match='neck must be one of'):

@@ -41,8 +41,9 @@ _SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24
                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
                     dual_attention_layers=tuple(range(13)), qk_norm='rms_norm')
-# Tiny: dual attention in blocks 0-1, block 2 is the last (context_pre_only) one, as at full size.
-_SD3_TEST = dict(_SD35_MEDIUM, sample_size=8, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+# Tiny: dual attention in blocks 0-1, block 3 is the last (context_pre_only) one, as at full size; four blocks for
+# the four-map 'pyramid'.
+_SD3_TEST = dict(_SD35_MEDIUM, sample_size=8, num_layers=4, attention_head_dim=8, num_attention_heads=2,
                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
                  dual_attention_layers=(0, 1))
 # vae/config.json: 16 latent channels, no quant_conv, latents shifted then scaled.
