@@ -144,6 +144,9 @@ def test_dit_trainable_blocks_get_gradients_and_concatenated_taps():
     mmdit = fpn_backbone('test_sd3', out_channels=8, trainable=1)
     assert mmdit.neck == 'simple' and {n.split('.')[4] for n, p in mmdit.named_parameters()
                                        if p.requires_grad and not n.startswith('fpn.')} == {'3'}
+    hunyuan = fpn_backbone('test_hunyuan_dit', out_channels=8, trainable=2)
+    assert {n.split('.')[4] for n, p in hunyuan.named_parameters()
+            if p.requires_grad and not n.startswith('fpn.')} == {'4', '5'}  # transformer.blocks
     with pytest.raises(ValueError, match='taps of one stride'):
         fpn_backbone('test_cleandift', neck='simple')
     with pytest.raises(ValueError, match='neck must be one of'):

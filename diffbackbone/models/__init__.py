@@ -1,8 +1,9 @@
 """Model definitions; importing this package registers them with timm."""
 from .diffusion_unet import DiffusionUNet, VAEEncoder, MIN_INPUT_SIZE
 from .flux import FluxBackbone
+from .hunyuan import HunyuanDiTBackbone
 from .pixart import PixArtBackbone
 from .sd3 import SD3Backbone
 from .taps import PRESETS, Tap, TapError
 
-__all__ = ['DiffusionUNet', 'FluxBackbone', 'PixArtBackbone', 'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']
+__all__ = ['DiffusionUNet', 'FluxBackbone', 'HunyuanDiTBackbone', 'PixArtBackbone', 'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']
