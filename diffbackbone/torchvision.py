@@ -33,7 +33,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
-from .models.diffusion_unet import TapBackbone
+from .models.backbone import TapBackbone
 
 __all__ = ['DiffusionFPN', 'SimpleFeaturePyramid', 'fpn_backbone']
 

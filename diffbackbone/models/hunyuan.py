@@ -30,7 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .dit import DiTBackbone, filter_transformer_state_dict
-from .diffusion_unet import _VAE_SDXL, _VAE_TEST, VAEEncoder, _check_timestep, _per_latent, build_backbone
+from .backbone import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_hunyuan_prompt
 
@@ -48,7 +48,7 @@ _HUNYUAN_TEST = dict(_HUNYUAN_DIT, num_attention_heads=2, attention_head_dim=8, 
 _SCHEDULER_HUNYUAN = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule='scaled_linear',
                           prediction_type='v_prediction', clip_sample=False, steps_offset=1,
                           timestep_spacing='leading')
-_VAE_TEST_HUNYUAN = dict(_VAE_TEST, scaling_factor=0.13025)
+_VAE_TEST_HUNYUAN = dict(VAE_TEST, scaling_factor=0.13025)
 _HEAD_KEYS = ('norm_out.', 'proj_out.')
 _BUFFERS = ('prompt_embeds', 'prompt_mask', 'prompt_embeds_t5', 'prompt_mask_t5')
 
@@ -112,7 +112,7 @@ class HunyuanDiTBackbone(DiTBackbone):
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         # the patched pipeline's get_timesteps (SDXL img2img's): int(steps * strength) steps are kept
         kept = min(int(num_inference_steps * t / 1000), num_inference_steps)
         if kept == 0:
@@ -187,12 +187,12 @@ class HunyuanDiTBackbone(DiTBackbone):
         deepest = max(t.order for t in taps)
         h = tr.pos_embed(z)
         t = self.timestep.to(z.dtype).expand(n)
-        t5 = _per_latent(self.prompt_embeds_t5.to(h.dtype), n)
+        t5 = per_latent(self.prompt_embeds_t5.to(h.dtype), n)
         temb = tr.time_extra_emb(t, t5, self.image_meta_size.to(h.dtype).repeat(n, 1),
                                  torch.zeros(n, dtype=torch.long, device=z.device), hidden_dtype=t.dtype)
-        ctx = torch.cat([_per_latent(self.prompt_embeds.to(h.dtype), n), tr.text_embedder(t5)], dim=1)
+        ctx = torch.cat([per_latent(self.prompt_embeds.to(h.dtype), n), tr.text_embedder(t5)], dim=1)
         mask = torch.cat([self.prompt_mask, self.prompt_mask_t5], dim=-1).bool().unsqueeze(2)
-        ctx = torch.where(_per_latent(mask, n), ctx, tr.text_embedding_padding.to(h.dtype))
+        ctx = torch.where(per_latent(mask, n), ctx, tr.text_embedding_padding.to(h.dtype))
         rope = self.rotary(grid, z.device)
         half = tr.config.num_layers // 2  # diffusers: blocks after it take a skip, blocks before half - 1 give one
         by_loc = {t.location: t.name for t in taps}
@@ -256,7 +256,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def hunyuan_dit(pretrained: bool = False, **kwargs) -> HunyuanDiTBackbone:
     """HunyuanDiT v1.0 (1.5B DiT-g/2, SDXL's VAE, bilingual CLIP + mT5), noisy at t=50 as Meng et al."""
-    model_args = dict(transformer_cfg=_HUNYUAN_DIT, vae_cfg=_VAE_SDXL, scheduler_cfg=_SCHEDULER_HUNYUAN,
+    model_args = dict(transformer_cfg=_HUNYUAN_DIT, vae_cfg=VAE_SDXL, scheduler_cfg=_SCHEDULER_HUNYUAN,
                       base_repo='Tencent-Hunyuan/HunyuanDiT-Diffusers')
     return _create_hunyuan('hunyuan_dit', pretrained=pretrained, **dict(model_args, **kwargs))
 

@@ -30,7 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .dit import DiTBackbone, filter_transformer_state_dict
-from .diffusion_unet import _VAE_TEST, VAEEncoder, _check_timestep, _per_latent, build_backbone
+from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_sd3_prompt
 
@@ -49,7 +49,7 @@ _SD3_TEST = dict(_SD35_MEDIUM, sample_size=8, num_layers=4, attention_head_dim=8
 # vae/config.json: 16 latent channels, no quant_conv, latents shifted then scaled.
 _VAE_SD3 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
-_VAE_TEST_SD3 = dict(_VAE_TEST, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+_VAE_TEST_SD3 = dict(VAE_TEST, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
 # scheduler/scheduler_config.json: a fixed shift, no dependence on the image size.
 _SCHEDULER_SD3 = dict(num_train_timesteps=1000, shift=3.0)
 _HEAD_KEYS = ('norm_out.', 'proj_out.')
@@ -120,7 +120,7 @@ class SD3Backbone(DiTBackbone):
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         # StableDiffusion3Img2ImgPipeline.get_timesteps: the schedule is cut to its last steps
         self.t_start = int(max(num_inference_steps - min(num_inference_steps * t / 1000, num_inference_steps), 0))
         if self.t_start >= num_inference_steps:
@@ -189,8 +189,8 @@ class SD3Backbone(DiTBackbone):
         h = tr.pos_embed(z).contiguous()
         embeds, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
         t = (self.timestep if timestep is None else timestep).to(h.dtype).expand(n)
-        temb = tr.time_text_embed(t, _per_latent(pooled.to(h.dtype), n))
-        ctx = tr.context_embedder(_per_latent(embeds.to(h.dtype), n))
+        temb = tr.time_text_embed(t, per_latent(pooled.to(h.dtype), n))
+        ctx = tr.context_embedder(per_latent(embeds.to(h.dtype), n))
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
         with ActivationRecorder(self, taps) as rec:
