@@ -57,8 +57,8 @@ def _nchw(tokens: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 def _transformer_of(module: str) -> str:
     """Path of the transformer holding a module path `....transformer_blocks.k....` (FLUX: also
-    `single_transformer_blocks`)."""
-    parts = re.split(r'\.(?:single_)?transformer_blocks\.', module, maxsplit=1)
+    `single_transformer_blocks`; HunyuanDiT: `blocks`)."""
+    parts = re.split(r'\.(?:single_)?(?:transformer_)?blocks\.', module, maxsplit=1)  # HunyuanDiT: `blocks`
     if len(parts) == 1:
         raise ValueError(f'{module} is not inside a diffusers transformer.')
     return parts[0]
