@@ -1,6 +1,7 @@
 """Model definitions; importing this package registers them with timm."""
 from .backbone import VAEEncoder
 from .diffusion_unet import DiffusionUNet, MIN_INPUT_SIZE
+from .deepfloyd_if import DeepFloydIF
 from .flux import FluxBackbone
 from .ditf import DiTFFlux
 from .fused import FusedBackbone
@@ -9,5 +10,5 @@ from .pixart import PixArtBackbone
 from .sd3 import SD3Backbone
 from .taps import PRESETS, Tap, TapError
 
-__all__ = ['DiffusionUNet', 'DiTFFlux', 'FluxBackbone', 'FusedBackbone', 'HunyuanDiTBackbone', 'PixArtBackbone',
+__all__ = ['DeepFloydIF', 'DiffusionUNet', 'DiTFFlux', 'FluxBackbone', 'FusedBackbone', 'HunyuanDiTBackbone', 'PixArtBackbone',
            'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError']

@@ -59,6 +59,8 @@ def _transformer_of(module: str) -> str:
     """Path of the transformer holding a module path `....transformer_blocks.k....` (FLUX: also
     `single_transformer_blocks`; HunyuanDiT: `blocks`)."""
     parts = re.split(r'\.(?:single_)?(?:transformer_)?blocks\.', module, maxsplit=1)  # HunyuanDiT: `blocks`
+    if len(parts) == 1:  # DeepFloyd IF: a plain Attention in a UNet block, `....attentions.j.to_q`
+        parts = re.split(r'(?<=\.attentions\.\d)\.', module, maxsplit=1)
     if len(parts) == 1:
         raise ValueError(f'{module} is not inside a diffusers transformer.')
     return parts[0]

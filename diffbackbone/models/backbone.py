@@ -141,8 +141,13 @@ class NoisyLatents:
         return cache[key]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...)."""
-        if self.latent == 'mode':
+        """Image in [-1, 1] -> scaled latent; noisy models return `ensemble` noised latents per image (B*E, ...).
+
+        A pixel-space host (`vae` None: DeepFloyd IF) diffuses the image itself: it is noised as it is.
+        """
+        if self.vae is None:
+            z = x
+        elif self.latent == 'mode':
             z = self.vae(x)
         else:
             posterior = self.vae.posterior(x)
@@ -170,7 +175,8 @@ class NoisyLatents:
 class TapBackbone(nn.Module):
     """timm model API shared by the diffusion backbones: taps selected by name, index or preset; a classifier head.
 
-    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head`, `vae`, `in_chans`,
+    The host sets `taps` (its `feature_info` order), `all_taps`, `presets`, `head_tap`, `head`, `vae` (None in pixel
+    space), `in_chans`,
     `check_inputs`, `ensemble` and implements `_check_size`, `_denoiser_features(latents, taps)` and
     `prune_intermediate_layers`.
     """
@@ -243,6 +249,13 @@ class TapBackbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # --- one pass: checks, latents, the denoiser up to the deepest tap, ensemble mean ----------------------------
+    def input_conv(self) -> nn.Module:
+        """The first convolution the images meet (its weight dtype is the input dtype): the VAE encoder's, or the
+        denoiser's own in pixel space."""
+        if self.vae is not None:
+            return self.vae.encoder.conv_in
+        return (getattr(self, 'unet', None) or self.transformer).conv_in
+
     def _check_input(self, x: torch.Tensor) -> None:
         """Shape, batch, dtype and finiteness of an input batch; the model's size rule is `_check_size`."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -252,11 +265,12 @@ class TapBackbone(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
         self._check_size(x.shape[-2:])
-        w = self.vae.encoder.conv_in.weight
+        w = self.input_conv().weight
         if not x.is_floating_point():
             raise ValueError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
                              f'{x.dtype}. Convert with x.float() / 127.5 - 1.')
-        if x.dtype != w.dtype and not self.vae.force_upcast and not torch.is_autocast_enabled(x.device.type):
+        upcast = self.vae is not None and self.vae.force_upcast
+        if x.dtype != w.dtype and not upcast and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
                              f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
@@ -74,7 +76,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
     def __init__(
             self,
             unet_cfg: dict,
-            vae_cfg: dict,
+            vae_cfg: Optional[dict],
             clean: bool = True,
             timestep: Optional[float] = None,
             ensemble: int = 1,
@@ -91,11 +93,12 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             in_chans: int = 3,
             drop_rate: float = 0.,
             check_inputs: bool = True,
+            scheduler_cfg: Optional[dict] = None,
     ):
         """
         Args:
             unet_cfg: diffusers `UNet2DConditionModel` config.
-            vae_cfg: `VAEEncoder` arguments.
+            vae_cfg: `VAEEncoder` arguments; None for a pixel-space UNet (DeepFloyd IF), which sees the image itself.
             clean: CleanDIFT-style (clean latent, one pass) rather than noisy DIFT-style.
             timestep: clean: overrides the learned timestep (default: read from the weights);
                 noisy: diffusion timestep of the added noise (default 261).
@@ -116,6 +119,8 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             in_chans: input image channels.
             drop_rate: dropout before the classifier.
             check_inputs: validate shapes and finiteness of inputs (one device sync per call).
+            scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
+                Stable Diffusion's).
         """
         super().__init__()
         self._init_noise(ensemble, noise_seed, ('mode' if clean else 'sample') if latent is None else latent, clean)
@@ -132,12 +137,13 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         self.check_inputs = check_inputs
         self.grad_checkpointing = False
 
-        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.vae = None if vae_cfg is None else VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
         # The output head maps features back to noise space: no tap needs it.
         self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
-        self.register_buffer(
-            'prompt_embeds', torch.zeros(1, 77, self.unet.config.cross_attention_dim), persistent=True)
+        # a UNet with `encoder_hid_proj` (IF: T5's 4096 -> cross_attention_dim) takes the text encoder's width
+        ctx_dim = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
+        self.register_buffer('prompt_embeds', torch.zeros(1, 77, ctx_dim), persistent=True)
         if self.unet.config.addition_embed_type == 'text_time':  # SDXL: pooled text embedding and size/crop ids
             cfg = self.unet.config
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -152,12 +158,12 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             t = 261 if timestep is None else int(timestep)
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
             with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
-                alphas_cumprod = DDPMScheduler(**SCHEDULER_SD).alphas_cumprod
+                alphas_cumprod = DDPMScheduler(**(scheduler_cfg or SCHEDULER_SD)).alphas_cumprod
             self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
         # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
         # name are appended to it (sorted by stride) when the model is pruned for them.
-        self.all_taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction,
+        self.all_taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction if self.vae else 1,
                                               tokens=self.prompt_embeds.shape[1])
         self.taps: list[Tap] = [t for t in self.all_taps if t.base]
         self.presets = presets_for(self.unet)
@@ -271,7 +277,13 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         r = self._run(block.resnets[j], h, emb)
         if getattr(block, 'attentions', None) is None:
             return r, r
-        return r, self._run(block.attentions[j], r, encoder_hidden_states=ctx, return_dict=False)[0]
+        return r, self._attention(block.attentions[j], r, ctx)
+
+    def _attention(self, attn: nn.Module, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """A Transformer2DModel, or the plain `Attention` of IF's SimpleCrossAttn blocks (no mask, as diffusers)."""
+        if isinstance(attn, Attention):
+            return self._run(attn, h, encoder_hidden_states=ctx)
+        return self._run(attn, h, encoder_hidden_states=ctx, return_dict=False)[0]
 
     def _embeddings(self, z: torch.Tensor, timestep: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Time embedding (plus SDXL's pooled-text and size/crop embedding) and prompt context for latents `z`."""
@@ -281,11 +293,16 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
         ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
         ctx = per_latent(ctx.to(dtype=z.dtype), n)
+        cond = {}
         if unet.config.addition_embed_type == 'text_time':
             cond = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
-            emb = emb + unet.get_aug_embed(emb, ctx, cond)
-        return emb, ctx
+        aug = unet.get_aug_embed(emb, ctx, cond)  # SDXL: pooled text + sizes; IF ('text'): pooled T5 tokens
+        if aug is not None:
+            emb = emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        return emb, unet.process_encoder_hidden_states(ctx, cond)  # IF: encoder_hid_proj
 
     def _iter_unet(self, z: torch.Tensor, deepest: int, timestep: Optional[torch.Tensor] = None,
                    record: Sequence[Tap] = ()):
@@ -311,7 +328,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                 elif path == 'mid':
                     mid = unet.mid_block
                     if j > 0:
-                        h = self._run(mid.attentions[j - 1], h, encoder_hidden_states=ctx, return_dict=False)[0]
+                        h = self._attention(mid.attentions[j - 1], h, ctx)
                         yield from rec.drain()
                         yield ('mid-vit' if j == 1 else f'mid-vit{j - 1}') + '-out', h
                     h = self._run(mid.resnets[j], h, emb)
@@ -319,12 +336,16 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                     yield f'{point}-res-out', h
                 elif j == 'sampler':
                     block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
-                    if path == 'down':
-                        h = self._run(block.downsamplers[0], h)
-                        skips.append(h)
+                    sampler = (block.downsamplers if path == 'down' else block.upsamplers)[0]
+                    if isinstance(sampler, ResnetBlock2D):  # IF's ResnetDownsample / ResnetUpsample: time-conditioned
+                        h = self._run(sampler, h, emb)
+                        yield from rec.drain()
+                    elif path == 'down':
+                        h = self._run(sampler, h)
                     else:
-                        size = skips[-1].shape[2:] if forward_upsample_size else None
-                        h = self._run(block.upsamplers[0], h, size)
+                        h = self._run(sampler, h, skips[-1].shape[2:] if forward_upsample_size else None)
+                    if path == 'down':
+                        skips.append(h)
                     yield f'{point}-out', h
                 else:
                     block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
@@ -346,7 +367,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         learned timestep of clean models from `timestep_source`."""
         from .. import hub  # deferred: only weight loading needs the Hub client
 
-        if not any(k.startswith('vae.') for k in state_dict):
+        if self.vae is not None and not any(k.startswith('vae.') for k in state_dict):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
             vae_sd = hub.load_safetensors(
@@ -355,10 +376,13 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            from .text import encode_cached  # SDXL: both text encoders, and the pooled embedding
+            if hasattr(self, 'prompt_tensors'):  # its own text encoder (IF: T5)
+                state_dict.update(self.prompt_tensors(self.prompt))
+            else:
+                from .text import encode_cached  # SDXL: both text encoders, and the pooled embedding
 
-            state_dict.update(encode_cached(self.base_repo, [self.prompt], hasattr(self, 'pooled_prompt_embeds'))[
-                self.prompt])
+                state_dict.update(encode_cached(self.base_repo, [self.prompt],
+                                                hasattr(self, 'pooled_prompt_embeds'))[self.prompt])
         if self.clean:
             if self.timestep_fixed:
                 state_dict['timestep'] = self.timestep.detach().clone()

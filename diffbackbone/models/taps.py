@@ -31,7 +31,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch.nn as nn
 
 __all__ = [
-    'Tap', 'build_taps', 'resolve_taps', 'TapError', 'PRESETS', 'SDXL_PRESETS', 'presets_for', 'unet_stages',
+    'Tap', 'build_taps', 'resolve_taps', 'TapError', 'PRESETS', 'SDXL_PRESETS', 'IF_PRESETS', 'presets_for',
+    'unet_stages',
     'point_name', 'list_taps',
 ]
 
@@ -64,9 +65,21 @@ SDXL_PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# DeepFloyd IF stage I (pixel space, 4 levels: strides 1/2/4/8 at 3 layers per level; the mid block at 8).
+IF_PRESETS: dict[str, tuple[str, ...]] = {
+    # The decoder's output at each level (after its upsampler) and the mid block, as the SD 'pyramid'.
+    'pyramid': ('up-level2-upsampler-out', 'up-level1-upsampler-out', 'up-level0-upsampler-out', 'mid'),
+    # The block outputs Meng et al.'s legacy configs compare against, in IF's layout.
+    'gdf_legacy': ('up-level3-repeat3-res-out', 'up-level2-upsampler-out', 'up-level1-upsampler-out',
+                   'up-level0-upsampler-out'),
+}
+
+
 def presets_for(unet: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Presets of a UNet's layout: SDXL's for `addition_embed_type='text_time'` UNets, else SD 1.x / 2.x's."""
-    return SDXL_PRESETS if getattr(unet.config, 'addition_embed_type', None) == 'text_time' else PRESETS
+    """Presets of a UNet's layout: SDXL's for `addition_embed_type='text_time'` UNets, IF's for `'text'` (T5 pooled
+    into the time embedding), else SD 1.x / 2.x's."""
+    kind = getattr(unet.config, 'addition_embed_type', None)
+    return SDXL_PRESETS if kind == 'text_time' else IF_PRESETS if kind == 'text' else PRESETS
 
 
 class TapError(ValueError):
@@ -169,7 +182,15 @@ class _TableBuilder:
         """Taps inside a Transformer2DModel, in execution order (its output is added by the caller).
 
         With `stage_per_block` every transformer block is a stage of its own (a DiT: the forward can stop after it).
+        A plain `Attention` (DeepFloyd IF's SimpleCrossAttn blocks: one attention over the image's own keys and the
+        prompt's, no transformer block) gives `{point}-block0-cross-q/k/v`: its query, key and value projections of
+        the image positions (the prompt's keys and values come from `add_k_proj` / `add_v_proj` and have no map).
         """
+        if not hasattr(attn, 'transformer_blocks'):
+            for p in ('q', 'k', 'v'):
+                self.add(f'{point}-block0-cross-{p}', getattr(attn, f'to_{p}').out_features, reduction,
+                         f'{module}.to_{p}', p)
+            return
         first = self.stage
         for k, tb in enumerate(attn.transformer_blocks):
             if stage_per_block:
@@ -215,8 +236,7 @@ def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tok
             if j > 0:
                 vit = _mid_vit_name(j)
                 tb.transformer(vit, mid.attentions[j - 1], f'mid_block.attentions.{j - 1}', reduction)
-                tb.add(f'{vit}-out', mid.attentions[j - 1].out_channels, reduction,
-                       f'mid_block.attentions.{j - 1}')
+                tb.add(f'{vit}-out', mid.resnets[j - 1].out_channels, reduction, f'mid_block.attentions.{j - 1}')
             tb.resnet(point, mid.resnets[j], f'mid_block.resnets.{j}', reduction)
             if j == len(mid.resnets) - 1:
                 tb.add(f'{point}-res-out', mid.resnets[j].out_channels, reduction, 'mid_block', name='mid',
@@ -233,6 +253,9 @@ def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tok
                     count += 1
                     us = f'us{count}'
                 chs = block.resnets[-1].out_channels
+                sampler = getattr(block, f'{path}samplers')[0]
+                if hasattr(sampler, 'conv2'):  # IF's ResnetDownsample / ResnetUpsample: a resnet that resamples
+                    tb.add(f'{point}-increment', chs, reduction, f'{bm}.{path}samplers.0.conv2', 'conv')
                 tb.add(f'{point}-out', chs, reduction, f'{bm}.{path}samplers.0', name=us, base=path == 'up')
                 tb.stage += 1
                 continue

@@ -1,0 +1,173 @@
+""" DeepFloyd IF stage I (IF-I-L) as a timm backbone: a pixel-space UNet, noisy extraction as Meng et al. run it.
+
+DeepFloyd IF (DeepFloyd / Stability AI, `DeepFloyd/IF-I-L-v1.0` on the Hub, gated; "Photorealistic Text-to-Image
+Diffusion Models with Deep Language Understanding" is the recipe it follows): a UNet that denoises 64 x 64 RGB images
+themselves (no VAE), conditioned on T5-XXL token embeddings, projected to the UNet's width (`encoder_hid_proj`) and
+attention-pooled into the time embedding (`addition_embed_type='text'`). Four levels at strides 1, 2, 4, 8 with three
+layers each; the first resamples by resnets (`ResnetDownsampleBlock2D` / `ResnetUpsampleBlock2D`), the others carry one
+`SimpleCrossAttn` attention per layer (queries from the image; keys and values from the image and the prompt tokens).
+
+Noise and call as Meng et al. extract IF features ("Not All Diffusion Model Activations Have Been Evaluated as
+Discriminative Features", NeurIPS 2024, github Darkbblue/generic-diffusion-feature): `IFImg2ImgPipeline` with the
+scheduler set to 1000 steps and cut by the strength t / 1000 (t = 50 keeps the last 50: timestep 49), the [-1, 1] image
+noised in pixel space at that timestep by `DDPMScheduler.add_noise`, ONE UNet call without guidance. The prompt (empty
+by default) goes through IF's text preprocessing (`clean_caption=False`: lower-cased and stripped) and T5 with its
+attention mask (77 tokens); the embedding is computed once from the base repo and cached on disk. The UNet itself gets
+no token mask, as in the pipeline. Taps by Meng et al.'s UNet names (`taps.py`), see `diffbackbone taps deepfloyd_if`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers import DDPMScheduler
+from timm.models import generate_default_cfgs, register_model
+
+from .backbone import build_backbone, check_timestep
+from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
+from .text import encode_t5_prompt
+
+__all__ = ['DeepFloydIF', 'if_prompt']
+
+# unet/config.json of DeepFloyd/IF-I-L-v1.0, as diffusers' scripts/convert_if.py derives it from IF's own config
+# (block types from attention_resolutions 32,16,8 at 64 px, resblock_updown; group-norm cross attention, gelu, scale-
+# shift resnets, 'text' addition embedding). The widths (model_channels 320, encoder_channels 1280) are from memory,
+# checked against the published size: this layout has 935M parameters ("IF-I-L, 900M").
+_IF_I_L = dict(
+    sample_size=64, in_channels=3, out_channels=6, layers_per_block=3, block_out_channels=(320, 640, 960, 1280),
+    down_block_types=('ResnetDownsampleBlock2D',) + ('SimpleCrossAttnDownBlock2D',) * 3,
+    up_block_types=('SimpleCrossAttnUpBlock2D',) * 3 + ('ResnetUpsampleBlock2D',),
+    mid_block_type='UNetMidBlock2DSimpleCrossAttn', cross_attention_dim=1280, encoder_hid_dim=4096,
+    encoder_hid_dim_type='text_proj', attention_head_dim=64, addition_embed_type='text',
+    addition_embed_type_num_heads=64, cross_attention_norm='group_norm', resnet_time_scale_shift='scale_shift',
+    act_fn='gelu', upcast_attention=False)
+# Tiny: the same block types, 4 levels, 3 layers each (Meng et al.'s names and presets exist as at full size);
+# cross_attention_dim a multiple of 32 (the prompt's group norm).
+_IF_TEST = dict(_IF_I_L, block_out_channels=(8, 16, 16, 32), norm_num_groups=4, cross_attention_dim=32,
+                encoder_hid_dim=32, attention_head_dim=4, addition_embed_type_num_heads=2)
+# scheduler/scheduler_config.json (the betas are what the noise needs: squaredcos_cap_v2 over 1000 steps).
+_SCHEDULER_IF = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2', beta_start=0.0001, beta_end=0.02,
+                     variance_type='learned_range', prediction_type='epsilon', thresholding=True,
+                     dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
+_MAX_TOKENS = 77  # IFPipeline.encode_prompt's max_length
+_REDUCTION = 8  # three resamplings: image sides must be multiples of 8
+
+
+def if_prompt(prompt: str) -> str:
+    """IF's text preprocessing with `clean_caption=False` (what Meng et al.'s `encode_prompt` call uses)."""
+    return prompt.lower().strip()
+
+
+def if_timestep(t: int, scheduler_cfg: dict) -> int:
+    """The UNet timestep of Meng et al.'s IF call for their t: the 1000-step schedule cut by strength t / 1000
+    (`IFImg2ImgPipeline.get_timesteps`), its first step."""
+    with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+        scheduler = DDPMScheduler(**scheduler_cfg)
+        scheduler.set_timesteps(1000)
+    init = min(int(1000 * t / 1000), 1000)
+    if init < 1:
+        raise ValueError(f'timestep={t} leaves no denoising step (strength t / 1000 of 1000 steps): use t >= 1.')
+    return int(scheduler.timesteps[1000 - init].item())
+
+
+class DeepFloydIF(DiffusionUNet):
+    """DeepFloyd IF stage I: the image noised in pixel space, one UNet pass, T5 prompt; every activation a tap."""
+
+    def __init__(
+            self,
+            unet_cfg: dict,
+            scheduler_cfg: dict,
+            timestep: Optional[int] = None,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            head_tap: str = 'up-level1-upsampler-out',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            unet_cfg: diffusers `UNet2DConditionModel` config (IF layout: `encoder_hid_dim`, 'text' addition embed).
+            scheduler_cfg: diffusers `DDPMScheduler` config of the base repo (its betas give the noise).
+            timestep: Meng et al.'s t (default 50): strength t / 1000 of 1000 steps; the UNet runs at the first step
+                kept (t - 1) and the image is noised to it.
+            ensemble: noise draws averaged per image (one batched pass).
+            noise_seed: seed of the noise.
+            base_repo: Hub repo or local diffusers folder with tokenizer/ and text_encoder/ (T5).
+            prompt: text the features are conditioned on (default: the empty prompt); lower-cased and stripped.
+            head_tap: tap whose map `forward_features` returns (default: the decoder at stride 2).
+            num_classes, global_pool, drop_rate: classifier head on the head tap's map.
+            in_chans: input image channels (the UNet's own).
+            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+        """
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
+        if in_chans != unet_cfg['in_channels']:
+            raise ValueError(f'in_chans={in_chans} does not fit the pixel-space UNet, which takes '
+                             f'{unet_cfg["in_channels"]}-channel images: convert the images instead.')
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
+        super().__init__(unet_cfg, None, clean=False, timestep=if_timestep(t, scheduler_cfg), ensemble=ensemble,
+                         noise_seed=noise_seed, latent='mode', base_repo=base_repo, prompt=if_prompt(prompt or ''),
+                         head_tap=head_tap, num_classes=num_classes, global_pool=global_pool, in_chans=in_chans,
+                         drop_rate=drop_rate, check_inputs=check_inputs, scheduler_cfg=scheduler_cfg)
+        self.meng_timestep = t  # their t; `timestep` is the UNet's (t - 1 with the 1000-step schedule)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^unet\.(conv_in|time_|encoder_hid_proj|add_embedding)',
+                    blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
+
+    def _check_size(self, size: torch.Size) -> None:
+        if any(s % _REDUCTION or s < _REDUCTION for s in size):
+            raise ValueError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), got '
+                             f'{tuple(size)}. Resize the images (IF-I works at 64 x 64).')
+
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """`prompt_embeds` (1, 77, 4096) of `prompt` as `IFPipeline.encode_prompt` computes it (IF's preprocessing,
+        T5 with the token mask), cached per (repo commit, preprocessed prompt)."""
+        return {'prompt_embeds': encode_t5_prompt(self.base_repo, if_prompt(prompt), _MAX_TOKENS)['prompt_embeds']}
+
+
+def _create_if(variant: str, pretrained: bool = False, **kwargs) -> DeepFloydIF:
+    model = build_backbone(DeepFloydIF, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'scheduler_cfg'),
+                           **kwargs)
+    if not kwargs.get('features_only', False) and model.num_classes > 0:
+        model.prune_intermediate_layers([model.head_tap], prune_head=False)
+    return model
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 64, 64), 'min_input_size': (3, 8, 8), 'pool_size': (32, 32),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'unet.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'unet/diffusion_pytorch_model.fp16.safetensors',  # Meng et al. load variant='fp16'
+        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
+        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        'paper_ids': 'arXiv:2410.03558', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'deepfloyd_if.if_i_l': _cfg(hf_hub_id='DeepFloyd/IF-I-L-v1.0', license='deepfloyd-if-license'),
+    'test_deepfloyd_if.tiny': _cfg(hf_hub_id='diffbackbone/test-if', license='apache-2.0'),
+})
+
+
+@register_model
+def deepfloyd_if(pretrained: bool = False, **kwargs) -> DeepFloydIF:
+    """DeepFloyd IF-I-L (935M pixel-space UNet at 64 px, T5-XXL prompt; gated on the Hub: accept its license and log
+    in first), noisy at t=50 as Meng et al."""
+    model_args = dict(unet_cfg=_IF_I_L, scheduler_cfg=_SCHEDULER_IF, base_repo='DeepFloyd/IF-I-L-v1.0')
+    return _create_if('deepfloyd_if', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_deepfloyd_if(pretrained: bool = False, **kwargs) -> DeepFloydIF:
+    """Tiny random-weight IF layout, for tests."""
+    model_args = dict(unet_cfg=_IF_TEST, scheduler_cfg=_SCHEDULER_IF, base_repo='diffbackbone/test-if')
+    return _create_if('test_deepfloyd_if', pretrained=pretrained, **dict(model_args, **kwargs))
