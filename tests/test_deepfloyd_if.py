@@ -166,3 +166,11 @@ def test_bad_arguments_and_sizes():
         model(torch.zeros(1, 3, 64, 60))
     with pytest.raises(ValueError, match='floating point'):
         model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_cost_counts_pixel_space():
+    from diffbackbone.bench import cost as bench_cost
+
+    gflop, params = bench_cost.count('test_deepfloyd_if', 32)
+    assert gflop > 0 and params > 0
+    assert bench_cost.count('test_deepfloyd_if', 64)[0] > 3 * gflop  # 4x the pixels
