@@ -47,13 +47,14 @@ def map_notes(model, taps) -> list[str]:
         reduced, how, full = MAP_REDUCTIONS[hook]
         joint = ', joint prompt + image attention' if hook.startswith('joint') else ''
 
-        def elements(t) -> int:
+        def elements(t, hook=hook) -> int:
             grid = (size[0] // t.reduction, size[1] // t.reduction)
             shape = map_shapes(hook, model.get_submodule(t.module).heads, t.num_chs, grid, full=True)
             return shape[0] * shape[1] * shape[2]
 
         biggest = max(kind, key=elements)
-        lines.append(f'  *-{hook.split("-", 1)[1] if joint else hook} ({len(kind)} taps{joint}): {reduced}, {how}. Unreduced: {full}, at '
+        tap = hook.split('-', 1)[1] if joint else hook
+        lines.append(f'  *-{tap} ({len(kind)} taps{joint}): {reduced}, {how}. Unreduced: {full}, at '
                      f'{size[0]}x{size[1]} px up to {elements(biggest) * 4 / 2 ** 20:.0f} MiB per image and map in '
                      f'float32 ({biggest.name}).')
     return lines

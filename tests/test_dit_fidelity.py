@@ -265,8 +265,8 @@ def pixart_repo(tmp_path_factory, fake_hub):
                         up_block_types=('UpDecoderBlock2D',) * n).eval()
     save_file(transformer.state_dict(), folder / 'transformer.safetensors')
     save_file(vae.state_dict(), folder / 'vae.safetensors')
-    fake_hub.add_file(PIXART_REPO, 'transformer/diffusion_pytorch_model.safetensors', folder / 'transformer.safetensors')
-    fake_hub.add_file(PIXART_REPO, 'vae/diffusion_pytorch_model.safetensors', folder / 'vae.safetensors')
+    for part in ('transformer', 'vae'):
+        fake_hub.add_file(PIXART_REPO, f'{part}/diffusion_pytorch_model.safetensors', folder / f'{part}.safetensors')
     fake_hub.add_folder(PIXART_REPO, folder / 'tokenizer', prefix='tokenizer')
     fake_hub.add_folder(PIXART_REPO, folder / 'text_encoder', prefix='text_encoder')
     return folder, transformer, vae
@@ -305,7 +305,8 @@ def _their_pixart_features(transformer, z, embeds, mask, timestep) -> dict:
     try:
         with torch.no_grad():
             transformer(z, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                        timestep=timestep.expand(z.shape[0]), added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
+                        timestep=timestep.expand(z.shape[0]),
+                        added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
     finally:
         for h in hooks:
             h.remove()

@@ -119,8 +119,8 @@ def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross
     bias = None
     if mask is not None:
         if mask.ndim != 3 or mask.shape[-1] != k.shape[2]:
-            raise ValueError(f'Attention mask of shape {tuple(mask.shape)} does not fit {k.shape[2]} keys: expected the '
-                             'additive bias (B, 1 or queries, keys) diffusers transformers pass.')
+            raise ValueError(f'Attention mask of shape {tuple(mask.shape)} does not fit {k.shape[2]} keys: expected '
+                             'the additive bias (B, 1 or queries, keys) diffusers transformers pass.')
         bias = mask.unsqueeze(1)
     kind = 'cross' if cross else 'self'
     return attention_maps(q, k, attn.scale, {kind: (0, k.shape[2])}, bias, full)[kind].to(query.dtype)

@@ -141,7 +141,8 @@ class FluxBackbone(DiTBackbone):
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        if shift_size != 'input' and (isinstance(shift_size, bool) or not isinstance(shift_size, int) or shift_size < 16):
+        bad_size = isinstance(shift_size, bool) or not isinstance(shift_size, int) or shift_size < 16
+        if shift_size != 'input' and bad_size:
             raise ValueError(f"shift_size must be a whole number of pixels >= 16 (1024: Meng et al.'s noise level) or "
                              f"'input' (shift by the input's size), got {shift_size!r}.")
         t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))

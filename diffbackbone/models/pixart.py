@@ -13,7 +13,8 @@ the deepest one. Every map has one stride: 16 px (2x2 patches on the 8x VAE late
 `pyramid` preset is four evenly spaced block outputs for a multi-level neck (mmseg's `MultiLevelNeck`). The T5-XXL
 text embedding of the prompt (empty by default) is computed once from the base repo and cached on disk: the 4.7B
 text encoder is never in memory at feature time; prompts are lower-cased and stripped first, as the pipelines'
-`encode_prompt` does (`_text_preprocessing` with `clean_caption=False`, what Meng et al. call). The output head (final norm, modulation, projection) is not built.
+`encode_prompt` does (`_text_preprocessing` with `clean_caption=False`, what Meng et al. call). The output head (final
+norm, modulation, projection) is not built.
 """
 from __future__ import annotations
 
