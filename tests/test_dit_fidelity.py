@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401
 from diffbackbone import cli, prompts
-from diffbackbone.models import diffusion_unet as du
 from diffbackbone.models import pixart as px
+from diffbackbone.models.backbone import VAE_TEST
 from test_flux import _tiny_flux_repo
 from test_newer_models import _tiny_t5_repo
 
@@ -259,8 +259,8 @@ def pixart_repo(tmp_path_factory, fake_hub):
     _tiny_t5_repo(folder)
     torch.manual_seed(5)
     transformer = PixArtTransformer2DModel(**px._PIXART_TEST).eval()
-    n = len(du._VAE_TEST['block_out_channels'])
-    vae = AutoencoderKL(block_out_channels=du._VAE_TEST['block_out_channels'], layers_per_block=1, latent_channels=4,
+    n = len(VAE_TEST['block_out_channels'])
+    vae = AutoencoderKL(block_out_channels=VAE_TEST['block_out_channels'], layers_per_block=1, latent_channels=4,
                         norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * n,
                         up_block_types=('UpDecoderBlock2D',) * n).eval()
     save_file(transformer.state_dict(), folder / 'transformer.safetensors')

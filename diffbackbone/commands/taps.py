@@ -13,11 +13,17 @@ def run_taps(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone taps`."""
     import timm
 
-    from .models.attention_taps import MAP_HOOKS
-    from .models.taps import list_taps
+    from ..models.attention_taps import MAP_HOOKS
+    from ..models.taps import list_taps
 
     with torch.device('meta'):  # no weights, no download
         model = timm.create_model(args.model)
+    if not hasattr(model, 'taps'):  # a fused diffusion + DINOv2 backbone: its own short list
+        print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}')
+        for i, info in enumerate(model.feature_info):
+            print(f'{i:>5}  {info["name"]:<44} {info["num_chs"]:>8} {info["reduction"]:>6}')
+        print(f'presets: raw = {", ".join(model.tap_names()[1:])}')
+        return 0
     index = {t.name: i for i, t in enumerate(model.taps)}
     taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
     print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
@@ -34,7 +40,7 @@ def run_taps(args: argparse.Namespace) -> int:
 
 def map_notes(model, taps) -> list[str]:
     """Lines saying, per kind of map tap, its shape, its reduction, and the unreduced map's shape and memory."""
-    from .models.attention_taps import MAP_HOOKS, MAP_REDUCTIONS, map_shapes
+    from ..models.attention_taps import MAP_HOOKS, MAP_REDUCTIONS, map_shapes
 
     size = model.pretrained_cfg.get('input_size', (3, 512, 512))[1:]
     full_kwarg = ('model kwarg attn_maps="full" keeps them unreduced' if hasattr(model, 'attn_maps')

@@ -1,6 +1,6 @@
 """`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-`--out DIR` writes a `FeatureStore` (diffbackbone/store.py) as the run goes: resumable, bounded memory, one slice of
+`--out DIR` writes a `FeatureStore` (diffbackbone/data/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
 tensor per tap, optionally a PCA picture of one tap).
 
@@ -21,15 +21,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .hub import save_safetensors
-from .images import ImageError, image_size
-from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
-from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
-                    store_files, write_index)
+from ..cli_args import DTYPES
+from ..data.images import ImageError, image_size
+from ..data.pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
+from ..data.store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
+                          store_files, write_index)
+from ..hub import save_safetensors
 
-__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
+__all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
 
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
 
 
@@ -49,7 +49,7 @@ def load_extractor(
     """The timm `features_only` model for `taps` (names, indices or a preset; default the pyramid), ready to run."""
     import timm
 
-    from . import models  # noqa: F401  (registers the models)
+    from .. import models  # noqa: F401  (registers the models)
 
     kwargs = dict(model_kwargs or {})
     if weights:
@@ -174,7 +174,7 @@ def check_images(paths: Sequence[str]) -> None:
 def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype, pool=None, feature_size=None
                  ) -> dict[str, list[int]]:
     """(C, h, w) of every stored tap, from one forward of a blank image (also checks the model runs at `size`)."""
-    from .pipeline import pool_features
+    from ..data.pipeline import pool_features
 
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *size, device=device, dtype=dtype))
@@ -213,7 +213,7 @@ def run_features(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ValueError(f'--workers must be at least 0, got {args.workers}.')
     if args.compile:
-        from .models.fast import COMPILE_MODES
+        from ..models.fast import COMPILE_MODES
 
         if args.compile not in COMPILE_MODES:
             raise ValueError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
@@ -248,7 +248,7 @@ def run_features(args: argparse.Namespace) -> int:
                              f'size {size[0]}; a PCA picture needs at least 2 positions. Pick a finer tap or a larger '
                              '--size.')
     if args.compile or args.channels_last:
-        from .models.fast import optimize
+        from ..models.fast import optimize
 
         model = optimize(model, channels_last=args.channels_last, compile=args.compile or False)
     workers = default_workers(info.local_world) if args.workers is None else args.workers

@@ -20,7 +20,7 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from .hub import save_safetensors, umask
+from ..hub import save_safetensors, umask
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
@@ -107,7 +107,7 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     """
     import timm
 
-    from . import models  # noqa: F401  (registers the architectures)
+    from .. import models  # noqa: F401  (registers the architectures)
 
     weights = find_weights(source)
     name = _architecture(weights, model)
@@ -150,7 +150,7 @@ def push_folder(folder: Path, repo_id: str) -> None:
     """Upload an exported folder to the Hub repo `repo_id` (created if needed), with huggingface_hub."""
     from huggingface_hub import HfApi
 
-    from .hub import hub_errors
+    from ..hub import hub_errors
 
     with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',
                     repo=repo_id):
