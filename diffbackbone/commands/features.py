@@ -1,6 +1,6 @@
 """`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-`--out DIR` writes a `FeatureStore` (diffbackbone/data/store.py) as the run goes: resumable, bounded memory, one slice of
+`--out DIR` writes a `FeatureStore` (data/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
 tensor per tap, optionally a PCA picture of one tap).
 
@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from ..cli_args import DTYPES
 from ..data.images import ImageError, image_size
-from ..data.pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
+from ..data.pipeline import (DistInfo, barrier, default_workers, dist_info, extract_batches, find_images,
+                             init_distributed)
 from ..data.store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
                           store_files, write_index)
 from ..hub import save_safetensors
