@@ -21,7 +21,7 @@ import torch.nn as nn
 from .. import hub
 
 __all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt',
-           'encode_hunyuan_prompt']
+           'encode_hunyuan_prompt', 'pixart_caption']
 
 _SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
 _SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
@@ -163,13 +163,22 @@ def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: in
     return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
 
 
+def pixart_caption(prompt: str) -> str:
+    """The text PixArt's pipelines hand T5: `encode_prompt` runs `_text_preprocessing(prompt, clean_caption=False)`,
+    which lower-cases and strips it."""
+    return prompt.lower().strip()
+
+
 def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
-    """PixArt's T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt`, cached per
-    (repo commit, prompt) under `cache_dir()/prompt_embeds`; the encoder is loaded on a miss only."""
+    """PixArt's T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt` (lower-cased and
+    stripped first, `pixart_caption`), cached per (repo commit, caption) under `cache_dir()/prompt_embeds`; the encoder
+    is loaded on a miss only."""
     what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
-    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-{key}', what,
-                            lambda source, rev: _t5_embeds(source, rev, prompt, max_tokens, what))
+    caption = pixart_caption(prompt)
+    # 't5-v2': entries cached before captions were pre-processed (keyed by the raw prompt) are never read
+    key = hashlib.sha256(f'{max_tokens}\0{caption}'.encode()).hexdigest()[:32]
+    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-v2-{key}', what,
+                            lambda source, rev: _t5_embeds(source, rev, caption, max_tokens, what))
 
 
 def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
