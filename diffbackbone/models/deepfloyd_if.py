@@ -123,8 +123,8 @@ class DeepFloydIF(DiffusionUNet):
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % _REDUCTION or s < _REDUCTION for s in size):
-            raise ValueError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), got '
-                             f'{tuple(size)}. Resize the images (IF-I works at 64 x 64).')
+            raise ValueError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), '
+                             f'got {tuple(size)}. Resize the images (IF-I works at 64 x 64).')
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         """`prompt_embeds` (1, 77, 4096) of `prompt` as `IFPipeline.encode_prompt` computes it (IF's preprocessing,
