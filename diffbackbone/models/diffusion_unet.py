@@ -307,9 +307,27 @@ class TapBackbone(nn.Module):
             if missing:
                 raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
         feats = self._denoiser_features(self.encode(x), wanted)
-        if self.ensemble > 1:
+        if self.ensemble > 1 and self.__dict__.get('_tap_sink') is None:
             feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
         return feats
+
+    # --- streaming taps: each map handed on as it is computed, none kept (diffbackbone inspect) ---------------------
+    def stream_taps(self, x: torch.Tensor, taps: Sequence[Tap], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """One pass up to the deepest of `taps`, calling `sink(name, map)` with each tap's (ensemble-averaged) map as
+        soon as it is computed; the maps are not kept, so memory holds one tap's map at a time beyond the pass's own."""
+        self.__dict__['_tap_sink'] = sink
+        try:
+            self._extract(x, list(taps))
+        finally:
+            self.__dict__.pop('_tap_sink', None)
+
+    def _emit(self, feats: dict[str, torch.Tensor], name: str, m: torch.Tensor) -> None:
+        """Keep a tap's map in `feats`, or hand it to the sink of `stream_taps`."""
+        sink = self.__dict__.get('_tap_sink')
+        if sink is None:
+            feats[name] = m
+        else:
+            sink(name, m.unflatten(0, (-1, self.ensemble)).mean(1) if self.ensemble > 1 else m)
 
 class DiffusionUNet(NoisyLatents, TapBackbone):
     """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
@@ -501,7 +519,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         for loc, h in self._iter_unet(z, deepest=max(t.order for t in taps), timestep=timestep, record=taps):
             name = by_loc.get(loc)
             if name is not None:
-                feats[name] = h
+                self._emit(feats, name, h)
         return feats
 
     def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

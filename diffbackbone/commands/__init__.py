@@ -1,0 +1,1 @@
+"""Handlers of the `diffbackbone` subcommands (parsed in `diffbackbone.cli`)."""
