@@ -39,7 +39,7 @@ def _diffusers_weights(name: str, tmp_path, seed: int = 0):
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_inverted_taps_equal_diffusers_inverse_scheduler(name, tmp_path):
-    steps, t_feat = 20, 261
+    steps, t_feat = 20, 151
     unet, vae, sd, cond, path = _diffusers_weights(name, tmp_path)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               noise='ddim_inversion', inversion_steps=steps, timestep=t_feat).eval()
@@ -70,7 +70,7 @@ def test_inverted_taps_equal_diffusers_inverse_scheduler(name, tmp_path):
         unet(z, t_feat, encoder_hidden_states=ctx, **ref_cond)
         for h in handles:
             h.remove()
-    assert walked == inversion_timesteps(du._SCHEDULER_SD, steps, t_feat) == [51, 101, 151, 201, 251, 301]
+    assert walked == inversion_timesteps(du._SCHEDULER_SD, steps, t_feat) == [51, 101, 151]
     for tap, got in zip(model.taps, ours):
         ref = store[tap.name]
         err = (got - ref).abs().max().item() / ref.abs().max().item()

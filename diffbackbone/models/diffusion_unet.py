@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention_taps import ActivationRecorder
 from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
+from .lora import fuse_lora, lora_spec
 from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'VAEEncoder', 'NoisyLatents', 'TapBackbone', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
@@ -361,6 +362,8 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             check_inputs: bool = True,
             noise: str = 'ddpm',
             inversion_steps: int = 100,
+            lora: Optional[str] = None,
+            lora_scale: float = 1.0,
     ):
         """
         Args:
@@ -389,6 +392,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             noise: noisy models: 'ddpm' (seeded random noise at `timestep`) or 'ddim_inversion' (Meng et al.'s
                 deterministic DDIM inversion up to `timestep`, with the whole UNet kept; latent default 'mode').
             inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
+            lora: a LoRA fused into the UNet when the pretrained weights load (`models/lora.py`): a Hub repo
+                'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
+            lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
         """
         super().__init__()
         if noise not in NOISE_MODES:
@@ -405,6 +411,8 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                 raise ValueError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
                                  'noise draws to average.')
         self.noise, self.inversion_steps = noise, inversion_steps
+        self.lora, self.lora_scale = lora_spec(lora, lora_scale)
+        self.lora_identity: Optional[str] = None  # set when the LoRA is fused (checkpoint_filter_fn)
         if latent is None:
             latent = 'mode' if clean or inverted else 'sample'
         self._init_noise(ensemble, noise_seed, latent, clean)
@@ -745,6 +753,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
             f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
             'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
+    if model.lora:  # fused into the UNet by diffusers' loaders, before timm loads (and features_only prunes) it
+        model.unet.load_state_dict({k[5:]: v for k, v in out.items() if k.startswith('unet.')}, strict=True)
+        sdxl = model.unet.config.addition_embed_type == 'text_time'
+        model.lora_identity = fuse_lora(model.unet, model.lora, model.lora_scale, sdxl=sdxl)
+        out.update({'unet.' + k: v for k, v in model.unet.state_dict().items()})
     return out
 
 
@@ -843,6 +856,9 @@ def _ensemble(kwargs: dict, default: int) -> int:
 
 
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    if kwargs.get('lora') and not pretrained:
+        raise ValueError('lora= is fused into the pretrained weights: pass pretrained=True (a LoRA on random weights '
+                         'means nothing).')
     model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
                            **kwargs)
     if not kwargs.get('features_only', False) and model.num_classes > 0:
