@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from .attention_taps import ActivationRecorder
+from .control import CONTROL_FILE, CONTROL_MODES, build_controlnet, canny_image, check_controlnet, default_control_repo
 from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
 from .lora import fuse_lora, lora_spec
 from .taps import Tap, TapError, build_taps, point_name, presets_for, resolve_taps, sort_key, unet_stages
@@ -364,6 +365,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             inversion_steps: int = 100,
             lora: Optional[str] = None,
             lora_scale: float = 1.0,
+            control: Optional[str] = None,
+            control_repo: Optional[str] = None,
+            control_scale: float = 1.0,
     ):
         """
         Args:
@@ -395,6 +399,9 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             lora: a LoRA fused into the UNet when the pretrained weights load (`models/lora.py`): a Hub repo
                 'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
             lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
+            control: 'canny': a ControlNet conditions the UNet on the input's Canny edges (`models/control.py`).
+            control_repo: the ControlNet (diffusers layout) instead of Meng et al.'s default for the architecture.
+            control_scale: the ControlNet's `conditioning_scale`.
         """
         super().__init__()
         if noise not in NOISE_MODES:
@@ -431,6 +438,15 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
 
         self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
+        if control is not None and control not in CONTROL_MODES:
+            raise ValueError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
+        if control_repo is not None and control is None:
+            raise ValueError("control_repo needs control='canny' (how the control image is made from the input).")
+        self.control, self.control_scale = control, float(control_scale)
+        self.control_repo = (control_repo or default_control_repo(control, self.unet.config)) if control else None
+        self.controlnet = build_controlnet(self.control_repo) if control else None
+        if self.controlnet is not None:
+            check_controlnet(self.controlnet, self.unet, self.control_repo)
         # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
         if not inverted:
             self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
@@ -545,6 +561,32 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.unet_features(z, taps)
 
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        if self.controlnet is None:
+            return super()._extract(x, wanted)
+        self.__dict__['_control_image'] = canny_image(x)  # read by _control_residuals during this pass
+        try:
+            return super()._extract(x, wanted)
+        finally:
+            self.__dict__.pop('_control_image', None)
+
+    def _control_residuals(self, z: torch.Tensor, timestep: Optional[torch.Tensor], ctx: torch.Tensor):
+        """The ControlNet's (down residuals, mid residual) for latents `z`, or None without a control image."""
+        image = self.__dict__.get('_control_image')
+        if image is None or self.controlnet is None:
+            return None
+        n = z.shape[0]
+        image = image.repeat_interleave(n // image.shape[0], dim=0).to(z.dtype)  # an image's ensemble latents
+        t = (self.timestep if timestep is None else timestep).expand(n)
+        added = None
+        if self.unet.config.addition_embed_type == 'text_time':
+            _, pooled = self._prompt_override or (None, self.pooled_prompt_embeds)
+            added = dict(text_embeds=_per_latent(pooled.to(z.dtype), n),
+                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
+        return self.controlnet(z, t, encoder_hidden_states=ctx, controlnet_cond=image,
+                               conditioning_scale=self.control_scale, guess_mode=False, added_cond_kwargs=added,
+                               return_dict=False)
+
     def _invert(self, z: torch.Tensor) -> torch.Tensor:
         """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/inversion.py`)."""
         unet, n = self.unet, z.shape[0]
@@ -613,6 +655,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         """
         unet = self.unet
         emb, ctx = self._embeddings(z, timestep)
+        control = self._control_residuals(z, timestep, ctx)  # ControlNet: (skip residuals, mid residual) or None
+
+        def skip(h: torch.Tensor) -> torch.Tensor:  # what the up path gets: diffusers adds the residuals to the skips
+            return h if control is None else h + control[0][len(skips)]
         # As diffusers does, pass the skip's size to the upsampler when the input is not a multiple of the total stride.
         forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in z.shape[-2:])
         skips: list[torch.Tensor] = []
@@ -622,7 +668,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                 if path == 'conv_in':
                     yield 'unet-in', z
                     h = unet.conv_in(z)
-                    skips.append(h)
+                    skips.append(skip(h))
                     yield 'unet-after-conv-in', h
                 elif path == 'mid':
                     mid = unet.mid_block
@@ -633,11 +679,13 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                     h = self._run(mid.resnets[j], h, emb)
                     yield from rec.drain()
                     yield f'{point}-res-out', h
+                    if control is not None and j == len(mid.resnets) - 1:
+                        h = h + control[1]  # after the mid block's output, as diffusers adds it
                 elif j == 'sampler':
                     block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
                     if path == 'down':
                         h = self._run(block.downsamplers[0], h)
-                        skips.append(h)
+                        skips.append(skip(h))
                     else:
                         size = skips[-1].shape[2:] if forward_upsample_size else None
                         h = self._run(block.upsamplers[0], h, size)
@@ -648,7 +696,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                         h = torch.cat([h, skips.pop()], dim=1)
                     r, h = self._layer(block, j, h, emb, ctx)
                     if path == 'down':
-                        skips.append(h)
+                        skips.append(skip(h))
                     yield from rec.drain()
                     yield f'{point}-res-out', r
                     if h is not r:
@@ -668,6 +716,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             vae_sd = hub.load_safetensors(
                 hub.download(self.base_repo, self.vae_file, what='VAE'), what='VAE')
             state_dict.update(_vae_keys(vae_sd))
+        if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
+            path = hub.download(self.control_repo, CONTROL_FILE, what=f'ControlNet {self.control_repo!r}')
+            sd = hub.load_safetensors(path, what=f'ControlNet {self.control_repo!r}')
+            state_dict.update({'controlnet.' + k: v for k, v in sd.items()})
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
@@ -734,7 +786,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     for k, v in state_dict.items():
         if k.startswith(('heads.', 'head_')):
             continue  # clean-train projection heads: used only to map onto noisy features
-        if not k.startswith(('unet.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
+        ours = k.startswith(('unet.', 'vae.', 'head.', 'controlnet.'))
+        if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
         if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
             continue  # output head, not built (kept only for DDIM inversion)
