@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hub
-from .images import image_size, open_image, to_tensor
+from .data.images import image_size, open_image, to_tensor
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -197,7 +197,7 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
 
 def run_depth(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone depth`."""
-    from .extract import DTYPES
+    from .cli_args import DTYPES
 
     paths = [Path(p) for p in args.images]
     for p in paths:

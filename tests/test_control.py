@@ -9,7 +9,7 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 import diffbackbone  # noqa: F401
-from diffbackbone.images import load_image
+from diffbackbone.data.images import load_image
 from diffbackbone.models import diffusion_unet as du
 from test_inversion import _diffusers_weights
 

@@ -13,7 +13,7 @@ from PIL import Image
 import diffbackbone  # noqa: F401
 from diffbackbone import cli
 from diffbackbone.commands import inspect as ins
-from diffbackbone.images import load_image
+from diffbackbone.data.images import load_image
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ from PIL import Image
 
 import diffbackbone  # noqa: F401
 from diffbackbone.hub import save_safetensors
-from diffbackbone.images import ImageError, load_image, open_image
+from diffbackbone.data.images import ImageError, load_image, open_image
 
 X = torch.rand(1, 3, 128, 128) * 2 - 1
 
@@ -163,7 +163,7 @@ def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, caps
 
 
 def test_features_checks_the_output_and_the_pca_tap_before_running(tmp_path, capsys, monkeypatch):
-    import diffbackbone.extract as ex
+    import diffbackbone.commands.features as ex
 
     ran = []
     monkeypatch.setattr(ex, 'extract_batches', lambda *a, **k: ran.append(1) or iter(()))
@@ -224,3 +224,18 @@ def test_unknown_model_kwarg_and_taps_of_unknown_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['taps', 'nope_model'])
     assert exit_info.value.code == 2 and "unknown model 'nope_model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'F'])
+def test_high_bit_depth_images_stay_in_range_after_resizing(tmp_path, mode):
+    board = ((np.indices((64, 64)) // 8).sum(0) % 2).astype(np.float32)  # 8 px squares: bicubic overshoots at edges
+    if mode == 'F':
+        Image.fromarray(board, mode='F').save(tmp_path / 'x.tif')
+        path = tmp_path / 'x.tif'
+    else:
+        Image.fromarray((board * 65535).astype(np.uint16)).save(tmp_path / 'x.png')
+        path = tmp_path / 'x.png'
+    for resize in ('stretch', 'pad', 'crop'):
+        x = load_image(path, (48, 40), resize)
+        assert x.min() >= -1 and x.max() <= 1, (resize, x.min().item(), x.max().item())
+        assert x.min() < -0.5 and x.max() > 0.5  # still the picture

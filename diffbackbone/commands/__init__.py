@@ -1,1 +1,3 @@
-"""Handlers of the `diffbackbone` subcommands (parsed in `diffbackbone.cli`)."""
+"""The `diffbackbone` subcommands that have no module of their own elsewhere: `features`, `export`, `taps`, `inspect`.
+
+`cli.py` imports each one only when its subcommand runs (`--help` stays fast)."""

@@ -297,10 +297,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone inspect`."""
     import timm
 
-    from ..extract import DTYPES, check_output, data_config, load_extractor
+    from ..cli_args import DTYPES
+    from ..data.images import load_image, open_image, resize_image
+    from ..data.pipeline import find_images
     from ..hub import atomic_path
-    from ..images import load_image, resize_image, open_image
-    from ..pipeline import find_images
+    from .features import check_output, data_config, load_extractor
 
     images = find_images(args.images)
     if len(images) > args.max_images:

@@ -3,14 +3,18 @@
 PixArt-alpha - https://arxiv.org/abs/2310.00426, PixArt-Sigma - https://arxiv.org/abs/2403.04692 (weights
 `PixArt-alpha/*` on the Hub). Activations as evaluated in "Not All Diffusion Model Activations Have Been Evaluated as
 Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature), with their names:
-`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`.
+`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`. Attention maps are
+their probabilities with the prompt mask applied as their cross-attention applies it (padding tokens get zero
+probability), reduced as `attention_taps.MAP_REDUCTIONS` says (`attn_maps='full'` keeps them whole).
 
 The backbone is the VAE encoder (a seeded posterior draw) plus DDPM noise at `timestep` (50, Meng et al.'s default),
 then diffusers' `PixArtTransformer2DModel` blocks run by a short forward of our own that records taps and stops after
 the deepest one. Every map has one stride: 16 px (2x2 patches on the 8x VAE latent), timm's ViT convention; the
 `pyramid` preset is four evenly spaced block outputs for a multi-level neck (mmseg's `MultiLevelNeck`). The T5-XXL
 text embedding of the prompt (empty by default) is computed once from the base repo and cached on disk: the 4.7B
-text encoder is never in memory at feature time. The output head (final norm, modulation, projection) is not built.
+text encoder is never in memory at feature time; prompts are lower-cased and stripped first, as the pipelines'
+`encode_prompt` does (`_text_preprocessing` with `clean_caption=False`, what Meng et al. call). The output head (final
+norm, modulation, projection) is not built.
 """
 from __future__ import annotations
 
@@ -23,10 +27,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .dit import DiTBackbone, filter_transformer_state_dict
-from .diffusion_unet import (
-    _VAE_SD, _VAE_SDXL, _VAE_TEST, VAEEncoder, _check_timestep, _per_latent,
-    build_backbone,
-)
+from .backbone import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _TableBuilder
 from .text import encode_t5_prompt
 
@@ -61,6 +62,7 @@ class PixArtBackbone(DiTBackbone):
             base_repo: Optional[str] = None,
             prompt: Optional[str] = None,
             max_tokens: int = 300,
+            attn_maps: str = 'reduced',
             vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
             num_classes: int = 0,
             global_pool: str = 'avg',
@@ -79,13 +81,16 @@ class PixArtBackbone(DiTBackbone):
             base_repo: Hub repo or local diffusers folder with vae/, tokenizer/, text_encoder/.
             prompt: text the features are conditioned on (default: the empty prompt).
             max_tokens: T5 sequence length (300 for Sigma, 120 for alpha, as their pipelines).
+            attn_maps: 'reduced' (map taps as `attention_taps.MAP_REDUCTIONS` says) or 'full' (unreduced
+                probabilities, (B, heads, N, N) / (B, heads, N, tokens): 1 GiB / 75 MiB per image and map for
+                PixArt-Sigma at 1024 px in float32).
             vae_file: the VAE weights in `base_repo`.
             num_classes, global_pool, drop_rate: classifier head on the last block's map.
             in_chans: input image channels.
             check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
         self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
@@ -106,7 +111,7 @@ class PixArtBackbone(DiTBackbone):
 
         table = _TableBuilder('', tokens=max_tokens)
         table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
-        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate)
+        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate, attn_maps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -135,11 +140,11 @@ class PixArtBackbone(DiTBackbone):
         h = tr.pos_embed(z)
         t_emb, _ = tr.adaln_single(self.timestep.expand(n), None, batch_size=n, hidden_dtype=h.dtype)
         embeds, mask = self._prompt_override or (self.prompt_embeds, self.prompt_mask)  # per image: use_prompts
-        ctx = _per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
-        bias = _per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
+        ctx = per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
+        bias = per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
-        with ActivationRecorder(self, taps) as rec:
+        with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
             for k, block in enumerate(tr.transformer_blocks):
                 args = (h, None, ctx, bias, t_emb)
@@ -155,7 +160,8 @@ class PixArtBackbone(DiTBackbone):
         return feats
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The model's conditioning buffers for `prompt` (T5 embedding and mask), encoded once and cached."""
+        """The model's conditioning buffers for `prompt` (T5 embedding and mask of the lower-cased, stripped prompt),
+        encoded once and cached."""
         return encode_t5_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
 
 
@@ -195,7 +201,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def pixart_sigma(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-Sigma XL/2 1024 px (SDXL's VAE, T5 prompts of 300 tokens), noisy at t=50 as Meng et al."""
-    model_args = dict(transformer_cfg=_PIXART_SIGMA, vae_cfg=_VAE_SDXL, max_tokens=300,
+    model_args = dict(transformer_cfg=_PIXART_SIGMA, vae_cfg=VAE_SDXL, max_tokens=300,
                       base_repo='PixArt-alpha/PixArt-Sigma-XL-2-1024-MS')
     return _create_pixart('pixart_sigma', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -203,7 +209,7 @@ def pixart_sigma(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def pixart_sigma_512(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-Sigma XL/2 512 px."""
-    model_args = dict(transformer_cfg=_PIXART_SIGMA_512, vae_cfg=_VAE_SDXL, max_tokens=300,
+    model_args = dict(transformer_cfg=_PIXART_SIGMA_512, vae_cfg=VAE_SDXL, max_tokens=300,
                       base_repo='PixArt-alpha/PixArt-Sigma-XL-2-512-MS')
     return _create_pixart('pixart_sigma_512', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -211,7 +217,7 @@ def pixart_sigma_512(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def pixart_alpha(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-alpha XL/2 512 px (SD's VAE, T5 prompts of 120 tokens)."""
-    model_args = dict(transformer_cfg=_PIXART_ALPHA_512, vae_cfg=_VAE_SD, max_tokens=120,
+    model_args = dict(transformer_cfg=_PIXART_ALPHA_512, vae_cfg=VAE_SD, max_tokens=120,
                       base_repo='PixArt-alpha/PixArt-XL-2-512x512')
     return _create_pixart('pixart_alpha', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -219,5 +225,5 @@ def pixart_alpha(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def test_pixart(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """Tiny random-weight PixArt layout, for tests."""
-    model_args = dict(transformer_cfg=_PIXART_TEST, vae_cfg=_VAE_TEST, max_tokens=8, base_repo='diffbackbone/test-pixart')
+    model_args = dict(transformer_cfg=_PIXART_TEST, vae_cfg=VAE_TEST, max_tokens=8, base_repo='diffbackbone/test-pixart')
     return _create_pixart('test_pixart', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -20,7 +20,7 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from .hub import save_safetensors, umask
+from ..hub import save_safetensors, umask
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
@@ -83,8 +83,8 @@ tags:
 Diffusion backbone exported with [diffbackbone](https://pypi.org/project/diffbackbone/) from architecture `{name}`.
 The weights hold everything the model needs (UNet, VAE encoder, prompt embedding{', learned timestep' if model.clean
 else ''}), so loading downloads nothing else.{f'''
-LoRA fused into the UNet weights: `{model.lora_identity}` (scale {model.lora_scale}).''' if getattr(model, 'lora_identity', None)
-else ''}
+LoRA fused into the UNet weights: `{model.lora_identity}` (scale {model.lora_scale}).'''
+if getattr(model, 'lora_identity', None) else ''}
 
 ```python
 import timm, diffbackbone
@@ -109,7 +109,7 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     """
     import timm
 
-    from . import models  # noqa: F401  (registers the architectures)
+    from .. import models  # noqa: F401  (registers the architectures)
 
     weights = find_weights(source)
     name = _architecture(weights, model)
@@ -156,7 +156,7 @@ def push_folder(folder: Path, repo_id: str) -> None:
     """Upload an exported folder to the Hub repo `repo_id` (created if needed), with huggingface_hub."""
     from huggingface_hub import HfApi
 
-    from .hub import hub_errors
+    from ..hub import hub_errors
 
     with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',
                     repo=repo_id):
