@@ -7,10 +7,10 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401  (registers the models)
-from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models import backbone, diffusion_unet as du
 from diffbackbone.models.inversion import inversion_timesteps
 
-CASES = {'test_dift': (du._UNET_TEST, du._VAE_TEST), 'test_sdxl': (du._UNET_TEST_SDXL, du._VAE_TEST_SDXL)}
+CASES = {'test_dift': (du._UNET_TEST, backbone.VAE_TEST), 'test_sdxl': (du._UNET_TEST_SDXL, du._VAE_TEST_SDXL)}
 
 
 def _diffusers_weights(name: str, tmp_path, seed: int = 0):
@@ -24,7 +24,7 @@ def _diffusers_weights(name: str, tmp_path, seed: int = 0):
                         down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n,
                         scaling_factor=vae_cfg['scaling_factor']).eval()
     sd = {'unet.' + k: v for k, v in unet.state_dict().items()}
-    sd.update(du._vae_keys(vae.state_dict()))
+    sd.update(backbone.vae_keys(vae.state_dict()))
     sd['prompt_embeds'] = torch.randn(1, 77, unet_cfg['cross_attention_dim'])
     cond = {}
     if unet_cfg.get('addition_embed_type') == 'text_time':
@@ -70,7 +70,7 @@ def test_inverted_taps_equal_diffusers_inverse_scheduler(name, tmp_path):
         unet(z, t_feat, encoder_hidden_states=ctx, **ref_cond)
         for h in handles:
             h.remove()
-    assert walked == inversion_timesteps(du._SCHEDULER_SD, steps, t_feat) == [51, 101, 151]
+    assert walked == inversion_timesteps(backbone.SCHEDULER_SD, steps, t_feat) == [51, 101, 151]
     for tap, got in zip(model.taps, ours):
         ref = store[tap.name]
         err = (got - ref).abs().max().item() / ref.abs().max().item()
