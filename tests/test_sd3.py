@@ -8,7 +8,6 @@ import timm
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
-from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401
 from diffbackbone.models import sd3

@@ -1,6 +1,6 @@
 """`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-`--out DIR` writes a `FeatureStore` (diffbackbone/data/store.py) as the run goes: resumable, bounded memory, one slice of
+`--out DIR` writes a `FeatureStore` (data/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
 tensor per tap, optionally a PCA picture of one tap).
 
