@@ -5,6 +5,7 @@ Subcommands:
               (`diffbackbone.FeatureStore`; torchrun for several GPUs), or into one safetensors file (one tensor per
               tap, images stacked), optionally with a PCA picture of one tap.
     taps      list a model's taps with channels and strides.
+    inspect   a picture (PCA / k-means) and statistics of every requested tap over a few images.
     depth     metric depth of images with CleanDIFT's published depth probe (see `diffbackbone.depth`).
     clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
@@ -96,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
     p.set_defaults(func=_lazy('commands.taps', 'run_taps'))
+
+    p = sub.add_parser('inspect', help="a picture of each tap's activations over a few images (PCA or k-means), "
+                       'with statistics', description="Meng et al.'s qualitative look at every activation: one pass of "
+                       "all images to the deepest tap; per tap the first three principal components (fitted jointly "
+                       'over the images) as colours, a row per image; several sheets and an index for many taps.')
+    p.add_argument('images', nargs='+', help='a few image files, folders, quoted globs, @list.txt')
+    p.add_argument('--model', type=diffusion_model_name, required=True, help="one of diffbackbone's models")
+    p.add_argument('--taps', nargs='+', help='tap names, indices, presets, shell patterns ("*cross-q") or "all" '
+                   "(default: the model's feature_info taps)")
+    p.add_argument('--out', default='inspect.png', help='sheet .png (several: STEM-01.png, ... and STEM-index.txt)')
+    p.add_argument('--overwrite', action='store_true', help='replace existing output files')
+    p.add_argument('--mode', choices=('pca', 'kmeans'), default='pca', help='colours: 3 principal components (default) '
+                   'or k-means clusters')
+    p.add_argument('--clusters', type=positive_int, default=8, help='k of --mode kmeans (default: 8)')
+    p.add_argument('--cols', type=positive_int, default=8, help='taps per line of a sheet (default: 8)')
+    p.add_argument('--per-sheet', type=positive_int, default=48, help='taps per sheet (default: 48)')
+    p.add_argument('--tile', type=positive_int, default=128, help='tile size in pixels (default: 128)')
+    p.add_argument('--grid', type=positive_int, default=64, help='at most this many map positions per tile side; '
+                   'larger maps are area-averaged first (default: 64)')
+    p.add_argument('--json', help='per-tap statistics (locality, massive activations) to this JSON file')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
+    p.add_argument('--prompt', help='caption the model is conditioned on (default: empty)')
+    p.add_argument('--max-images', type=positive_int, default=16, help=argparse.SUPPRESS)
+    add_model_args(p)
+    p.set_defaults(func=_lazy('commands.inspect', 'run_inspect'))
 
     p = sub.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, model.safetensors)',
                        description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '

@@ -82,7 +82,9 @@ tags:
 
 Diffusion backbone exported with [diffbackbone](https://pypi.org/project/diffbackbone/) from architecture `{name}`.
 The weights hold everything the model needs (UNet, VAE encoder, prompt embedding{', learned timestep' if model.clean
-else ''}), so loading downloads nothing else.
+else ''}), so loading downloads nothing else.{f'''
+LoRA fused into the UNet weights: `{model.lora_identity}` (scale {model.lora_scale}).'''
+if getattr(model, 'lora_identity', None) else ''}
 
 ```python
 import timm, diffbackbone
@@ -121,6 +123,10 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                             **(model_kwargs or {}))
     args = dict(model_kwargs or {})
+    if getattr(net, 'lora_identity', None):  # fused into the saved weights: never applied again when they load
+        for key in ('lora', 'lora_scale'):
+            args.pop(key, None)
+            getattr(net, '_model_args', {}).pop(key, None)
     if net.clean:
         args['timestep'] = float(net.timestep.detach().float())
     if getattr(net, 'prompt', None):

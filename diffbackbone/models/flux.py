@@ -263,7 +263,7 @@ class FluxBackbone(DiTBackbone):
                     ctx, h = block(*args)
                 for loc, m in rec.drain():
                     if loc in by_loc:
-                        feats[by_loc[loc]] = m
+                        self._emit(feats, by_loc[loc], m)
                 if k >= deepest:
                     break
         return feats

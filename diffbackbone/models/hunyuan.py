@@ -212,7 +212,7 @@ class HunyuanDiTBackbone(DiTBackbone):
                     skips.append(h)
                 for loc, m in rec.drain():
                     if loc in by_loc:
-                        feats[by_loc[loc]] = m
+                        self._emit(feats, by_loc[loc], m)
                 if k >= deepest:
                     break
         return feats

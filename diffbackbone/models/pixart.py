@@ -154,7 +154,7 @@ class PixArtBackbone(DiTBackbone):
                     h = block(*args)
                 for loc, m in rec.drain():
                     if loc in by_loc:
-                        feats[by_loc[loc]] = m
+                        self._emit(feats, by_loc[loc], m)
                 if k >= deepest:
                     break
         return feats

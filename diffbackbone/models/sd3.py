@@ -202,7 +202,7 @@ class SD3Backbone(DiTBackbone):
                     ctx, h = block(h, ctx, temb)
                 for loc, m in rec.drain():
                     if loc in by_loc:
-                        feats[by_loc[loc]] = m
+                        self._emit(feats, by_loc[loc], m)
                 if k >= deepest:
                     break
         return feats
