@@ -4,7 +4,7 @@ import pytest
 from diffbackbone.bench import cost as bench_cost
 
 
-@pytest.mark.parametrize('name', ['test_flux', 'test_pixart'])
+@pytest.mark.parametrize('name', ['test_flux', 'test_pixart', 'test_sd3', 'test_hunyuan_dit'])
 def test_cost_lines(name, capsys):
     gflop, params = bench_cost.count(name, 64)
     assert gflop > 0 and params > 0

@@ -1,5 +1,5 @@
-"""FLUX.1 backbones: sharded weights through the Hub loader, Meng et al.'s schedule and taps against diffusers' own
-FluxImg2ImgPipeline, the full-size architecture on the meta device."""
+"""FLUX.1 backbones: sharded weights through the Hub loader, text conditioning against diffusers' FluxImg2ImgPipeline,
+the full-size architecture on the meta device (taps against Meng et al.'s one call: test_dit_fidelity.py)."""
 import json
 from pathlib import Path
 
@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
-from PIL import Image
 from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401
@@ -76,9 +75,9 @@ def test_sharded_transformer_loads_through_the_hub(tiny_repo, fake_hub, hub_cach
     assert model.pooled_prompt_embeds.shape == (1, 32) and model.prompt_embeds.shape == (1, 8, 32)
 
 
-def test_pipeline_schedule_text_and_taps_equal_diffusers(tiny_repo, hub_cache):
-    """The tiny model from the Hub against diffusers' FluxImg2ImgPipeline run as Meng et al. run it (strength 0.05,
-    28 steps, guidance 1): same timesteps, text conditioning, Euler step and taps of the pipeline's last call."""
+def test_text_conditioning_equals_the_pipelines(tiny_repo, hub_cache):
+    """T5 and CLIP pooled embeddings from the Hub repo equal `FluxPipeline.encode_prompt` (the taps against Meng et
+    al.'s one transformer call: tests/test_dit_fidelity.py)."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     folder, transformer, vae = tiny_repo
@@ -88,42 +87,10 @@ def test_pipeline_schedule_text_and_taps_equal_diffusers(tiny_repo, hub_cache):
         tokenizer=CLIPTokenizer.from_pretrained(folder / 'tokenizer'),
         text_encoder_2=T5EncoderModel.from_pretrained(folder / 'text_encoder_2').eval(),
         tokenizer_2=AutoTokenizer.from_pretrained(folder / 'tokenizer_2'), transformer=transformer)
-    model = timm.create_model('test_flux', pretrained=True, prompt='a dog').eval()
-
-    embeds, pooled, _ = pipe.encode_prompt('a dog', prompt_2=None, max_sequence_length=8)
+    model = timm.create_model('test_flux', pretrained=True, prompt='A Dog').eval()
+    embeds, pooled, _ = pipe.encode_prompt('A Dog', prompt_2=None, max_sequence_length=8)
     torch.testing.assert_close(model.prompt_embeds, embeds)
     torch.testing.assert_close(model.pooled_prompt_embeds, pooled)
-
-    calls, recorded = [], {}
-    names = {'vit-block0-q': (0, 'attn.to_q', 'out'), 'vit-block1-norm-out': (1, 'ff', 'in'),
-             'vit-block1-ffn-inner': (1, 'ff.net.0', 'out'), 'vit-block1-out': (1, '', 'out1'),
-             'vit-block3-k': (3, 'attn.to_k', 'out'), 'vit-block3-attn-out': (3, 'attn', 'out'),
-             'vit-block4-out': (4, '', 'out1')}
-    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
-    hooks = [pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)]
-    for name, (k, path, kind) in names.items():
-        module = blocks[k].get_submodule(path) if path else blocks[k]
-        if kind == 'in':
-            hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: recorded.__setitem__(n, a[0])))
-        else:
-            pick = (lambda o: o[1]) if kind == 'out1' else (lambda o: o)
-            hooks.append(module.register_forward_hook(lambda m, a, o, n=name, p=pick: recorded.__setitem__(n, p(o))))
-    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
-    with torch.no_grad():
-        pipe('a dog', image=image, height=64, width=96, strength=0.05, num_inference_steps=28, guidance_scale=1.0,
-             max_sequence_length=8, output_type='latent', generator=torch.Generator().manual_seed(0))
-    for h in hooks:
-        h.remove()
-
-    timesteps, sigmas = model.schedule(8, 12)
-    assert len(calls) == model.passes == 2
-    torch.testing.assert_close(torch.stack([c['timestep'][0] for c in calls]), timesteps / 1000)
-    assert model._noise_scales(torch.zeros(1, 16, 8, 12)) == pytest.approx((1 - sigmas[0].item(), sigmas[0].item()))
-    with torch.no_grad():
-        ours = model.features_from_packed(calls[0]['hidden_states'], 8, 12, model._resolve(list(names)))
-    for name, want in recorded.items():
-        want = want[:, -24:].transpose(1, 2).unflatten(2, (4, 6))  # image tokens on the 4x6 patch grid
-        torch.testing.assert_close(ours[name], want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_vae_latents_are_shifted_and_scaled_as_the_pipeline(tiny_repo, hub_cache):
@@ -180,20 +147,18 @@ def test_taps_follow_meng_et_al_names(capsys):
     assert cli.main(['taps', 'flux', '--all']) == 0
     out = capsys.readouterr().out
     rows = [line.split()[1] for line in out.splitlines()[1:] if line.split()[0] == '-' or line.split()[0].isdigit()]
-    assert len(rows) == 19 * 7 + 38 * 5
-    assert rows[:7] == [f'vit-block0-{s}' for s in ('q', 'k', 'v', 'attn-out', 'norm-out', 'ffn-inner', 'out')]
-    assert rows[-5:] == [f'vit-block56-{s}' for s in ('q', 'k', 'v', 'attn-out', 'out')]
+    assert len(rows) == 19 * 9 + 38 * 7
+    assert rows[:9] == [f'vit-block0-{s}' for s in ('q', 'k', 'v', 'cross-map', 'self-map', 'attn-out', 'norm-out',
+                                                    'ffn-inner', 'out')]
+    assert rows[-7:] == [f'vit-block56-{s}' for s in ('q', 'k', 'v', 'cross-map', 'self-map', 'attn-out', 'out')]
     assert 'vit-block18-ffn-inner' in rows and 'vit-block19-ffn-inner' not in rows
 
 
 def test_schedule_and_bad_arguments():
-    model = timm.create_model('test_flux', num_inference_steps=20)  # 20 * 0.05 = 1 step: one pass, prunable
-    assert model.passes == 1
+    model = timm.create_model('test_flux')  # one transformer call: prunable
     model.prune_intermediate_layers(['vit-block1-out'])
     assert len(model.transformer.transformer_blocks) == 2 and len(model.transformer.single_transformer_blocks) == 0
-    default = timm.create_model('test_flux')
-    default.prune_intermediate_layers(['vit-block1-out'])  # two passes: the first needs every block
-    assert len(default.transformer.single_transformer_blocks) == 3
+    assert model.transformer.proj_out is None
     with pytest.raises(ValueError, match='leaves no denoising step'):
         timm.create_model('test_flux', timestep=0)
     with pytest.raises(ValueError, match='num_inference_steps must be a whole number'):
@@ -202,11 +167,13 @@ def test_schedule_and_bad_arguments():
                                 guidance_embeds=False), vae_cfg=fx._VAE_TEST_FLUX, max_tokens=8)
     _, sigmas = schnell.schedule(64, 64)
     assert sigmas.tolist() == pytest.approx([2 / 28, 1 / 28, 0.0])  # no shift for schnell
+    steps20 = timm.create_model('test_flux', num_inference_steps=20)  # 20 * 0.05 = 1 step: the last sigma, 1 / 20
+    assert steps20.schedule(128, 128)[1][0].item() == pytest.approx(0.1425, abs=5e-5)
 
 
 def test_every_tap_has_the_promised_shape_and_the_forward_stops_early():
     torch.manual_seed(0)
-    model = timm.create_model('test_flux', num_inference_steps=20).eval()  # one pass
+    model = timm.create_model('test_flux').eval()
     names = model.tap_names(all=True)
     x = torch.rand(1, 3, 64, 96) * 2 - 1
     with torch.no_grad():
@@ -221,7 +188,7 @@ def test_every_tap_has_the_promised_shape_and_the_forward_stops_early():
         early = model.forward_intermediates(x, indices=['vit-block1-ffn-inner'], intermediates_only=True)[0]
     assert not ran
     torch.testing.assert_close(early, maps[names.index('vit-block1-ffn-inner')])
-    feat = timm.create_model('test_flux', num_inference_steps=20, features_only=True, out_indices=['vit-block2-q'])
+    feat = timm.create_model('test_flux', features_only=True, out_indices=['vit-block2-q'])
     feat.model.load_state_dict(model.state_dict(), strict=False)  # pruned blocks are gone
     assert len(feat.model.transformer.single_transformer_blocks) == 1
     with torch.no_grad():

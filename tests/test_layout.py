@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_public_paths(path):
 def test_python_dash_m_commands(module, monkeypatch, capsys):
     """`python -m MODULE --help` of every command the README shows (run in-process, as runpy does for -m)."""
     monkeypatch.setattr(sys, 'argv', [module, '--help'])
+    is_package = importlib.util.find_spec(module).submodule_search_locations is not None
+    monkeypatch.delitem(sys.modules, module + '.__main__' if is_package else module, raising=False)  # as -m: fresh
     with pytest.raises(SystemExit) as info:
         runpy.run_module(module, run_name='__main__', alter_sys=False)
     assert info.value.code == 0

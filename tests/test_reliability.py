@@ -224,3 +224,18 @@ def test_unknown_model_kwarg_and_taps_of_unknown_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['taps', 'nope_model'])
     assert exit_info.value.code == 2 and "unknown model 'nope_model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'F'])
+def test_high_bit_depth_images_stay_in_range_after_resizing(tmp_path, mode):
+    board = ((np.indices((64, 64)) // 8).sum(0) % 2).astype(np.float32)  # 8 px squares: bicubic overshoots at edges
+    if mode == 'F':
+        Image.fromarray(board, mode='F').save(tmp_path / 'x.tif')
+        path = tmp_path / 'x.tif'
+    else:
+        Image.fromarray((board * 65535).astype(np.uint16)).save(tmp_path / 'x.png')
+        path = tmp_path / 'x.png'
+    for resize in ('stretch', 'pad', 'crop'):
+        x = load_image(path, (48, 40), resize)
+        assert x.min() >= -1 and x.max() <= 1, (resize, x.min().item(), x.max().item())
+        assert x.min() < -0.5 and x.max() > 0.5  # still the picture

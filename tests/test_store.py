@@ -260,3 +260,343 @@ def test_store_of_a_pretrained_model_records_its_weights(published, hub_cache, d
     with torch.no_grad():
         ref = model(load_image(path, 64)[None])[0][0]
     torch.testing.assert_close(fs[path]['mid'].float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ---- issue 23: concurrent writers, image identity, damaged stores, folder walking, interrupts ----------------------
+def _env():
+    return {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+
+
+def _reference(paths, size=64):
+    """The features the store must hold for `paths` (images.load_image + the fixed random model)."""
+    with torch.no_grad():
+        return _model()(torch.stack([load_image(p, size) for p in paths]))
+
+
+def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
+    halves = {'a': [tmp_path / 'data' / 'a' / f'{i}.png' for i in range(5)],
+              'b': [tmp_path / 'data' / 'b' / f'{i}.png' for i in range(5)]}
+    for k, files in enumerate(halves.values()):
+        for i, f in enumerate(files):
+            _save(f, 100 * k + i)
+    (tmp_path / 'data' / 'b' / 'z_broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+    out = tmp_path / 'store'
+    # Each writer stops before its first image until both have set up their writers: the runs truly overlap.
+    code = ('import sys, time\nfrom pathlib import Path\nimport diffbackbone.data.pipeline as p\n'
+            'get = p.ImageFiles.__getitem__\n'
+            'def wait_then_get(self, i):\n'
+            '    Path(sys.argv[1]).touch()\n'
+            '    while not Path(sys.argv[2]).exists():\n'
+            '        time.sleep(0.02)\n'
+            '    return get(self, i)\n'
+            'p.ImageFiles.__getitem__ = wait_then_get\n'
+            'from diffbackbone.cli import main\nsys.exit(main(sys.argv[3:]))\n')
+    go = tmp_path / 'go'
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / f'ready-{half}'), str(go), 'features',
+                               str(tmp_path / 'data' / half), *BASE, '--workers', '0', '--batch-size', '1',
+                               '--shard-size', '1', '--out', str(out)],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for half in halves]
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f'ready-{h}').exists() for h in halves) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr[-3000:]
+    fs = FeatureStore(out)
+    every = [str(f) for files in halves.values() for f in files]
+    assert sorted(fs.paths) == sorted(every)  # 10 of 10: no writer overwrote the other's shards
+    assert list(fs.failed) == [str(tmp_path / 'data' / 'b' / 'z_broken.jpg')]  # merged, not overwritten
+    assert sorted(FeatureStore(out, rescan=True).paths) == sorted(every)
+    for stdout, _ in results:  # what a run reports is in the store when it exits
+        reported = int(stdout.split(' images stored')[0].rsplit(' ', 1)[1])
+        assert reported <= len(fs)
+    ref = _reference(every)
+    for i, path in enumerate(every):
+        torch.testing.assert_close(fs[path]['us6'].float(), ref[0][i], atol=2e-3, rtol=2e-3)
+
+
+def test_same_relative_paths_from_two_folders_do_not_collide(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'store'
+    for k, work in enumerate(['w1', 'w2']):
+        _save(tmp_path / work / 'imgs' / 'x.png', 10 + k)
+        monkeypatch.chdir(tmp_path / work)
+        assert main(['features', 'imgs', *BASE, '--workers', '0', '--out', str(out)]) == 0
+        assert 'stored already' not in capsys.readouterr().out
+    fs = FeatureStore(out)
+    both = [str(tmp_path / w / 'imgs' / 'x.png') for w in ('w1', 'w2')]
+    assert sorted(fs.paths) == both
+    ref = _reference(both)
+    for i, path in enumerate(both):
+        torch.testing.assert_close(fs[path]['us6'].float(), ref[0][i], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(fs['imgs/x.png']['us6'].float(), ref[0][1], atol=2e-3, rtol=2e-3)  # from w2
+
+
+def test_resume_extracts_an_image_replaced_on_disk_again(tmp_path, capsys):
+    files = [tmp_path / 'd' / 'a.png', tmp_path / 'd' / 'b.png']
+    for i, f in enumerate(files):
+        _save(f, i)
+    out = tmp_path / 'store'
+    args = ['features', str(tmp_path / 'd'), *BASE, '--workers', '0', '--out', str(out)]
+    assert main(args) == 0
+    _save(files[1], 99)  # same name and size, other pixels, later mtime
+    st = files[1].stat()
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert '1 of these images are stored already; extracting 1' in printed and '(1 new)' in printed
+    fs = FeatureStore(out)
+    assert len(fs) == 2
+    torch.testing.assert_close(fs[str(files[1])]['us6'].float(), _reference([files[1]])[0][0], atol=2e-3, rtol=2e-3)
+    assert main(args) == 0 and '2 of these images are stored already; extracting 0' in capsys.readouterr().out
+
+
+def test_store_recorded_by_a_newer_writer_wins_on_rescan(tmp_path):
+    from diffbackbone.data.store import StoreWriter, write_index
+
+    config = dict(model='m', taps=['us6'], shapes={'us6': [1, 1, 1]})
+    for value in (1.0, 2.0):  # the same image written twice (replaced on disk in between): the later row counts
+        w = StoreWriter(tmp_path, config, shard_size=1, index_every_s=None)
+        w.add(['/d/x.png'], {'us6': torch.full((1, 1, 1, 1), value)})
+        w.flush()
+        time.sleep(0.01)
+    write_index(tmp_path, config)
+    for fs in (FeatureStore(tmp_path), FeatureStore(tmp_path, rescan=True)):
+        assert fs.paths == ['/d/x.png'] and fs['/d/x.png']['us6'].item() == 2.0
+
+
+def _tiny_store(root: Path, paths, seed: int = 0, taps=('us6', 'mid')):
+    """A store written by StoreWriter without a model: one shard per image, random maps."""
+    from diffbackbone.data.store import StoreWriter, write_index
+
+    config = dict(model='m', taps=list(taps), shapes={t: [2, 2, 2] for t in taps})
+    w = StoreWriter(root, config, shard_size=1, index_every_s=None)
+    g = torch.Generator().manual_seed(seed)
+    for p in paths:
+        w.add([p], {t: torch.randn(1, 2, 2, 2, generator=g) for t in taps})
+    w.flush()
+    write_index(root, config)
+    return config
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(root.glob('shard-*.safetensors'))
+
+
+def test_reader_checks_each_shard_against_the_index(tmp_path):
+    from diffbackbone.data.store import StoreError
+
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    _tiny_store(a, ['/x/1.png', '/x/2.png'])
+    _tiny_store(b, ['/y/3.png', '/y/4.png'], seed=1)
+    good = FeatureStore(a)['/x/1.png']['us6'].clone()
+    first = FeatureStore(a)._entries['/x/1.png'][0]
+    (a / first).write_bytes(_shards(b)[0].read_bytes())  # another store's shard, same settings, under this name
+    with pytest.raises(StoreError, match=r'holds /y/3.png, not /x/1.png.*rescan=True'):
+        FeatureStore(a)['/x/1.png']
+    assert FeatureStore(a)['/x/2.png']['us6'].shape == (2, 2, 2)  # the other shard is fine
+    assert not torch.equal(good, FeatureStore(b)['/y/3.png']['us6'])
+    # a shard missing a tap of the store
+    c = tmp_path / 'c'
+    _tiny_store(c, ['/z/5.png'], taps=('us6',))
+    (a / first).write_bytes(_shards(c)[0].read_bytes())
+    with pytest.raises(StoreError, match=r"lacks the taps \['mid'\]"):
+        FeatureStore(a)['/x/1.png']
+    # a row out of range
+    index = json.loads((a / 'index.json').read_text())
+    index['entries']['/x/2.png'][1] = 5
+    (a / 'index.json').write_text(json.dumps(index))
+    with pytest.raises(StoreError, match='row 5'):
+        FeatureStore(a)['/x/2.png']
+
+
+@pytest.mark.parametrize('content,match', [
+    ('[1, 2]', 'not a diffbackbone feature store index'),
+    ('{"format": "diffbackbone-feature-store-2", "entries": {}}', 'no config'),
+    ('{"format": "diffbackbone-feature-store-2", "config": {"taps": ["us6"]}, "entries": []}', 'entries'),
+    ('{"format": "diffbackbone-feature-store-2", "config": {"taps": ["us6"]}, "entries": {"a": 1}}', 'entries'),
+])
+def test_reader_refuses_a_damaged_index_clearly(tmp_path, content, match):
+    from diffbackbone.data.store import StoreError
+
+    _tiny_store(tmp_path, ['/x/1.png'])
+    (tmp_path / 'index.json').write_text(content)
+    with pytest.raises(StoreError, match=match):
+        FeatureStore(tmp_path)
+    fs = FeatureStore(tmp_path, rescan=True)  # the shards are the truth: they alone rebuild the listing
+    assert fs.paths == ['/x/1.png'] and fs.taps == ['us6', 'mid']
+
+
+def test_reader_arguments_are_checked(tmp_path):
+    _tiny_store(tmp_path, ['/x/1.png'])
+    for bad in (0, -1, 1.5, 'x'):
+        with pytest.raises((ValueError, TypeError), match='max_open'):
+            FeatureStore(tmp_path, max_open=bad)
+    fs = FeatureStore(tmp_path, max_open=1)
+    with pytest.raises(TypeError, match=r"\['us6'\]"):
+        fs.get('/x/1.png', 'us6')
+    assert list(fs.get('/x/1.png', ['us6'])) == ['us6']
+    with pytest.raises(KeyError, match=r"\['u', 's', '6'\]|us9"):
+        fs.get('/x/1.png', ['us9'])
+
+
+def test_reader_rescans_a_store_whose_index_is_gone(tmp_path):
+    _tiny_store(tmp_path, ['/x/1.png', '/x/2.png'])
+    before = FeatureStore(tmp_path)['/x/2.png']['mid']
+    (tmp_path / 'index.json').unlink()
+    from diffbackbone.data.store import StoreError
+
+    with pytest.raises(StoreError, match='rescan=True'):
+        FeatureStore(tmp_path)
+    fs = FeatureStore(tmp_path, rescan=True)
+    assert sorted(fs.paths) == ['/x/1.png', '/x/2.png'] and fs.config['model'] == 'm'
+    assert torch.equal(fs['/x/2.png']['mid'], before)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(StoreError, match='not a feature store'):
+        FeatureStore(empty, rescan=True)
+
+
+def test_folder_walk_follows_links_once(tmp_path):
+    d = tmp_path / 'd'
+    _save(d / 'a.png', 0)
+    _save(d / 'sub' / 'b.png', 1)
+    (d / 'self').symlink_to(d, target_is_directory=True)  # a loop
+    (d / 'sub' / 'up').symlink_to(d, target_is_directory=True)  # a second loop: exponential without detection
+    (d / 'again').symlink_to(d / 'sub', target_is_directory=True)  # the same folder twice
+    (d / 'c.png').symlink_to(d / 'a.png')  # the same file twice
+    other = tmp_path / 'other'
+    _save(other / 'e.png', 2)
+    (d / 'ext').symlink_to(other, target_is_directory=True)  # a linked folder outside: followed
+    code = ('import sys; from diffbackbone.data.pipeline import find_images\n'
+            f'print("\\n".join(find_images([{str(d)!r}, {str(d / "self" / "a.png")!r}])))')
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = res.stdout.split()
+    assert sorted(os.path.realpath(p) for p in found) == sorted(
+        str(p) for p in (d / 'a.png', d / 'sub' / 'b.png', other / 'e.png'))
+
+
+def test_list_files_including_themselves_or_empty(tmp_path, capsys, monkeypatch):
+    import diffbackbone.commands.features as ex
+
+    _save(tmp_path / 'a.png', 0)
+    loop = tmp_path / 'loop.txt'
+    loop.write_text(f'a.png\n@{loop}\n')
+    with pytest.raises(ValueError, match='loop.txt includes itself'):
+        find_images([f'@{loop}'])
+    (tmp_path / 'inner.txt').write_text('@outer.txt\n')
+    (tmp_path / 'outer.txt').write_text('a.png\n@inner.txt\n')
+    with pytest.raises(ValueError, match='includes itself'):
+        find_images([f'@{tmp_path / "outer.txt"}'])
+    (tmp_path / 'twice.txt').write_text('@one.txt\n@one.txt\n')  # the same list twice is not a loop
+    (tmp_path / 'one.txt').write_text('a.png\n')
+    assert find_images([f'@{tmp_path / "twice.txt"}']) == [str(tmp_path / 'a.png')]
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('# nothing yet\n\n')
+    with pytest.raises(ValueError, match='empty.txt names no image'):
+        find_images([f'@{empty}'])
+    loaded = []
+    monkeypatch.setattr(ex, 'load_extractor', lambda *a, **k: loaded.append(1))
+    for listing in (empty, loop):
+        assert main(['features', f'@{listing}', *BASE, '--out', str(tmp_path / 'store')]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and listing.name in err and 'Traceback' not in err
+    assert not loaded and not (tmp_path / 'store').exists()
+
+
+def test_ctrl_c_is_one_line_and_the_store_resumes(dataset, store, tmp_path, capsys):
+    out = tmp_path / 'interrupted'
+    cmd = [sys.executable, '-m', 'diffbackbone', 'features', str(dataset), *BASE, '--batch-size', '1',
+           '--shard-size', '1', '--out', str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob('shard-*.safetensors'))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith('interrupted:') and 'run the same command again' in last
+    assert main(cmd[3:]) == 0
+    resumed, full = FeatureStore(out), FeatureStore(store)
+    assert sorted(resumed.paths) == sorted(full.paths)
+    for path in full.paths:
+        torch.testing.assert_close(resumed[path]['us6'], full[path]['us6'], atol=1e-3, rtol=1e-3)
+
+
+def test_disk_full_while_writing_a_shard(dataset, store, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import diffbackbone.hub as hub
+
+    real = hub.save_file
+    out = tmp_path / 'full'
+    args = ['features', str(dataset), *BASE, '--batch-size', '2', '--shard-size', '2', '--workers', '0', '--out',
+            str(out)]
+    for error in (SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })'), OSError(errno.ENOSPC, 'No space left on device')):
+        calls = []
+
+        def save_file(tensors, path, metadata=None, error=error):
+            calls.append(path)
+            if len(calls) < 2:
+                return real(tensors, path, metadata=metadata)
+            Path(path).write_bytes(b'\0' * 100)  # half a file, then the disk is full
+            raise error
+
+        monkeypatch.setattr(hub, 'save_file', save_file)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # above it: the progress bar
+        assert last.startswith('error: ') and err.count('error') == 1 and 'Traceback' not in err, err
+        assert 'No space left on device' in last and str(out / 'shard-r000-') in last and 'resume' in last
+        assert not [p for p in out.iterdir() if p.name.endswith('.tmp')]
+        FeatureStore(out, rescan=True)  # every shard on disk is whole
+    monkeypatch.setattr(hub, 'save_file', real)
+    assert main(args) == 0
+    resumed, full = FeatureStore(out), FeatureStore(store)
+    assert sorted(resumed.paths) == sorted(full.paths)
+    for path in full.paths:
+        torch.testing.assert_close(resumed[path]['mid'], full[path]['mid'], atol=1e-3, rtol=1e-3)
+
+
+def test_store_form_with_no_readable_image_fails(dataset, tmp_path, capsys):
+    assert main(['features', str(dataset / 'dogs/x/broken.jpg'), *BASE, '--workers', '0', '--out',
+                 str(tmp_path / 'store')]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it: the progress bar
+    assert last.startswith('error: none of the 1 images could be read') and 'broken.jpg' in last
+
+
+def test_safetensors_suffix_is_case_insensitive(dataset, tmp_path):
+    out = tmp_path / 'feats.SAFETENSORS'
+    assert main(['features', str(dataset / 'cats/a.png'), *BASE, '--workers', '0', '--out', str(out)]) == 0
+    assert out.is_file()
+
+
+def test_recursive_globs_match_glob_and_end_on_loops(tmp_path, monkeypatch):
+    import glob as globmod
+
+    for name in ['a/1.png', 'a/b/2.jpg', 'a/b/c/3.png', 'a/.hid/4.png', 'a/b/sub/5.png', 'a/x.txt']:
+        _save(tmp_path / name, 0) if name.endswith(('png', 'jpg')) else (tmp_path / name).write_text('x')
+    monkeypatch.chdir(tmp_path)
+    for pattern in ['a/**/*.png', 'a/**', 'a/**/sub', '**/*.png', 'a/**/b/**/*.png', str(tmp_path / 'a/**/*.jpg')]:
+        expected = [m for m in globmod.glob(pattern, recursive=True) if os.path.isfile(m) and m.endswith(('g',))]
+        expected += [str(Path(r) / f) for m in globmod.glob(pattern, recursive=True) if os.path.isdir(m)
+                     for r, _, fs in os.walk(m) for f in fs if f.endswith('g')]
+        assert sorted(map(os.path.normpath, find_images([pattern]))) == sorted(set(map(os.path.normpath, expected)))
+    (tmp_path / 'a' / 'loop').symlink_to(tmp_path / 'a', target_is_directory=True)
+    (tmp_path / 'a' / 'b' / 'up').symlink_to(tmp_path / 'a', target_is_directory=True)
+    pattern = str(tmp_path / 'a/**/*.png')
+    code = f'from diffbackbone.data.pipeline import find_images\nprint(len(find_images([{pattern!r}])))'
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=60)  # glob.glob('a/**/*.png', recursive=True) does not end here
+    assert res.returncode == 0 and res.stdout.split() == ['3'], res.stderr[-2000:]

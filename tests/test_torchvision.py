@@ -83,3 +83,79 @@ def test_retinanet_and_keypoint_rcnn_take_it():
         det.eval()
         with torch.no_grad():
             assert len(det(images)) == 1
+
+
+# ---- diffusion transformers: one stride, ViTDet's simple feature pyramid -------------------------------------------
+from diffbackbone.torchvision import SimpleFeaturePyramid  # noqa: E402
+
+
+def test_simple_pyramid_levels_follow_vitdet():
+    fpn = SimpleFeaturePyramid(16, out_channels=8, in_stride=16)
+    x = torch.randn(2, 16, 6, 4)
+    from collections import OrderedDict
+
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    fpn.extra_blocks = LastLevelMaxPool()
+    out = fpn(OrderedDict([('0', x)]))
+    assert list(out) == ['0', '1', '2', '3', 'pool']
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(24, 16), (12, 8), (6, 4), (3, 2), (2, 1)]
+    # stride 4: two deconvolutions halving the channels (LN + GELU between); stride 32: max pooling
+    deconvs = [m for m in fpn.stages[0] if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(d.in_channels, d.out_channels) for d in deconvs] == [(16, 8), (8, 4)]
+    assert isinstance(fpn.stages[3][0], torch.nn.MaxPool2d) and isinstance(fpn.stages[2][0], torch.nn.Conv2d)
+
+
+def test_dit_takes_the_simple_pyramid_and_trains_faster_rcnn():
+    torch.manual_seed(0)
+    backbone = fpn_backbone('test_pixart', out_channels=16)
+    assert backbone.neck == 'simple' and isinstance(backbone.fpn, SimpleFeaturePyramid)
+    assert backbone.inputs == [3]  # the deepest 'pyramid' tap: the last block
+    with torch.no_grad():
+        out = backbone.eval()(torch.rand(1, 3, SIZE, SIZE) * 2 - 1)
+    assert list(out) == ['0', '1', '2', '3', 'pool']
+    assert [v.shape[-1] for v in out.values()] == [SIZE // s for s in (4, 8, 16, 32, 64)]
+    detector = _detector(FasterRCNN, backbone)
+    detector.train()
+    losses = detector([torch.rand(3, SIZE, SIZE) for _ in range(2)], _targets(2))
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in backbone.named_parameters() if p.requires_grad}
+    assert grads and all(n.startswith('fpn.') for n in grads)
+    for level in range(4):  # every level of the pyramid gets a gradient
+        g = [v for n, v in grads.items() if n.startswith(f'fpn.stages.{level}.')]
+        assert g and all(v is not None and v.abs().sum() > 0 for v in g), level
+
+
+def test_dit_trainable_blocks_get_gradients_and_concatenated_taps():
+    torch.manual_seed(0)
+    backbone = fpn_backbone('test_pixart', out_channels=16, trainable=1, taps=['vit-block1-out', 'vit-block2-out'])
+    assert backbone.fpn.stages[2][0].in_channels == 32  # two 16-channel taps concatenated
+    names = {n for n, p in backbone.named_parameters() if p.requires_grad and not n.startswith('fpn.')}
+    assert names and all('transformer_blocks.2.' in n for n in names)  # blocks after the deepest tap were pruned
+    detector = _detector(FasterRCNN, backbone).train()
+    sum(detector([torch.rand(3, SIZE, SIZE)], _targets(1)).values()).backward()
+    block = dict(backbone.named_parameters())
+    assert all(block[n].grad is not None and block[n].grad.abs().sum() > 0 for n in names if n.endswith('weight'))
+    flux = fpn_backbone('test_flux', out_channels=8, trainable=2, num_inference_steps=20)  # one pass: pruned
+    assert flux.neck == 'simple' and flux.inputs == [3]
+    names = {n.split('.')[4] for n, p in flux.named_parameters() if p.requires_grad and not n.startswith('fpn.')}
+    assert names == {'1', '2'}  # the last two single-stream blocks (2 double + 3 single)
+    mmdit = fpn_backbone('test_sd3', out_channels=8, trainable=1)
+    assert mmdit.neck == 'simple' and {n.split('.')[4] for n, p in mmdit.named_parameters()
+                                       if p.requires_grad and not n.startswith('fpn.')} == {'3'}
+    hunyuan = fpn_backbone('test_hunyuan_dit', out_channels=8, trainable=2)
+    assert {n.split('.')[4] for n, p in hunyuan.named_parameters()
+            if p.requires_grad and not n.startswith('fpn.')} == {'4', '5'}  # transformer.blocks
+    with pytest.raises(ValueError, match='taps of one stride'):
+        fpn_backbone('test_cleandift', neck='simple')
+    with pytest.raises(ValueError, match='neck must be one of'):
+        fpn_backbone('test_pixart', neck='vitdet')
+
+
+def test_unet_takes_the_simple_pyramid_on_one_tap():
+    backbone = fpn_backbone('test_cleandift', out_channels=8, taps=['us6'])
+    assert backbone.neck == 'simple'
+    with torch.no_grad():
+        out = backbone.eval()(torch.rand(1, 3, SIZE, SIZE) * 2 - 1)
+    assert [v.shape[-1] for v in out.values()] == [SIZE // s for s in (4, 8, 16, 32, 64)]

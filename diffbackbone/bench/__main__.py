@@ -1,4 +1,4 @@
-"""`python -m diffbackbone.bench`: our extractor against a plain-diffusers reference (see `diffbackbone.bench.speed`)."""
+"""`python -m diffbackbone.bench`: our extractor against a plain-diffusers reference (`bench/speed.py`)."""
 from .speed import main
 
 main()

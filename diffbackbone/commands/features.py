@@ -1,6 +1,6 @@
 """`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-`--out DIR` writes a `FeatureStore` (diffbackbone/data/store.py) as the run goes: resumable, bounded memory, one slice of
+`--out DIR` writes a `FeatureStore` (data/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
 tensor per tap, optionally a PCA picture of one tap).
 
@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ import torch.nn as nn
 
 from ..cli_args import DTYPES
 from ..data.images import ImageError, image_size
-from ..data.pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
-from ..data.store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
-                          store_files, write_index)
+from ..data.pipeline import (DistInfo, barrier, default_workers, dist_info, extract_batches, file_stamp, find_images,
+                             init_distributed)
+from ..data.store import (INDEX, ShardEntry, StoreError, StoreWriter, prepare_store, scan_shards, store_files,
+                          write_index)
 from ..hub import save_safetensors
 
 __all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
@@ -199,11 +201,27 @@ def _report_failed(failed: dict[str, str], where: str) -> None:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
+def _is_single_file(out: Path) -> bool:
+    return out.suffix.lower() == '.safetensors'
+
+
 def run_features(args: argparse.Namespace) -> int:
-    """Handler of `diffbackbone features`."""
+    """Handler of `diffbackbone features`: Ctrl-C ends it with one line and exit status 130 (a store stays
+    resumable: the images extracted so far are flushed and indexed)."""
+    try:
+        return _run_features(args)
+    except KeyboardInterrupt:
+        out = Path(args.out)
+        where = (f'nothing written to {out}' if _is_single_file(out) else
+                 f'{out} keeps the images extracted so far; run the same command again to resume')
+        print(f'interrupted: {where}.', file=sys.stderr)
+        return 130
+
+
+def _run_features(args: argparse.Namespace) -> int:
     info = dist_info()
     out = Path(args.out)
-    single = out.suffix == '.safetensors'
+    single = _is_single_file(out)
     on_error = args.on_error or ('fail' if single else 'skip')
     args.store_dtype = args.store_dtype or ('float32' if single else 'float16')
     if args.pca and not single:
@@ -224,6 +242,8 @@ def run_features(args: argparse.Namespace) -> int:
             check_output(out.with_name(f'{out.stem}_pca_{args.pca}.png'), images, args.overwrite)
     else:
         check_store(out, images)
+    if not single:
+        images = [os.path.abspath(p) for p in images]  # the store's keys: two working folders never collide
     mine = images[info.rank::info.world]
     if on_error == 'fail':
         check_images(mine)
@@ -263,7 +283,7 @@ def run_features(args: argparse.Namespace) -> int:
         prompt=kwargs.get('prompt'), model_kwargs=kwargs, taps=names, shapes=shapes, dtype=args.dtype,
         store_dtype=args.store_dtype, input_size=list(size), resize=args.resize, mean=list(data_cfg['mean']),
         std=list(data_cfg['std']), feature_pool=args.feature_pool, feature_size=args.feature_size)
-    return _run_store(args, out, mine, run, config, shapes, on_error, info)
+    return _run_store(args, out, images, run, config, shapes, on_error, info)
 
 
 def _progress(total: int, info: DistInfo, desc: str):
@@ -277,7 +297,7 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
     done: list[str] = []
     failed: dict[str, str] = {}
     with _progress(len(images), DistInfo(), args.model) as bar:
-        for paths, feats, failures in extract_batches(paths=images, **run):
+        for paths, feats, failures, _ in extract_batches(paths=images, **run):
             if failures and on_error == 'fail':
                 raise ImageError(failures[0][1])
             failed.update(failures)
@@ -302,29 +322,25 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
     return 0
 
 
-def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> dict[str, tuple[str, int]]:
+def _prepare_store(args, out: Path, config: dict, info: DistInfo) -> dict[str, ShardEntry]:
     """Check an existing store against `config` (or clear it with --overwrite); return the images stored already."""
-    if (out / INDEX).is_file() and not args.overwrite:
-        old = read_index(out)['config']
-        diff = config_difference(old, config)
-        if diff:
-            raise StoreError(f'{out} holds features made with other settings ({"; ".join(diff)}). Resume with the '
-                             'same settings, choose another --out, or pass --overwrite to replace the store.')
+    stored = {}
     if info.main:
         if args.overwrite:
             for p in store_files(out):
                 p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        write_index(out, config)
+        stored = prepare_store(out, config)
     barrier(info)
-    return scan_shards(out)
+    return stored if info.main else scan_shards(out, config)
 
 
-def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes: dict, on_error: str,
+def _run_store(args, out: Path, images: list[str], run: dict, config: dict, shapes: dict, on_error: str,
                info: DistInfo) -> int:
     start = time.perf_counter()
     stored = _prepare_store(args, out, config, info)
-    todo = [p for p in mine if p not in stored]
+    mine = images[info.rank::info.world]
+    # an image counts as stored only as the same file: same absolute path, size and mtime (else it was replaced)
+    todo = [p for p in mine if p not in stored or stored[p].source is None or stored[p].source != file_stamp(p)]
     per_image = sum(math.prod(s) for s in shapes.values()) * DTYPES[args.store_dtype].itemsize
     shard_size = args.shard_size or max(args.batch_size, SHARD_BYTES // max(1, per_image))
     writer = StoreWriter(out, config, info.rank, shard_size, DTYPES[args.store_dtype],
@@ -333,25 +349,38 @@ def _run_store(args, out: Path, mine: list[str], run: dict, config: dict, shapes
         print(f'{out}: {len(mine) - len(todo)} of these images are stored already; extracting {len(todo)}.')
     try:
         with _progress(len(todo), info, args.model) as bar:
-            for paths, feats, failures in extract_batches(paths=todo, **run):
+            for paths, feats, failures, stamps in extract_batches(paths=todo, **run):
                 if paths:
-                    writer.add(paths, feats)
+                    writer.add(paths, feats, stamps)
                 if failures and on_error == 'fail':
                     raise ImageError(f'{failures[0][1]} (stopped by --on-error fail; the images before it are '
                                      'stored, run again to resume)')
                 writer.failed.update(failures)
                 bar.update(len(paths) + len(failures))
+    except KeyboardInterrupt:
+        writer.flush()  # whole shards only: what was extracted is kept for the resume, and listed in the index
+        if info.world == 1:
+            write_index(out, config)
+        raise
     finally:
         writer.flush()  # whole shards only: what was extracted before an error is kept for the resume
     writer.write_failed()
     barrier(info)
     if not info.main:
         return 0
-    index = write_index(out, config, collect_failed(out))
+    index = write_index(out, config)
     seconds = time.perf_counter() - start
+    entries, failed = index['entries'], index['failed']
+    missing = [p for p in images if p not in entries and p not in failed]
+    if missing:  # never report images that are not in the store
+        raise StoreError(f'{len(missing)} images of this run are not in {out} at its end (e.g. {missing[0]}): another '
+                         'process removed them (--overwrite?). Run the same command again to extract them.')
+    if not any(p in entries for p in images):
+        reasons = '; '.join(failed[p] for p in images[:3])
+        raise ImageError(f'none of the {len(images)} images could be read; nothing stored in {out} ({reasons}).')
+    new = sum(1 for p in images if p in entries and (p not in stored or stored[p].shard != entries[p][0]))
     total = sum(p.stat().st_size for p in out.glob('shard-r*.safetensors'))
-    new = index['count'] - len(stored)
-    _report_failed(index['failed'], out / INDEX)
-    print(f'{out}: {index["count"]} images stored ({new} new), {len(index["failed"])} failed, {seconds:.1f} s, '
+    _report_failed({p: failed[p] for p in images if p in failed}, out / INDEX)
+    print(f'{out}: {index["count"]} images stored ({new} new), {len(failed)} failed, {seconds:.1f} s, '
           f'{new / max(seconds, 1e-9):.1f} img/s, store {_fmt_bytes(total)}')
     return 0

@@ -5,7 +5,8 @@ every entry point reads an image the same way:
 
 * EXIF orientation is applied (`ImageOps.exif_transpose`), as torchvision's and timm's users expect;
 * high bit depths keep their range: 16-bit (`I;16*`, `I`) and float (`F`) images are scaled to [0, 1] by their type's
-  full range (65535, or 1.0 for floats), never clipped at 255;
+  full range (65535, or 1.0 for floats), never clipped at 255, and clamped to [0, 1] again after resizing (bicubic
+  overshoots at edges, as 8-bit images are clamped by their type);
 * transparency (RGBA, LA, P with a transparent colour) is composited on **white**; palette, CMYK, grey and bilevel
   images are converted to RGB;
 * resizing keeps the whole image by default: `'stretch'` resizes to `size` (aspect ratio not kept, as DIFT and
@@ -129,8 +130,8 @@ def resize_image(img: Image.Image, size: int | Sequence[int] | None, mode: str =
 
 def to_tensor(img: Image.Image, mean: Sequence[float] = _SD_MEAN, std: Sequence[float] = _SD_STD) -> torch.Tensor:
     """(3, H, W) float32 of an 'RGB' or 'F' image, scaled to [0, 1] and normalised with `mean`/`std`."""
-    if img.mode == 'F':
-        x = torch.from_numpy(np.array(img, dtype=np.float32)).unsqueeze(0).expand(3, -1, -1)
+    if img.mode == 'F':  # bicubic resizing overshoots at edges; 8-bit pixels are clamped by their type, these here
+        x = torch.from_numpy(np.array(img, dtype=np.float32)).clamp_(0.0, 1.0).unsqueeze(0).expand(3, -1, -1)
     else:
         x = torch.from_numpy(np.array(img.convert('RGB'), dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)

@@ -1,20 +1,22 @@
 """The extraction pipeline of `diffbackbone features`: inputs -> DataLoader workers -> model -> feature batches.
 
-* `find_images` expands image files, folders (recursive), globs and `@list.txt` files (one path per line) in order,
-  without duplicates.
+* `find_images` expands image files, folders (recursive, following links, each real folder once), globs and
+  `@list.txt` files (one path per line) in order, each real file once.
 * `ImageFiles` is a `Dataset` whose workers decode, convert and resize with `images.load_image`, off the main process;
   an unreadable image becomes an error record instead of stopping the loader.
 * `extract_batches` runs the model on every batch (pinned memory and non-blocking copies on CUDA) and yields
-  `(paths, {tap: features}, failures)` as it goes, so the caller can write them out with bounded memory.
+  a `Batch` (paths, {tap: features}, failures, file stamps) as it goes, so the caller can write them out with
+  bounded memory.
 * `dist_info`/`init_distributed` read torchrun's environment: each rank takes the slice `paths[rank::world]`.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,64 +24,168 @@ from torch.utils.data import DataLoader, Dataset
 
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
 
-__all__ = ['find_images', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers', 'DistInfo',
-           'dist_info', 'init_distributed']
+__all__ = ['find_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers',
+           'DistInfo', 'dist_info', 'init_distributed']
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+def _is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _folder_images(folder: Path) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if _is_image(Path(f)))
-    return found
+def file_stamp(path: str | Path) -> Optional[tuple[int, int]]:
+    """(size, mtime in ns) of a file, its identity for the feature store (None if it cannot be stat-ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _walk(folder: str, seen: set[str]) -> Iterator[tuple[str, bool]]:
+    """(path, is_folder) of everything under `folder`, depth first and sorted, following links.
+
+    A folder whose real path was walked already (a link to itself or to a parent, the same folder through two links)
+    is not walked again, so loops end. Real folders come before links to folders, so a folder reached both ways keeps
+    its own name.
+    """
+    real = os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise ValueError(f'cannot list the folder {folder} ({e.strerror or e}); check its permissions.') from e
+    folders = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()  # follows links
+        except OSError:
+            is_dir = False
+        if is_dir:
+            folders.append(entry)
+        else:
+            yield entry.path, False
+    for entry in sorted(folders, key=lambda e: (e.is_symlink(), e.name)):
+        yield entry.path, True
+        yield from _walk(entry.path, seen)
+
+
+def _folder_images(folder: str | Path, seen: Optional[set[str]] = None) -> list[str]:
+    return [p for p, is_dir in _walk(str(folder), set() if seen is None else seen) if not is_dir and _is_image(p)]
+
+
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """glob's rules on path components: `**` spans any number of folders, `*` and `?` stay within one and, like
+    glob, skip names starting with a dot unless the pattern does."""
+    if not pattern:
+        return not parts
+    if pattern[0] == '**':
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith('.') for p in parts[:i]))
+    return (bool(parts) and not (parts[0].startswith('.') and not pattern[0].startswith('.'))
+            and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:]))
+
+
+def _glob_images(pattern: str) -> list[str]:
+    """Image files matched by `pattern`, and those under the folders it matches.
+
+    Patterns with `**` are walked by `_walk` (glob's own recursion follows links to folders without end).
+    """
+    parts = pattern.split(os.sep)
+    if '**' not in parts:
+        matches = sorted(glob.glob(pattern))
+        images = [m for m in matches if os.path.isfile(m) and _is_image(m)]
+        return images + [i for m in matches if os.path.isdir(m) for i in _folder_images(m)]
+    cut = parts.index('**')
+    prefix = os.sep.join(parts[:cut])
+    bases = sorted(glob.glob(prefix)) if prefix else [os.sep if cut else os.curdir]
+    images: list[str] = []
+    for base in (b for b in bases if os.path.isdir(b)):
+        if all(x == '**' for x in parts[cut:]):  # `base/**` matches `base/` itself, as in glob: all of it
+            images += _folder_images(base)
+            continue
+        matched_dirs: list[str] = []
+        for path, is_dir in _walk(base, set()):
+            rel = os.path.relpath(path, base).split(os.sep)
+            if is_dir and _match_parts(parts[cut:], rel):
+                matched_dirs.append(os.path.join(path, ''))
+            elif not is_dir and _is_image(path) and (
+                    _match_parts(parts[cut:], rel) or any(path.startswith(d) for d in matched_dirs)):
+                images.append(path[len(os.curdir) + 1:] if base == os.curdir else path)
+    return images
+
+
+def _relative_to(base: Path, line: str) -> str:
+    """A line of a list file: a path (or an @list) relative to the list's folder unless absolute."""
+    at = '@' if line.startswith('@') else ''
+    name = line[len(at):]
+    return at + (name if os.path.isabs(name) else str(base / name))
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
     """Image paths named by `inputs`: files, folders (recursive, image extensions only), globs, `@list.txt`.
 
-    A file named directly is taken whatever its extension (it is read, or reported, later). Raises `ValueError` for
-    an input that names nothing.
+    A file named directly is taken whatever its extension (it is read, or reported, later). Folders are walked
+    following links, each real folder once (loops end); a file reached twice (a link, two inputs) is kept once, under
+    the first name found. Raises `ValueError` for an input that names nothing, a list file that names no image or
+    includes itself.
     """
-    found: list[str] = []
-    for item in inputs:
-        if item.startswith('@'):
-            listing = Path(item[1:])
-            try:
-                lines = listing.read_text().splitlines()
-            except OSError as e:
-                raise ValueError(f'cannot read the list file {listing} ({e.strerror}); give a text file with one '
-                                 'image path per line after @.') from e
-            base = listing.parent
-            names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith('#')]
-            found.extend(find_images([n if os.path.isabs(n) or n.startswith('@') else str(base / n) for n in names]))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            images = _folder_images(path)
-            if not images:
-                raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under the folder {item}.')
-            found.extend(images)
-        elif path.is_file():
-            found.append(item)
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            images = [m for m in matches if os.path.isfile(m) and _is_image(Path(m))]
-            images += [i for m in matches if os.path.isdir(m) for i in _folder_images(Path(m))]
-            if not images:
-                raise ValueError(f'the pattern {item!r} matches no image file.')
-            found.extend(images)
-        else:
-            raise ValueError(f'{item}: no such file, folder or pattern. Check the path (quote glob patterns so the '
-                             'shell does not expand them).')
-    return list(dict.fromkeys(found))
+    found: dict[str, str] = {}  # real path -> first name
+
+    def add(paths: Sequence[str]) -> None:
+        for path in paths:
+            found.setdefault(os.path.realpath(path), path)
+
+    def expand(items: Sequence[str], lists: tuple[str, ...]) -> None:
+        for item in items:
+            if item.startswith('@'):
+                listing = Path(item[1:])
+                real = os.path.realpath(listing)
+                if real in lists:
+                    chain = ' -> '.join([*(os.path.basename(x) for x in lists), listing.name])
+                    raise ValueError(f'the list file {listing} includes itself ({chain}); remove the @ line that '
+                                     'leads back to it.')
+                try:
+                    lines = listing.read_text().splitlines()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ValueError(f'cannot read the list file {listing} ({getattr(e, "strerror", None) or e}); '
+                                     'give a text file with one image path per line after @.') from e
+                base = listing.parent
+                names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith('#')]
+                if not names:
+                    raise ValueError(f'the list file {listing} names no image (only blank or # lines); give a text '
+                                     'file with one image path per line after @.')
+                expand([_relative_to(base, n) for n in names], (*lists, real))
+                continue
+            path = Path(item)
+            if path.is_dir():
+                images = _folder_images(item)
+                if not images:
+                    raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under the folder {item}.')
+                add(images)
+            elif path.is_file():
+                add([item])
+            elif glob.has_magic(item):
+                images = _glob_images(item)
+                if not images:
+                    raise ValueError(f'the pattern {item!r} matches no image file.')
+                add(images)
+            else:
+                raise ValueError(f'{item}: no such file, folder or pattern. Check the path (quote glob patterns so '
+                                 'the shell does not expand them).')
+
+    expand(inputs, ())
+    return list(found.values())
 
 
 class ImageFiles(Dataset):
-    """Item i: `(i, (3, H, W) float32 image or None, error message or None)`; decoding runs in the worker."""
+    """Item i: `(i, (3, H, W) float32 image or None, error message or None, file_stamp)`; decoding runs in the worker.
+
+    The stamp (size, mtime) is taken before the file is read: if the file changes meanwhile, the stamp is the old one
+    and a resumed run reads the file again.
+    """
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int], resize: str, mean: Sequence[float],
                  std: Sequence[float]):
@@ -89,18 +195,29 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        stamp = file_stamp(self.paths[i])
         try:
-            return i, load_image(self.paths[i], self.size, self.resize, self.mean, self.std), None
+            return i, load_image(self.paths[i], self.size, self.resize, self.mean, self.std), None, stamp
         except ImageError as e:
-            return i, None, str(e)
+            return i, None, str(e), stamp
 
 
 def _collate(items):
-    """(indices of good images, stacked images or None, [(index, error)])."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    errors = [(i, e) for i, _, e in items if e is not None]
-    x = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], x, errors
+    """(indices of good images, stacked images or None, [(index, error)], stamps of the good images)."""
+    good = [(i, x, st) for i, x, _, st in items if x is not None]
+    errors = [(i, e) for i, _, e, _ in items if e is not None]
+    x = torch.stack([x for _, x, _ in good]) if good else None
+    return [i for i, _, _ in good], x, errors, [st for _, _, st in good]
+
+
+class Batch(NamedTuple):
+    """One batch of `extract_batches`: its images, their features, the images that failed, and the images'
+    (size, mtime) stamps taken when they were read (`file_stamp`)."""
+
+    paths: list[str]
+    features: dict[str, torch.Tensor]
+    failures: list[tuple[str, str]]
+    stamps: list[Optional[tuple[int, int]]]
 
 
 def _worker_init(_: int) -> None:
@@ -141,9 +258,9 @@ def extract_batches(
         pool: Optional[int] = None,
         feature_size: Optional[int] = None,
         out_dtype: Optional[torch.dtype] = None,
-) -> Iterator[tuple[list[str], dict[str, torch.Tensor], list[tuple[str, str]]]]:
-    """Run `model` (timm `features_only`, outputs named `names`) over `paths`; yield (paths, {tap: CPU features},
-    [(path, error)]) per batch, in input order.
+) -> Iterator[Batch]:
+    """Run `model` (timm `features_only`, outputs named `names`) over `paths`; yield a `Batch` (paths, {tap: CPU
+    features}, [(path, error)], stamps) per batch, in input order.
 
     Features are pooled and cast to `out_dtype` on the device, so fewer bytes cross to the host. On CUDA the copy of a
     batch's features is queued behind its forward and waited for only after the next batch's forward is queued: the
@@ -153,21 +270,21 @@ def extract_batches(
     loader = DataLoader(ImageFiles(paths, size, resize, mean, std), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
-    pending = None  # (paths, {tap: host tensor}, failures, CUDA event of the copy)
+    pending = None  # (Batch, CUDA event of the copy)
 
     def finish(item):
-        if item[3] is not None:
-            item[3].synchronize()
-        return item[:3]
+        if item[1] is not None:
+            item[1].synchronize()
+        return item[0]
 
     with torch.inference_mode():
-        for idx, x, errors in loader:
+        for idx, x, errors, stamps in loader:
             failures = [(paths[i], e) for i, e in errors]
             if x is None:
                 if pending is not None:
                     yield finish(pending)
                     pending = None
-                yield [], {}, failures
+                yield Batch([], {}, failures, [])
                 continue
             x = x.to(device, non_blocking=cuda).to(dtype)  # channels_last: `fast.optimize`'s input hook
             out = model(x)
@@ -179,7 +296,7 @@ def extract_batches(
                 event.record()
             if pending is not None:
                 yield finish(pending)
-            pending = ([paths[i] for i in idx], feats, failures, event)
+            pending = (Batch([paths[i] for i in idx], feats, failures, stamps), event)
         if pending is not None:
             yield finish(pending)
 

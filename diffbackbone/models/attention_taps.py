@@ -4,7 +4,18 @@ Forward hooks are put on exactly the modules whose outputs were asked for (the q
 first layer, transformer blocks, resnet conv2) for the duration of one pass, and removed after it. The attention
 processor is never replaced: diffusers keeps running its own (PyTorch SDPA by default), so recording q/k/v costs
 nothing. A recorded activation is the module's own output tensor, turned into NCHW by a view (no copy). Attention maps,
-which SDPA never materialises, are computed from the recorded query and key only when asked for, in chunks of queries.
+which SDPA never materialises, are computed from the recorded query and key only when asked for, in chunks of queries,
+with the attention's own mask (PixArt's prompt mask: padding tokens get zero probability), query/key norms and rotary
+embedding (FLUX), as the attention computes them.
+
+Map reductions (`MAP_REDUCTIONS`; `full=True` keeps the unreduced probabilities instead):
+
+* `self-map` (B, heads, H, W): per head, the attention each key position receives, averaged over all queries; full:
+  (B, heads, N, N), queries x keys. `cross-map` (B, tokens, H, W): per query position, its attention over the prompt
+  tokens averaged over heads; full: (B, heads, N, tokens).
+* FLUX's joint attention runs one softmax over the prompt tokens and the image tokens together. Its image queries give
+  `joint-cross-map` (the probabilities on the prompt tokens) and `joint-self-map` (those on the image tokens), the two
+  parts of that one softmax, not renormalised (Meng et al.'s slices), reduced as above.
 """
 from __future__ import annotations
 
@@ -16,38 +27,112 @@ import torch.nn as nn
 
 from .taps import Tap
 
-__all__ = ['ActivationRecorder', 'attention_map']
+__all__ = ['ActivationRecorder', 'attention_map', 'attention_maps', 'MAP_HOOKS', 'MAP_REDUCTIONS', 'map_shapes']
 
 _MAP_CHUNK = 1024  # queries per chunk of attention probabilities (bounds the memory of a map to chunk x keys x heads)
+MAP_HOOKS = ('self-map', 'cross-map', 'joint-self-map', 'joint-cross-map')
+# What each kind of map tap holds: (reduced shape, how it is reduced, full shape); N = H * W image tokens.
+MAP_REDUCTIONS: dict[str, tuple[str, str, str]] = {
+    'self-map': ('(B, heads, H, W)', 'per head, the attention each key position receives, mean over all N queries '
+                 '(sums to one over keys)', '(B, heads, N, N)'),
+    'cross-map': ('(B, tokens, H, W)', 'per query position, its attention over the prompt tokens (padding masked to '
+                  'zero where the model masks it), mean over heads (sums to one over tokens)', '(B, heads, N, tokens)'),
+    'joint-self-map': ('(B, heads, H, W)', 'image-query rows, image-key columns of the joint (prompt + image) softmax, '
+                       'not renormalised; per head, mean over the N queries', '(B, heads, N, N)'),
+    'joint-cross-map': ('(B, tokens, H, W)', 'image-query rows, prompt-key columns of the joint softmax, not '
+                        'renormalised; per query position, mean over heads', '(B, heads, N, tokens)'),
+}
 
 
-def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross: bool) -> torch.Tensor:
-    """Attention probabilities of a diffusers `Attention`, reduced to a map over query positions.
+def attention_maps(query: torch.Tensor, key: torch.Tensor, scale: float, parts: dict[str, tuple[int, int]],
+                   bias: Optional[torch.Tensor] = None, full: bool = False) -> dict[str, torch.Tensor]:
+    """Attention probabilities softmax(q k^T * scale + bias) over all keys, cut into key ranges and reduced.
+
+    Args:
+        query: (B, heads, N, d), as the attention uses it (norms, rotary embedding applied).
+        key: (B, heads, M, d).
+        scale: logit scale.
+        parts: {kind: (start, stop)} key ranges to return; kind 'cross' (keys are prompt tokens) or 'self' (keys are
+            the N query positions).
+        bias: additive logit bias broadcastable to (B, heads, N, M) (masked keys: a large negative number).
+        full: keep the probabilities of each range, (B, heads, N, stop - start), instead of reducing them.
+
+    Returns:
+        {kind: map}, float32. Reduced: 'cross' (B, stop - start, N), the mean over heads of each query's probabilities;
+        'self' (B, heads, stop - start), per head the mean over queries.
+    """
+    q, k_t = query.float(), key.float().transpose(-1, -2) * scale
+    n = q.shape[2]
+    bias = None if bias is None else bias.float()
+    pieces: dict[str, list[torch.Tensor]] = {kind: [] for kind in parts}
+    for s in range(0, n, _MAP_CHUNK):
+        logits = q[:, :, s:s + _MAP_CHUNK] @ k_t
+        if bias is not None:
+            logits = logits + (bias[:, :, s:s + _MAP_CHUNK] if bias.ndim == 4 and bias.shape[2] == n else bias)
+        p = torch.softmax(logits, dim=-1)
+        for kind, (a, b) in parts.items():
+            part = p[..., a:b]
+            if full:
+                pieces[kind].append(part)
+            elif kind == 'cross':
+                pieces[kind].append(part.mean(1))
+            else:
+                pieces[kind].append(part.sum(2))
+    out = {}
+    for kind, chunks in pieces.items():
+        if full:
+            out[kind] = torch.cat(chunks, dim=2)
+        elif kind == 'cross':
+            out[kind] = torch.cat(chunks, dim=1).transpose(1, 2)
+        else:
+            out[kind] = sum(chunks) / n
+    return out
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, heads * d) -> (B, heads, S, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross: bool,
+                  mask: Optional[torch.Tensor] = None, full: bool = False) -> torch.Tensor:
+    """Attention probabilities of a diffusers `Attention` (UNet, PixArt), reduced to a map over query positions.
 
     Args:
         attn: the attention module (heads, scale, optional per-head norms).
         query: its query projection, (B, N, heads * d).
         key: its key projection, (B, M, heads * d).
         cross: cross-attention (keys are prompt tokens) rather than self-attention (keys are positions).
+        mask: the `attention_mask` the module was called with: an additive bias (B, 1 | N, M) as diffusers'
+            transformers pass it (PixArt: (1 - prompt mask) * -10000), applied as `Attention.get_attention_scores`.
+        full: return the unreduced probabilities (B, heads, N, M).
 
     Returns:
-        cross: (B, M, N), the attention of each query over the tokens, averaged over heads (sums to one over M).
-        self: (B, heads, N), per head the attention each key receives, averaged over queries (sums to one over N).
+        (B, heads, N, M) with `full`; else cross: (B, M, N), the attention of each query over the tokens averaged over
+        heads; self: (B, heads, N), per head the attention each key receives, averaged over queries.
     """
-    heads = attn.heads
-    q = query.unflatten(-1, (heads, -1)).transpose(1, 2).float()
-    k = key.unflatten(-1, (heads, -1)).transpose(1, 2).float()
+    q, k = _heads_first(query, attn.heads).float(), _heads_first(key, attn.heads).float()
     if getattr(attn, 'norm_q', None) is not None:
         q = attn.norm_q(q)
     if getattr(attn, 'norm_k', None) is not None:
         k = attn.norm_k(k)
-    k_t = k.transpose(-1, -2) * attn.scale
-    n = q.shape[2]
-    if cross:
-        parts = [torch.softmax(q[:, :, s:s + _MAP_CHUNK] @ k_t, dim=-1).mean(1) for s in range(0, n, _MAP_CHUNK)]
-        return torch.cat(parts, dim=1).transpose(1, 2).to(query.dtype)
-    received = sum(torch.softmax(q[:, :, s:s + _MAP_CHUNK] @ k_t, dim=-1).sum(2) for s in range(0, n, _MAP_CHUNK))
-    return (received / n).to(query.dtype)
+    bias = None
+    if mask is not None:
+        if mask.ndim != 3 or mask.shape[-1] != k.shape[2]:
+            raise ValueError(f'Attention mask of shape {tuple(mask.shape)} does not fit {k.shape[2]} keys: expected '
+                             'the additive bias (B, 1 or queries, keys) diffusers transformers pass.')
+        bias = mask.unsqueeze(1)
+    kind = 'cross' if cross else 'self'
+    return attention_maps(q, k, attn.scale, {kind: (0, k.shape[2])}, bias, full)[kind].to(query.dtype)
+
+
+def map_shapes(hook: str, heads: int, tokens: int, grid: tuple[int, int], full: bool) -> tuple[int, ...]:
+    """Shape (without the batch) of a map tap's tensor: `hook` one of `MAP_HOOKS`, on an image of `grid` tokens."""
+    n = grid[0] * grid[1]
+    cross = hook.endswith('cross-map')
+    if full:
+        return (heads, n, tokens if cross else n)
+    return (tokens if cross else heads, *grid)
 
 
 def _nchw(tokens: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -57,8 +142,8 @@ def _nchw(tokens: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 def _transformer_of(module: str) -> str:
     """Path of the transformer holding a module path `....transformer_blocks.k....` (FLUX: also
-    `single_transformer_blocks`)."""
-    parts = re.split(r'\.(?:single_)?transformer_blocks\.', module, maxsplit=1)
+    `single_transformer_blocks`; HunyuanDiT: `blocks`)."""
+    parts = re.split(r'\.(?:single_)?(?:transformer_)?blocks\.', module, maxsplit=1)  # HunyuanDiT: `blocks`
     if len(parts) == 1:
         raise ValueError(f'{module} is not inside a diffusers transformer.')
     return parts[0]
@@ -67,22 +152,25 @@ def _transformer_of(module: str) -> str:
 class ActivationRecorder:
     """Context manager recording the given taps (those with a `hook`) of `root` during the forward passes inside it.
 
-    `drain()` hands out the (location, NCHW map) pairs recorded since the last call, in recording order.
+    `drain()` hands out the (location, map) pairs recorded since the last call, in recording order. Attention maps are
+    reduced as `MAP_REDUCTIONS` says, or kept whole with `full_maps`.
     """
 
-    def __init__(self, root: nn.Module, taps: Sequence[Tap]):
+    def __init__(self, root: nn.Module, taps: Sequence[Tap], full_maps: bool = False):
         self.root = root
         self.taps = [t for t in taps if t.hook]
+        self.full_maps = full_maps
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out: dict[str, torch.Tensor] = {}
         self._sizes: dict[str, torch.Size] = {}  # transformer path -> (H, W) of its input
-        self._qk: dict[tuple[str, str], torch.Tensor] = {}  # (attention path, 'q'|'k') -> projection, for maps
+        self._qk: dict[tuple[str, str], torch.Tensor] = {}  # (attention path, projection) -> its output, for maps
 
     def _module(self, path: str) -> nn.Module:
         return self.root.get_submodule(path)
 
     def __enter__(self) -> 'ActivationRecorder':
         transformers = set()
+        maps: dict[str, dict[str, str]] = {}  # attention path -> {map hook: location}
         for tap in self.taps:
             if tap.hook != 'conv':
                 transformers.add(_transformer_of(tap.module))
@@ -94,12 +182,20 @@ class ActivationRecorder:
             elif tap.hook == 'input':
                 self._handles.append(self._module(tap.module).register_forward_pre_hook(
                     self._store_input(tap.location, _transformer_of(tap.module))))
-            elif tap.hook in ('self-map', 'cross-map'):
-                for p in ('q', 'k'):
-                    self._hook(f'{tap.module}.to_{p}', self._keep(tap.module, p))
-                self._hook(tap.module, self._store_map(tap.location, tap.module, tap.hook == 'cross-map'))
+            elif tap.hook in MAP_HOOKS:
+                maps.setdefault(tap.module, {})[tap.hook] = tap.location
             else:
                 raise ValueError(f'Unknown hook kind {tap.hook!r} of tap {tap.name}.')
+        for attn, wanted in maps.items():  # one probability computation per attention, whichever maps it gives
+            module = self._module(attn)
+            joint = any(h.startswith('joint') for h in wanted)
+            projections = ['to_q', 'to_k']
+            if joint and getattr(module, 'added_kv_proj_dim', None) is not None:
+                projections.append('add_k_proj')  # the prompt tokens' keys of a FLUX double block
+            for p in projections:
+                self._hook(f'{attn}.{p}', self._keep(attn, p))
+            store = self._store_joint_maps if joint else self._store_map
+            self._handles.append(module.register_forward_hook(store(attn, wanted), with_kwargs=True))
         for path in transformers:
             self._handles.append(self._module(path).register_forward_pre_hook(self._size_of(path)))
         return self
@@ -154,11 +250,48 @@ class ActivationRecorder:
             self._qk[attn, which] = out
         return hook
 
-    def _store_map(self, location: str, attn: str, cross: bool):
+    def _as_map(self, m: torch.Tensor, transformer: str) -> torch.Tensor:
+        """A reduced map (B, C, N) on the token grid; full maps stay (B, heads, N, keys)."""
+        return m if self.full_maps else m.unflatten(2, tuple(self._sizes[transformer]))
+
+    def _store_map(self, attn: str, wanted: dict[str, str]):
+        """UNet / PixArt attention: self- or cross-attention of the module's own query and key."""
         transformer = _transformer_of(attn)
 
-        def hook(module, args, out):
-            q, k = self._qk.pop((attn, 'q')), self._qk.pop((attn, 'k'))
-            m = attention_map(module, q, k, cross)
-            self._out[location] = m.unflatten(2, tuple(self._sizes[transformer]))
+        def hook(module, args, kwargs, out):
+            q, k = self._qk.pop((attn, 'to_q')), self._qk.pop((attn, 'to_k'))
+            mask = kwargs.get('attention_mask', args[2] if len(args) > 2 else None)
+            for h, location in wanted.items():
+                m = attention_map(module, q, k, h == 'cross-map', mask, self.full_maps)
+                self._out[location] = self._as_map(m, transformer)
+        return hook
+
+    def _store_joint_maps(self, attn: str, wanted: dict[str, str]):
+        """FLUX attention: the image queries' rows of the joint softmax over prompt and image keys (the prompt first),
+        with the RMS norms and the rotary embedding as `FluxAttnProcessor` applies them."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        transformer = _transformer_of(attn)
+
+        def hook(module, args, kwargs, out):
+            n = self._sizes[transformer].numel()
+            q, k = self._qk.pop((attn, 'to_q')), self._qk.pop((attn, 'to_k'))  # (B, S, heads * d)
+            dtype = q.dtype
+            q = module.norm_q(q.unflatten(-1, (-1, module.head_dim)))
+            k = module.norm_k(k.unflatten(-1, (-1, module.head_dim)))
+            if (attn, 'add_k_proj') in self._qk:  # double block: prompt keys apart, image tokens only in q / k
+                k_txt = module.norm_added_k(self._qk.pop((attn, 'add_k_proj')).unflatten(-1, (-1, module.head_dim)))
+                k = torch.cat([k_txt, k], dim=1)
+            rope = kwargs.get('image_rotary_emb')
+            if rope is not None:
+                k = apply_rotary_emb(k, rope, sequence_dim=1)
+                q = apply_rotary_emb(q[:, -n:], tuple(r[-n:] for r in rope), sequence_dim=1)
+            else:
+                q = q[:, -n:]
+            text = k.shape[1] - n
+            parts = {'cross': (0, text), 'self': (text, text + n)}
+            maps = attention_maps(q.transpose(1, 2), k.transpose(1, 2), module.head_dim ** -0.5,
+                                  {h.split('-')[1]: parts[h.split('-')[1]] for h in wanted}, full=self.full_maps)
+            for h, location in wanted.items():
+                self._out[location] = self._as_map(maps[h.split('-')[1]].to(dtype), transformer)
         return hook

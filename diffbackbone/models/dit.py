@@ -2,11 +2,13 @@
 checkpoint completed from the base repo (VAE encoder, cached prompt embeddings)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 from timm.layers import ClassifierHead
 
+from .attention_taps import MAP_HOOKS
 from .backbone import NoisyLatents, TapBackbone, vae_keys
 from .taps import Tap
 
@@ -20,9 +22,18 @@ class DiTBackbone(NoisyLatents, TapBackbone):
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _init_block_taps(self, all_taps: list[Tap], num_classes: int, global_pool: str, drop_rate: float) -> None:
+    def _init_block_taps(self, all_taps: list[Tap], num_classes: int, global_pool: str, drop_rate: float,
+                         attn_maps: str = 'reduced') -> None:
         """Taps and head: `feature_info` lists the block outputs `vit-block{k}-out` (block k is stage k), `pyramid` is
-        four evenly spaced ones for a multi-level neck, and the classifier reads the last."""
+        four evenly spaced ones for a multi-level neck, and the classifier reads the last. With `attn_maps='full'` the
+        map taps are the unreduced probabilities (B, heads, N, keys): their `num_chs` is the head count."""
+        if attn_maps not in ('reduced', 'full'):
+            raise ValueError(f"attn_maps must be 'reduced' (maps over the token grid, see `diffbackbone taps MODEL "
+                             f"--all`) or 'full' (unreduced (B, heads, N, keys) probabilities), got {attn_maps!r}.")
+        self.attn_maps = attn_maps
+        if attn_maps == 'full':
+            all_taps = [dataclasses.replace(t, num_chs=self.get_submodule(t.module).heads) if t.hook in MAP_HOOKS
+                        else t for t in all_taps]
         self.all_taps = all_taps
         self.taps = [t for t in all_taps if t.location == f'vit-block{t.order}-out']
         n = len(self.taps)

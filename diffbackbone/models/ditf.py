@@ -87,7 +87,7 @@ class DiTFFlux(FluxBackbone):
                          noise_seed=noise_seed, latent=latent, base_repo=base_repo, prompt=prompt,
                          max_tokens=max_tokens, vae_file=vae_file, num_classes=num_classes, global_pool=global_pool,
                          in_chans=in_chans, drop_rate=drop_rate, check_inputs=check_inputs)
-        self.ditf_timestep, self.passes = t, 1
+        self.ditf_timestep = t
         width = self.transformer.inner_dim
         bad = [c for c in massive_channels if not 0 <= int(c) < width]
         if bad:

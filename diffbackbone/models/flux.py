@@ -10,17 +10,24 @@ with their names: blocks are numbered on through both kinds (`vit-block0` .. `vi
 (In Meng et al.'s code a double block's `-out` records the same tensor as its `-norm-out`; ours is the block output,
 as the name says and as their single blocks record it.)
 
+Every block also has `-cross-map` (image queries over the prompt tokens) and `-self-map` (over the image tokens),
+the two parts of the joint attention's one softmax, reduced as PixArt's maps (`attention_taps.MAP_REDUCTIONS`;
+`attn_maps='full'` keeps them whole).
+
 Noise as Meng et al. extract FLUX features: they run diffusers' `FluxImg2ImgPipeline` with `strength = t / 1000`
-(t = 50), its default 28 steps and guidance 1, and keep the activations of its last transformer call. That schedule
-is reproduced here with diffusers' own scheduler: the image latent (a seeded posterior draw) is noised to the first
-sigma of the truncated schedule, every step but the last runs the whole transformer and an Euler step, and the last
-one runs the blocks up to the deepest tap. With the defaults that is two transformer passes at 1024 px. The text
-embeddings (T5 + CLIP) of the prompt (empty by default) are computed once from the base repo and cached on disk: no
-text encoder is in memory at feature time. Every map has stride 16.
+(t = 50), its default 28 steps and guidance 1, in a copy of the pipeline that returns right after the first transformer
+call. So they keep the activations of ONE call, at the first timestep of the strength-cut schedule. That is what runs
+here: the image latent (a seeded posterior draw) is noised to the first sigma of the cut schedule (diffusers' own
+scheduler) and the transformer runs once, up to the deepest tap. They pass no height / width, so the pipeline resizes
+every image to 1024 x 1024 and dev's schedule is always shifted for 1024 px: sigma 0.1955 for dev (schnell does not
+shift: 0.0714). `shift_size` (default 1024) keeps that noise level at any input size; `shift_size='input'` shifts by
+the input's own size, as the pipeline does when given height and width. The text embeddings (T5 + CLIP) of the prompt
+(empty by default) are computed once from the base repo and cached on disk: no text encoder is in memory at feature
+time. Every map has stride 16.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,7 +61,8 @@ _SCHEDULER_SCHNELL = dict(_SCHEDULER_DEV, shift=1.0, use_dynamic_shifting=False)
 
 
 def flux_taps(transformer: FluxTransformer2DModel, reduction: int, tokens: int, prefix: str = 'transformer') -> list[Tap]:
-    """Every tap of a FLUX transformer in execution order, with Meng et al.'s names; block k is stage k."""
+    """Every tap of a FLUX transformer in execution order, with Meng et al.'s names; block k is stage k.
+    (Maps: `tokens` channels for `-cross-map`, heads for `-self-map`.)"""
     tb = _TableBuilder('', tokens)
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     n_double = len(transformer.transformer_blocks)
@@ -65,6 +73,8 @@ def flux_taps(transformer: FluxTransformer2DModel, reduction: int, tokens: int, 
         m = f'{prefix}.transformer_blocks.{k}' if k < n_double else f'{prefix}.single_transformer_blocks.{k - n_double}'
         for p in ('q', 'k', 'v'):
             tb.add(f'{b}-{p}', dim, reduction, f'{m}.attn.to_{p}', p)
+        tb.add(f'{b}-cross-map', tokens, reduction, f'{m}.attn', 'joint-cross-map')
+        tb.add(f'{b}-self-map', block.attn.heads, reduction, f'{m}.attn', 'joint-self-map')
         if k < n_double:
             tb.add(f'{b}-attn-out', dim, reduction, f'{m}.attn.to_out.0', 'tokens')
             tb.add(f'{b}-norm-out', dim, reduction, f'{m}.ff', 'input')
@@ -85,6 +95,7 @@ class FluxBackbone(DiTBackbone):
             scheduler_cfg: dict,
             timestep: Optional[int] = None,
             num_inference_steps: int = 28,
+            shift_size: Union[int, str] = 1024,
             guidance: float = 1.0,
             ensemble: int = 1,
             noise_seed: int = 0,
@@ -92,6 +103,7 @@ class FluxBackbone(DiTBackbone):
             base_repo: Optional[str] = None,
             prompt: Optional[str] = None,
             max_tokens: int = 512,
+            attn_maps: str = 'reduced',
             vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
             num_classes: int = 0,
             global_pool: str = 'avg',
@@ -104,8 +116,11 @@ class FluxBackbone(DiTBackbone):
             transformer_cfg: diffusers `FluxTransformer2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
-            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
+            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50); the one transformer
+                call runs at the first timestep of the schedule that strength cuts.
             num_inference_steps: steps of the full schedule before the strength truncates it (the pipeline's 28).
+            shift_size: dev's schedule is shifted as for a `shift_size` x `shift_size` image (Meng et al.'s 1024: the
+                noise level does not depend on the input size); 'input': as for the input's own size.
             guidance: guidance scale a guidance-distilled model (dev) is told (Meng et al.: 1).
             ensemble: noise draws averaged per image (one batched pass).
             noise_seed: seed of the latent draw and the noise.
@@ -113,6 +128,9 @@ class FluxBackbone(DiTBackbone):
             base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2)/, text_encoder(_2)/.
             prompt: text the features are conditioned on (default: the empty prompt).
             max_tokens: T5 sequence length (the pipeline's 512).
+            attn_maps: 'reduced' (map taps as `attention_taps.MAP_REDUCTIONS` says) or 'full' (unreduced
+                probabilities, (B, heads, N, N) / (B, heads, N, tokens): 1.5 GiB / 192 MiB per image and map at
+                1024 px in float32).
             vae_file: the VAE weights in `base_repo`.
             num_classes, global_pool, drop_rate: classifier head on the last block's map.
             in_chans: input image channels.
@@ -121,14 +139,18 @@ class FluxBackbone(DiTBackbone):
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+        bad_size = isinstance(shift_size, bool) or not isinstance(shift_size, int) or shift_size < 16
+        if shift_size != 'input' and bad_size:
+            raise ValueError(f"shift_size must be a whole number of pixels >= 16 (1024: Meng et al.'s noise level) or "
+                             f"'input' (shift by the input's size), got {shift_size!r}.")
         t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         strength = t / 1000
-        # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its last `passes` steps
+        # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its steps from t_start on; the call runs at t_start
         self.t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
         if self.t_start >= num_inference_steps:
             raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
                              '(strength t / 1000 times the steps must be above 0): raise the timestep.')
-        self.passes = num_inference_steps - self.t_start
+        self.shift_size = shift_size
         self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
         self.num_inference_steps, self.guidance, self.scheduler_cfg = num_inference_steps, float(guidance), scheduler_cfg
@@ -142,7 +164,7 @@ class FluxBackbone(DiTBackbone):
         self.register_buffer('prompt_embeds', torch.zeros(1, max_tokens, tr.config.joint_attention_dim))
         self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
 
-        self._init_block_taps(flux_taps(tr, self.reduction, max_tokens), num_classes, global_pool, drop_rate)
+        self._init_block_taps(flux_taps(tr, self.reduction, max_tokens), num_classes, global_pool, drop_rate, attn_maps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -152,27 +174,29 @@ class FluxBackbone(DiTBackbone):
                             (r'^transformer\.(norm_out|proj_out)', (99999,))])
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the deepest selected tap (when the schedule has one pass: earlier passes need them
-        all); return the selection as `feature_info` indices."""
+        """Drop the blocks after the deepest selected tap and the output head (the one call never reaches them);
+        return the selection as `feature_info` indices."""
         take = self._resolve(indices)
         self._take_into_feature_info(take)
-        if self.passes == 1:
-            deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
-            tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
-            tr.single_transformer_blocks = nn.ModuleList(list(tr.single_transformer_blocks)[:max(deepest + 1 - n_double, 0)])
-            tr.transformer_blocks = nn.ModuleList(list(tr.transformer_blocks)[:deepest + 1])
-            tr.norm_out = tr.proj_out = None  # the head turns the last block into a velocity: only earlier passes
-            self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
+        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
+        tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
+        tr.single_transformer_blocks = nn.ModuleList(list(tr.single_transformer_blocks)[:max(deepest + 1 - n_double, 0)])
+        tr.transformer_blocks = nn.ModuleList(list(tr.transformer_blocks)[:deepest + 1])
+        tr.norm_out = tr.proj_out = None  # back to velocity space: no tap needs it
+        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
         if prune_head:
             self.reset_classifier(0, '')
         return [self.taps.index(t) for t in take]
 
     # --- the truncated image-to-image schedule ---------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps of the passes, sigmas from the first pass on with the next one after each) for latents of
-        `height` x `width`, as `FluxImg2ImgPipeline` computes them (float32, CPU)."""
+        """(timesteps, sigmas) of the strength-cut schedule for latents of `height` x `width`, as
+        `FluxImg2ImgPipeline` computes them (float32, CPU); the one transformer call runs at the first of them. The
+        shift is that of a `shift_size` image (or of the latent's own size when `shift_size` is 'input')."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+        if self.shift_size != 'input':  # the pipeline's token count of its resized image
+            height = width = self.shift_size // self.vae.reduction
         cache = self.__dict__.setdefault('_schedules', {})
         if (height, width) not in cache:
             cfg = self.scheduler_cfg
@@ -210,16 +234,10 @@ class FluxBackbone(DiTBackbone):
 
     def features_from_packed(self, x: torch.Tensor, height: int, width: int, taps: Sequence[Tap]
                              ) -> dict[str, torch.Tensor]:
-        """{tap name: map} from packed noised latents `x` (B, HW/4, 64) of a `height` x `width` latent: the passes of
-        the schedule but the last with Euler steps, then the last up to the deepest of `taps`."""
-        timesteps, sigmas = self.schedule(height, width)
-        cond = self._conditioning(x, height, width)
-        for i in range(self.passes - 1):
-            t = timesteps[i].to(x.device).expand(x.shape[0]).to(x.dtype)
-            v = self.transformer(hidden_states=x, timestep=t / 1000, return_dict=False, **cond)[0]
-            x = (x.float() + (sigmas[i + 1] - sigmas[i]).item() * v.float()).to(x.dtype)  # scheduler.step
-        return self._tapped_pass(x, timesteps[-1].to(x.device).expand(x.shape[0]).to(x.dtype) / 1000, cond,
-                                 (height // 2, width // 2), taps)
+        """{tap name: map} from packed noised latents `x` (B, HW/4, 64) of a `height` x `width` latent: one transformer
+        call at the first timestep of the cut schedule (Meng et al.'s only call), up to the deepest of `taps`."""
+        t = self.schedule(height, width)[0][0].to(x.device).expand(x.shape[0]).to(x.dtype)
+        return self._tapped_pass(x, t / 1000, self._conditioning(x, height, width), (height // 2, width // 2), taps)
 
     def _tapped_pass(self, x: torch.Tensor, t: torch.Tensor, cond: dict, grid: tuple[int, int], taps: Sequence[Tap]
                      ) -> dict[str, torch.Tensor]:
@@ -235,7 +253,7 @@ class FluxBackbone(DiTBackbone):
         rope = tr.pos_embed(torch.cat((cond['txt_ids'], cond['img_ids']), dim=0))
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
-        with ActivationRecorder(self, taps) as rec:
+        with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', grid)
             for k, block in enumerate([*tr.transformer_blocks, *tr.single_transformer_blocks]):
                 args = (h, ctx, temb, rope)

@@ -3,14 +3,18 @@
 PixArt-alpha - https://arxiv.org/abs/2310.00426, PixArt-Sigma - https://arxiv.org/abs/2403.04692 (weights
 `PixArt-alpha/*` on the Hub). Activations as evaluated in "Not All Diffusion Model Activations Have Been Evaluated as
 Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature), with their names:
-`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`.
+`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`. Attention maps are
+their probabilities with the prompt mask applied as their cross-attention applies it (padding tokens get zero
+probability), reduced as `attention_taps.MAP_REDUCTIONS` says (`attn_maps='full'` keeps them whole).
 
 The backbone is the VAE encoder (a seeded posterior draw) plus DDPM noise at `timestep` (50, Meng et al.'s default),
 then diffusers' `PixArtTransformer2DModel` blocks run by a short forward of our own that records taps and stops after
 the deepest one. Every map has one stride: 16 px (2x2 patches on the 8x VAE latent), timm's ViT convention; the
 `pyramid` preset is four evenly spaced block outputs for a multi-level neck (mmseg's `MultiLevelNeck`). The T5-XXL
 text embedding of the prompt (empty by default) is computed once from the base repo and cached on disk: the 4.7B
-text encoder is never in memory at feature time. The output head (final norm, modulation, projection) is not built.
+text encoder is never in memory at feature time; prompts are lower-cased and stripped first, as the pipelines'
+`encode_prompt` does (`_text_preprocessing` with `clean_caption=False`, what Meng et al. call). The output head (final
+norm, modulation, projection) is not built.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class PixArtBackbone(DiTBackbone):
             base_repo: Optional[str] = None,
             prompt: Optional[str] = None,
             max_tokens: int = 300,
+            attn_maps: str = 'reduced',
             vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
             num_classes: int = 0,
             global_pool: str = 'avg',
@@ -76,6 +81,9 @@ class PixArtBackbone(DiTBackbone):
             base_repo: Hub repo or local diffusers folder with vae/, tokenizer/, text_encoder/.
             prompt: text the features are conditioned on (default: the empty prompt).
             max_tokens: T5 sequence length (300 for Sigma, 120 for alpha, as their pipelines).
+            attn_maps: 'reduced' (map taps as `attention_taps.MAP_REDUCTIONS` says) or 'full' (unreduced
+                probabilities, (B, heads, N, N) / (B, heads, N, tokens): 1 GiB / 75 MiB per image and map for
+                PixArt-Sigma at 1024 px in float32).
             vae_file: the VAE weights in `base_repo`.
             num_classes, global_pool, drop_rate: classifier head on the last block's map.
             in_chans: input image channels.
@@ -103,7 +111,7 @@ class PixArtBackbone(DiTBackbone):
 
         table = _TableBuilder('', tokens=max_tokens)
         table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
-        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate)
+        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate, attn_maps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -136,7 +144,7 @@ class PixArtBackbone(DiTBackbone):
         bias = per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
-        with ActivationRecorder(self, taps) as rec:
+        with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
             for k, block in enumerate(tr.transformer_blocks):
                 args = (h, None, ctx, bias, t_emb)
@@ -152,7 +160,8 @@ class PixArtBackbone(DiTBackbone):
         return feats
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The model's conditioning buffers for `prompt` (T5 embedding and mask), encoded once and cached."""
+        """The model's conditioning buffers for `prompt` (T5 embedding and mask of the lower-cased, stripped prompt),
+        encoded once and cached."""
         return encode_t5_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
 
 

@@ -12,7 +12,9 @@ Activations Have Been Evaluated as Discriminative Features" (NeurIPS 2024), e.g.
   (channels = heads x head dim) and attention maps. `self-map` is (B, heads, H, W): per head, the attention each key
   position receives, averaged over all queries (a spatial map summing to one over keys); `cross-map` is
   (B, tokens, H, W): per query position, its attention over the prompt tokens averaged over heads (sums to one over
-  tokens). Cross-attention keys and values are projections of the fixed prompt embedding, the same for every image,
+  tokens; masked padding tokens get zero). Meng et al. keep the unreduced (B, heads, N, keys) probabilities; the
+  transformer backbones give those with `attn_maps='full'` (`attention_taps.MAP_REDUCTIONS`, `diffbackbone taps MODEL
+  --all`). Cross-attention keys and values are projections of the fixed prompt embedding, the same for every image,
   so they are no taps (the reference implementation drops them too);
 * `{path}-level{i}-downsampler-out` / `upsampler-out`; `mid-repeat{j}-res-out`, `mid-vit-...` for the mid block;
   `unet-in` (the latent) and `unet-after-conv-in`.
@@ -86,7 +88,9 @@ class Tap:
         order: stage of the forward pass computing it; a pass stops after the deepest selected stage.
         aliases: other accepted names.
         hook: how it is recorded inside a layer ('' when the forward pass yields it itself): 'conv' (an NCHW
-            module output), 'tokens' (a (B, HW, C) module output), 'q', 'k', 'v', 'self-map' or 'cross-map'.
+            module output), 'tokens' (a (B, HW, C) module output; 'tokens@i': item i of a tuple output), 'input' (a
+            module's (B, HW, C) input), 'q', 'k', 'v', or a map: 'self-map', 'cross-map', and FLUX's 'joint-self-map',
+            'joint-cross-map' (the parts of one softmax over prompt and image keys).
         base: one of the model's default taps (CleanDIFT's decoder taps), listed in `feature_info` from the start.
         seq: execution order among all taps.
     """

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from .. import hub
 
-__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt']
+__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt',
+           'encode_hunyuan_prompt', 'pixart_caption']
 
 _SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
 _SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
@@ -162,13 +163,22 @@ def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: in
     return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
 
 
+def pixart_caption(prompt: str) -> str:
+    """The text PixArt's pipelines hand T5: `encode_prompt` runs `_text_preprocessing(prompt, clean_caption=False)`,
+    which lower-cases and strips it."""
+    return prompt.lower().strip()
+
+
 def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
-    """PixArt's T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt`, cached per
-    (repo commit, prompt) under `cache_dir()/prompt_embeds`; the encoder is loaded on a miss only."""
+    """PixArt's T5 embedding (1, max_tokens, D) and attention mask (1, max_tokens) of `prompt` (lower-cased and
+    stripped first, `pixart_caption`), cached per (repo commit, caption) under `cache_dir()/prompt_embeds`; the encoder
+    is loaded on a miss only."""
     what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
-    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-{key}', what,
-                            lambda source, rev: _t5_embeds(source, rev, prompt, max_tokens, what))
+    caption = pixart_caption(prompt)
+    # 't5-v2': entries cached before captions were pre-processed (keyed by the raw prompt) are never read
+    key = hashlib.sha256(f'{max_tokens}\0{caption}'.encode()).hexdigest()[:32]
+    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-v2-{key}', what,
+                            lambda source, rev: _t5_embeds(source, rev, caption, max_tokens, what))
 
 
 def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
@@ -190,3 +200,69 @@ def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str
         return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled}
 
     return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, encode)
+
+
+# ---- CLIP-L + CLIP-G + T5 (Stable Diffusion 3 / 3.5) ----------------------------------------------------------------
+def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, torch.Tensor]:
+    """SD3's conditioning of `prompt` as `StableDiffusion3Pipeline.encode_prompt` computes it (no classifier-free
+    guidance, no clip_skip): the penultimate hidden states of CLIP-L (`text_encoder/`) and CLIP-G (`text_encoder_2/`)
+    concatenated, zero-padded to T5's width and followed by T5's last hidden state (`text_encoder_3/`, `max_tokens`
+    tokens, no mask): `prompt_embeds` (1, 77 + max_tokens, 4096); both CLIPs' projected pooled outputs concatenated:
+    `pooled_prompt_embeds` (1, 2048). Cached per (repo commit, prompt); encoders loaded on a miss only, one at a
+    time."""
+    what = f'the SD3 text embeddings (CLIP-L + CLIP-G + T5) of {prompt!r} for {base_repo!r}'
+    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
+
+    def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        hidden, pooled = [], []
+        for tok_dir, enc_dir in (('tokenizer', 'text_encoder'), ('tokenizer_2', 'text_encoder_2')):
+            with hub.hub_errors(what, repo=source, revision=revision):
+                tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tok_dir, revision=revision)
+                encoder = CLIPTextModelWithProjection.from_pretrained(source, subfolder=enc_dir, revision=revision,
+                                                                      dtype=torch.float32).eval()
+            ids = tokenizer([prompt], padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors='pt').input_ids
+            with torch.no_grad():
+                out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float())
+            pooled.append(out.text_embeds.float())
+            del encoder, out
+        t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_3', 'text_encoder_3', masked=False)
+        t5_embeds = t5['prompt_embeds']
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
+        return {'prompt_embeds': torch.cat([clip, t5_embeds], dim=-2),
+                'pooled_prompt_embeds': torch.cat(pooled, dim=-1)}
+
+    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-{key}', what, encode)
+
+
+# ---- bilingual CLIP (BERT) + mT5 (HunyuanDiT) -----------------------------------------------------------------------
+def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max_tokens_t5: int = 256
+                          ) -> dict[str, torch.Tensor]:
+    """HunyuanDiT's conditioning of `prompt` as `HunyuanDiTPipeline.encode_prompt` computes it: the bilingual CLIP
+    text encoder's (a BERT, `text_encoder/`) last hidden state and token mask, `prompt_embeds` (1, 77, 1024) and
+    `prompt_mask`; mT5's (`text_encoder_2/`) `prompt_embeds_t5` (1, 256, 2048) and `prompt_mask_t5`, both encoders
+    attending to the prompt's tokens only. Cached per (repo commit, prompt); encoders loaded on a miss only."""
+    what = f'the HunyuanDiT text embeddings (CLIP + mT5) of {prompt!r} for {base_repo!r}'
+    key = hashlib.sha256(f'{max_tokens}\0{max_tokens_t5}\0{prompt}'.encode()).hexdigest()[:32]
+
+    def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
+        from transformers import AutoTokenizer, BertModel
+
+        with hub.hub_errors(what, repo=source, revision=revision):
+            tokenizer = AutoTokenizer.from_pretrained(source, subfolder='tokenizer', revision=revision)
+            encoder = BertModel.from_pretrained(source, subfolder='text_encoder', revision=revision,
+                                                dtype=torch.float32, add_pooling_layer=False).eval()
+        inputs = tokenizer(prompt, padding='max_length', max_length=max_tokens, truncation=True,
+                           return_attention_mask=True, return_tensors='pt')
+        with torch.no_grad():
+            embeds = encoder(inputs.input_ids, attention_mask=inputs.attention_mask)[0].float()
+        del encoder
+        t5 = _t5_embeds(source, revision, prompt, max_tokens_t5, what, 'tokenizer_2', 'text_encoder_2', masked=True)
+        return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float(),
+                'prompt_embeds_t5': t5['prompt_embeds'], 'prompt_mask_t5': t5['prompt_mask']}
+
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-{key}', what, encode)

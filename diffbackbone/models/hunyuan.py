@@ -1,0 +1,269 @@
+""" HunyuanDiT as a timm backbone (noisy extraction as Meng et al. do it).
+
+Hunyuan-DiT (Tencent, arXiv:2405.08748; `Tencent-Hunyuan/HunyuanDiT-Diffusers` on the Hub, as Meng et al.'s
+`models.py` loads it): 40 DiT blocks of width 1408 with long skip connections (the second half's blocks take the first
+half's outputs), self-attention with 2D rotary embeddings, cross-attention over a bilingual CLIP (a BERT) and mT5's
+token embeddings, conditioned on the timestep, mT5's pooled tokens, image size and style. Activations are named as
+PixArt's in "Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features" (Meng et al., NeurIPS
+2024, github Darkbblue/generic-diffusion-feature): `vit-block{k}-self-{q,k,v}`, `-cross-q`, `-ffn-inner`, `-out`
+(block k's output image tokens). Their code names Hunyuan's blocks the same way but, as its HunyuanDiT attention
+processor and block are not instrumented, records only `-ffn-inner` (their README: "integrated, not fully tested").
+Every map has stride 16. Attention maps are not taps (the rotary embedding would have to be re-applied).
+
+Noise as their patched `HunyuanDiTPipeline` (image-to-image, `strength = t / 1000`, t = 50, its default 50 steps of the
+repo's DDPM schedule, guidance 1) runs it: the image latent (a seeded posterior draw times the scaling factor) noised by
+`DDPMScheduler.add_noise` at the first timestep of the truncated schedule (21), one transformer call (their loop
+returns after it). Their call gives no height/width, so the pipeline's size conditioning is always 1024 x 1024
+(`image_meta_size` = 1024, 1024, 1024, 1024, 0, 0; style 0); it is kept at any input size, and the rotary embedding
+follows the input's patch grid as the pipeline computes it. The prompt embeddings (empty prompt by default) are computed
+once from the base repo and cached on disk.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers import DDPMScheduler, HunyuanDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed
+from timm.models import generate_default_cfgs, register_model
+
+from .attention_taps import ActivationRecorder
+from .dit import DiTBackbone, filter_transformer_state_dict
+from .backbone import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from .taps import Tap, _ffn_inner_chs, _TableBuilder
+from .text import encode_hunyuan_prompt
+
+__all__ = ['HunyuanDiTBackbone', 'checkpoint_filter_fn', 'hunyuan_taps']
+
+# transformer/config.json of Tencent-Hunyuan/HunyuanDiT-Diffusers (DiT-g/2, 1.5B).
+_HUNYUAN_DIT = dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2,
+                    activation_fn='gelu-approximate', sample_size=128, hidden_size=1408, num_layers=40,
+                    mlp_ratio=4.3637, learn_sigma=True, cross_attention_dim=1024, norm_type='layer_norm',
+                    cross_attention_dim_t5=2048, pooled_projection_dim=1024, text_len=77, text_len_t5=256)
+_HUNYUAN_TEST = dict(_HUNYUAN_DIT, num_attention_heads=2, attention_head_dim=8, hidden_size=16, sample_size=8,
+                     num_layers=6, mlp_ratio=2.0, cross_attention_dim=16, cross_attention_dim_t5=32,
+                     pooled_projection_dim=16, text_len=8, text_len_t5=8)
+# scheduler/scheduler_config.json.
+_SCHEDULER_HUNYUAN = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule='scaled_linear',
+                          prediction_type='v_prediction', clip_sample=False, steps_offset=1,
+                          timestep_spacing='leading')
+_VAE_TEST_HUNYUAN = dict(VAE_TEST, scaling_factor=0.13025)
+_HEAD_KEYS = ('norm_out.', 'proj_out.')
+_BUFFERS = ('prompt_embeds', 'prompt_mask', 'prompt_embeds_t5', 'prompt_mask_t5')
+
+
+def hunyuan_taps(transformer: HunyuanDiT2DModel, reduction: int, prefix: str = 'transformer') -> list[Tap]:
+    """Every tap of a HunyuanDiT transformer in execution order, with Meng et al.'s names; block k is stage k."""
+    tb = _TableBuilder('', 0)
+    dim = transformer.inner_dim
+    for k, block in enumerate(transformer.blocks):
+        tb.stage = k
+        b, m = f'vit-block{k}', f'{prefix}.blocks.{k}'
+        for p in ('q', 'k', 'v'):
+            tb.add(f'{b}-self-{p}', dim, reduction, f'{m}.attn1.to_{p}', p)
+        tb.add(f'{b}-cross-q', dim, reduction, f'{m}.attn2.to_q', 'q')
+        tb.add(f'{b}-ffn-inner', _ffn_inner_chs(block.ff), reduction, f'{m}.ff.net.0', 'tokens')
+        tb.add(f'{b}-out', dim, reduction, m, 'tokens')
+    return tb.taps
+
+
+class HunyuanDiTBackbone(DiTBackbone):
+    """VAE encoder + HunyuanDiT transformer as a backbone: every block's activations are taps, all at stride 16."""
+
+    def __init__(
+            self,
+            transformer_cfg: dict,
+            vae_cfg: dict,
+            scheduler_cfg: dict,
+            timestep: Optional[int] = None,
+            num_inference_steps: int = 50,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            latent: str = 'sample',
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            cond_size: tuple[int, int] = (1024, 1024),
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            transformer_cfg: diffusers `HunyuanDiT2DModel` config.
+            vae_cfg: `VAEEncoder` arguments.
+            scheduler_cfg: diffusers `DDPMScheduler` config of the base repo.
+            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
+            num_inference_steps: steps of the schedule the strength cuts (the pipeline's 50).
+            ensemble: noise draws averaged per image (one batched pass).
+            noise_seed: seed of the latent draw and the noise.
+            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
+            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2)/, text_encoder(_2)/.
+            prompt: text the features are conditioned on (default: the empty prompt).
+            cond_size: (height, width) of the size conditioning (Meng et al.'s call: 1024 x 1024).
+            vae_file: the VAE weights in `base_repo`.
+            num_classes, global_pool, drop_rate: classifier head on the last block's map.
+            in_chans: input image channels.
+            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+        """
+        super().__init__()
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
+        # the patched pipeline's get_timesteps (SDXL img2img's): int(steps * strength) steps are kept
+        kept = min(int(num_inference_steps * t / 1000), num_inference_steps)
+        if kept == 0:
+            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+                             '(int(strength t / 1000 times the steps) must be at least 1): raise the timestep.')
+        self._init_noise(ensemble, noise_seed, latent, clean=False)
+        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
+        self._prompt_override = None  # per-image prompts (prompts.use_prompts) are not supported: checked in forward
+        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
+
+        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.transformer = HunyuanDiT2DModel(**transformer_cfg)
+        tr = self.transformer
+        tr.norm_out = tr.proj_out = None  # output head: back to noise space, no tap needs it
+        self.patch = tr.config.patch_size
+        self.reduction = self.vae.reduction * self.patch
+        with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+            scheduler = DDPMScheduler(**scheduler_cfg)
+            scheduler.set_timesteps(num_inference_steps, device='cpu')
+            step = int(scheduler.timesteps[num_inference_steps - kept])
+            alphas_cumprod = scheduler.alphas_cumprod
+        self.noise_scales = (alphas_cumprod[step].sqrt().item(), (1 - alphas_cumprod[step]).sqrt().item())
+        self.register_buffer('timestep', torch.tensor(float(step)), persistent=False)
+        h, w = cond_size
+        self.register_buffer('image_meta_size', torch.tensor([[h, w, h, w, 0, 0]], dtype=torch.float32),
+                             persistent=False)
+        cfg = tr.config
+        self.register_buffer('prompt_embeds', torch.zeros(1, cfg.text_len, cfg.cross_attention_dim))
+        self.register_buffer('prompt_mask', torch.zeros(1, cfg.text_len))
+        self.register_buffer('prompt_embeds_t5', torch.zeros(1, cfg.text_len_t5, cfg.cross_attention_dim_t5))
+        self.register_buffer('prompt_mask_t5', torch.zeros(1, cfg.text_len_t5))
+
+        self._init_block_taps(hunyuan_taps(tr, self.reduction), num_classes, global_pool, drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^vae|^transformer\.(pos_embed|time_extra_emb|text_embedder|text_embedding_padding)',
+                    blocks=r'^transformer\.blocks\.(\d+)')
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the deepest selected tap; return the selection as `feature_info` indices."""
+        take = self._resolve(indices)
+        self._take_into_feature_info(take)
+        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
+        self.transformer.blocks = nn.ModuleList(list(self.transformer.blocks)[:deepest + 1])
+        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return [self.taps.index(t) for t in take]
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        if self._prompt_override is not None:
+            raise ValueError('Per-image prompts (use_prompts) are not supported by HunyuanDiT yet: build one model '
+                             'per prompt with prompt=...')
+        return self.transformer_features(z, taps)
+
+    def rotary(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's 2D rotary embedding for a `grid` of patches (cos, sin), relative to a 512-px base grid."""
+        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+        base = 512 // self.reduction
+        return get_2d_rotary_pos_embed(self.transformer.inner_dim // self.transformer.num_heads,
+                                       get_resize_crop_region_for_grid(grid, base), grid, device=device,
+                                       output_type='pt')
+
+    def transformer_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        """{tap name: map} of the transformer on noised latents `z`, as `HunyuanDiT2DModel.forward` runs its blocks
+        (long skips included), stopping after the deepest of `taps`."""
+        tr, n = self.transformer, z.shape[0]
+        grid = (z.shape[-2] // self.patch, z.shape[-1] // self.patch)
+        deepest = max(t.order for t in taps)
+        h = tr.pos_embed(z)
+        t = self.timestep.to(z.dtype).expand(n)
+        t5 = per_latent(self.prompt_embeds_t5.to(h.dtype), n)
+        temb = tr.time_extra_emb(t, t5, self.image_meta_size.to(h.dtype).repeat(n, 1),
+                                 torch.zeros(n, dtype=torch.long, device=z.device), hidden_dtype=t.dtype)
+        ctx = torch.cat([per_latent(self.prompt_embeds.to(h.dtype), n), tr.text_embedder(t5)], dim=1)
+        mask = torch.cat([self.prompt_mask, self.prompt_mask_t5], dim=-1).bool().unsqueeze(2)
+        ctx = torch.where(per_latent(mask, n), ctx, tr.text_embedding_padding.to(h.dtype))
+        rope = self.rotary(grid, z.device)
+        half = tr.config.num_layers // 2  # diffusers: blocks after it take a skip, blocks before half - 1 give one
+        by_loc = {t.location: t.name for t in taps}
+        feats: dict[str, torch.Tensor] = {}
+        skips: list[torch.Tensor] = []
+        with ActivationRecorder(self, taps) as rec:
+            rec.set_size('transformer', grid)
+            for k, block in enumerate(tr.blocks):
+                kw = dict(temb=temb, encoder_hidden_states=ctx, image_rotary_emb=rope)
+                if k > half:
+                    kw['skip'] = skips.pop()
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False, **kw)
+                else:
+                    h = block(h, **kw)
+                if k < half - 1:
+                    skips.append(h)
+                for loc, m in rec.drain():
+                    if loc in by_loc:
+                        feats[by_loc[loc]] = m
+                if k >= deepest:
+                    break
+        return feats
+
+    # --- weights ------------------------------------------------------------------------------------------------------
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's conditioning buffers for `prompt` (CLIP and mT5 embeddings and masks), cached."""
+        cfg = self.transformer.config
+        return encode_hunyuan_prompt(self.base_repo, prompt, cfg.text_len, cfg.text_len_t5)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HunyuanDiTBackbone) -> dict[str, torch.Tensor]:
+    """Map a diffusers `HunyuanDiT2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
+    return filter_transformer_state_dict(state_dict, model, _BUFFERS, skip=_HEAD_KEYS)
+
+
+def _create_hunyuan(variant: str, pretrained: bool = False, **kwargs) -> HunyuanDiTBackbone:
+    return build_backbone(HunyuanDiTBackbone, variant, pretrained, checkpoint_filter_fn,
+                          ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors',
+        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
+        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        'paper_ids': 'arXiv:2410.03558', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'hunyuan_dit.v1_0': _cfg(hf_hub_id='Tencent-Hunyuan/HunyuanDiT-Diffusers', license='tencent-hunyuan-community'),
+    'test_hunyuan_dit.tiny': _cfg(hf_hub_id='diffbackbone/test-hunyuan', input_size=(3, 128, 128),
+                                  pool_size=(8, 8), license='apache-2.0'),
+})
+
+
+@register_model
+def hunyuan_dit(pretrained: bool = False, **kwargs) -> HunyuanDiTBackbone:
+    """HunyuanDiT v1.0 (1.5B DiT-g/2, SDXL's VAE, bilingual CLIP + mT5), noisy at t=50 as Meng et al."""
+    model_args = dict(transformer_cfg=_HUNYUAN_DIT, vae_cfg=VAE_SDXL, scheduler_cfg=_SCHEDULER_HUNYUAN,
+                      base_repo='Tencent-Hunyuan/HunyuanDiT-Diffusers')
+    return _create_hunyuan('hunyuan_dit', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_hunyuan_dit(pretrained: bool = False, **kwargs) -> HunyuanDiTBackbone:
+    """Tiny random-weight HunyuanDiT layout (long skips), for tests."""
+    model_args = dict(transformer_cfg=_HUNYUAN_TEST, vae_cfg=_VAE_TEST_HUNYUAN, scheduler_cfg=_SCHEDULER_HUNYUAN,
+                      base_repo='diffbackbone/test-hunyuan')
+    return _create_hunyuan('test_hunyuan_dit', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,260 @@
+""" Stable Diffusion 3.5 Medium (MMDiT-X) as a timm backbone (noisy extraction in the manner of Meng et al.).
+
+Stable Diffusion 3.5 Medium (Stability AI, `stabilityai/stable-diffusion-3.5-medium` on the Hub, gated; "Scaling
+Rectified Flow Transformers for High-Resolution Image Synthesis", Esser et al., ICML 2024): 24 joint (MMDiT) blocks of
+width 1536 on 2x2 patches of a 16-channel VAE latent, the first 13 with a second, image-only attention (MMDiT-X),
+conditioned on CLIP-L + CLIP-G + T5-XXL token embeddings and the CLIPs' pooled embeddings. Activations are named as
+Meng et al. name FLUX's ("Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features", NeurIPS
+2024, github Darkbblue/generic-diffusion-feature): block k is `vit-block{k}`, with `-q`, `-k`, `-v` (image tokens of
+the joint attention), `-attn-out`, the second attention's `-attn2-q`, `-attn2-k`, `-attn2-v`, `-attn2-out` (blocks
+0-12), `-norm-out` (the modulated input of the feed-forward), `-ffn-inner` and `-out` (the block's output image
+tokens). Every map has stride 16.
+
+Noise as Meng et al. extract FLUX features, with SD3's own image-to-image pipeline: `StableDiffusion3Img2ImgPipeline`
+with `strength = t / 1000` (t = 50) of its default 50 steps and no classifier-free guidance, and ONE transformer call
+(their patched pipeline returns after the first): the image latent (a seeded posterior draw) noised to the first sigma
+of the truncated schedule (0.1205, transformer timestep 120.5; SD3.5's schedule has a fixed shift of 3, so the noise
+level does not depend on the input size), the blocks run up to the deepest tap. The text embeddings of the prompt
+(empty by default) are computed once from the base repo and cached on disk: no text encoder is in memory at feature
+time. The output head (final norm and projection) is not built. Attention maps are not taps yet (FLUX's joint-attention
+maps, issue 19 item 5, are the scheme to follow).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from timm.models import generate_default_cfgs, register_model
+
+from .attention_taps import ActivationRecorder
+from .dit import DiTBackbone, filter_transformer_state_dict
+from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from .taps import Tap, _ffn_inner_chs, _TableBuilder
+from .text import encode_sd3_prompt
+
+__all__ = ['SD3Backbone', 'checkpoint_filter_fn', 'sd3_taps']
+
+# transformer/config.json of stabilityai/stable-diffusion-3.5-medium.
+_SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                    dual_attention_layers=tuple(range(13)), qk_norm='rms_norm')
+# Tiny: dual attention in blocks 0-1, block 3 is the last (context_pre_only) one, as at full size; four blocks for
+# the four-map 'pyramid'.
+_SD3_TEST = dict(_SD35_MEDIUM, sample_size=8, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                 dual_attention_layers=(0, 1))
+# vae/config.json: 16 latent channels, no quant_conv, latents shifted then scaled.
+_VAE_SD3 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+_VAE_TEST_SD3 = dict(VAE_TEST, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+# scheduler/scheduler_config.json: a fixed shift, no dependence on the image size.
+_SCHEDULER_SD3 = dict(num_train_timesteps=1000, shift=3.0)
+_HEAD_KEYS = ('norm_out.', 'proj_out.')
+
+
+def sd3_taps(transformer: SD3Transformer2DModel, reduction: int, tokens: int, prefix: str = 'transformer') -> list[Tap]:
+    """Every tap of an SD3 transformer in execution order, named as Meng et al. name FLUX's; block k is stage k."""
+    tb = _TableBuilder('', tokens)
+    dim = transformer.inner_dim
+    for k, block in enumerate(transformer.transformer_blocks):
+        tb.stage = k
+        b, m = f'vit-block{k}', f'{prefix}.transformer_blocks.{k}'
+        for p in ('q', 'k', 'v'):
+            tb.add(f'{b}-{p}', dim, reduction, f'{m}.attn.to_{p}', p)
+        tb.add(f'{b}-attn-out', dim, reduction, f'{m}.attn.to_out.0', 'tokens')
+        if block.use_dual_attention:
+            for p in ('q', 'k', 'v'):
+                tb.add(f'{b}-attn2-{p}', dim, reduction, f'{m}.attn2.to_{p}', p)
+            tb.add(f'{b}-attn2-out', dim, reduction, f'{m}.attn2.to_out.0', 'tokens')
+        tb.add(f'{b}-norm-out', dim, reduction, f'{m}.ff', 'input')
+        tb.add(f'{b}-ffn-inner', _ffn_inner_chs(block.ff), reduction, f'{m}.ff.net.0', 'tokens')
+        tb.add(f'{b}-out', dim, reduction, m, 'tokens@1')  # blocks return (text, image)
+    return tb.taps
+
+
+class SD3Backbone(DiTBackbone):
+    """VAE encoder + SD3 MMDiT transformer as a backbone: every block's activations are taps, all at stride 16."""
+
+    def __init__(
+            self,
+            transformer_cfg: dict,
+            vae_cfg: dict,
+            scheduler_cfg: dict,
+            timestep: Optional[int] = None,
+            num_inference_steps: int = 50,
+            ensemble: int = 1,
+            noise_seed: int = 0,
+            latent: str = 'sample',
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            max_tokens: int = 256,
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            transformer_cfg: diffusers `SD3Transformer2DModel` config.
+            vae_cfg: `VAEEncoder` arguments.
+            scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
+            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
+            num_inference_steps: steps of the full schedule before the strength truncates it (the img2img
+                pipeline's 50); the one transformer call is at the first step kept.
+            ensemble: noise draws averaged per image (one batched pass).
+            noise_seed: seed of the latent draw and the noise.
+            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
+            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2, _3)/, text_encoder(_2, _3)/.
+            prompt: text the features are conditioned on (default: the empty prompt).
+            max_tokens: T5 sequence length (the pipeline's 256); the context is 77 CLIP tokens + these.
+            vae_file: the VAE weights in `base_repo`.
+            num_classes, global_pool, drop_rate: classifier head on the last block's map.
+            in_chans: input image channels.
+            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+        """
+        super().__init__()
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
+        # StableDiffusion3Img2ImgPipeline.get_timesteps: the schedule is cut to its last steps
+        self.t_start = int(max(num_inference_steps - min(num_inference_steps * t / 1000, num_inference_steps), 0))
+        if self.t_start >= num_inference_steps:
+            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+                             '(strength t / 1000 times the steps must be above 0): raise the timestep.')
+        self._init_noise(ensemble, noise_seed, latent, clean=False)
+        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
+        self.num_inference_steps, self.scheduler_cfg = num_inference_steps, scheduler_cfg
+        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
+        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
+
+        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        self.transformer = SD3Transformer2DModel(**transformer_cfg)
+        tr = self.transformer
+        tr.norm_out = tr.proj_out = None  # output head: back to velocity space, no tap needs it
+        self.patch = tr.config.patch_size
+        self.reduction = self.vae.reduction * self.patch
+        self.max_side = tr.config.pos_embed_max_size * self.reduction  # PatchEmbed crops its position table
+        with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+            scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_cfg)
+            scheduler.set_timesteps(num_inference_steps, device='cpu')
+        self.sigma = scheduler.sigmas[self.t_start].item()
+        self.noise_scales = (1.0 - self.sigma, self.sigma)  # FlowMatchEulerDiscreteScheduler.scale_noise
+        self.register_buffer('timestep', torch.tensor(scheduler.timesteps[self.t_start].item()), persistent=False)
+        self.register_buffer('prompt_embeds', torch.zeros(1, 77 + max_tokens, tr.config.joint_attention_dim))
+        self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
+
+        self._init_block_taps(sd3_taps(tr, self.reduction, 77 + max_tokens), num_classes, global_pool, drop_rate)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^vae|^transformer\.(pos_embed|time_text_embed|context_embedder)',
+                    blocks=r'^transformer\.transformer_blocks\.(\d+)')
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices.
+        """
+        take = self._resolve(indices)
+        self._take_into_feature_info(take)
+        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
+        blocks = self.transformer.transformer_blocks
+        self.transformer.transformer_blocks = nn.ModuleList(list(blocks)[:deepest + 1])
+        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return [self.taps.index(t) for t in take]
+
+    def _check_size(self, size: torch.Size) -> None:
+        super()._check_size(size)
+        if max(size) > self.max_side:
+            raise ValueError(f'Image sides must be at most {self.max_side} px (the transformer\'s position table has '
+                             f'{self.transformer.config.pos_embed_max_size} patches a side), got {tuple(size)}. '
+                             'Resize the images.')
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        return self.transformer_features(z, taps)
+
+    def transformer_features(self, z: torch.Tensor, taps: Sequence[Tap],
+                             timestep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """{tap name: map} of the transformer on noised latents `z` (B, 16, h, w), as `SD3Transformer2DModel.forward`
+        runs its blocks, stopping after the deepest of `taps`. `timestep` (0-1000, one per latent) overrides the
+        model's."""
+        tr, n = self.transformer, z.shape[0]
+        deepest = max(t.order for t in taps)
+        h = tr.pos_embed(z).contiguous()
+        embeds, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
+        t = (self.timestep if timestep is None else timestep).to(h.dtype).expand(n)
+        temb = tr.time_text_embed(t, per_latent(pooled.to(h.dtype), n))
+        ctx = tr.context_embedder(per_latent(embeds.to(h.dtype), n))
+        by_loc = {t.location: t.name for t in taps}
+        feats: dict[str, torch.Tensor] = {}
+        with ActivationRecorder(self, taps) as rec:
+            rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
+            for k, block in enumerate(tr.transformer_blocks):
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    ctx, h = torch.utils.checkpoint.checkpoint(block, h, ctx, temb, use_reentrant=False)
+                else:
+                    ctx, h = block(h, ctx, temb)
+                for loc, m in rec.drain():
+                    if loc in by_loc:
+                        feats[by_loc[loc]] = m
+                if k >= deepest:
+                    break
+        return feats
+
+    # --- weights ------------------------------------------------------------------------------------------------------
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The model's conditioning buffers for `prompt` (CLIP-L + CLIP-G + T5 tokens, pooled CLIPs), cached."""
+        return encode_sd3_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1] - 77)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SD3Backbone) -> dict[str, torch.Tensor]:
+    """Map a diffusers `SD3Transformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
+    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'pooled_prompt_embeds'),
+                                         skip=_HEAD_KEYS)
+
+
+def _create_sd3(variant: str, pretrained: bool = False, **kwargs) -> SD3Backbone:
+    return build_backbone(SD3Backbone, variant, pretrained, checkpoint_filter_fn,
+                          ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors',
+        'origin_url': 'https://github.com/Stability-AI/sd3.5',
+        'paper_name': 'Scaling Rectified Flow Transformers for High-Resolution Image Synthesis',
+        'paper_ids': 'arXiv:2403.03206', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'sd35_medium.stabilityai': _cfg(hf_hub_id='stabilityai/stable-diffusion-3.5-medium',
+                                    license='stabilityai-ai-community'),
+    'test_sd3.tiny': _cfg(hf_hub_id='diffbackbone/test-sd3', input_size=(3, 128, 128), pool_size=(8, 8),
+                          license='apache-2.0'),
+})
+
+
+@register_model
+def sd35_medium(pretrained: bool = False, **kwargs) -> SD3Backbone:
+    """Stable Diffusion 3.5 Medium (2.5B MMDiT-X; gated on the Hub: accept its license and log in first)."""
+    model_args = dict(transformer_cfg=_SD35_MEDIUM, vae_cfg=_VAE_SD3, scheduler_cfg=_SCHEDULER_SD3,
+                      base_repo='stabilityai/stable-diffusion-3.5-medium')
+    return _create_sd3('sd35_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_sd3(pretrained: bool = False, **kwargs) -> SD3Backbone:
+    """Tiny random-weight SD3.5 layout (dual attention, last block context-pre-only), for tests."""
+    model_args = dict(transformer_cfg=_SD3_TEST, vae_cfg=_VAE_TEST_SD3, scheduler_cfg=_SCHEDULER_SD3, max_tokens=8,
+                      base_repo='diffbackbone/test-sd3')
+    return _create_sd3('test_sd3', pretrained=pretrained, **dict(model_args, **kwargs))
