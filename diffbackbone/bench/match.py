@@ -31,9 +31,9 @@ def make_pairs(n: int, targets: int, channels: int, side: int, size: tuple[int, 
     pairs, feats = [], {}
     for i in range(n):
         src, trg = f's{i}', f't{i % targets}'
-        pts = lambda: tuple((float(torch.randint(0, w, (1,), generator=g)), float(torch.randint(0, h, (1,), generator=g)))  # noqa: E731,E501
-                            for _ in range(keypoints))
-        pairs.append(Pair(f'{i:06d}', 'bench', src, trg, size, size, pts(), pts(), (0.0, 0.0, float(w), float(h))))
+        kps = [tuple((float(torch.randint(0, w, (1,), generator=g)), float(torch.randint(0, h, (1,), generator=g)))
+                     for _ in range(keypoints)) for _ in range(2)]
+        pairs.append(Pair(f'{i:06d}', 'bench', src, trg, size, size, kps[0], kps[1], (0.0, 0.0, float(w), float(h))))
         for name in (src, trg):
             if name not in feats:
                 feats[name] = torch.randn(channels, side, side, generator=g)

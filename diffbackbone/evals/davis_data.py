@@ -94,8 +94,8 @@ def load_davis(root: str | Path, split: str = 'val', sequences: Optional[Sequenc
     images, annotations = root / 'JPEGImages' / resolution, root / 'Annotations' / resolution
     for what in (root, images, annotations):
         if not what.is_dir():
-            raise DavisError(f'{what}: no such folder. --data must be the DAVIS folder holding JPEGImages/{resolution}, '
-                             f'Annotations/{resolution} and ImageSets/2017 (DAVIS-2017-trainval-{resolution}.zip from '
+            raise DavisError(f'{what}: no such folder. --data must be the DAVIS folder holding '
+                             f'JPEGImages/{resolution}, Annotations/{resolution} and ImageSets/2017 (DAVIS-2017-trainval-{resolution}.zip from '
                              'https://davischallenge.org/davis2017/code.html, unpacked).')
     if not listing.is_file():
         raise DavisError(f'{listing}: no such file; --split names ImageSets/2017/<split>.txt (val, train).')

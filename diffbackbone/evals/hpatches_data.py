@@ -21,7 +21,8 @@ import numpy as np
 
 from ..data.images import ImageError, image_size
 
-__all__ = ['HPatchesError', 'HSequence', 'load_hpatches', 'detect_keypoints', 'corner_error', 'NUM_KEYPOINTS', 'MIN_DISTANCE']
+__all__ = ['HPatchesError', 'HSequence', 'load_hpatches', 'detect_keypoints', 'corner_error', 'NUM_KEYPOINTS',
+           'MIN_DISTANCE']
 
 NUM_KEYPOINTS = 1000
 MIN_DISTANCE = 4  # SuperPoint's NMS distance

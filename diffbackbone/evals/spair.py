@@ -25,7 +25,8 @@ from ..hub import write_text_atomic
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
-__all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'score_pairs_fast', 'evaluate', 'ImageFeatures', 'run_spair', 'SpairError']
+__all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'score_pairs_fast', 'evaluate', 'ImageFeatures', 'run_spair',
+           'SpairError']
 
 ALPHA = 0.1
 # (category, image names) -> {image name: (C, h, w) features}, or {image name: {tap: map}} for a pair transform
