@@ -11,7 +11,8 @@ Subcommands:
     export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
     match     zero-shot correspondence of points between two images (see `diffbackbone.correspondence`).
-    eval      evaluations that reproduce published numbers: `eval spair` (SPair-71k PCK, see `diffbackbone.evals`).
+    eval      evaluations that reproduce published numbers (see `diffbackbone.evals`): `eval spair` (SPair-71k PCK),
+              `eval hpatches` (HPatches homography accuracy), `eval davis` (DAVIS-2017 label propagation J&F).
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
 
-    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair)')
+    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair, hpatches, davis)')
     evals = p.add_subparsers(dest='eval', required=True)
     p = evals.add_parser('spair', help='SPair-71k zero-shot PCK@0.1 (DIFT protocol)',
                          description="DIFT's eval_spair.py protocol: PairAnnotation/test pairs, images resized to "
@@ -177,6 +178,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
     add_model_args(p, batch_size=8)
     p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
+
+    p = evals.add_parser('hpatches', help='HPatches homography accuracy at 1/3/5 px (DIFT protocol)',
+                         description="DIFT's eval_hpatches.py + eval_homography.py: images resized to size x size, the "
+                                     'tap sampled at each keypoint, mutual nearest neighbours, cv2.findHomography; '
+                                     'accuracy = pairs whose mean corner error is within 1, 3, 5 px.')
+    p.add_argument('--data', required=True, help='hpatches-sequences-release folder (i_*/ and v_*/ sequences)')
+    p.add_argument('--keypoints', help="DIFT's superpoint-1k folder (<sequence>-<k>.kp); default: the 1000 strongest "
+                                       'Shi-Tomasi corners by OpenCV (not SuperPoint: other figures)')
+    p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
+    p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
+    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 0, DIFT's); clean and "
+                                                'fused models keep their own unless given')
+    p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
+    p.add_argument('--metric', choices=('cosine', 'l2'), default='cosine', help='descriptor distance (default: cosine)')
+    p.add_argument('--method', choices=('lmeds', 'ransac'), default='lmeds', help='cv2.findHomography method '
+                                                                                  '(default: lmeds)')
+    p.add_argument('--json', help='write the figures (percent) and every pair\'s corner error to this JSON file')
+    p.add_argument('--cache', help="folder caching each image's descriptors, so an interrupted run resumes")
+    p.add_argument('--limit', type=positive_int, help='only the first N sequences (by name)')
+    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    add_model_args(p, batch_size=6)
+    p.set_defaults(func=_lazy('evals.hpatches', 'run_hpatches'))
+
+    p = evals.add_parser('davis', help='DAVIS-2017 video label propagation, J&F (DIFT / DINO protocol)',
+                         description="DIFT's eval_davis.py (DINO's protocol): frames at 480 px short side, the first "
+                                     'frame\'s masks propagated by feature affinity from the first and the last '
+                                     'frames; J&F as the DAVIS 2017 semi-supervised evaluation computes them.')
+    p.add_argument('--data', required=True, help='DAVIS folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)')
+    p.add_argument('--split', default='val', help='ImageSets/2017/<split>.txt (default: val)')
+    p.add_argument('--sequences', nargs='+', help='only these sequences of the split')
+    p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
+    p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
+    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 51, DIFT's); clean and "
+                                                'fused models keep their own unless given')
+    p.add_argument('--short-side', type=positive_int, default=480,
+                   help='frames resized to this short side, the long side floored to a multiple of 32 (default: 480)')
+    p.add_argument('--temperature', type=float, default=0.2, help='affinity temperature (default: 0.2)')
+    p.add_argument('--topk', type=positive_int, default=15, help='source positions kept per target (default: 15)')
+    p.add_argument('--n-last-frames', type=positive_int, default=28,
+                   help='preceding frames in the context besides the first (default: 28)')
+    p.add_argument('--neighborhood', type=int, default=15,
+                   help='sources within this many feature cells of the target (default: 15; 0: all)')
+    p.add_argument('--masks', help='also write the predicted masks as indexed PNGs, <MASKS>/<sequence>/<frame>.png')
+    p.add_argument('--json', help='write J&F (percent), per sequence and object, to this JSON file')
+    p.add_argument('--cache', help="folder caching each frame's features, so an interrupted run resumes")
+    p.add_argument('--limit', type=positive_int, help='only the first N sequences of the split')
+    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    add_model_args(p, batch_size=8)
+    p.set_defaults(func=_lazy('evals.davis', 'run_davis'))
 
     p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',
                        add_help=False)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .prompts import PromptBatch
 
 __all__ = [
-    'upsample', 'point_features', 'normalised_map', 'similarity_argmax', 'match_points', 'check_points',
+    'upsample', 'point_features', 'normalised_map', 'similarity_argmax', 'linear_taps', 'sample_points',
+    'UpsampledTarget', 'match_points', 'check_points',
     'load_tap_model', 'image_features', 'match_images', 'draw_matches', 'run_match',
 ]
 
@@ -76,6 +77,86 @@ def similarity_argmax(src_vecs: torch.Tensor, trg_norm: torch.Tensor, trg_size: 
     flat = sims.argmax(dim=1)
     matches = torch.stack([flat % w, flat // w], dim=1)
     return sims.view(-1, h, w), matches
+
+
+def linear_taps(n_in: int, n_out: int, device: str | torch.device = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output position, the lower input index and the weight of the next one, as `F.interpolate(mode='bilinear',
+    align_corners=False)` computes them (float32): src = (n_in / n_out) (dst + 1/2) - 1/2, clamped at 0. The next index
+    is always lower + 1: use a map padded by one (replicate) row and column, which gives the value PyTorch takes."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0)
+    low = src.long()
+    return low.to(device), (src - low).clamp(0, 1).to(device)
+
+
+def _padded(feat: torch.Tensor) -> torch.Tensor:
+    """(C, h + 1, w + 1) float32 map with the last row and column repeated."""
+    return F.pad(feat.float()[None], (0, 1, 0, 1), mode='replicate')[0]
+
+
+def sample_points(feat: torch.Tensor, points: Sequence[Point], size_wh: Sequence[int]) -> torch.Tensor:
+    """(K, C) features of the bilinearly upsampled (C, h, w) map at integer (x, y) of a (W, H) image, without
+    upsampling the whole map: equal to `point_features` up to float rounding."""
+    c, h, w = feat.shape
+    xy = torch.as_tensor(points, dtype=torch.long, device=feat.device).reshape(-1, 2)
+    y0, ly = (t[xy[:, 1]] for t in linear_taps(h, int(size_wh[1]), feat.device))
+    x0, lx = (t[xy[:, 0]] for t in linear_taps(w, int(size_wh[0]), feat.device))
+    tp = _padded(feat)
+    top = tp[:, y0, x0] * (1 - lx) + tp[:, y0, x0 + 1] * lx
+    bottom = tp[:, y0 + 1, x0] * (1 - lx) + tp[:, y0 + 1, x0 + 1] * lx
+    return (top * (1 - ly) + bottom * ly).T
+
+
+def _interpolation_matrix(low: torch.Tensor, weight: torch.Tensor, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of `linear_taps`: row i holds 1 - weight at low[i] and weight at low[i] + 1."""
+    m = torch.zeros(len(low), n_in, device=low.device)
+    rows = torch.arange(len(low), device=low.device)
+    m[rows, low] = 1 - weight
+    m[rows, low + 1] = weight
+    return m
+
+
+class UpsampledTarget:
+    """A (C, h, w) target map, ready for cosine argmax at every pixel of its (W, H) image without building the
+    (C, H, W) upsampled map (`normalised_map`): bilinear upsampling is linear, so a source vector's dot products with
+    the upsampled map are the upsampled dot products with the small map, and each upsampled vector's norm comes from
+    the dot products of its four neighbouring cells. Same matches as `similarity_argmax(..., normalised_map(...))` up to
+    float rounding, at a cost of C x h x w per source point instead of C x H x W."""
+
+    def __init__(self, feat: torch.Tensor, size_wh: Sequence[int]):
+        c, h, w = feat.shape
+        self.size = (int(size_wh[0]), int(size_wh[1]))
+        width, height = self.size
+        tp = _padded(feat)
+        self.flat = tp.flatten(1)  # (C, (h + 1) (w + 1))
+        self.hw = (h, w)
+        self.y0, self.ly = linear_taps(h, height, feat.device)
+        self.x0, self.lx = linear_taps(w, width, feat.device)
+        cells = [tp[:, dy:dy + h, dx:dx + w] for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))]
+        ly, lx = self.ly[:, None], self.lx[None, :]
+        weights = [(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx]  # (H, W) each
+        norm2 = torch.zeros(height, width, device=feat.device)
+        for i in range(4):
+            for j in range(i, 4):
+                dot = (cells[i] * cells[j]).sum(0)[self.y0[:, None], self.x0[None, :]]  # (H, W)
+                norm2 += (1 if i == j else 2) * weights[i] * weights[j] * dot
+        self.inv_norm = 1 / norm2.clamp_min(0).sqrt().clamp_min(1e-12)  # F.normalize's eps
+        # the upsampling as two small matrices (H, h + 1) and (W, w + 1): matmuls instead of gathers
+        self.rows = _interpolation_matrix(self.y0, self.ly, h + 1)
+        self.cols = _interpolation_matrix(self.x0, self.lx, w + 1)
+
+    def similarity(self, vecs: torch.Tensor) -> torch.Tensor:
+        """(K, H, W) cosine similarity of (K, C) source vectors with the upsampled target."""
+        h, w = self.hw
+        s = (F.normalize(vecs.float(), dim=1) @ self.flat).view(-1, h + 1, w + 1)
+        return self.rows @ (s @ self.cols.T) * self.inv_norm  # (K, H, W)
+
+    def argmax(self, vecs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """(K, 2) integer (x, y) of each source vector's best match, `chunk` vectors at a time."""
+        width = self.size[0]
+        flat = torch.cat([self.similarity(vecs[i:i + chunk]).flatten(1).argmax(dim=1)
+                          for i in range(0, len(vecs), chunk)]) if len(vecs) else vecs.new_zeros(0, dtype=torch.long)
+        return torch.stack([flat % width, flat // width], dim=1)
 
 
 def match_points(

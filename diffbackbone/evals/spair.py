@@ -19,12 +19,14 @@ from typing import Optional
 
 import torch
 
-from ..correspondence import normalised_map, point_features, similarity_argmax
+from ..correspondence import (UpsampledTarget, normalised_map, point_features, sample_points,
+                              similarity_argmax)
 from ..hub import write_text_atomic
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
-__all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'evaluate', 'ImageFeatures', 'run_spair', 'SpairError']
+__all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'score_pairs_fast', 'evaluate', 'ImageFeatures', 'run_spair',
+           'SpairError']
 
 ALPHA = 0.1
 # (category, image names) -> {image name: (C, h, w) features}, or {image name: {tap: map}} for a pair transform
@@ -41,16 +43,35 @@ class PairScore:
     correct_img: int
 
 
-def score_pair(pair: Pair, src_feat: torch.Tensor, trg_norm: torch.Tensor) -> PairScore:
-    """Match the pair's source keypoints over a `normalised_map` of the target; count the correct ones."""
-    src_pts = [(int(x), int(y)) for x, y in pair.src_kps]
-    _, matches = similarity_argmax(point_features(src_feat, src_pts, pair.src_size), trg_norm, pair.trg_size)
+def _score(pair: Pair, matches: torch.Tensor) -> PairScore:
+    """Count the pair's matches (K, 2) x, y that lie within the bbox and image thresholds of the target keypoints."""
     correct_bbox = correct_img = 0
     for (mx, my), (tx, ty) in zip(matches.tolist(), pair.trg_kps):
         dist = math.hypot(mx - tx, my - ty)
         correct_bbox += dist / pair.bbox_threshold <= ALPHA
         correct_img += dist / pair.img_threshold <= ALPHA
-    return PairScore(pair.category, len(src_pts), correct_bbox, correct_img)
+    return PairScore(pair.category, len(pair.src_kps), correct_bbox, correct_img)
+
+
+def _src_points(pair: Pair) -> list[tuple[int, int]]:
+    return [(int(x), int(y)) for x, y in pair.src_kps]
+
+
+def score_pair(pair: Pair, src_feat: torch.Tensor, trg_norm: torch.Tensor) -> PairScore:
+    """Match the pair's source keypoints over a `normalised_map` of the target; count the correct ones (the reference
+    path: the upsampled maps are built)."""
+    _, matches = similarity_argmax(point_features(src_feat, _src_points(pair), pair.src_size), trg_norm, pair.trg_size)
+    return _score(pair, matches)
+
+
+def score_pairs_fast(pairs: Sequence[Pair], src_feats: Sequence[torch.Tensor], target: UpsampledTarget
+                     ) -> list[PairScore]:
+    """Score pairs that share one target: every source keypoint of all of them in one batched match over the target
+    (`UpsampledTarget`: no upsampled map is built; the same matches as `score_pair` except among pixels whose
+    similarities tie to float rounding)."""
+    vecs = [sample_points(f, _src_points(p), p.src_size) for p, f in zip(pairs, src_feats)]
+    matches = target.argmax(torch.cat(vecs)).split([len(v) for v in vecs])
+    return [_score(p, m) for p, m in zip(pairs, matches)]
 
 
 @dataclass
@@ -73,10 +94,12 @@ class Scores:
 
 
 def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.device = 'cpu',
-             progress: bool = False, pair_fn: Optional[PairFn] = None) -> Scores:
+             progress: bool = False, pair_fn: Optional[PairFn] = None, fast: bool = True) -> Scores:
     """Score every pair; `features(category, names)` gives each image's (C, h, w) map, one category at a time.
 
-    `pair_fn(src, trg)`, if given, turns the two images' features into the maps matched (computed per pair)."""
+    `pair_fn(src, trg)`, if given, turns the two images' features into the maps matched (computed per pair). `fast`:
+    match all keypoints of the pairs sharing a target at once without building upsampled maps (`score_pairs_fast`);
+    False: the reference path (`score_pair`), which upsamples both maps to the image sizes."""
     from tqdm import tqdm
 
     by_cat: dict[str, list[Pair]] = defaultdict(list)
@@ -85,23 +108,33 @@ def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.dev
     scores = Scores()
     with torch.inference_mode(), tqdm(total=len(pairs), unit='pair', desc='matching', disable=not progress) as bar:
         for cat in sorted(by_cat):
-            cat_pairs = sorted(by_cat[cat], key=lambda p: (p.trg, p.name))  # reuse each target's upsampled map
+            cat_pairs = sorted(by_cat[cat], key=lambda p: (p.trg, p.name))  # reuse each target's map
             names = sorted({p.src for p in cat_pairs} | {p.trg for p in cat_pairs})
             feats = {k: ({t: m.to(device) for t, m in v.items()} if isinstance(v, dict) else v.to(device))
                      for k, v in features(cat, names).items()}
-            trg_name, trg_norm = None, None
-            for p in cat_pairs:
-                if pair_fn is not None:
+            if pair_fn is not None:
+                for p in cat_pairs:
                     src_map, trg_map = pair_fn(feats[p.src], feats[p.trg])
-                    scores.pairs.append(score_pair(p, src_map, normalised_map(trg_map, p.trg_size)))
+                    if fast:
+                        scores.pairs += score_pairs_fast([p], [src_map], UpsampledTarget(trg_map, p.trg_size))
+                    else:
+                        scores.pairs.append(score_pair(p, src_map, normalised_map(trg_map, p.trg_size)))
                     bar.update(1)
-                    continue
-                if p.trg != trg_name:
-                    trg_name, trg_norm = p.trg, None  # free the previous map first
-                    trg_norm = normalised_map(feats[p.trg], p.trg_size)
-                scores.pairs.append(score_pair(p, feats[p.src], trg_norm))
-                bar.update(1)
-            del feats, trg_norm
+            elif fast:
+                for trg in dict.fromkeys(p.trg for p in cat_pairs):
+                    group = [p for p in cat_pairs if p.trg == trg]
+                    target = UpsampledTarget(feats[trg], group[0].trg_size)
+                    scores.pairs += score_pairs_fast(group, [feats[p.src] for p in group], target)
+                    bar.update(len(group))
+            else:
+                trg_name, trg_norm = None, None
+                for p in cat_pairs:
+                    if p.trg != trg_name:
+                        trg_name, trg_norm = p.trg, None  # free the previous map first
+                        trg_norm = normalised_map(feats[p.trg], p.trg_size)
+                    scores.pairs.append(score_pair(p, feats[p.src], trg_norm))
+                    bar.update(1)
+            del feats
     return scores
 
 

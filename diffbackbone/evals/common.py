@@ -1,0 +1,93 @@
+"""What the DIFT evaluations (`eval hpatches`, `eval davis`) share: the noise timestep default, the lazily built model,
+the feature cache's configuration and the `--json` file."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..hub import write_text_atomic
+from .feature_cache import FeatureCache, weights_fingerprint
+
+__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'feature_cache', 'check_outputs', 'write_json']
+
+
+def noisy_model(name: str) -> Optional[bool]:
+    """True for a model that noises its latent at a timestep (sd21, sd15, ...), False for a clean or fused one, None
+    when it cannot be told without downloading (`hf-hub:` / `local-dir:` names). Built on the meta device: no memory,
+    no weights."""
+    import timm
+
+    import diffbackbone  # noqa: F401  (registers the models)
+
+    if not timm.is_model(name):
+        return None
+    with torch.device('meta'):
+        model = timm.create_model(name, pretrained=False)
+    return getattr(model, 'clean', None) is False
+
+
+def eval_model_kwargs(args: argparse.Namespace, default_timestep: int) -> dict[str, Any]:
+    """`--model-kwargs` plus the timestep: `--timestep` when given, else the protocol's for a noisy model (clean and
+    fused models keep their own, e.g. CleanDIFT's learned one)."""
+    kwargs = dict(args.model_kwargs or {})
+    if 'timestep' in kwargs and args.timestep is not None:
+        raise ValueError('Give the timestep once: --timestep or "timestep" in --model-kwargs, not both.')
+    if args.timestep is not None:
+        kwargs['timestep'] = args.timestep
+    elif 'timestep' not in kwargs and noisy_model(args.model):
+        kwargs['timestep'] = default_timestep
+    return kwargs
+
+
+def model_builder(args: argparse.Namespace, tap: str, kwargs: dict[str, Any]) -> Callable[[], torch.nn.Module]:
+    """A function building the one-tap model when the first feature is missing from the cache."""
+    from ..cli_args import DTYPES
+    from ..correspondence import load_tap_model
+
+    if args.weights and not Path(args.weights).is_file():
+        raise ValueError(f'--weights {args.weights}: no such file. Give a local .safetensors checkpoint.')
+
+    def build() -> torch.nn.Module:
+        if args.random_weights:
+            torch.manual_seed(args.seed)  # reproducible random weights, so their cached features stay valid
+        return load_tap_model(args.model, tap, weights=args.weights, pretrained=not args.random_weights,
+                              device=args.device, dtype=DTYPES[args.dtype], model_kwargs=kwargs)
+
+    return build
+
+
+def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **protocol: Any
+                  ) -> Optional[FeatureCache]:
+    """The `--cache` folder for these features (None without `--cache`); `protocol` names what else shapes them."""
+    if not args.cache:
+        return None
+    cache = FeatureCache(args.cache, dict(
+        model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
+        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **protocol))
+    print(f'feature cache: {cache.folder}')
+    return cache
+
+
+def check_outputs(args: argparse.Namespace, inputs: dict[str, Optional[str]]) -> None:
+    """Refuse an output path (`--json`, `--masks`) that is, or lies inside, one of the inputs (data, keypoints, cache):
+    a run must never write over what it reads."""
+    outs = {k: Path(v).resolve() for k, v in (('--json', getattr(args, 'json', None)),
+                                               ('--masks', getattr(args, 'masks', None))) if v}
+    for name, out in outs.items():
+        for what, value in inputs.items():
+            if not value:
+                continue
+            src = Path(value).resolve()
+            if out == src or src in out.parents or out in src.parents:
+                raise ValueError(f'{name} {out} overlaps {what} {src}: write the results somewhere else.')
+    if getattr(args, 'json', None) and Path(args.json).is_dir():
+        raise ValueError(f'--json {args.json} is a folder: give a file name such as results.json.')
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(result, indent=1) + '\n')
+    print(f'wrote {path}')

@@ -1,0 +1,274 @@
+"""`diffbackbone eval davis`: semi-supervised video object segmentation by label propagation on DAVIS 2017, DIFT's
+protocol (`eval_davis.py`, itself DINO's `eval_video_segmentation.py` with diffusion features).
+
+Frames: read by OpenCV, resized (`cv2.resize`, bilinear) so the short side is 480 and the long side is floored to a
+multiple of 32, RGB in [-1, 1]; one tap per frame (batched, cached). The first frame's mask is resized (nearest) to the
+feature map and one-hot encoded. For each next frame, its features (L2-normalised) are compared with those of a context
+of the first frame and the last `n_last_frames` frames: affinity exp(cos / temperature), kept only for sources within
+`neighborhood` cells of the target position, then only the `topk` largest over the whole context (every value >= the
+k-th), normalised to sum 1; the frame's soft mask is the affinity-weighted sum of the context's masks (the first
+frame's ground truth, then the predictions) and joins the context. It is upsampled bilinearly by the tap's stride,
+each channel min-max normalised, the argmax taken and resized (nearest) to the frame size. J&F: `davis_metrics`.
+
+As DIFT, the `shooting` sequence uses at most 10 last frames (their out-of-memory workaround; kept so figures match).
+Our affinity is computed in chunks of target positions, so memory stays bounded without it.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .davis_data import VOID, DavisError, DavisSequence, load_davis, read_mask
+from .davis_metrics import evaluate_sequence, summarise
+from .feature_cache import FeatureCache
+
+__all__ = ['input_size', 'load_frame', 'propagate', 'one_hot', 'label_video', 'FrameFeatures', 'run_davis',
+           'DavisError', 'LAST_FRAMES_CAP']
+
+LAST_FRAMES_CAP = {'shooting': 10}  # DIFT's eval_davis.py
+_CHUNK_ELEMENTS = 2 ** 26  # affinity entries per chunk of target positions (256 MB in float32)
+
+
+def input_size(size: tuple[int, int], short: int = 480) -> tuple[int, int]:
+    """(W, H) a frame is resized to: the short side `short`, the long side scaled and floored to a multiple of 32."""
+    w, h = size
+    if h > w:
+        return short, int((short * h / w) // 32 * 32)
+    return int((short * w / h) // 32 * 32), short
+
+
+def load_frame(path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, H, W) float32 frame: OpenCV read and bilinear resize to `size` (W, H), RGB, (x / 255 - mean) / std."""
+    import cv2
+
+    img = cv2.imread(str(path))
+    if img is None:
+        raise DavisError(f'{path}: OpenCV cannot read this frame.')
+    img = cv2.resize(img, size)[:, :, ::-1].astype(np.float32) / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def one_hot(labels: np.ndarray) -> torch.Tensor:
+    """(K + 1, h, w) float one-hot of (h, w) labels 0..K (K = their maximum)."""
+    t = torch.from_numpy(labels.astype(np.int64))
+    return F.one_hot(t, int(t.max()) + 1).permute(2, 0, 1).float()
+
+
+def propagate(target: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, temperature: float = 0.2,
+              topk: int = 15, neighborhood: int = 15) -> torch.Tensor:
+    """Soft (K, h, w) mask of a target frame from its context.
+
+    Args:
+        target: (C, h, w) features of the target frame.
+        sources: (n, C, h, w) features of the n context frames.
+        masks: (n, K, h, w) soft masks of the context frames.
+        temperature, topk, neighborhood: see the module docstring (neighborhood 0: no spatial restriction).
+    """
+    n, c, h, w = sources.shape
+    hw, k = h * w, masks.shape[1]
+    if topk > n * hw:
+        raise ValueError(f'--topk {topk} is more than the {n * hw} source positions of the context ({n} frames of '
+                         f'{w}x{h} features); use a smaller --topk or a larger --short-side.')
+    tgt = F.normalize(target.float().reshape(c, hw), dim=0)
+    keys = F.normalize(sources.float().reshape(n, c, hw), dim=1).permute(1, 0, 2).reshape(c, n * hw)
+    values = masks.float().reshape(n, k, hw).permute(0, 2, 1).reshape(n * hw, k)
+    ys = torch.arange(h, device=target.device).repeat_interleave(w)
+    xs = torch.arange(w, device=target.device).repeat(h)
+    out = torch.empty(hw, k, device=target.device)
+    step = max(1, _CHUNK_ELEMENTS // (n * hw))
+    for q in range(0, hw, step):
+        qs = slice(q, min(q + step, hw))
+        aff = torch.exp(tgt[:, qs].T @ keys / temperature).view(-1, n, hw)  # (Q, n, hw)
+        if neighborhood > 0:
+            near = (((ys[qs, None] - ys[None]).abs() <= neighborhood)
+                    & ((xs[qs, None] - xs[None]).abs() <= neighborhood))
+            aff = aff * near[:, None, :]
+        aff = aff.reshape(aff.shape[0], n * hw)
+        kth = aff.topk(topk, dim=1).values.min(dim=1, keepdim=True).values
+        aff = torch.where(aff < kth, torch.zeros((), device=aff.device), aff)
+        out[qs] = (aff / aff.sum(dim=1, keepdim=True)) @ values
+    return out.T.reshape(k, h, w)
+
+
+def _norm_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Each channel with a positive maximum min-max normalised to [0, 1] (DINO's `norm_mask`)."""
+    out = mask.clone()
+    for i in range(mask.shape[0]):
+        if mask[i].max() > 0:
+            m = mask[i] - mask[i].min()
+            out[i] = m / m.max()
+    return out
+
+
+def label_video(features: Iterator[torch.Tensor], first_mask: np.ndarray, size: tuple[int, int],
+                model_size: tuple[int, int], temperature: float = 0.2, topk: int = 15, n_last_frames: int = 28,
+                neighborhood: int = 15) -> Iterator[np.ndarray]:
+    """(H, W) uint8 labels of frames 1, 2, ... from their (C, h, w) `features` (frame 0's first) and frame 0's
+    labels; `size` is the frames' (W, H), `model_size` the (W, H) they were resized to for the model."""
+    from PIL import Image
+
+    first_feat = next(features)
+    c, h, w = first_feat.shape
+    stride = round(model_size[1] / h)  # the tap's (DIFT's scale_factor: 8 for up_ft_index=2)
+    small = np.array(Image.fromarray(first_mask).resize((w, h), Image.NEAREST))
+    first_seg = one_hot(small).to(first_feat.device)
+    context: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=n_last_frames)
+    for feat in features:
+        srcs = torch.stack([first_feat] + [f for f, _ in context])
+        segs = torch.stack([first_seg] + [s for _, s in context])
+        soft = propagate(feat, srcs, segs, temperature, topk, neighborhood)
+        context.append((feat, soft))
+        up = F.interpolate(soft[None], scale_factor=stride, mode='bilinear', align_corners=False,
+                           recompute_scale_factor=False)[0]
+        labels = torch.max(_norm_mask(up), dim=0).indices.to(torch.uint8).cpu().numpy()
+        yield np.array(Image.fromarray(labels).resize(size, Image.NEAREST))
+
+
+class FrameFeatures:
+    """Features of a sequence's frames in order: from the cache when present, else computed in batches (and cached)."""
+
+    def __init__(self, model_fn: Callable[[], torch.nn.Module], short_side: int = 480, batch_size: int = 8,
+                 cache: Optional[FeatureCache] = None, device: str | torch.device = 'cpu'):
+        self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
+        self.short_side, self.batch_size, self.cache, self.device = short_side, batch_size, cache, device
+        self.computed = 0
+
+    @torch.inference_mode()
+    def __call__(self, seq: DavisSequence) -> Iterator[torch.Tensor]:
+        size = input_size(seq.size, self.short_side)
+        for start in range(0, len(seq.frames), self.batch_size):
+            frames = seq.frames[start:start + self.batch_size]
+            got = {f: g for f in frames if self.cache and (g := self.cache.get(seq.name, f.name, f)) is not None}
+            todo = [f for f in frames if f not in got]
+            if todo:
+                if self.model is None:
+                    self.model = self.model_fn()
+                cfg = self.model.pretrained_cfg
+                param = next(p for p in self.model.parameters() if p.ndim > 1)
+                x = torch.stack([load_frame(f, size, cfg['mean'], cfg['std']) for f in todo])
+                out = self.model(x.to(device=param.device, dtype=param.dtype))
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                for f, feat in zip(todo, out):
+                    feat = feat.detach().cpu().clone()
+                    if self.cache:
+                        self.cache.put(seq.name, f.name, feat, f)
+                    got[f] = feat
+                self.computed += len(todo)
+            for f in frames:
+                yield got[f].to(self.device)
+
+
+def _palette(path: Path) -> list[int]:
+    """The first mask's palette (DAVIS's), else the PASCAL VOC colour map."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode == 'P' and img.getpalette():
+            return img.getpalette()
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _write_masks(folder: Path, seq: DavisSequence, labels: list[np.ndarray]) -> None:
+    """The sequence's masks as indexed PNGs, written to a temporary folder renamed into place when complete."""
+    import os
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    from ..hub import umask
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final, palette = folder / seq.name, _palette(seq.masks[0])
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f'.{seq.name}.', suffix='.tmp'))
+    try:
+        for frame, lab in zip(seq.frames, labels):
+            img = Image.fromarray(lab, 'P')
+            img.putpalette(palette)
+            img.save(tmp / f'{frame.stem}.png', format='PNG')
+        os.chmod(tmp, 0o777 & ~umask())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _table(per_seq: dict[str, dict[str, float]], total: dict) -> str:
+    head = f'{"sequence":<22}{"objects":>8}{"J&F":>8}{"J":>8}{"F":>8}'
+    rows = [head, '-' * len(head)]
+    for name, s in per_seq.items():
+        rows.append(f'{name:<22}{s["num_objects"]:>8}{s["J&F-Mean"]:>8.2f}{s["J-Mean"]:>8.2f}{s["F-Mean"]:>8.2f}')
+    rows.append(f'{"all":<22}{total["num_objects"]:>8}{total["J&F-Mean"]:>8.2f}{total["J-Mean"]:>8.2f}'
+                f'{total["F-Mean"]:>8.2f}')
+    return '\n'.join(rows)
+
+
+def run_davis(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone eval davis`."""
+    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder, write_json
+
+    if args.taps is None or len(args.taps) != 1:
+        raise ValueError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
+    if not args.temperature > 0:
+        raise ValueError(f'--temperature must be positive, got {args.temperature}.')
+    if args.neighborhood < 0:
+        raise ValueError(f'--neighborhood must be 0 (no restriction) or more, got {args.neighborhood}.')
+    tap = args.taps[0]
+    check_outputs(args, {'--data': args.data, '--cache': args.cache})
+    sequences = load_davis(args.data, args.split, args.sequences, args.limit)  # checked before any model is built
+    kwargs = eval_model_kwargs(args, default_timestep=51)
+    model_fn = model_builder(args, tap, kwargs)
+    cache = feature_cache(args, tap, kwargs, short_side=args.short_side,
+                          protocol='davis-cv2-bilinear-short-side-floor32-[-1,1]', version=1)
+    feats = FrameFeatures(model_fn, args.short_side, args.batch_size, cache, args.device)
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    per_seq: dict[str, dict] = {}
+    for i, seq in enumerate(sequences):
+        print(f'[{i + 1}/{len(sequences)}] {seq.name}: {len(seq.frames)} frames, {seq.num_objects} objects', flush=True)
+        first = read_mask(seq.masks[0])
+        first = np.where(first == VOID, 0, first).astype(np.uint8)
+        frames = feats(seq)
+        n_last = min(args.n_last_frames, LAST_FRAMES_CAP.get(seq.name, args.n_last_frames))
+        with torch.inference_mode():
+            labels = [read_mask(seq.masks[0])] + list(label_video(
+                frames, first, seq.size, input_size(seq.size, args.short_side), args.temperature, args.topk, n_last,
+                args.neighborhood))
+        if args.masks:
+            _write_masks(Path(args.masks), seq, labels)
+        gt = [read_mask(m) for m in seq.masks]
+        results[seq.name] = evaluate_sequence(gt, labels)
+        per_seq[seq.name] = summarise({seq.name: results[seq.name]})
+    total = summarise(results)
+    print(_table(per_seq, total))
+    print(f'{args.model} {tap} {kwargs}: J&F {total["J&F-Mean"]:.2f}, J {total["J-Mean"]:.2f}, F {total["F-Mean"]:.2f} '
+          f'({len(sequences)} sequences, {total["num_objects"]} objects, {feats.computed} frames run, the rest from '
+          'the cache)')
+    if args.masks:
+        print(f'wrote masks to {args.masks}')
+    if args.json:
+        result = {k: v for k, v in total.items()}
+        result.update(per_sequence={k: {m: v for m, v in s.items() if m != 'per_object'} for k, s in per_seq.items()},
+                      model=args.model, weights=args.weights, tap=tap, model_kwargs=kwargs,
+                      short_side=args.short_side, temperature=args.temperature, topk=args.topk,
+                      n_last_frames=args.n_last_frames, neighborhood=args.neighborhood, split=args.split)
+        write_json(args.json, result)
+    return 0
