@@ -12,7 +12,8 @@ import torch
 from ..hub import write_text_atomic
 from .feature_cache import FeatureCache, weights_fingerprint
 
-__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'feature_cache', 'check_outputs', 'write_json']
+__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs',
+           'write_json']
 
 
 def noisy_model(name: str) -> Optional[bool]:
@@ -60,6 +61,18 @@ def model_builder(args: argparse.Namespace, tap: str, kwargs: dict[str, Any]) ->
     return build
 
 
+def lora_fingerprint(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`{'lora': identity}` of the `lora` model argument (a Hub commit or the file's sha256, `models.lora`), so that a
+    cache keyed by it changes when the LoRA changes under the same name; `{}` without a LoRA (keys stay as before)."""
+    spec = kwargs.get('lora')
+    if not spec:
+        return {}
+    from ..models.lora import lora_spec, resolve_lora
+
+    spec, _ = lora_spec(spec, kwargs.get('lora_scale', 1.0))
+    return {'lora': resolve_lora(spec)[1]}
+
+
 def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **protocol: Any
                   ) -> Optional[FeatureCache]:
     """The `--cache` folder for these features (None without `--cache`); `protocol` names what else shapes them."""
@@ -67,7 +80,7 @@ def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **
         return None
     cache = FeatureCache(args.cache, dict(
         model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
-        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **protocol))
+        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **lora_fingerprint(kwargs), **protocol))
     print(f'feature cache: {cache.folder}')
     return cache
 
