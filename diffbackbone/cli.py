@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -222,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', help='source image')
     p.add_argument('trg', help='target image')
     p.add_argument('--points', nargs='+', required=True, type=_point, metavar='X,Y',
-                   help='source points in pixels of the original source image')
+                   help='source points as (x, y) pixels of the original source image, x to the right, y down '
+                        '(CleanDIFT\'s notebook lists (y, x) rows)')
     p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
     p.add_argument('--taps', default='us6', help='the tap to match with (default: us6)')
-    p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
+    p.add_argument('--prompt', help='caption to condition the UNet on (default: empty, the model\'s own prompt; '
+                                    'CleanDIFT\'s notebook uses "A photo of a dog")')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
     p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
+    p.add_argument('--json', help='also write the points and matches, as (x, y) pixels, to this JSON file')
     _add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
 
@@ -256,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .models.text import PromptTruncatedWarning
+
+    if issubclass(category, PromptTruncatedWarning):
+        print('warning: ' + ' '.join(str(message).splitlines()), file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -269,7 +282,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if getattr(args, 'prompt', None) is not None and args.command == 'features':  # passed as model kwarg `prompt`
             args.model_kwargs = {**(args.model_kwargs or {}), 'prompt': args.prompt}
-        return args.func(args)
+        with warnings.catch_warnings():  # our warnings (a prompt cut to the text encoder's window) as one line each
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

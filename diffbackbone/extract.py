@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,6 +105,40 @@ def check_store(out: Path, inputs: Sequence[str], overwrite: bool = False) -> No
     check_folder(out, 'store', inputs, overwrite)
 
 
+def _free_memory(device: str) -> Optional[int]:
+    """Bytes free for tensors on `device` (CPU: MemAvailable), None when unknown."""
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == 'cpu':
+        try:
+            with open('/proc/meminfo') as f:
+                for line in f:
+                    if line.startswith('MemAvailable:'):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size') -> None:
+    """Refuse a `--size` whose input batch alone (decoded as float32) would not fit in `device`'s free memory, before
+    any model is loaded (the model's own activations need many times more)."""
+    if not size:
+        return
+    need = batch_size * 3 * size * size * 4
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
+                         f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
+                         f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
+                         'are trained at 512 to 1024 px).')
+
+
 def check_images(paths: Sequence[str]) -> None:
     """Read every image header now (cheap), so a bad file stops the run before any feature is computed."""
     unreadable = []
@@ -170,6 +205,7 @@ def run_features(args: argparse.Namespace) -> int:
     else:
         check_store(out, images, args.overwrite)
     mine = images[info.rank::info.world]
+    check_size_fits(args.size, args.batch_size, args.device)
     if on_error == 'fail':
         check_images(mine)
     kwargs = dict(args.model_kwargs or {})

@@ -203,11 +203,11 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
     """
     path = Path(path).expanduser()
     real = _real(path)
-    if path.exists() or path.is_symlink():
-        held = _input_holding(real, inputs)
-        if held is not None:
-            what = f'inside the input folder {held[0]}' if held[1] else 'one of the inputs'
-            raise OutputError(f'{option} {path} is {what}: it would be overwritten. Choose another output path.')
+    held = _input_holding(real, inputs)  # also for paths that exist only once written (`new/../input.png`)
+    if held is not None and (not held[1] or os.path.lexists(real)):
+        what = f'inside the input folder {held[0]}' if held[1] else 'one of the inputs'
+        raise OutputError(f'{option} {path} is {what}: it would be overwritten. Choose another output path.')
+    path = Path(real) if not path.exists() else path  # `new/../x` is written where its name says, not via `new`
     if path.is_dir():
         raise OutputError(f'{option} {path} is a folder: give a file path such as {path / ("out" + path.suffix)}.')
     if path.exists():

@@ -157,6 +157,9 @@ class NoisyLatents:
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         if clean and ensemble != 1:
             raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+            raise TypeError(f'noise_seed must be a whole number >= 0 (the seed of the noise and latent draws), got '
+                            f'{noise_seed!r}.')
         self.clean, self.ensemble, self.noise_seed, self.latent = clean, ensemble, noise_seed, latent
 
     @torch.compiler.disable
@@ -745,6 +748,13 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
     refused by name; `features_only` defaults to the model's own 'pyramid' preset, not every tap.
     """
     out_indices = kwargs.pop('out_indices', None)
+    if kwargs.get('prompt') and not pretrained:
+        # the prompt's embedding comes from base_repo's text encoder while pretrained weights load: without weights it
+        # would stay zeros (the empty prompt's place) while the model, metadata and stores recorded the prompt
+        raise ValueError(f'prompt={kwargs["prompt"]!r} needs pretrained weights (its text embedding is computed while '
+                         'they load); with random weights (pretrained=False, --random-weights) it would not be applied. '
+                         'Drop the prompt, or condition a built model with diffbackbone.prompts.use_prompts(model, '
+                         'prompt), which encodes it with base_repo\'s text encoder.')
     if out_indices is None:
         out_indices = 'pyramid'
     elif isinstance(out_indices, list):
