@@ -39,8 +39,9 @@ def no_model(monkeypatch):
 
 
 def _err(capsys) -> str:
-    err = capsys.readouterr().err.split('\r')[-1].split('img/s]\n')[-1]  # after a progress bar, if any
-    assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
+    full = capsys.readouterr().err
+    err = full.split('\r')[-1].splitlines()[-1] + '\n'  # the last line, after a progress bar if any
+    assert err.startswith('error: ') and 'Traceback' not in full, full
     return err
 
 
