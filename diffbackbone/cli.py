@@ -276,6 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.rest = rest
     elif rest:
         parser.error(f'unrecognized arguments: {" ".join(rest)}')
+    if args.command in ('features', 'match') and args.prompt and args.random_weights:
+        parser.error('--prompt needs pretrained weights: its text embedding is computed while they load, so with '
+                     '--random-weights it would be recorded but not applied. Drop --prompt or --random-weights.')
     from .hub import HubError
     from .models import TapError
 

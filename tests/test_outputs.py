@@ -258,20 +258,32 @@ def test_export_push_offline_speaks_of_the_upload(tmp_path, capsys, monkeypatch)
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
-def test_prompt_with_random_weights_is_refused_by_the_api():
+def test_prompt_with_random_weights_is_never_applied_silently():
     import timm
 
-    with pytest.raises(ValueError, match='needs pretrained weights'):
-        timm.create_model('test_cleandift', prompt='a photo of a dog')
-    timm.create_model('test_cleandift', prompt='')  # the empty prompt is what random weights hold
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    model = timm.create_model('test_cleandift', prompt='a photo of a dog').eval()
+    with pytest.raises(ValueError, match='never computed'):
+        model(x)
+    getter = timm.create_model('test_cleandift', prompt='a photo of a dog', features_only=True).eval()
+    with pytest.raises(ValueError, match='never computed'):
+        getter(x)
+    sd = model.state_dict()
+    sd['prompt_embeds'] = torch.randn_like(sd['prompt_embeds'])
+    model.load_state_dict(sd)  # a state dict that holds the embedding applies the prompt
+    with torch.no_grad():
+        model(x)
+    timm.create_model('test_cleandift', prompt='').eval()(x)  # the empty prompt is what random weights hold
 
 
-def test_prompt_with_random_weights_cli_one_line(tmp_path, capsys):
+@pytest.mark.parametrize('command', ['features', 'match'])
+def test_prompt_with_random_weights_cli_one_line(command, tmp_path, capsys):
     img = _img(tmp_path / 'a.png')
-    out = tmp_path / 'f.safetensors'
-    assert main(['features', str(img), '--model', 'test_cleandift', '--random-weights', '--size', '64',
-                 '--prompt', 'a photo of a dog', '--out', str(out)]) == 2
-    assert 'needs pretrained weights' in _err(capsys) and not out.exists()
+    args = ([str(img), '--out', str(tmp_path / 'f.safetensors')] if command == 'features'
+            else [str(img), str(img), '--points', '1,1'])
+    with pytest.raises(SystemExit) as e:
+        main([command, *args, '--model', 'test_cleandift', '--random-weights', '--prompt', 'a photo of a dog'])
+    assert e.value.code == 2 and '--prompt needs pretrained weights' in capsys.readouterr().err
 
 
 def test_long_prompt_warns_naming_the_kept_part(tmp_path, hub_cache, capsys):

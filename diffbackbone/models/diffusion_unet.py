@@ -302,6 +302,12 @@ class TapBackbone(nn.Module):
 
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
+        if getattr(self, '_prompt_pending', False) and self._prompt_override is None:
+            raise ValueError(
+                f'prompt={self.prompt!r} was given without pretrained weights (--random-weights), so its text '
+                'embedding was never computed and the model would run on zeros while recording the prompt. Load '
+                'pretrained weights, load a state dict that holds the embedding, or drop the prompt (per-image '
+                'prompts: diffbackbone.prompts.use_prompts encodes them with base_repo\'s text encoder).')
         if self.check_inputs:
             self._check_input(x)
         self._check_prompt_count(x)
@@ -748,13 +754,6 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
     refused by name; `features_only` defaults to the model's own 'pyramid' preset, not every tap.
     """
     out_indices = kwargs.pop('out_indices', None)
-    if kwargs.get('prompt') and not pretrained:
-        # the prompt's embedding comes from base_repo's text encoder while pretrained weights load: without weights it
-        # would stay zeros (the empty prompt's place) while the model, metadata and stores recorded the prompt
-        raise ValueError(f'prompt={kwargs["prompt"]!r} needs pretrained weights (its text embedding is computed while '
-                         'they load); with random weights (pretrained=False, --random-weights) it would not be applied. '
-                         'Drop the prompt, or condition a built model with diffbackbone.prompts.use_prompts(model, '
-                         'prompt), which encodes it with base_repo\'s text encoder.')
     if out_indices is None:
         out_indices = 'pyramid'
     elif isinstance(out_indices, list):
@@ -783,7 +782,20 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
+    if not pretrained and getattr(model, 'model', model).prompt:
+        # The prompt's embedding is computed while pretrained weights load; without them it stays zeros until a state
+        # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
+        net = getattr(model, 'model', model)
+        net._prompt_pending = True
+        net.register_load_state_dict_post_hook(_prompt_loaded)
     return model
+
+
+def _prompt_loaded(module: nn.Module, incompatible) -> None:
+    """Post-hook of `load_state_dict`: a state dict holding `prompt_embeds` gives the pending prompt its embedding."""
+    net = getattr(module, 'model', module)
+    if not any(k.endswith('prompt_embeds') for k in incompatible.missing_keys):
+        net._prompt_pending = False
 
 
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
