@@ -4,7 +4,7 @@ Importing the package registers the models with timm: ``timm.create_model("clean
 features_only=True)``.
 """
 from .models import MIN_INPUT_SIZE, PRESETS, DiffusionUNet, TapError
-from .store import FeatureStore
+from .data.store import FeatureStore
 
 __version__ = '0.1.0'
 __all__ = ['DiffusionUNet', 'TapError', 'PRESETS', 'MIN_INPUT_SIZE', 'FeatureStore', '__version__']

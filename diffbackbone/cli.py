@@ -15,17 +15,15 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
-import json
 import os
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-import torch
+from .cli_args import add_model_args, diffusion_model_name, json_object, model_name, point, positive_int
 
-__all__ = ['main', 'build_parser', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object']
+__all__ = ['main', 'build_parser']
 
 
 def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
@@ -34,120 +32,19 @@ def _lazy(module: str, handler: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(f'.{module}', __package__), handler)(args)
 
+    run.target = (module, handler)  # checked by tests/test_layout.py
     return run
 
 
-# ---- argument types: bad values end in `error: ...` and exit 2 before anything runs -----------------------------
-def _diffusion_models() -> list[str]:
-    """The models diffbackbone registers with timm (importing `diffbackbone.models` registers them)."""
-    import timm
-    from timm.models import model_entrypoint
-
-    from . import models  # noqa: F401
-
-    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
-
-
-def _unknown_model(value: str, candidates: Sequence[str]) -> argparse.ArgumentTypeError:
-    close = difflib.get_close_matches(value, candidates, n=3)
-    hint = f' Did you mean {", ".join(close)}?' if close else ''
-    return argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: '
-                                      f'{", ".join(sorted(_diffusion_models()))}.')
-
-
-def model_name(value: str) -> str:
-    """A registered diffbackbone/timm model name (with an optional `.tag`), `hf-hub:org/name` or `local-dir:PATH`."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the models)
-
-    if value.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(value):
-        return value
-    raise _unknown_model(value, timm.list_models())
-
-
-def diffusion_model_name(value: str) -> str:
-    """The name of one of diffbackbone's diffusion models (commands that need its taps)."""
-    import timm
-
-    ours = _diffusion_models()
-    if value.partition('.')[0] in ours and timm.is_model(value):
-        return value
-    if timm.is_model(value):
-        raise argparse.ArgumentTypeError(f'{value!r} is a timm model but not a diffusion model of diffbackbone: '
-                                         f'choose one of {", ".join(sorted(ours))}.')
-    raise _unknown_model(value, ours)
-
-
-def device(value: str) -> str:
-    """A torch device that exists here."""
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f'invalid device {value!r}: use cpu, cuda, cuda:N or mps.') from None
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f'{value!r}: no CUDA GPU is available here; use --device cpu.')
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f'{value!r}: only {torch.cuda.device_count()} CUDA GPU(s) here.')
-    elif dev.type == 'mps' and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f'{value!r}: MPS is not available here; use --device cpu.')
-    return str(dev)
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number.') from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {n}.')
-    return n
-
-
-def json_object(value: str) -> dict:
-    """A JSON object, e.g. '{"timestep": 100}'."""
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'invalid JSON ({e.msg} at column {e.colno}): give an object such as '
-                                         '\'{"timestep": 100}\'.') from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f'must be a JSON object such as \'{{"timestep": 100}}\', got a '
-                                         f'{type(obj).__name__}.')
-    return obj
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .bench.speed import main as bench_main
 
     bench_main(args.rest)
     return 0
 
 
-def _point(text: str) -> tuple[float, float]:
-    """'X,Y' -> (x, y)."""
-    try:
-        x, y = (float(v) for v in text.split(','))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'points are X,Y pixel coordinates, e.g. 120,200; got {text!r}') from None
-    return x, y
-
-
-def _add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
-    """The options every model-running subcommand shares: batch, device, dtype, weights, model kwargs."""
-    if batch_size:
-        p.add_argument('--batch-size', type=positive_int, default=batch_size)
-    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'), default='float32')
-    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
-    p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
-    p.add_argument('--model-kwargs', type=json_object,
-                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
-
-
 def _add_store_options(p: argparse.ArgumentParser) -> None:
-    """`features` options of the dataset-scale pipeline (diffbackbone/pipeline.py, diffbackbone/store.py)."""
+    """`features` options of the dataset-scale pipeline (diffbackbone/data/pipeline.py, diffbackbone/data/store.py)."""
     p.add_argument('--workers', type=int, help='image decoding processes (default: from the CPU count)')
     p.add_argument('--on-error', choices=('skip', 'fail'), help='unreadable images: skip and list them (store '
                    'default) or stop (single-file default)')
@@ -176,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resize', choices=('stretch', 'pad', 'crop'), default='stretch',
                    help='stretch: whole image to size x size, as DIFT/CleanDIFT (default); pad: keep the aspect ratio, '
                         'pad with the mean colour; crop: short side to size, centre crop (drops the rest)')
-    _add_model_args(p, batch_size=4)
+    add_model_args(p, batch_size=4)
     p.add_argument('--pca', metavar='TAP', help='also save a PCA picture of this tap next to --out')
     p.add_argument('--prompt', help='caption the UNet is conditioned on, e.g. "a photo of a dog" (default: empty)')
     _add_store_options(p)
-    p.set_defaults(func=_lazy('extract', 'run_features'))
+    p.set_defaults(func=_lazy('commands.features', 'run_features'))
 
     p = sub.add_parser('depth', help="metric depth with CleanDIFT's published NYUv2 depth probe (us6, cleandift_sd21)",
                        description="CleanDIFT's depth probe as their DepthPred.predict runs it; writes "
@@ -193,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tap', default='us6', help='tap the probe reads (default: us6)')
     p.add_argument('--size', type=positive_int, default=768, help='square size images are resized to (default: 768)')
     p.add_argument('--prompt', default='A photo of a room', help='caption (default: "A photo of a room", CleanDIFT\'s)')
-    _add_model_args(p, batch_size=4)
+    add_model_args(p, batch_size=4)
     p.set_defaults(func=_lazy('depth', 'run_depth'))
 
     p = sub.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
     p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
     p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
-    p.set_defaults(func=_lazy('taps_cmd', 'run_taps'))
+    p.set_defaults(func=_lazy('commands.taps', 'run_taps'))
 
     p = sub.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, model.safetensors)',
                        description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '
@@ -211,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
     p.add_argument('--model-kwargs', type=json_object,
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
-    p.set_defaults(func=_lazy('export', 'run_export'))
+    p.set_defaults(func=_lazy('commands.export', 'run_export'))
 
     from .train.cli import add_clean_train_parser
 
@@ -222,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'one tap upsampled to each original size, cosine argmax over the target.')
     p.add_argument('src', help='source image')
     p.add_argument('trg', help='target image')
-    p.add_argument('--points', nargs='+', required=True, type=_point, metavar='X,Y',
+    p.add_argument('--points', nargs='+', required=True, type=point, metavar='X,Y',
                    help='source points as (x, y) pixels of the original source image, x to the right, y down '
                         '(CleanDIFT\'s notebook lists (y, x) rows)')
     p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
@@ -232,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
     p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
     p.add_argument('--json', help='also write the points and matches, as (x, y) pixels, to this JSON file')
-    _add_model_args(p)
+    p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
+                   help='fused models (cleandift_sd21_dinov2, ...): reduce each SD tap to D dims by a PCA fitted on '
+                        'the two images together, as "A Tale of Two Features" (theirs: 256); --taps is then unused')
+    add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
 
     p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair)')
@@ -251,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
     p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
     p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
-    _add_model_args(p, batch_size=8)
+    p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
+                   help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
+    add_model_args(p, batch_size=8)
     p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
 
     p = sub.add_parser('bench', help='time our extractor against a plain-diffusers reference (same weights)',

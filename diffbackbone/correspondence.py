@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from .images import image_size, load_image, open_image
-from .outputs import check_file, save_picture, write_json
+from .data.images import image_size, load_image, open_image
+from .data.outputs import check_file, save_picture, write_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,7 +108,7 @@ def match_points(
 
 def load_tap_model(
         model_name: str,
-        tap: str,
+        tap: str | Sequence[str],
         weights: Optional[str] = None,
         pretrained: bool = True,
         prompt: Optional[str] = None,
@@ -116,7 +116,7 @@ def load_tap_model(
         dtype: torch.dtype = torch.float32,
         model_kwargs: Optional[dict] = None,
 ) -> torch.nn.Module:
-    """A timm `features_only` model returning one tap, in eval mode on `device`.
+    """A timm `features_only` model returning one tap (or several, in the order given), in eval mode on `device`.
 
     `weights` is a local checkpoint (`pretrained_cfg_overlay=dict(file=...)`, as in `diffbackbone features`);
     `prompt` conditions every image on that caption (None: the model's own, empty prompt).
@@ -133,21 +133,24 @@ def load_tap_model(
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
     if prompt is not None:
         kwargs['prompt'] = prompt
+    taps = (tap,) if isinstance(tap, str) else tuple(tap)
     try:
         model = timm.create_model(model_name, pretrained=pretrained or bool(weights), features_only=True,
-                                  out_indices=(tap,), **kwargs)
+                                  out_indices=taps, **kwargs)
     except TapError as e:
-        raise TapError(f'{model_name}, --taps {tap}: {e}') from e
+        raise TapError(f'{model_name}, --taps {" ".join(taps)}: {e}') from e
     return model.to(device=device, dtype=dtype).eval()
 
 
 @torch.inference_mode()
 def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional[int] = None,
-                   prompts: Optional[str | Sequence[str] | 'PromptBatch'] = None) -> torch.Tensor:
+                   prompts: Optional[str | Sequence[str] | 'PromptBatch'] = None,
+                   all_taps: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """(N, C, h, w) tap features of image files resized to `size` x `size` (default: the model's input size).
 
     `prompts` (one per image, one for all, or a `PromptBatch`) conditions the UNet through
-    `diffbackbone.prompts.use_prompts`; None: the model's own prompt.
+    `diffbackbone.prompts.use_prompts`; None: the model's own prompt. With `all_taps`, the list of every tap the
+    model returns (in its order) instead of the first.
     """
     import contextlib
 
@@ -162,6 +165,8 @@ def image_features(model: torch.nn.Module, paths: Sequence[Path], size: Optional
         ctx = use_prompts(model, prompts)
     with ctx:
         out = model(x)
+    if all_taps:
+        return list(out) if isinstance(out, (list, tuple)) else [out]
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
@@ -172,13 +177,31 @@ def match_images(
         model: str | torch.nn.Module = 'cleandift_sd21',
         tap: str = 'us6',
         size: Optional[int] = None,
+        co_pca: Optional[Sequence[int]] = None,
         **model_args,
 ) -> tuple[list[Point], torch.Tensor]:
     """Run a model (a name, built with `load_tap_model(**model_args)`, or a one-tap features model) on two image files
-    and match `points` of `src` onto `trg`. Returns matches (x', y') and the (K, H', W') similarity maps."""
+    and match `points` of `src` onto `trg`. Returns matches (x', y') and the (K, H', W') similarity maps.
+
+    `co_pca` (fused models, e.g. `cleandift_sd21_dinov2`): PCA dims of each SD tap, fitted on the two images together
+    as "A Tale of Two Features" does (one value: the same for every tap); `tap` is then ignored."""
     src, trg = Path(src), Path(trg)
     src_size, trg_size = image_size(src), image_size(trg)
     check_points(points, src_size, str(src))  # before any model is loaded
+    if co_pca is not None:
+        from .models.fused import RAW_PRESET, fused_module, is_fused_model, pair_co_pca
+
+        if isinstance(model, str):
+            if not is_fused_model(model):
+                raise ValueError(f'co-PCA needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
+                                 f'{model}.')
+            model = load_tap_model(model, RAW_PRESET, **model_args)
+        fused = fused_module(model)
+        feats = image_features(model, [src, trg], size, all_taps=True)
+        names = [i['name'] for i in model.feature_info.get_dicts()]
+        a, b = pair_co_pca({n: f[0] for n, f in zip(names, feats)}, {n: f[1] for n, f in zip(names, feats)},
+                           co_pca, fused.sd_weight, fused.dino_weight)
+        return match_points(a, b, points, src_size, trg_size)
     if isinstance(model, str):
         model = load_tap_model(model, tap, **model_args)
     feats = image_features(model, [src, trg], size)
@@ -233,9 +256,9 @@ def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[flo
 
 def run_match(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone match`."""
-    from .extract import DTYPES, check_size_fits
-
     from PIL import Image
+
+    from .cli_args import DTYPES, check_size_fits
 
     if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
@@ -246,9 +269,9 @@ def run_match(args: argparse.Namespace) -> int:
     kwargs = dict(args.model_kwargs or {})
     prompt = args.prompt if args.prompt is not None else kwargs.get('prompt') or ''
     matches, sims = match_images(
-        args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, weights=args.weights,
-        pretrained=not args.random_weights, prompt=args.prompt, device=args.device, dtype=DTYPES[args.dtype],
-        model_kwargs=kwargs)
+        args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, co_pca=args.co_pca,
+        weights=args.weights, pretrained=not args.random_weights, prompt=args.prompt, device=args.device,
+        dtype=DTYPES[args.dtype], model_kwargs=kwargs)
     print(f'prompt: {prompt!r}' + ('' if prompt else ' (the empty prompt; CleanDIFT\'s notebook uses '
                                                       '"A photo of a dog": --prompt)'))
     print('points are (x, y) pixels of the original images, x to the right, y down (CleanDIFT\'s notebook lists '

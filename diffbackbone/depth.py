@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hub
-from .images import image_size, open_image, to_tensor
-from .outputs import check_file, check_folder, save_picture
+from .data.images import image_size, open_image, to_tensor
+from .data.outputs import check_file, check_folder, save_picture
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -234,7 +234,7 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
 
 def run_depth(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone depth`."""
-    from .extract import DTYPES, check_size_fits
+    from .cli_args import DTYPES, check_size_fits
 
     paths = [Path(p) for p in args.images]
     for p in paths:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import hub
-from .models.diffusion_unet import TapBackbone
+from .models.backbone import TapBackbone
 from .models.text import encode_cached
 
 __all__ = ['PromptBatch', 'encode_prompts', 'use_prompts', 'find_diffusion_model', 'empty_prompt_embeds']

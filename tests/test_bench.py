@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbackbone import bench
+from diffbackbone.bench import speed as bench
 from diffbackbone.models.fast import optimize
 
 _TINY = ['--model', 'test_cleandift', '--size', '128', '--batch', '2', '--iters', '2', '--warmup', '1',

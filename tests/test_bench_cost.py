@@ -1,7 +1,7 @@
-"""`python -m diffbackbone.bench_cost`: FLOPs on the meta device and the bf16 activation peak, on tiny layouts."""
+"""`python -m diffbackbone.bench.cost`: FLOPs on the meta device and the bf16 activation peak, on tiny layouts."""
 import pytest
 
-from diffbackbone import bench_cost
+from diffbackbone.bench import cost as bench_cost
 
 
 @pytest.mark.parametrize('name', ['test_flux', 'test_pixart'])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffbackbone import cli
+from diffbackbone import cli, cli_args
 from diffbackbone.hub import HubError
-from diffbackbone.images import ImageError
+from diffbackbone.data.images import ImageError
 from diffbackbone.models import TapError
 
 SAMPLE = 'diffbackbone/assets/sample.jpg'
@@ -55,7 +55,7 @@ def test_cuda_without_gpu(monkeypatch, capsys):
 def test_cuda_index_out_of_range(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    assert cli.device('cuda:1') == 'cuda:1'
+    assert cli_args.device('cuda:1') == 'cuda:1'
     assert "'cuda:2': only 2 CUDA GPU(s)" in _parse_error(_features('--device', 'cuda:2'), capsys)
 
 
@@ -67,7 +67,7 @@ def test_good_values_are_parsed():
     assert args.model_kwargs == {'timestep': 100}
     # timm's own names, pretrained tags and Hub repos pass through
     for name in ('resnet18', 'cleandift_sd21.compvis', 'hf-hub:org/name'):
-        assert cli.model_name(name) == name
+        assert cli_args.model_name(name) == name
 
 
 def test_taps_command(capsys):
@@ -79,12 +79,12 @@ def test_taps_command(capsys):
 @pytest.mark.parametrize('error', [HubError('no weights\n[HTTPError: 404]'), TapError('no tap'), ImageError('bad image'),
                                    ValueError('bad value'), PermissionError(13, 'Permission denied', '/x')])
 def test_expected_errors_are_one_line(error, monkeypatch, capsys):
-    import diffbackbone.taps_cmd
+    import diffbackbone.commands.taps
 
     def fail(args):
         raise error
 
-    monkeypatch.setattr(diffbackbone.taps_cmd, 'run_taps', fail)
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run_taps', fail)
     assert cli.main(['taps', 'test_cleandift']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err

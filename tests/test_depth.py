@@ -16,6 +16,7 @@ import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import depth
 from diffbackbone.cli import main
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_TEST
 
 BINS = np.linspace(0.1, 10.0, 256)
 
@@ -72,7 +73,7 @@ def tiny_depth(fake_hub, tmp_path_factory):
     base = tmp / 'base'
     save_tiny_clip(base, hidden_size=32)
     torch.manual_seed(0)
-    cfg = du._VAE_TEST
+    cfg = VAE_TEST
     n = len(cfg['block_out_channels'])
     vae = AutoencoderKL(block_out_channels=cfg['block_out_channels'], layers_per_block=cfg['layers_per_block'],
                         latent_channels=4, norm_num_groups=cfg['norm_num_groups'],
@@ -111,7 +112,7 @@ def test_cli_depth_follows_cleandift_predict(tiny_depth, hub_cache, tmp_path):
     text encoder directly, bilinear resizes with align_corners=False, relu + 0.1 normalisation)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffbackbone.images import load_image
+    from diffbackbone.data.images import load_image
 
     torch.manual_seed(1)
     weight, bias = torch.randn(256, 32, 1, 1) * 0.5, torch.randn(256)

@@ -6,6 +6,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_SD, VAE_TEST
 
 
 def _reference_models(model: du.DiffusionUNet, vae_cfg: dict):
@@ -62,12 +63,12 @@ def _check_clean(variant: str, size: tuple[int, int], vae_cfg: dict, atol: float
 
 
 def test_clean_taps_equal_diffusers_tiny():
-    _check_clean('test_cleandift', (128, 128), du._VAE_TEST, atol=1e-5)
+    _check_clean('test_cleandift', (128, 128), VAE_TEST, atol=1e-5)
 
 
 def test_clean_taps_equal_diffusers_non_multiple_of_64():
     # Odd latent sizes go through the upsample_size path of diffusers' forward.
-    _check_clean('test_cleandift', (136, 200), du._VAE_TEST, atol=1e-5)
+    _check_clean('test_cleandift', (136, 200), VAE_TEST, atol=1e-5)
 
 
 def test_clean_taps_equal_cleandift_extractor_full_sd21_with_caption(hub_cache, tmp_path):
@@ -86,7 +87,7 @@ def test_clean_taps_equal_cleandift_extractor_full_sd21_with_caption(hub_cache, 
     sd = model.state_dict()
     del sd['prompt_embeds']  # as in CleanDIFT's UNet-only file: the caption's embedding is computed while loading
     model.load_state_dict(du.checkpoint_filter_fn(sd, model))
-    unet, vae = _reference_models(model, du._VAE_SD)
+    unet, vae = _reference_models(model, VAE_SD)
     pipe = StableDiffusionPipeline(
         vae=vae, unet=unet, text_encoder=CLIPTextModel.from_pretrained(tmp_path / 'text_encoder').eval(),
         tokenizer=CLIPTokenizer.from_pretrained(tmp_path / 'tokenizer'), scheduler=DDIMScheduler(clip_sample=False),
@@ -117,7 +118,7 @@ def test_noisy_taps_equal_dift_recipe():
     model = timm.create_model('test_dift', ensemble=ensemble, noise_seed=seed, timestep=t).eval()
     with torch.no_grad():
         model.prompt_embeds.normal_()
-    unet, vae = _reference_models(model, du._VAE_TEST)
+    unet, vae = _reference_models(model, VAE_TEST)
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     with torch.no_grad():
         ours = model.forward_intermediates(x, indices=list(range(len(model.taps))), intermediates_only=True)

@@ -1,4 +1,4 @@
-"""Training reads images through `diffbackbone.images` like every other entry point (#10): EXIF orientation, 16-bit
+"""Training reads images through `diffbackbone.data.images` like every other entry point (#10): EXIF orientation, 16-bit
 and float images scaled, transparency on white, unreadable and over-large files skipped and reported. (The loader's
 own cases are in test_reliability.py.)"""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffbackbone.images import IMAGE_EXTENSIONS
+from diffbackbone.data.images import IMAGE_EXTENSIONS
 from diffbackbone.train.data import ImageFolder, find_images
 
 

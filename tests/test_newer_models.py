@@ -5,6 +5,7 @@ import torch
 
 import diffbackbone  # noqa: F401
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_TEST
 from test_sdxl import _publish_sdxl_repo
 
 
@@ -101,8 +102,8 @@ def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cac
     _tiny_t5_repo(tmp_path)
     ref_tr = PixArtTransformer2DModel(**px._PIXART_TEST)
     save_file(ref_tr.state_dict(), tmp_path / 'transformer.safetensors')
-    n = len(du._VAE_TEST['block_out_channels'])
-    vae = AutoencoderKL(block_out_channels=du._VAE_TEST['block_out_channels'], layers_per_block=1, latent_channels=4,
+    n = len(VAE_TEST['block_out_channels'])
+    vae = AutoencoderKL(block_out_channels=VAE_TEST['block_out_channels'], layers_per_block=1, latent_channels=4,
                         norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * n,
                         up_block_types=('UpDecoderBlock2D',) * n)
     save_file(vae.state_dict(), tmp_path / 'vae.safetensors')

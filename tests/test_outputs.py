@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import diffbackbone  # noqa: F401  (registers the models)
-from diffbackbone import outputs
+from diffbackbone.data import outputs
 from diffbackbone.cli import main
 
 _DISK_FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'

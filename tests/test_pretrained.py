@@ -13,13 +13,14 @@ from safetensors.torch import save_file
 import diffbackbone  # noqa: F401
 from diffbackbone.hub import HubError
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_TEST
 from fakehub import publish_base_repo
 
 TIMESTEP = 312.75
 
 
 def _tiny_vae() -> AutoencoderKL:
-    cfg = du._VAE_TEST
+    cfg = VAE_TEST
     n = len(cfg['block_out_channels'])
     return AutoencoderKL(block_out_channels=cfg['block_out_channels'], layers_per_block=cfg['layers_per_block'],
                          latent_channels=4, norm_num_groups=cfg['norm_num_groups'],

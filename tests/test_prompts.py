@@ -14,6 +14,7 @@ import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import prompts
 from diffbackbone.hub import HubError
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models.backbone import VAE_TEST
 
 DOG, CAT = 'a photo of a dog', 'a photo of a cat'
 
@@ -23,7 +24,7 @@ def tiny_base(fake_hub, tmp_path_factory):
     """A base repo with a tiny CLIP text encoder (hidden 32), tokenizer and VAE, on the Hub and as a local folder."""
     folder = tmp_path_factory.mktemp('tiny_base')
     save_tiny_clip(folder, hidden_size=32)
-    cfg = du._VAE_TEST
+    cfg = VAE_TEST
     n = len(cfg['block_out_channels'])
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=cfg['block_out_channels'], layers_per_block=cfg['layers_per_block'],
@@ -282,7 +283,7 @@ def test_cli_features_prompt(hub_cache, tiny_base, tmp_path):
     with safe_open(tmp_path / 'dog.safetensors', 'pt') as f, safe_open(tmp_path / 'plain.safetensors', 'pt') as g:
         dog, plain = f.get_tensor('us6'), g.get_tensor('us6')
     model = _pretrained(tiny_base, prompt=DOG)
-    from diffbackbone.images import load_image
+    from diffbackbone.data.images import load_image
     with torch.no_grad():
         expected = model.forward_intermediates(load_image(image, 64)[None], indices=['us6'], intermediates_only=True)[0]
     torch.testing.assert_close(dog, expected, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from PIL import Image
 
 import diffbackbone  # noqa: F401
 from diffbackbone.hub import save_safetensors
-from diffbackbone.images import ImageError, load_image, open_image
+from diffbackbone.data.images import ImageError, load_image, open_image
 
 X = torch.rand(1, 3, 128, 128) * 2 - 1
 
@@ -169,7 +169,7 @@ def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, caps
 
 
 def test_features_checks_the_output_and_the_pca_tap_before_running(tmp_path, capsys, monkeypatch):
-    import diffbackbone.extract as ex
+    import diffbackbone.commands.features as ex
 
     ran = []
     monkeypatch.setattr(ex, 'extract_batches', lambda *a, **k: ran.append(1) or iter(()))

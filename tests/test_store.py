@@ -18,8 +18,8 @@ from PIL import Image
 import diffbackbone  # noqa: F401
 from diffbackbone import FeatureStore
 from diffbackbone.cli import main
-from diffbackbone.images import load_image
-from diffbackbone.pipeline import find_images
+from diffbackbone.data.images import load_image
+from diffbackbone.data.pipeline import find_images
 from test_pretrained import published  # noqa: F401  (tiny models on the fake Hub)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffbackbone.hub import HubError
-from diffbackbone.models.diffusion_unet import _UNET_TEST, _VAE_TEST
+from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models.diffusion_unet import _UNET_TEST
 from diffbackbone.train import (
     CleanDistiller,
     CleanTrainer,
@@ -224,7 +225,7 @@ def tiny_sd(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp('my-sd')
     torch.manual_seed(0)
     UNet2DConditionModel(**_UNET_TEST).save_pretrained(base / 'unet')
-    vae = {k: v for k, v in _VAE_TEST.items() if k != 'scaling_factor'}
+    vae = {k: v for k, v in VAE_TEST.items() if k != 'scaling_factor'}
     AutoencoderKL(**vae, down_block_types=('DownEncoderBlock2D',) * 4,
                   up_block_types=('UpDecoderBlock2D',) * 4).save_pretrained(base / 'vae')
     save_tiny_clip(base, hidden_size=_UNET_TEST['cross_attention_dim'])

@@ -20,7 +20,8 @@ if ! ls "$CACHE"/mmcv-*.whl >/dev/null 2>&1; then
   work=$(mktemp -d)
   # On success or failure: drop the scratch folder, put back the setuptools found here.
   trap 'rm -rf "$work"; if [ -n "${SETUPTOOLS_BEFORE:-}" ]; then "$PY" -m pip install -q "setuptools==$SETUPTOOLS_BEFORE"; fi' EXIT
-  echo "building mmcv $MMCV_VERSION for torch $TORCH_VERSION (14 min measured on 2 cores) ..."
+  echo "building mmcv $MMCV_VERSION for torch $TORCH_VERSION: about 14 min on 2 quiet cores, up to 36 min on 2 busy" \
+       "ones (MAX_JOBS=${MAX_JOBS:-$(nproc)}); the wheel is then kept in $CACHE and later installs take seconds ..."
   # pkg_resources is gone from recent setuptools; mmcv's setup.py still imports it. The old setuptools is only
   # needed for the build: the one found here (torch wants a recent one) is put back afterwards.
   SETUPTOOLS_BEFORE=$("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || true)
@@ -34,6 +35,8 @@ if ! ls "$CACHE"/mmcv-*.whl >/dev/null 2>&1; then
     "$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$work/mmcv-$MMCV_VERSION"
   whl=$(ls "$work"/dist/mmcv-*.whl)
   cp "$whl" "$CACHE/.partial" && mv "$CACHE/.partial" "$CACHE/$(basename "$whl")"
+else
+  echo "mmcv $MMCV_VERSION: installing the cached wheel from $CACHE (seconds)"
 fi
 "$PY" -m pip install -q --no-deps "$CACHE"/mmcv-*.whl
 "$PY" -c 'import mmcv.ops, mmcv; print("mmcv", mmcv.__version__, "with ops")'

@@ -41,7 +41,7 @@ for c in "${cases[@]}"; do
     profile) bench profile --taps cleandift --profile --iters 3 "${compiled[@]}" ;;
     eager) bench eager --taps cleandift ;;
     cudagraphs) bench cudagraphs --taps cleandift --compile max-autotune ;;
-    train) "$PY" -m diffbackbone.train.bench_step --arch "${ARCH:-sd21}" --size "${SIZE:-768}" --batch "${BATCH:-8}" \
+    train) "$PY" -m diffbackbone.bench.train_step --arch "${ARCH:-sd21}" --size "${SIZE:-768}" --batch "${BATCH:-8}" \
              --precision "${DTYPE:-bf16}" --device "${DEVICE:-cuda}" 2>&1 | tee "$out/train.txt" ;;
     *) echo "unknown case '$c': choose from cleandift pyramid us6 noisy profile train eager cudagraphs" >&2; exit 2 ;;
   esac

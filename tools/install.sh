@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with diffbackbone (editable) and the pinned versions in tools/constraints.txt.
 #   bash tools/install.sh            timm backbones, CLI, trainer, tests
-#   bash tools/install.sh --mmseg    also MMSegmentation 1.2.2 with full mmcv 2.1.0 (built once, 14 min on 2 cores, then cached)
+#   bash tools/install.sh --mmseg    also MMSegmentation 1.2.2 with full mmcv 2.1.0 (built once: 14 min on 2 quiet cores,
+#                                    up to 36 min on 2 busy ones; then cached, seconds)
 # Env: PYTHON (default python3), VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ VENV=${VENV:-.venv}
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c tools/constraints.txt)
 "${PIP[@]}" torch torchvision
 if [ "${1:-}" = "--mmseg" ]; then
+  echo "--mmseg: mmcv $(sed -n 's/^MMCV_VERSION=//p' tools/build_mmcv.sh) is compiled from source unless a wheel is cached:" \
+       "about 14 min on 2 quiet cores, up to 36 min on 2 busy ones; a cached wheel installs in seconds."
   "${PIP[@]}" -e ".[test,mmseg]"
   bash tools/build_mmcv.sh "$VENV/bin/python"
 else

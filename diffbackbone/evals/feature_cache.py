@@ -2,7 +2,9 @@
 
 Files live in `<root>/<key>/<group>/<image>.safetensors`, where `<key>` hashes everything that changes the features
 (model, weights file, size, taps, prompt, dtype, model arguments): another configuration never reads them; each file
-records the size and mtime of its image, so a replaced image is computed again. Each file is written atomically (`hub.save_safetensors`), so a killed run leaves no half-written entry.
+records the size and mtime of its image, so a replaced image is computed again. Each file is written atomically
+(`hub.save_safetensors`), so a killed run leaves no half-written entry. A file holds one map, or several (`tap.<name>`,
+e.g. the raw maps a fused model's co-PCA needs).
 """
 from __future__ import annotations
 
@@ -42,24 +44,38 @@ class FeatureCache:
     def path(self, group: str, name: str) -> Path:
         return self.folder / group / f'{name}.safetensors'
 
-    def get(self, group: str, name: str, source: Optional[Path] = None) -> Optional[torch.Tensor]:
-        """The cached map, or None when absent, unreadable, or computed from another version of `source` (the image)."""
+    def get(self, group: str, name: str, source: Optional[Path] = None
+            ) -> Optional[torch.Tensor | dict[str, torch.Tensor]]:
+        """The cached map (or {tap: map} as put), or None when absent, unreadable, or computed from another version of
+        `source` (the image)."""
         path = self.path(group, name)
         if not path.is_file():
             return None
         try:
             with safe_open(path, 'pt') as f:
                 stale = source is not None and (f.metadata() or {}).get('source') != _stamp(source)
-                features = None if stale else f.get_tensor('features')
+                keys = list(f.keys())
+                if stale:
+                    features = None
+                elif keys == ['features']:
+                    features = f.get_tensor('features')
+                else:  # several maps, stored as `tap.<name>`
+                    features = {k[4:]: f.get_tensor(k) for k in keys if k.startswith('tap.')}
+                    if len(features) != len(keys):
+                        features = None
         except (SafetensorError, OSError, KeyError):  # not written by us (writes are atomic): compute it again
             features = None
         if features is None:
             path.unlink(missing_ok=True)
         return features
 
-    def put(self, group: str, name: str, features: torch.Tensor, source: Optional[Path] = None) -> None:
+    def put(self, group: str, name: str, features: torch.Tensor | dict[str, torch.Tensor],
+            source: Optional[Path] = None) -> None:
+        """Store one map, or several ({tap: map}, e.g. the raw maps a fused model's co-PCA needs)."""
         metadata = dict(cache_key=self.key, **({'source': _stamp(source)} if source is not None else {}))
-        save_safetensors({'features': features}, self.path(group, name), metadata=metadata)
+        tensors = ({f'tap.{k}': v.contiguous() for k, v in features.items()} if isinstance(features, dict)
+                   else {'features': features})
+        save_safetensors(tensors, self.path(group, name), metadata=metadata)
 
 
 def _stamp(path: Path) -> str:

@@ -19,15 +19,17 @@ from typing import Optional
 import torch
 
 from ..correspondence import normalised_map, point_features, similarity_argmax
-from ..outputs import check_file, check_folder, write_json
+from ..data.outputs import check_file, check_folder, write_json
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
 __all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'evaluate', 'ImageFeatures', 'run_spair', 'SpairError']
 
 ALPHA = 0.1
-# (category, image names) -> {image name: (C, h, w) features}
+# (category, image names) -> {image name: (C, h, w) features}, or {image name: {tap: map}} for a pair transform
 FeatureFn = Callable[[str, Sequence[str]], dict[str, torch.Tensor]]
+# (source features, target features) -> the two (C, h, w) maps to match (e.g. a fused model's co-PCA per pair)
+PairFn = Callable[[object, object], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -70,8 +72,10 @@ class Scores:
 
 
 def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.device = 'cpu',
-             progress: bool = False) -> Scores:
-    """Score every pair; `features(category, names)` gives each image's (C, h, w) map, one category at a time."""
+             progress: bool = False, pair_fn: Optional[PairFn] = None) -> Scores:
+    """Score every pair; `features(category, names)` gives each image's (C, h, w) map, one category at a time.
+
+    `pair_fn(src, trg)`, if given, turns the two images' features into the maps matched (computed per pair)."""
     from tqdm import tqdm
 
     by_cat: dict[str, list[Pair]] = defaultdict(list)
@@ -82,9 +86,15 @@ def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.dev
         for cat in sorted(by_cat):
             cat_pairs = sorted(by_cat[cat], key=lambda p: (p.trg, p.name))  # reuse each target's upsampled map
             names = sorted({p.src for p in cat_pairs} | {p.trg for p in cat_pairs})
-            feats = {k: v.to(device) for k, v in features(cat, names).items()}
+            feats = {k: ({t: m.to(device) for t, m in v.items()} if isinstance(v, dict) else v.to(device))
+                     for k, v in features(cat, names).items()}
             trg_name, trg_norm = None, None
             for p in cat_pairs:
+                if pair_fn is not None:
+                    src_map, trg_map = pair_fn(feats[p.src], feats[p.trg])
+                    scores.pairs.append(score_pair(p, src_map, normalised_map(trg_map, p.trg_size)))
+                    bar.update(1)
+                    continue
                 if p.trg != trg_name:
                     trg_name, trg_norm = p.trg, None  # free the previous map first
                     trg_norm = normalised_map(feats[p.trg], p.trg_size)
@@ -99,11 +109,11 @@ class ImageFeatures:
 
     def __init__(self, root: Path, model_fn: Callable[[], torch.nn.Module], size: Optional[int],
                  batch_size: int = 8, template: Optional[str] = None, cache: Optional[FeatureCache] = None,
-                 progress: bool = False):
+                 progress: bool = False, all_taps: bool = False):
         self.images = Path(root) / 'JPEGImages'
         self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
         self.size, self.batch_size, self.template = size, batch_size, template
-        self.cache, self.progress = cache, progress
+        self.cache, self.progress, self.all_taps = cache, progress, all_taps
         self.computed = 0
 
     def __call__(self, category: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -121,9 +131,15 @@ class ImageFeatures:
                 prompt = encode_prompts(self.model, [self.template.format(category=category)])
             batch = todo[start:start + self.batch_size]
             paths = [self.images / category / n for n in batch]
-            feats = image_features(self.model, paths, self.size, prompts=prompt)
+            if self.all_taps:  # {tap: map} per image
+                feats = image_features(self.model, paths, self.size, prompts=prompt, all_taps=True)
+                names = [i['name'] for i in self.model.feature_info.get_dicts()]
+                feats = [{t: m[i] for t, m in zip(names, feats)} for i in range(len(batch))]
+            else:
+                feats = image_features(self.model, paths, self.size, prompts=prompt)
             for n, f in zip(batch, feats):
-                f = f.detach().cpu().clone()
+                f = ({t: m.detach().cpu().clone() for t, m in f.items()} if isinstance(f, dict)
+                     else f.detach().cpu().clone())
                 if self.cache:
                     self.cache.put(category, n, f, self.images / category / n)
                 out[n] = f
@@ -146,12 +162,21 @@ def _table(scores: Scores) -> str:
 
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
+    from ..cli_args import DTYPES, check_size_fits
     from ..correspondence import load_tap_model
-    from ..extract import DTYPES, check_size_fits
 
-    if args.taps is None or len(args.taps) != 1:
+    co_pca = getattr(args, 'co_pca', None)
+    if co_pca is not None:
+        from ..models.fused import RAW_PRESET, is_fused_model
+
+        if not is_fused_model(args.model):
+            raise ValueError(f'--co-pca needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
+                             f'{args.model}.')
+        tap = RAW_PRESET  # the raw maps of both sources; the pair's co-PCA fuses them
+    elif args.taps is None or len(args.taps) != 1:
         raise ValueError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
-    tap = args.taps[0]
+    else:
+        tap = args.taps[0]
     if args.prompt_template is not None:
         try:
             args.prompt_template.format(category='cat')
@@ -183,8 +208,15 @@ def run_spair(args: argparse.Namespace) -> int:
             protocol='stretch-[-1,1]', version=1))
         print(f'feature cache: {cache.folder}')
     feats = ImageFeatures(Path(args.data), model_fn, args.size, args.batch_size, args.prompt_template, cache,
-                          progress=True)
-    scores = evaluate(pairs, feats, device=args.device, progress=True)
+                          progress=True, all_taps=co_pca is not None)
+    pair_fn = None
+    if co_pca is not None:
+        from ..models.fused import pair_co_pca
+
+        def pair_fn(a: dict, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            return pair_co_pca(a, b, co_pca, kwargs.get('sd_weight', 1.0), kwargs.get('dino_weight', 1.0))
+
+    scores = evaluate(pairs, feats, device=args.device, progress=True, pair_fn=pair_fn)
     print(_table(scores))
     overall = scores.summary()
     print(f'{args.model} {tap}: PCK@0.1 bbox {overall["per_image_pck"]:.2f} per image, {overall["per_point_pck"]:.2f} '
@@ -194,7 +226,7 @@ def run_spair(args: argparse.Namespace) -> int:
     if args.json:
         result = {k: overall[k] for k in ('per_image_pck', 'per_point_pck', 'per_image_pck_img', 'per_point_pck_img')}
         result.update(per_category={c: scores.summary(c) for c in scores.categories()}, model=args.model,
-                      weights=weights, tap=tap, size=args.size, prompt_template=args.prompt_template,
+                      weights=weights, tap=tap, co_pca=co_pca, size=args.size, prompt_template=args.prompt_template,
                       num_pairs=overall['num_pairs'], num_points=overall['num_points'])
         write_json(args.json, result, 'eval spair')
         print(f'wrote {args.json}')

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..images import ImageError, image_size
+from ..data.images import ImageError, image_size
 
 __all__ = ['Pair', 'SpairError', 'load_pairs', 'REQUIRED_KEYS']
 

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from timm.layers import ClassifierHead
 
-from .diffusion_unet import NoisyLatents, TapBackbone, _vae_keys
+from .backbone import NoisyLatents, TapBackbone, vae_keys
 from .taps import Tap
 
 __all__ = ['DiTBackbone', 'filter_transformer_state_dict']
@@ -58,7 +58,7 @@ class DiTBackbone(NoisyLatents, TapBackbone):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
             path = hub.download(self.base_repo, self.vae_file, what='VAE')
-            state_dict.update(_vae_keys(hub.load_safetensors(path, what='VAE')))
+            state_dict.update(vae_keys(hub.load_safetensors(path, what='VAE')))
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')

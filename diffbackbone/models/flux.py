@@ -30,9 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .dit import DiTBackbone, filter_transformer_state_dict
-from .diffusion_unet import (
-    _VAE_TEST, VAEEncoder, _check_timestep, _per_latent, build_backbone,
-)
+from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_flux_prompt
 
@@ -48,7 +46,7 @@ _FLUX_TEST = dict(_FLUX_DEV, num_layers=2, num_single_layers=3, attention_head_d
 # vae/config.json: 16 latent channels, no quant_conv, latents shifted then scaled.
 _VAE_FLUX = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
                  scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
-_VAE_TEST_FLUX = dict(_VAE_TEST, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
+_VAE_TEST_FLUX = dict(VAE_TEST, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
 # scheduler/scheduler_config.json: dev shifts its sigmas by the image size (`mu`), schnell does not shift.
 _SCHEDULER_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
@@ -123,7 +121,7 @@ class FluxBackbone(DiTBackbone):
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         strength = t / 1000
         # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its last `passes` steps
         self.t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
@@ -200,8 +198,8 @@ class FluxBackbone(DiTBackbone):
         img_ids[..., 1] += torch.arange(height // 2, device=x.device)[:, None]
         img_ids[..., 2] += torch.arange(width // 2, device=x.device)[None, :]
         guidance = torch.full((n,), self.guidance, device=x.device) if tr.config.guidance_embeds else None
-        return dict(encoder_hidden_states=_per_latent(embeds.to(x.dtype), n),
-                    pooled_projections=_per_latent(pooled.to(x.dtype), n),
+        return dict(encoder_hidden_states=per_latent(embeds.to(x.dtype), n),
+                    pooled_projections=per_latent(pooled.to(x.dtype), n),
                     img_ids=img_ids.flatten(0, 1).to(x.dtype),
                     txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype), guidance=guidance)
 

@@ -23,10 +23,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
 from .dit import DiTBackbone, filter_transformer_state_dict
-from .diffusion_unet import (
-    _VAE_SD, _VAE_SDXL, _VAE_TEST, VAEEncoder, _check_timestep, _per_latent,
-    build_backbone,
-)
+from .backbone import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _TableBuilder
 from .text import encode_t5_prompt
 
@@ -85,7 +82,7 @@ class PixArtBackbone(DiTBackbone):
             check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
         super().__init__()
-        t = 50 if timestep is None else int(_check_timestep(timestep, whole=True))
+        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
         self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
@@ -135,8 +132,8 @@ class PixArtBackbone(DiTBackbone):
         h = tr.pos_embed(z)
         t_emb, _ = tr.adaln_single(self.timestep.expand(n), None, batch_size=n, hidden_dtype=h.dtype)
         embeds, mask = self._prompt_override or (self.prompt_embeds, self.prompt_mask)  # per image: use_prompts
-        ctx = _per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
-        bias = _per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
+        ctx = per_latent(tr.caption_projection(embeds.to(h.dtype)), n)
+        bias = per_latent(((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1), n)
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
         with ActivationRecorder(self, taps) as rec:
@@ -195,7 +192,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def pixart_sigma(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-Sigma XL/2 1024 px (SDXL's VAE, T5 prompts of 300 tokens), noisy at t=50 as Meng et al."""
-    model_args = dict(transformer_cfg=_PIXART_SIGMA, vae_cfg=_VAE_SDXL, max_tokens=300,
+    model_args = dict(transformer_cfg=_PIXART_SIGMA, vae_cfg=VAE_SDXL, max_tokens=300,
                       base_repo='PixArt-alpha/PixArt-Sigma-XL-2-1024-MS')
     return _create_pixart('pixart_sigma', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -203,7 +200,7 @@ def pixart_sigma(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def pixart_sigma_512(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-Sigma XL/2 512 px."""
-    model_args = dict(transformer_cfg=_PIXART_SIGMA_512, vae_cfg=_VAE_SDXL, max_tokens=300,
+    model_args = dict(transformer_cfg=_PIXART_SIGMA_512, vae_cfg=VAE_SDXL, max_tokens=300,
                       base_repo='PixArt-alpha/PixArt-Sigma-XL-2-512-MS')
     return _create_pixart('pixart_sigma_512', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -211,7 +208,7 @@ def pixart_sigma_512(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def pixart_alpha(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """PixArt-alpha XL/2 512 px (SD's VAE, T5 prompts of 120 tokens)."""
-    model_args = dict(transformer_cfg=_PIXART_ALPHA_512, vae_cfg=_VAE_SD, max_tokens=120,
+    model_args = dict(transformer_cfg=_PIXART_ALPHA_512, vae_cfg=VAE_SD, max_tokens=120,
                       base_repo='PixArt-alpha/PixArt-XL-2-512x512')
     return _create_pixart('pixart_alpha', pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -219,5 +216,5 @@ def pixart_alpha(pretrained: bool = False, **kwargs) -> PixArtBackbone:
 @register_model
 def test_pixart(pretrained: bool = False, **kwargs) -> PixArtBackbone:
     """Tiny random-weight PixArt layout, for tests."""
-    model_args = dict(transformer_cfg=_PIXART_TEST, vae_cfg=_VAE_TEST, max_tokens=8, base_repo='diffbackbone/test-pixart')
+    model_args = dict(transformer_cfg=_PIXART_TEST, vae_cfg=VAE_TEST, max_tokens=8, base_repo='diffbackbone/test-pixart')
     return _create_pixart('test_pixart', pretrained=pretrained, **dict(model_args, **kwargs))

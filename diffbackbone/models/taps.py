@@ -316,12 +316,11 @@ def resolve_taps(
 def list_taps(model_name: str, **kwargs) -> list[Tap]:
     """Every tap of a registered model, in execution order (built on the meta device: no weights, no download).
 
-    For the CLI (`diffbackbone taps MODEL`): each Tap has name, aliases, num_chs, reduction and module.
+    For the CLI (`diffbackbone taps MODEL`): each Tap has name, aliases, num_chs, reduction and module. The models
+    are registered already: importing this module first imports `diffbackbone`, which registers them.
     """
     import timm
     import torch
-
-    from .. import models  # noqa: F401  (registers the models)
 
     with torch.device('meta'):
         model = timm.create_model(model_name, pretrained=False, **kwargs)

@@ -33,7 +33,7 @@ Features "as the noisy model would see them at t", from the heads::
     names = [info['name'] for info in model.feature_info.get_dicts()]   # a features_only model
     noisy_like = heads(dict(zip(names, model(images))), t=100)         # {tap name: (N, C, H, W)}
 
-Benchmark one training step (random weights): `python -m diffbackbone.train.bench_step --arch sd21 --size 768`.
+Benchmark one training step (random weights): `python -m diffbackbone.bench.train_step --arch sd21 --size 768`.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ __all__ = ['add_clean_train_parser', 'run_clean_train']
 
 def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `clean-train` subcommand to `diffbackbone`'s subparsers."""
-    from ..cli import device, positive_int
+    from ..cli_args import device, positive_int
 
     p = subparsers.add_parser(
         'clean-train', help='make a diffusion UNet clean (CleanDIFT recipe) on a folder of images',

@@ -3,7 +3,7 @@
 Every random choice of a sample (its crop) is seeded from (seed, epoch, index), and the order of an epoch from
 (seed, epoch), so a resumed run sees exactly the batches the uninterrupted one would have seen, whatever the number
 of loader workers. An image that cannot be read is replaced by the next readable one and reported in the batch.
-Images are read by `diffbackbone.images.open_image`, as everywhere in the package (EXIF orientation applied, 16-bit
+Images are read by `diffbackbone.data.images.open_image`, as everywhere in the package (EXIF orientation applied, 16-bit
 images scaled, transparency on white).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
-from ..images import IMAGE_EXTENSIONS, open_image
+from ..data.images import IMAGE_EXTENSIONS, open_image
 
 __all__ = [
     'IMAGE_EXTENSIONS',

@@ -20,7 +20,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from torch import nn
 
-from ..models.diffusion_unet import _SCHEDULER_SD, DiffusionUNet, checkpoint_filter_fn
+from ..models.backbone import SCHEDULER_SD
+from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
 __all__ = [
@@ -57,7 +58,7 @@ class BaseModels:
     clean_name: str | None  # timm model that loads the output file, None for a local diffusers folder
     unet_cfg: dict = field(default_factory=dict)
     vae_cfg: dict = field(default_factory=dict)
-    scheduler: DDPMScheduler = field(default_factory=lambda: DDPMScheduler(**_SCHEDULER_SD))
+    scheduler: DDPMScheduler = field(default_factory=lambda: DDPMScheduler(**SCHEDULER_SD))
 
 
 def _copy_weights(teacher: DiffusionUNet, student: DiffusionUNet) -> None:
@@ -104,7 +105,7 @@ def _diffusers_folder(folder: Path, pretrained: bool, base_repo: str | None = No
         from safetensors.torch import load_file
         teacher.load_state_dict(checkpoint_filter_fn(load_file(weights), teacher), strict=True)
     _copy_weights(teacher, student)
-    scheduler = DDPMScheduler(**_SCHEDULER_SD)
+    scheduler = DDPMScheduler(**SCHEDULER_SD)
     if (folder / 'scheduler' / 'scheduler_config.json').is_file():
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / 'scheduler'))
     return BaseModels(teacher, student, base_repo or str(folder), None, unet_cfg, vae_cfg, scheduler)

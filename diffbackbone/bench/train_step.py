@@ -1,7 +1,7 @@
 """Speed and memory of one clean-train optimizer step, random weights and random images (no data, no download).
 
-    python -m diffbackbone.train.bench_step --arch sd21 --size 768 --batch 8 --precision bf16      # the GPU check
-    python -m diffbackbone.train.bench_step --arch test --size 128 --batch 2 --precision fp32 --device cpu
+    python -m diffbackbone.bench.train_step --arch sd21 --size 768 --batch 8 --precision bf16      # the GPU check
+    python -m diffbackbone.bench.train_step --arch test --size 128 --batch 2 --precision fp32 --device cpu
 
 Prints one JSON line: steps/s, images/s, peak memory (CUDA allocator peak on GPUs, process peak RSS on CPU).
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .distill import BASES, CleanDistiller, build_models
+from ..train.distill import BASES, CleanDistiller, build_models
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -60,7 +60,7 @@ def bench(arch: str, size: int, batch: int, precision: str, steps: int, warmup: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m diffbackbone.train.bench_step', description=__doc__,
+    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench.train_step', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='sd21', choices=sorted(BASES), help='architecture (random weights)')
     p.add_argument('--size', type=int, default=768)

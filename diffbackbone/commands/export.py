@@ -20,8 +20,8 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from .hub import _write_reason, save_safetensors, umask
-from .outputs import check_folder
+from ..hub import _write_reason, save_safetensors, umask
+from ..data.outputs import check_folder
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
@@ -108,7 +108,7 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     """
     import timm
 
-    from . import models  # noqa: F401  (registers the architectures)
+    from .. import models  # noqa: F401  (registers the architectures)
 
     weights = find_weights(source)
     name = _architecture(weights, model)
@@ -154,7 +154,7 @@ def push_folder(folder: Path, repo_id: str) -> None:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from .hub import HubError, hub_errors
+    from ..hub import HubError, hub_errors
 
     try:
         with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',

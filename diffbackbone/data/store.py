@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from safetensors import safe_open
 
-from .hub import save_safetensors, write_text_atomic
+from ..hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'INDEX', 'scan_shards', 'store_files',
            'write_index']

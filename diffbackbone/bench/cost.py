@@ -1,8 +1,8 @@
 """What a model costs per image at its native size: FLOPs and parameters (meta device, nothing downloaded), and the
 activation peak of one bf16 forward on the CPU.
 
-    python -m diffbackbone.bench_cost flops flux flux_schnell pixart_sigma
-    python -m diffbackbone.bench_cost memory flux --blocks 1
+    python -m diffbackbone.bench.cost flops flux flux_schnell pixart_sigma
+    python -m diffbackbone.bench.cost memory flux --blocks 1
 
 FLOPs are counted by torch's `FlopCounterMode` on the meta device for the `pyramid` taps (VAE included). `memory`
 builds the model with full-width blocks and random weights in bf16, keeps `--blocks` blocks of each kind (one block's
@@ -19,9 +19,9 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import models  # noqa: F401  (registers the models)
-from .bench import _RSSPeak
-from .cli import diffusion_model_name, positive_int
+from .. import models  # noqa: F401  (registers the models)
+from .speed import _RSSPeak
+from ..cli_args import diffusion_model_name, positive_int
 
 __all__ = ['count', 'activation_peak', 'main']
 
@@ -64,7 +64,7 @@ def activation_peak(name: str, blocks: int = 1, size: Optional[int] = None) -> t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench_cost', description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench.cost', description=__doc__.split('\n\n')[0])
     p.add_argument('what', choices=('flops', 'memory'))
     p.add_argument('models', nargs='+', type=diffusion_model_name, metavar='MODEL')
     p.add_argument('--size', type=positive_int, help='square input side (default: each model\'s native size)')

@@ -1,6 +1,6 @@
 """Benchmark of `diffbackbone features DIR --out STORE`: bounded memory and pipeline efficiency, as ratios of one run.
 
-    python -m diffbackbone.bench_store --model test_cleandift --size 64 --batch-size 8 --workers 1
+    python -m diffbackbone.bench.store --model test_cleandift --size 64 --batch-size 8 --workers 1
 
 1. Memory: the same command (same model, size, batch, workers, taps, shard size) over a folder of `--small` images
    and over one of `--large` images, each in its own subprocess. Peak resident memory is read two ways: `ru_maxrss`
@@ -130,7 +130,8 @@ def measure_command(cmd: Sequence[str], env: Optional[dict] = None, interval: fl
 def model_only_throughput(model_name: str, size: int, batch_size: int, dtype: str, device: str, images: int,
                           taps: Optional[Sequence[str]] = None, warmup: int = 2) -> float:
     """Images/s of the model alone (random input already on `device`, features left on `device`)."""
-    from .extract import DTYPES, load_extractor
+    from ..cli_args import DTYPES
+    from ..commands.features import load_extractor
 
     model = load_extractor(model_name, taps, device, dtype, pretrained=False)
     x = torch.randn(batch_size, 3, size, size, device=device, dtype=DTYPES[dtype])
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f'model only: {max(speeds):.1f} img/s; pipeline efficiency (features img/s / model-only img/s): '
           f'{result["efficiency"]:.3f} (GPU target >= 0.9)')
     if args.json:
-        from .outputs import write_json
+        from ..data.outputs import write_json
 
         write_json(args.json, result, 'bench_store')
     return result
@@ -233,7 +234,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench_store', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench.store', description=__doc__.split('\n')[0])
     p.add_argument('--model', default='test_cleandift', help='model (random weights, nothing downloaded)')
     p.add_argument('--size', type=_positive, default=64, help='model input size in pixels')
     p.add_argument('--batch-size', type=_positive, default=8)
@@ -254,7 +255,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         p.error(f'--json {args.json}: its folder does not exist')
     if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
-        from .outputs import OutputError, check_file
+        from ..data.outputs import OutputError, check_file
 
         try:
             check_file(args.json, option='--json')

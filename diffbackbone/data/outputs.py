@@ -54,7 +54,7 @@ def save_picture(img: 'Image.Image', path: PathLike, command: str) -> None:
     """Save a picture atomically, marked as ours in its Software tag (formats without one cannot be recognised)."""
     from PIL import Image
 
-    from .hub import atomic_path
+    from ..hub import atomic_path
 
     path = Path(path)
     fmt = Image.registered_extensions()[path.suffix.lower()]
@@ -66,7 +66,7 @@ def save_picture(img: 'Image.Image', path: PathLike, command: str) -> None:
 
 def write_json(path: PathLike, data: dict, command: str) -> None:
     """Write a JSON object atomically with a `"diffbackbone": command` key (our mark)."""
-    from .hub import write_text_atomic
+    from ..hub import write_text_atomic
 
     write_text_atomic(path, json.dumps({**data, MARK: command}, indent=1) + '\n')
 

@@ -34,9 +34,9 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.diffusion_unet import DiffusionUNet
-from .models.fast import COMPILE_MODES, compile_model, optimize
-from .models.taps import Tap
+from ..models.diffusion_unet import DiffusionUNet
+from ..models.fast import COMPILE_MODES, compile_model, optimize
+from ..models.taps import Tap
 from .profiling import elapsed_ms, format_blocks, profile_blocks, stamp, top_operators
 
 __all__ = ['main', 'run', 'Reference', 'FeatureMismatch', 'check_same', 'TOLERANCE']
@@ -334,13 +334,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def _write_json(path: str, result: dict) -> None:
     """Write `result` to `path` atomically."""
-    from .outputs import write_json
+    from ..data.outputs import write_json
 
     write_json(path, result, 'bench')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from .cli import device, diffusion_model_name
+    from ..cli_args import device, diffusion_model_name
 
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='cleandift_sd21', type=diffusion_model_name,
@@ -370,7 +370,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f'--json {args.json}: its folder does not exist; create it first')
     if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
-        from .outputs import OutputError, check_file
+        from ..data.outputs import OutputError, check_file
 
         try:
             check_file(args.json, option='--json')

@@ -1,6 +1,6 @@
 """`diffbackbone features`: tap maps of images into a feature store folder, or into one safetensors file.
 
-`--out DIR` writes a `FeatureStore` (diffbackbone/store.py) as the run goes: resumable, bounded memory, one slice of
+`--out DIR` writes a `FeatureStore` (diffbackbone/data/store.py) as the run goes: resumable, bounded memory, one slice of
 the images per torchrun rank. `--out F.safetensors` keeps today's single-file form for a few images (one (N, C, H, W)
 tensor per tap, optionally a PCA picture of one tap).
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,16 +19,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .hub import save_safetensors
-from .images import ImageError, image_size
-from .outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
-from .pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
-from .store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
-                    store_files, write_index)
+from ..cli_args import DTYPES, check_size_fits
+from ..data.images import ImageError, image_size
+from ..data.outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
+from ..data.pipeline import DistInfo, barrier, default_workers, dist_info, extract_batches, find_images, init_distributed
+from ..data.store import (INDEX, StoreError, StoreWriter, collect_failed, config_difference, read_index, scan_shards,
+                          store_files, write_index)
+from ..hub import save_safetensors
 
-__all__ = ['DTYPES', 'OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
+__all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
 
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
 
 
@@ -45,7 +44,7 @@ def load_extractor(
     """The timm `features_only` model for `taps` (names, indices or a preset; default the pyramid), ready to run."""
     import timm
 
-    from . import models  # noqa: F401  (registers the models)
+    from .. import models  # noqa: F401  (registers the models)
 
     kwargs = dict(model_kwargs or {})
     if weights:
@@ -105,40 +104,6 @@ def check_store(out: Path, inputs: Sequence[str], overwrite: bool = False) -> No
     check_folder(out, 'store', inputs, overwrite)
 
 
-def _free_memory(device: str) -> Optional[int]:
-    """Bytes free for tensors on `device` (CPU: MemAvailable), None when unknown."""
-    dev = torch.device(device)
-    if dev.type == 'cuda':
-        return torch.cuda.mem_get_info(dev)[0]
-    if dev.type == 'cpu':
-        try:
-            with open('/proc/meminfo') as f:
-                for line in f:
-                    if line.startswith('MemAvailable:'):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
-def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size') -> None:
-    """Refuse a `--size` whose input batch alone (decoded as float32) would not fit in `device`'s free memory, before
-    any model is loaded (the model's own activations need many times more)."""
-    if not size:
-        return
-    need = batch_size * 3 * size * size * 4
-    free = _free_memory(device)
-    if free is not None and need > free:
-        raise ValueError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
-                         f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
-                         f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
-                         'are trained at 512 to 1024 px).')
-
-
 def check_images(paths: Sequence[str]) -> None:
     """Read every image header now (cheap), so a bad file stops the run before any feature is computed."""
     unreadable = []
@@ -154,7 +119,7 @@ def check_images(paths: Sequence[str]) -> None:
 def probe_shapes(model, names: Sequence[str], size: Sequence[int], device, dtype, pool=None, feature_size=None
                  ) -> dict[str, list[int]]:
     """(C, h, w) of every stored tap, from one forward of a blank image (also checks the model runs at `size`)."""
-    from .pipeline import pool_features
+    from ..data.pipeline import pool_features
 
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *size, device=device, dtype=dtype))
@@ -193,7 +158,7 @@ def run_features(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ValueError(f'--workers must be at least 0, got {args.workers}.')
     if args.compile:
-        from .models.fast import COMPILE_MODES
+        from ..models.fast import COMPILE_MODES
 
         if args.compile not in COMPILE_MODES:
             raise ValueError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
@@ -229,7 +194,7 @@ def run_features(args: argparse.Namespace) -> int:
                              f'size {size[0]}; a PCA picture needs at least 2 positions. Pick a finer tap or a larger '
                              '--size.')
     if args.compile or args.channels_last:
-        from .models.fast import optimize
+        from ..models.fast import optimize
 
         model = optimize(model, channels_last=args.channels_last, compile=args.compile or False)
     workers = default_workers(info.local_world) if args.workers is None else args.workers

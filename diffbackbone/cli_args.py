@@ -1,0 +1,163 @@
+"""Argument types and shared options of the command lines (`diffbackbone`, `python -m diffbackbone.bench...`).
+
+Bad values end in argparse's `error: ...` line and exit 2 before anything runs. Below every command: `cli.py`,
+`train/cli.py` and the benchmarks import from here, and this module imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object', 'point',
+           'add_model_args', 'check_size_fits']
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # `--dtype` values
+
+
+def _diffusion_models() -> list[str]:
+    """The models diffbackbone registers with timm (importing `diffbackbone.models` registers them)."""
+    import timm
+    from timm.models import model_entrypoint
+
+    from . import models  # noqa: F401
+
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
+
+
+def _unknown_model(value: str, candidates: Sequence[str]) -> argparse.ArgumentTypeError:
+    close = difflib.get_close_matches(value, candidates, n=3)
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    return argparse.ArgumentTypeError(f'unknown model {value!r}.{hint} Diffusion models: '
+                                      f'{", ".join(sorted(_diffusion_models()))}.')
+
+
+def model_name(value: str) -> str:
+    """A registered diffbackbone/timm model name (with an optional `.tag`), `hf-hub:org/name` or `local-dir:PATH`."""
+    import timm
+
+    from . import models  # noqa: F401  (registers the models)
+
+    if value.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(value):
+        return value
+    raise _unknown_model(value, timm.list_models())
+
+
+def diffusion_model_name(value: str) -> str:
+    """The name of one of diffbackbone's diffusion models (commands that need its taps)."""
+    import timm
+
+    ours = _diffusion_models()
+    if value.partition('.')[0] in ours and timm.is_model(value):
+        return value
+    if timm.is_model(value):
+        raise argparse.ArgumentTypeError(f'{value!r} is a timm model but not a diffusion model of diffbackbone: '
+                                         f'choose one of {", ".join(sorted(ours))}.')
+    raise _unknown_model(value, ours)
+
+
+def device(value: str) -> str:
+    """A torch device that exists here."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f'invalid device {value!r}: use cpu, cuda, cuda:N or mps.') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f'{value!r}: no CUDA GPU is available here; use --device cpu.')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f'{value!r}: only {torch.cuda.device_count()} CUDA GPU(s) here.')
+    elif dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f'{value!r}: MPS is not available here; use --device cpu.')
+    return str(dev)
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number.') from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {n}.')
+    return n
+
+
+def json_object(value: str) -> dict:
+    """A JSON object, e.g. '{"timestep": 100}'."""
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'invalid JSON ({e.msg} at column {e.colno}): give an object such as '
+                                         '\'{"timestep": 100}\'.') from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object such as \'{{"timestep": 100}}\', got a '
+                                         f'{type(obj).__name__}.')
+    return obj
+
+
+def point(text: str) -> tuple[float, float]:
+    """'X,Y' -> (x, y)."""
+    try:
+        x, y = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'points are X,Y pixel coordinates, e.g. 120,200; got {text!r}') from None
+    return x, y
+
+
+def add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None) -> None:
+    """The options every model-running subcommand shares: batch, device, dtype, weights, model kwargs."""
+    if batch_size:
+        p.add_argument('--batch-size', type=positive_int, default=batch_size)
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=tuple(DTYPES), default='float32')
+    p.add_argument('--weights', help='local weights file instead of the Hub (pretrained_cfg_overlay file=...)')
+    p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+
+
+# ---- sizes that cannot fit ---------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+        n /= 1024
+    return f'{n:.1f} TB'
+
+
+def _free_memory(device: str) -> Optional[int]:
+    """Bytes free for tensors on `device` (CPU: MemAvailable), None when unknown."""
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == 'cpu':
+        try:
+            with open('/proc/meminfo') as f:
+                for line in f:
+                    if line.startswith('MemAvailable:'):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size') -> None:
+    """Refuse a `--size` whose input batch alone (decoded as float32) would not fit in `device`'s free memory, before
+    any model is loaded (the model's own activations need many times more)."""
+    if not size:
+        return
+    need = batch_size * 3 * size * size * 4
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
+                         f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
+                         f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
+                         'are trained at 512 to 1024 px).')

@@ -1,0 +1,184 @@
+""" DiTF: FLUX features with AdaLN modulation and massive-channel discard, as timm models.
+
+Diffusion Transformer Features (DiTF) - https://arxiv.org/abs/2505.18584 (Gan et al., NeurIPS 2025),
+code https://github.com/ganchaofan0000/DiTF (read for the method; written here from scratch).
+
+Their extraction (`src/flux/feat_flux.py`, `model.forward_feat`, `eval_spair.py`):
+- one transformer pass of FLUX.1 [dev] at sigma = t / 1000 (t = 260 for SPair, 90 for DAVIS), the latent noised
+  linearly (sigma * noise + (1 - sigma) * latent, no schedule shift), guidance 3.5, `ensemble` (8) noise draws;
+- the feature of block k (a single-stream block, k >= 19; 28 for SPair, 24 for DAVIS) is the block's *input* image
+  tokens, averaged over the draws, together with that block's AdaLN modulation (shift, scale) of the timestep/text
+  embedding;
+- the "massive activation" channels of FLUX.1 [dev] (154 and 1446) are set to 0 ("channel discard"), the tokens are
+  layer-normalised (no affine, eps 1e-6) and modulated: (1 + scale) * x + shift.
+
+Here that is the tap `vit-block{k}-in-mod` of `ditf_flux` (FLUX.1 [dev] weights, every other tap of `flux` too);
+the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models import generate_default_cfgs, register_model
+
+from .backbone import build_backbone, check_timestep
+from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
+from .flux import _cfg as _flux_cfg
+from .taps import Tap
+
+__all__ = ['DiTFFlux', 'ditf_modulate', 'MASSIVE_CHANNELS_FLUX_DEV']
+
+MASSIVE_CHANNELS_FLUX_DEV = (154, 1446)  # their eval_spair.py / eval_davis.py, for FLUX.1 [dev]
+
+
+def ditf_modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                  massive_channels: Sequence[int] = ()) -> torch.Tensor:
+    """DiTF's feature from a block's input map (B, C, h, w) and its AdaLN (shift, scale) (B, C): massive channels set
+    to 0, layer norm over channels (no affine, eps 1e-6), then (1 + scale) * x + shift."""
+    x = tokens.float().permute(0, 2, 3, 1)
+    if massive_channels:
+        keep = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+        keep[list(massive_channels)] = 0
+        x = x * keep
+    x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    x = x * (1 + scale.float()[:, None, None]) + shift.float()[:, None, None]
+    return x.permute(0, 3, 1, 2).to(tokens.dtype)
+
+
+class DiTFFlux(FluxBackbone):
+    """FLUX with DiTF's noise (one pass at sigma = t / 1000) and its modulated taps `vit-block{k}-in-mod`."""
+
+    def __init__(
+            self,
+            transformer_cfg: dict,
+            vae_cfg: dict,
+            scheduler_cfg: dict,
+            timestep: Optional[int] = 260,
+            guidance: float = 3.5,
+            ensemble: int = 8,
+            massive_channels: Sequence[int] = MASSIVE_CHANNELS_FLUX_DEV,
+            noise_seed: int = 0,
+            latent: str = 'sample',
+            base_repo: Optional[str] = None,
+            prompt: Optional[str] = None,
+            max_tokens: int = 512,
+            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
+            num_classes: int = 0,
+            global_pool: str = 'avg',
+            in_chans: int = 3,
+            drop_rate: float = 0.,
+            check_inputs: bool = True,
+    ):
+        """
+        Args:
+            timestep: t; the latent is noised to sigma = t / 1000 (theirs: 260 for SPair, 90 for DAVIS).
+            guidance: guidance scale the dev model is told (theirs: 3.5).
+            ensemble: noise draws whose block inputs are averaged before the modulation (theirs: 8).
+            massive_channels: channels set to 0 before the layer norm (their "channel discard"; () to keep them).
+            Other arguments: as `FluxBackbone` (one pass: no `num_inference_steps`).
+        """
+        t = int(check_timestep(260 if timestep is None else timestep, whole=True))
+        if t == 0:
+            raise ValueError('DiTF adds noise at sigma = t / 1000: timestep must be at least 1.')
+        super().__init__(transformer_cfg, vae_cfg, scheduler_cfg, timestep=t, guidance=guidance, ensemble=ensemble,
+                         noise_seed=noise_seed, latent=latent, base_repo=base_repo, prompt=prompt,
+                         max_tokens=max_tokens, vae_file=vae_file, num_classes=num_classes, global_pool=global_pool,
+                         in_chans=in_chans, drop_rate=drop_rate, check_inputs=check_inputs)
+        self.ditf_timestep, self.passes = t, 1
+        width = self.transformer.inner_dim
+        bad = [c for c in massive_channels if not 0 <= int(c) < width]
+        if bad:
+            raise ValueError(f'massive_channels {bad} are outside the {width} channels of this transformer.')
+        self.massive_channels = tuple(int(c) for c in massive_channels)
+        n_double = len(self.transformer.transformer_blocks)
+        n_blocks = n_double + len(self.transformer.single_transformer_blocks)
+        by_name = {t.name: t for t in self.all_taps}
+        last_seq = max(t.seq for t in self.all_taps)
+        extra = []
+        for k in range(n_double, n_blocks):
+            src = by_name[f'vit-block{k - 1}-out']
+            extra.append(dataclasses.replace(
+                src, name=f'vit-block{k}-in-mod', location=f'vit-block{k}-in-mod', order=k, aliases=(), base=False,
+                module=f'transformer.single_transformer_blocks.{k - n_double}.norm', seq=last_seq + 1 + k))
+        self.all_taps = self.all_taps + extra
+        self._mod_source = {t.name: by_name[f'vit-block{t.order - 1}-out'] for t in extra}
+        if n_blocks > 28:
+            self.presets.update(ditf=('vit-block28-in-mod',), ditf_davis=('vit-block24-in-mod',))
+        else:  # tiny test layouts: the last block
+            self.presets.update(ditf=(extra[-1].name,), ditf_davis=(extra[0].name,))
+
+    def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass at sigma = t / 1000 (their `t = timestep / 1000`), no shift: (timesteps, sigmas)."""
+        sigma = self.ditf_timestep / 1000
+        return torch.tensor([float(self.ditf_timestep)]), torch.tensor([sigma, 0.0])
+
+    def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
+        mods = [t for t in wanted if t.name in self._mod_source]
+        if not mods:
+            return super()._extract(x, wanted)
+        sources = [self._mod_source[t.name] for t in mods]
+        base = [t for t in wanted if t not in mods]
+        base += [s for s in dict.fromkeys(sources) if s not in base]
+        feats = super()._extract(x, base)  # ensemble-averaged block inputs
+        shift_scale = self._modulation([t.order for t in mods], x)
+        out = {t.name: feats[t.name] for t in wanted if t not in mods}
+        for t, src in zip(mods, sources):
+            shift, scale = shift_scale[t.order]
+            out[t.name] = ditf_modulate(feats[src.name], shift, scale, self.massive_channels)
+        return out
+
+    def _modulation(self, blocks: Sequence[int], x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(shift, scale) of each single-stream block's AdaLN for each image (its prompt's pooled embedding)."""
+        tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
+        _, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
+        dtype = tr.x_embedder.weight.dtype
+        pooled = pooled.to(x.device, dtype).expand(x.shape[0], -1) if pooled.shape[0] == 1 else pooled.to(x.device,
+                                                                                                            dtype)
+        t = torch.full((x.shape[0],), float(self.ditf_timestep), device=x.device, dtype=dtype)  # sigma * 1000
+        if tr.config.guidance_embeds:
+            g = torch.full((x.shape[0],), self.guidance * 1000, device=x.device, dtype=dtype)
+            temb = tr.time_text_embed(t, g, pooled)
+        else:
+            temb = tr.time_text_embed(t, pooled)
+        out = {}
+        for k in blocks:
+            norm = tr.single_transformer_blocks[k - n_double].norm
+            shift, scale, _ = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+            out[k] = (shift, scale)
+        return out
+
+
+def _create_ditf(variant: str, pretrained: bool = False, **kwargs) -> DiTFFlux:
+    kwargs.setdefault('out_indices', 'ditf')
+    return build_backbone(DiTFFlux, variant, pretrained, checkpoint_filter_fn,
+                          ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
+
+
+_DITF = dict(origin_url='https://github.com/ganchaofan0000/DiTF', paper_ids='arXiv:2505.18584',
+             paper_name='Diffusion Transformers as Open-World Spatiotemporal Foundation Models')
+
+default_cfgs = generate_default_cfgs({
+    'ditf_flux.dev': _flux_cfg(hf_hub_id='black-forest-labs/FLUX.1-dev', license='flux-1-dev-non-commercial-license',
+                               input_size=(3, 640, 640), pool_size=(40, 40), **_DITF),
+    'test_ditf_flux.tiny': _flux_cfg(hf_hub_id='diffbackbone/test-flux', input_size=(3, 128, 128), pool_size=(8, 8),
+                                     license='apache-2.0', **_DITF),
+})
+
+
+@register_model
+def ditf_flux(pretrained: bool = False, **kwargs) -> DiTFFlux:
+    """DiTF on FLUX.1 [dev]: t = 260, 8 draws, guidance 3.5, `ditf` preset = vit-block28-in-mod (SPair)."""
+    model_args = dict(transformer_cfg=_FLUX_DEV, vae_cfg=_VAE_FLUX, scheduler_cfg=_SCHEDULER_DEV,
+                      base_repo='black-forest-labs/FLUX.1-dev')
+    return _create_ditf('ditf_flux', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_ditf_flux(pretrained: bool = False, **kwargs) -> DiTFFlux:
+    """Tiny random-weight DiTF FLUX layout for tests (massive channel 3)."""
+    model_args = dict(transformer_cfg=_FLUX_TEST, vae_cfg=_VAE_TEST_FLUX, scheduler_cfg=_SCHEDULER_DEV, max_tokens=8,
+                      base_repo='diffbackbone/test-flux', massive_channels=(3,), ensemble=2)
+    return _create_ditf('test_ditf_flux', pretrained=pretrained, **dict(model_args, **kwargs))

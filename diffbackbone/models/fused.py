@@ -1,0 +1,465 @@
+""" Fused diffusion + DINOv2 backbones: "A Tale of Two Features" as timm models.
+
+A Tale of Two Features: Stable Diffusion Complements DINO for Zero-Shot Semantic Correspondence -
+https://arxiv.org/abs/2305.15347 (Zhang et al., NeurIPS 2023), code https://github.com/Junyi42/sd-dino (no licence:
+read for the recipe, written here from scratch).
+
+Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODISE's `LdmExtractor`):
+- Stable Diffusion at 960 px, one noisy pass (SD1.5, t=100); decoder features of LDM output blocks 2, 5 and 8 as ODISE
+  records them (the input of the block without its skip: in diffusers terms `up_blocks[0]` resnet 1, `up_blocks[1]`
+  layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`, strides 64 / 32 / 16).
+- each SD level PCA-reduced to 256 channels, the PCA fitted jointly over the two images of a pair (co-PCA); coarse to
+  fine, the stack is upsampled bilinearly to the next level and concatenated after it: [us8, us5, us2] at stride 16.
+- DINOv2 ViT-B/14 at 840 px (60 x 60 patches, the grid of the SD map): the token output of block 11 (the last), no
+  final norm, class token dropped.
+- each source L2-normalised over its channels, weighted (1 and 1) and concatenated.
+
+Here the DINOv2 part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's
+input resized to (grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
+(`fit_projection` fits a PCA per SD tap on images of your choice and keeps it in the state dict) or none (default);
+the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone match` and `eval spair` (`--co-pca`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as _vit_filter
+
+from .taps import TapError
+
+__all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
+           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET']
+
+FUSED_TAP, DINO_TAP = 'fused', 'dino'
+RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
+# Their SD levels (ODISE output blocks 8, 5, 2), fine to coarse, and PCA dims per level.
+_TALE_TAPS = ('us8', 'us5', 'us2')
+_TALE_DIMS = (256, 256, 256)
+
+
+def pca_basis(samples: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (C,), basis (C, dims)) of the principal components of (N, C) samples, by an exact SVD in float64.
+
+    Their code uses `torch.pca_lowrank` (randomised, 2 power iterations); an exact decomposition is what it
+    approximates. Component signs are arbitrary, which does not change any similarity.
+    """
+    if dims > min(samples.shape):
+        raise ValueError(f'PCA to {dims} dims needs at least {dims} samples and channels, got {tuple(samples.shape)}.')
+    x = samples.double()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean.to(samples.dtype), vh[:dims].T.to(samples.dtype).contiguous()
+
+
+def _project(feat: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, d, h, w) through a PCA basis."""
+    x = feat.permute(0, 2, 3, 1) - mean.to(feat.dtype)
+    return (x @ basis.to(feat.dtype)).permute(0, 3, 1, 2)
+
+
+def fuse_maps(sd_maps: Sequence[torch.Tensor], dino_map: torch.Tensor, sd_weight: float = 1.0,
+              dino_weight: float = 1.0) -> torch.Tensor:
+    """Their fusion of (reduced) maps: SD levels listed fine to coarse are stacked coarse to fine (each step upsampled
+    bilinearly to the next level and concatenated after it), then each source is L2-normalised over its channels,
+    weighted, and the two are concatenated; the DINO map is resized to the SD grid if it differs."""
+    stack = sd_maps[-1]
+    for level in reversed(sd_maps[:-1]):
+        stack = torch.cat([level, F.interpolate(stack, size=level.shape[-2:], mode='bilinear', align_corners=False)], 1)
+    if dino_map.shape[-2:] != stack.shape[-2:]:
+        dino_map = F.interpolate(dino_map, size=stack.shape[-2:], mode='bilinear', align_corners=False)
+    return torch.cat([F.normalize(stack, dim=1) * sd_weight, F.normalize(dino_map, dim=1) * dino_weight], 1)
+
+
+def _pair_pca(a: torch.Tensor, b: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PCA fitted on the positions of both (C, h, w) maps, applied to each."""
+    samples = torch.cat([a.flatten(1), b.flatten(1)], 1).T
+    mean, basis = pca_basis(samples.float(), dims)
+    return _project(a[None].float(), mean, basis)[0], _project(b[None].float(), mean, basis)[0]
+
+
+def co_pca_fuse(src: Mapping[str, torch.Tensor], trg: Mapping[str, torch.Tensor], sd_taps: Sequence[str],
+                sd_dims: Sequence[int] = _TALE_DIMS, dino_dims: Optional[int] = None, sd_weight: float = 1.0,
+                dino_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's per-pair fusion of two images' raw maps ({tap: (C, h, w)}, SD taps fine to coarse and 'dino'):
+    each SD tap reduced by a PCA fitted on both images together (co-PCA), optionally the DINO map too
+    (their `CO_PCA_DINO`), then `fuse_maps`. Returns the two fused (C, h, w) maps."""
+    if len(sd_dims) != len(sd_taps):
+        raise ValueError(f'co-PCA needs one dimension per SD tap {list(sd_taps)}, got {list(sd_dims)}.')
+    missing = [t for t in (*sd_taps, DINO_TAP) if t not in src or t not in trg]
+    if missing:
+        raise ValueError(f'co-PCA needs the raw maps {missing} of both images (a fused model with those taps).')
+    pairs = [_pair_pca(src[t], trg[t], d) for t, d in zip(sd_taps, sd_dims)]
+    dino_a, dino_b = src[DINO_TAP].float(), trg[DINO_TAP].float()
+    if dino_dims:
+        dino_a, dino_b = _pair_pca(dino_a, dino_b, dino_dims)
+    fa = fuse_maps([p[0][None] for p in pairs], dino_a[None], sd_weight, dino_weight)[0]
+    fb = fuse_maps([p[1][None] for p in pairs], dino_b[None], sd_weight, dino_weight)[0]
+    return fa, fb
+
+
+def fused_module(model: nn.Module) -> 'FusedBackbone':
+    """The `FusedBackbone` in `model` (itself or inside timm's `features_only` wrapper)."""
+    for sub in model.modules():
+        if isinstance(sub, FusedBackbone):
+            return sub
+    raise ValueError(f'{type(model).__name__} is not a fused backbone: co-PCA needs a diffusion + DINOv2 model such as '
+                     'cleandift_sd21_dinov2.')
+
+
+def pair_co_pca(src: Mapping[str, torch.Tensor], trg: Mapping[str, torch.Tensor], dims: Sequence[int],
+                sd_weight: float = 1.0, dino_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`co_pca_fuse` of two images' raw maps as the `raw` selection returns them ({'dino': ..., SD taps...}): the SD
+    taps are every other map, fine to coarse; one value in `dims` applies to every SD tap."""
+    sd_taps = sorted((k for k in src if k != DINO_TAP), key=lambda k: -src[k].shape[-2] * src[k].shape[-1])
+    dims = list(dims) * len(sd_taps) if len(dims) == 1 else list(dims)
+    return co_pca_fuse(src, trg, sd_taps, dims, None, sd_weight, dino_weight)
+
+
+def is_fused_model(name: str) -> bool:
+    """Whether a timm model name (optionally `.tag`) is one of the fused backbones registered here."""
+    from timm.models import is_model, model_entrypoint
+
+    arch = name.partition('.')[0]
+    return is_model(arch) and model_entrypoint(arch).__module__ == __name__
+
+
+class FusedBackbone(nn.Module):
+    """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
+
+    Taps (`feature_info`, fine to coarse): `fused` (the fused map on the finest SD tap's grid), `dino` (raw DINOv2
+    tokens of `dino_layer` on the same grid), then the raw SD taps by their names. Each source runs once per batch,
+    and only when a selected tap needs it.
+    """
+
+    def __init__(
+            self,
+            diffusion: str = 'cleandift_sd21',
+            dino: str = 'vit_base_patch14_dinov2.lvd142m',
+            sd_taps: Sequence[str] = _TALE_TAPS,
+            dino_layer: Optional[int] = None,
+            sd_weight: float = 1.0,
+            dino_weight: float = 1.0,
+            sd_dims: Optional[Sequence[int]] = None,
+            dino_dims: Optional[int] = None,
+            diffusion_kwargs: Optional[dict[str, Any]] = None,
+            dino_kwargs: Optional[dict[str, Any]] = None,
+            load_weights: bool = False,
+            num_classes: int = 0,
+            in_chans: int = 3,
+    ):
+        """
+        Args:
+            diffusion: a diffusion model of this package (`cleandift_sd21`, `sd15`, ...).
+            dino: a timm DINOv2 (any `vit_*_patch14_dinov2*` name, with or without registers, `.tag` allowed).
+            sd_taps: SD taps fused, fine to coarse (default their levels: us8, us5, us2).
+            dino_layer: DINOv2 block whose tokens are used (default: the last, as their 11 / 23 / 39 for B / L / G).
+            sd_weight, dino_weight: weights of the two L2-normalised sources in the fused map (theirs: 1 and 1).
+            sd_dims: fixed PCA projection of each SD tap to these dims (fit it with `fit_projection`); None: raw.
+            dino_dims: fixed PCA projection of the DINO tokens (None: raw, as theirs without co-PCA).
+            diffusion_kwargs: arguments of the diffusion model (prompt, timestep, ensemble, pretrained_cfg_overlay...).
+            dino_kwargs: arguments of the timm DINOv2 (e.g. pretrained_cfg_overlay).
+            load_weights: download and load both parts' pretrained weights (set by `pretrained=True`).
+        """
+        super().__init__()
+        import timm
+
+        if num_classes:
+            raise ValueError('Fused backbones are feature extractors: use num_classes=0 (features_only=True).')
+        if in_chans != 3:
+            raise ValueError(f'Fused backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
+        self.sd_taps = list(sd_taps)
+        if not self.sd_taps or len(set(self.sd_taps)) != len(self.sd_taps):
+            raise ValueError(f'sd_taps must be distinct tap names, got {list(sd_taps)}.')
+        if sd_dims is not None and len(sd_dims) != len(self.sd_taps):
+            raise ValueError(f'sd_dims needs one dimension per SD tap {self.sd_taps}, got {list(sd_dims)}.')
+        self.sd_weight, self.dino_weight = float(sd_weight), float(dino_weight)
+        self.num_classes, self.in_chans = 0, in_chans
+
+        self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
+        if not hasattr(self.diffusion, 'forward_intermediates') or not hasattr(self.diffusion, 'taps'):
+            raise ValueError(f'diffusion={diffusion!r} is not a diffusion backbone of diffbackbone.')
+        names = self.diffusion.tap_names(all=True)
+        unknown = [t for t in self.sd_taps if t not in names and t not in self.diffusion.tap_names()]
+        if unknown:
+            raise TapError(f'{diffusion} has no taps {unknown}; see `diffbackbone taps {diffusion}`.')
+        from timm.models import is_model, model_entrypoint
+
+        arch = dino.partition('.')[0]
+        if not is_model(arch) or model_entrypoint(arch).__module__ not in ('timm.models.vision_transformer', __name__):
+            raise ValueError(f'dino={dino!r} is not a timm VisionTransformer: use a DINOv2 such as '
+                             "'vit_base_patch14_dinov2.lvd142m' (timm.list_models('*dinov2*')).")
+        self.dino = timm.create_model(dino, pretrained=load_weights, num_classes=0, dynamic_img_size=True,
+                                      **(dino_kwargs or {}))
+        if not isinstance(self.dino, VisionTransformer):
+            raise ValueError(f'dino={dino!r} is not a timm VisionTransformer (use a vit_*_dinov2 model).')
+        depth = len(self.dino.blocks)
+        self.dino_layer = depth - 1 if dino_layer is None else int(dino_layer)
+        if not 0 <= self.dino_layer < depth:
+            raise ValueError(f'dino_layer must be in [0, {depth - 1}] for {dino}, got {dino_layer}.')
+        # no tap reads later blocks, the final norm or the head
+        self.dino.prune_intermediate_layers([self.dino_layer], prune_norm=True, prune_head=True)
+        self.dino_patch = self.dino.patch_embed.patch_size[0]
+        cfg = self.dino.pretrained_cfg
+        self.register_buffer('dino_mean', torch.tensor(cfg['mean']).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('dino_std', torch.tensor(cfg['std']).view(1, 3, 1, 1), persistent=False)
+
+        sd_info = {i['name']: i for i in self.diffusion.feature_info}
+        sd_info.update({t.name: t.info() for t in self.diffusion.all_taps if t.name not in sd_info})
+        chans = [sd_info[t]['num_chs'] for t in self.sd_taps]
+        strides = [sd_info[t]['reduction'] for t in self.sd_taps]
+        if strides != sorted(strides):
+            raise ValueError(f'sd_taps must be listed fine to coarse, got strides {strides} for {self.sd_taps}.')
+        self.sd_dims = list(sd_dims) if sd_dims is not None else None
+        self.dino_dims = dino_dims
+        for i, (c, d) in enumerate(zip(chans, self.sd_dims or [None] * len(chans))):
+            if d is not None:
+                self.register_buffer(f'sd_pca_mean_{i}', torch.zeros(c))
+                self.register_buffer(f'sd_pca_basis_{i}', torch.zeros(c, d))
+        embed = self.dino.embed_dim
+        if dino_dims:
+            self.register_buffer('dino_pca_mean', torch.zeros(embed))
+            self.register_buffer('dino_pca_basis', torch.zeros(embed, dino_dims))
+        self.register_buffer('projection_fitted', torch.tensor(False))
+        fused_chs = sum(self.sd_dims or chans) + (dino_dims or embed)
+        stride = strides[0]
+        self.feature_info = [dict(num_chs=fused_chs, reduction=stride, module='fused', name=FUSED_TAP),
+                             dict(num_chs=embed, reduction=stride, module='dino', name=DINO_TAP)]
+        self.feature_info += [dict(num_chs=c, reduction=s, module=f'diffusion.{t}', name=t)
+                              for t, c, s in zip(self.sd_taps, chans, strides)]
+        self.num_features = self.head_hidden_size = fused_chs
+
+    # ---- taps ----------------------------------------------------------------------------------------------------
+    def tap_names(self, all: bool = False) -> list[str]:
+        return [i['name'] for i in self.feature_info]
+
+    def _take(self, indices: Union[None, int, str, Sequence[Union[int, str]]]) -> list[int]:
+        """`feature_info` indices of a selection: None = every tap, an int n = the last n, names or indices."""
+        names = self.tap_names()
+        if indices is None:
+            return list(range(len(names)))
+        if isinstance(indices, int):
+            return list(range(len(names) - indices, len(names)))
+        if indices == RAW_PRESET or indices == (RAW_PRESET,) or indices == [RAW_PRESET]:
+            return list(range(1, len(names)))
+        if isinstance(indices, str):
+            indices = [indices]
+        out = []
+        for i in indices:
+            if isinstance(i, str) and i in names:
+                out.append(names.index(i))
+            elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
+                out.append(i % len(names))
+            else:
+                raise TapError(f'Unknown tap {i!r} of a fused backbone: choose among {names} (or their indices).')
+        return out
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the SD blocks after the deepest SD tap needed and the DINOv2 blocks after `dino_layer`."""
+        take = self._take(indices)
+        names = [self.tap_names()[i] for i in take]
+        sd_needed = self.sd_taps if FUSED_TAP in names else [n for n in names if n in self.sd_taps]
+        if sd_needed:
+            self.diffusion.prune_intermediate_layers(sd_needed)
+        return take
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def _dino_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """DINOv2 tokens (B, D, h, w) of images in [-1, 1] resized to the grid x patch size, ImageNet-normalised."""
+        size = (grid[0] * self.dino_patch, grid[1] * self.dino_patch)
+        img = (x.float() + 1) / 2
+        if img.shape[-2:] != size:
+            img = F.interpolate(img, size=size, mode='bilinear', align_corners=False, antialias=True)
+        img = ((img - self.dino_mean) / self.dino_std).to(self.dino.patch_embed.proj.weight.dtype)
+        return self.dino.forward_intermediates(img, indices=[self.dino_layer], norm=False, intermediates_only=True)[0]
+
+    def raw_features(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Raw maps of SD taps and 'dino' by name: one batched pass of each source that is needed."""
+        out: dict[str, torch.Tensor] = {}
+        sd = [n for n in self.sd_taps if n in names]
+        if sd:
+            out.update(zip(sd, self.diffusion.forward_intermediates(x, indices=sd, intermediates_only=True)))
+        if DINO_TAP in names:
+            out[DINO_TAP] = self._dino_tokens(x, self._grid(x))
+        return out
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of the finest SD tap's map for an input: each stride-2 step of the VAE and UNet rounds up."""
+        stride = self.feature_info[0]['reduction']
+        h, w = x.shape[-2:]
+        return -(-h // stride), -(-w // stride)  # the UNet rounds odd sizes up (diffusers' upsample_size)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = True,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """Maps of the selected taps (names or `feature_info` indices) in the order asked for."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+        names = [self.tap_names()[i] for i in self._take(indices)]
+        need = set(names) - {FUSED_TAP}
+        if FUSED_TAP in names:
+            need |= {*self.sd_taps, DINO_TAP}
+        raw = self.raw_features(x, [n for n in self.tap_names() if n in need])
+        maps = [self._fuse(raw) if n == FUSED_TAP else raw[n] for n in names]
+        if intermediates_only:
+            return maps
+        return (self._fuse(raw) if FUSED_TAP in names else maps[-1]), maps
+
+    def _fuse(self, raw: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        sd = [raw[t] for t in self.sd_taps]
+        dino = raw[DINO_TAP]
+        if self.sd_dims is not None or self.dino_dims:
+            if not bool(self.projection_fitted):
+                raise RuntimeError('This fused backbone reduces its sources by a fixed PCA projection that is not '
+                                   'fitted yet: call model.fit_projection(images) once (or load a state dict that '
+                                   'holds it), or build it with sd_dims=None, dino_dims=None.')
+        if self.sd_dims is not None:
+            sd = [_project(f.float(), getattr(self, f'sd_pca_mean_{i}'), getattr(self, f'sd_pca_basis_{i}'))
+                  for i, f in enumerate(sd)]
+        if self.dino_dims:
+            dino = _project(dino.float(), self.dino_pca_mean, self.dino_pca_basis)
+        fused = fuse_maps([f.float() for f in sd], dino.float(), self.sd_weight, self.dino_weight)
+        return fused.to(raw[DINO_TAP].dtype)
+
+    @torch.no_grad()
+    def fit_projection(self, x: torch.Tensor) -> None:
+        """Fit the fixed PCA projection(s) on a batch of images (every position of every image is a sample; with a
+        pair of images this is exactly their co-PCA). Kept in the state dict."""
+        if self.sd_dims is None and not self.dino_dims:
+            raise ValueError('Nothing to fit: this fused backbone has no reduction (sd_dims=None, dino_dims=None).')
+        raw = self.raw_features(x, [*self.sd_taps, DINO_TAP])
+        for i, d in enumerate(self.sd_dims or []):
+            f = raw[self.sd_taps[i]].float()
+            mean, basis = pca_basis(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), d)
+            getattr(self, f'sd_pca_mean_{i}').copy_(mean)
+            getattr(self, f'sd_pca_basis_{i}').copy_(basis)
+        if self.dino_dims:
+            f = raw[DINO_TAP].float()
+            mean, basis = pca_basis(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), self.dino_dims)
+            self.dino_pca_mean.copy_(mean)
+            self.dino_pca_basis.copy_(basis)
+        self.projection_fitted.fill_(True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_intermediates(x, [FUSED_TAP], intermediates_only=True)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """Both parts load their own weights (the diffusion model through diffbackbone's loader, DINOv2 through timm's);
+    `pretrained_cfg_overlay` and any argument the fused model does not know go to the diffusion model."""
+    import inspect
+
+    out_indices = kwargs.pop('out_indices', None)
+    if out_indices is None:
+        out_indices = (FUSED_TAP,)
+    elif isinstance(out_indices, list):
+        out_indices = tuple(out_indices)
+    known = set(inspect.signature(FusedBackbone.__init__).parameters) - {'self', 'load_weights'}
+    timm_args = {'features_only', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
+    diff_kwargs = dict(kwargs.pop('diffusion_kwargs', None) or {})
+    for k in list(kwargs):
+        if k not in known and k not in timm_args:
+            diff_kwargs[k] = kwargs.pop(k)
+    return build_model_with_cfg(
+        FusedBackbone, variant, pretrained=False, diffusion_kwargs=diff_kwargs, load_weights=pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0,
+        'input_size': (3, 960, 960),  # their SD input; DINOv2 then sees 840 px (60 x 60 patches)
+        'min_input_size': (3, 64, 64),
+        'crop_pct': 1.0,
+        'interpolation': 'bicubic',
+        'mean': (0.5, 0.5, 0.5),  # [-1, 1] as Stable Diffusion expects; the DINOv2 part renormalises
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': 'diffusion.vae.encoder.conv_in',
+        'classifier': '',
+        'paper_name': 'A Tale of Two Features: Stable Diffusion Complements DINO for Zero-Shot Semantic Correspondence',
+        'paper_ids': 'arXiv:2305.15347',
+        'origin_url': 'https://github.com/Junyi42/sd-dino',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'cleandift_sd21_dinov2.tale': _cfg(),
+    'cleandift_sd15_dinov2.tale': _cfg(),
+    'sd15_dinov2.tale': _cfg(),
+    'sd21_dinov2.tale': _cfg(),
+    'diffusion_dinov2.tale': _cfg(),
+    'test_cleandift_dinov2.tiny': _cfg(input_size=(3, 128, 128)),
+    'test_dinov2.tiny': {
+        'hf_hub_id': 'diffbackbone/test-dinov2', 'num_classes': 0, 'input_size': (3, 56, 56), 'crop_pct': 1.0,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225), 'first_conv': 'patch_embed.proj',
+        'classifier': 'head'},
+})
+
+_TALE = dict(sd_taps=_TALE_TAPS, sd_weight=1.0, dino_weight=1.0)
+
+
+@register_model
+def cleandift_sd21_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """CleanDIFT SD2.1 (us8, us5, us2) fused with DINOv2 ViT-B/14 block 11, Tale of Two Features' recipe."""
+    model_args = dict(_TALE, diffusion='cleandift_sd21', dino='vit_base_patch14_dinov2.lvd142m')
+    return _create_fused('cleandift_sd21_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cleandift_sd15_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """CleanDIFT SD1.5 fused with DINOv2 ViT-B/14 (the SD version of the paper, without noise)."""
+    model_args = dict(_TALE, diffusion='cleandift_sd15', dino='vit_base_patch14_dinov2.lvd142m')
+    return _create_fused('cleandift_sd15_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sd15_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """The paper's setting: SD1.5 with noise at t=100, one draw, fused with DINOv2 ViT-B/14."""
+    model_args = dict(_TALE, diffusion='sd15', dino='vit_base_patch14_dinov2.lvd142m')
+    kwargs.setdefault('timestep', 100)
+    kwargs.setdefault('ensemble', 1)
+    return _create_fused('sd15_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sd21_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """Noisy SD2.1 (t=100, one draw, as the paper's SD setting) fused with DINOv2 ViT-B/14."""
+    model_args = dict(_TALE, diffusion='sd21', dino='vit_base_patch14_dinov2.lvd142m')
+    kwargs.setdefault('timestep', 100)
+    kwargs.setdefault('ensemble', 1)
+    return _create_fused('sd21_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def diffusion_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """General form: `diffusion=` any diffusion model here, `dino=` any timm DINOv2, weights and reductions as args."""
+    if 'diffusion' not in kwargs:
+        raise ValueError("diffusion_dinov2 needs diffusion='<model>' (e.g. 'cleandift_sd21'), and optionally dino=, "
+                         'sd_taps=, dino_layer=, sd_weight=, dino_weight=, sd_dims=, dino_dims=.')
+    model_args = dict(_TALE, dino='vit_base_patch14_dinov2.lvd142m')
+    return _create_fused('diffusion_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_cleandift_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
+    """Tiny random-weight fused model for tests: test_cleandift + test_dinov2."""
+    model_args = dict(_TALE, diffusion='test_cleandift', dino='test_dinov2')
+    return _create_fused('test_cleandift_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_dinov2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Tiny DINOv2-layout ViT (patch 14, layer scale) for tests."""
+    model_args = dict(img_size=56, patch_size=14, embed_dim=24, depth=3, num_heads=2, init_values=1e-5)
+    return _create_test_dinov2('test_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
