@@ -162,7 +162,7 @@ def test_eval_spair_refuses_an_inverted_box(tmp_path, capsys):
 
 
 def test_bench_json_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
-    from diffbackbone import bench
+    from diffbackbone.bench import speed as bench
 
     monkeypatch.setattr(bench, 'run', lambda args: pytest.fail('the benchmark ran'))
     (tmp_path / 'notes.json').write_text('{"mine": 1}')

@@ -18,7 +18,7 @@ import torch
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone.depth import MAX_DEPTH, MIN_DEPTH, N_BINS, DepthPredictor, DepthProbe
-from diffbackbone.images import open_image, to_tensor
+from diffbackbone.data.images import open_image, to_tensor
 
 
 def main() -> None:

@@ -44,8 +44,4 @@ def _encode(encoders: list[tuple[Any, nn.Module]], prompts: Sequence[str]) -> di
         hidden.append(out.hidden_states[-2].float())
         if hasattr(out, 'text_embeds'):
             pooled = out.text_embeds.float()
-    from .text import truncation_note
-
-    windows = [(tok, tok.model_max_length, f'the SDXL text encoder {i + 1}') for i, (tok, _) in enumerate(encoders)]
-    return {'prompt_embeds': torch.cat(hidden, dim=-1), 'pooled_prompt_embeds': pooled,
-            **truncation_note(prompts, windows)}
+    return {'prompt_embeds': torch.cat(hidden, dim=-1), 'pooled_prompt_embeds': pooled}

@@ -101,8 +101,10 @@ class _TextEncoders:
         if self.loaded is None:
             load = sdxl_text.load_text_encoders if self.sdxl else _load_clip
             self.loaded = load(source, revision, what)
-        encode = sdxl_text._encode if self.sdxl else _encode_clip
-        return encode(self.loaded, prompts)
+        if not self.sdxl:
+            return _encode_clip(self.loaded, prompts)
+        windows = [(tok, tok.model_max_length, f'the SDXL text encoder {i + 1}') for i, (tok, _) in enumerate(self.loaded)]
+        return {**sdxl_text._encode(self.loaded, prompts), **truncation_note(prompts, windows)}
 
     def close(self) -> None:
         if self.loaded is not None:
