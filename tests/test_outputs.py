@@ -365,3 +365,18 @@ def test_taps_given_as_indices(tmp_path, capsys):
     assert main(['features', str(img), '--model', 'test_cleandift', '--random-weights', '--size', '64', '--taps', '7',
                  '--out', str(out)]) == 0
     assert 'us6:' in capsys.readouterr().out  # index 7 of `diffbackbone taps test_cleandift`
+
+
+def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from diffbackbone.models.text import PromptTruncatedWarning
+
+    def handler(args):
+        warnings.warn("The prompt 'cat cat' has 102 tokens, more than the 77-token window of the CLIP text encoder: "
+                      "only 'cat' is used.", PromptTruncatedWarning)
+        return 0
+
+    monkeypatch.setattr(corr, 'run_match', handler)
+    assert main(['match', 'a.png', 'b.png', '--points', '1,1']) == 0
+    assert capsys.readouterr().err == ("warning: The prompt 'cat cat' has 102 tokens, more than the 77-token window of "
+                                       "the CLIP text encoder: only 'cat' is used.\n")
