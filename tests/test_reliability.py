@@ -152,7 +152,7 @@ def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, caps
     img = _img(tmp_path / 'in.png')
     before = img.read_bytes()
     assert _features(img, '--out', img) == 2
-    assert 'is one of the inputs' in capsys.readouterr().err and img.read_bytes() == before
+    assert 'is one of the input images' in capsys.readouterr().err and img.read_bytes() == before
     out = tmp_path / 'f.safetensors'
     out.write_bytes(b'precious')
     assert _features(img, '--out', out) == 2

@@ -95,13 +95,13 @@ def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
 def check_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Refuse an output file that is an input, a folder, an existing file (unless `overwrite` and ours) or not
     writable (`outputs.check_file`)."""
-    return check_file(out, inputs, overwrite)
+    return check_file(out, inputs, overwrite, noun='input images')
 
 
 def check_store(out: Path, inputs: Sequence[str], overwrite: bool = False) -> None:
     """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs
     (`outputs.check_folder`)."""
-    check_folder(out, 'store', inputs, overwrite)
+    check_folder(out, 'store', inputs, overwrite, noun='input images')
 
 
 def check_images(paths: Sequence[str]) -> None:

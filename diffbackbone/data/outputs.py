@@ -190,7 +190,7 @@ def check_writable(path: PathLike, option: str = '--out') -> None:
 
 # ---- the checks ----------------------------------------------------------------------------------------------------
 def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optional[bool] = None,
-               option: str = '--out') -> Path:
+               option: str = '--out', noun: str = 'inputs') -> Path:
     """Check an output file before any work: not an input, not a folder, writable, and an existing file only when
     diffbackbone wrote it.
 
@@ -200,12 +200,13 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
         overwrite: the command's `--overwrite` (True: replace our own file; False: refuse any existing file); None
             for commands without that option, which replace their own earlier outputs.
         option: the option naming `path`, for the messages.
+        noun: what the inputs are, for the messages ('input images').
     """
     path = Path(path).expanduser()
     real = _real(path)
     held = _input_holding(real, inputs)  # also for paths that exist only once written (`new/../input.png`)
     if held is not None and (not held[1] or os.path.lexists(real)):
-        what = f'inside the input folder {held[0]}' if held[1] else 'one of the inputs'
+        what = f'inside the input folder {held[0]}' if held[1] else f'one of the {noun}'
         raise OutputError(f'{option} {path} is {what}: it would be overwritten. Choose another output path.')
     path = Path(real) if not path.exists() else path  # `new/../x` is written where its name says, not via `new`
     if path.is_dir():
@@ -260,7 +261,7 @@ def _check_export(folder: Path, overwrite: bool, option: str) -> None:
 
 
 def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), overwrite: bool = False,
-                 option: str = '--out') -> Path:
+                 option: str = '--out', noun: str = 'inputs') -> Path:
     """Check an output folder before any work (see `check_file`): `kind` 'store' (a feature store, resumed unless
     `overwrite`), 'export' (replaced whole with `overwrite`) or 'folder' (files are written into it, each checked
     with `check_file`)."""
@@ -270,8 +271,8 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
     if path.exists() and not path.is_dir():
         held = _input_holding(real, files)
         if held is not None:
-            raise OutputError(f'{option} {path} is one of the inputs: it would be overwritten. Choose another output '
-                              'folder.')
+            raise OutputError(f'{option} {path} is one of the {noun}: it would be overwritten. Choose another '
+                              'output folder.')
         hint = {'store': ' A feature store is a folder; for a single file give a name ending in .safetensors.',
                 'export': ' Give a folder for the Hub layout.'}.get(kind, ' Give a folder.')
         raise OutputError(f'{option} {path} is a file.{hint}')
@@ -286,8 +287,9 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
     if kind != 'folder':
         inside = next((f for f in files if _inside(_real(f), real)), None)
         if inside is not None:
-            raise OutputError(f'{option} {path} {"is" if _real(inside) == real else "is a folder holding"} the input '
-                              f'{inside}; write to another folder.')
+            raise OutputError(f'{option} {path} {"is" if _real(inside) == real else "is a folder holding"} the '
+                              f'{"input" if noun == "inputs" else noun.removesuffix("s")} {inside}; write to another '
+                              'folder.')
     if path.is_dir():
         if kind == 'store':
             _check_store(path, overwrite, option)
