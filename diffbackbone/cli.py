@@ -21,6 +21,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from .cli_args import add_model_args, diffusion_model_name, json_object, model_name, point, positive_int
@@ -147,12 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', help='source image')
     p.add_argument('trg', help='target image')
     p.add_argument('--points', nargs='+', required=True, type=point, metavar='X,Y',
-                   help='source points in pixels of the original source image')
+                   help='source points as (x, y) pixels of the original source image, x to the right, y down '
+                        '(CleanDIFT\'s notebook lists (y, x) rows)')
     p.add_argument('--model', type=model_name, default='cleandift_sd21', help='timm model (default: cleandift_sd21)')
     p.add_argument('--taps', default='us6', help='the tap to match with (default: us6)')
-    p.add_argument('--prompt', help='caption to condition the UNet on (CleanDIFT\'s notebook: "A photo of a dog")')
+    p.add_argument('--prompt', help='caption to condition the UNet on (default: empty, the model\'s own prompt; '
+                                    'CleanDIFT\'s notebook uses "A photo of a dog")')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model input_size)')
     p.add_argument('--out', help='picture: source points, each similarity map, matches on the target')
+    p.add_argument('--json', help='also write the points and matches, as (x, y) pixels, to this JSON file')
     p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
                    help='fused models (cleandift_sd21_dinov2, ...): reduce each SD tap to D dims by a PCA fitted on '
                         'the two images together, as "A Tale of Two Features" (theirs: 256); --taps is then unused')
@@ -267,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .models.text import PromptTruncatedWarning
+
+    if issubclass(category, PromptTruncatedWarning):
+        print('warning: ' + ' '.join(str(message).splitlines()), file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -274,13 +287,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.rest = rest
     elif rest:
         parser.error(f'unrecognized arguments: {" ".join(rest)}')
+    if args.command in ('features', 'match') and args.prompt and args.random_weights:
+        parser.error('--prompt needs pretrained weights: its text embedding is computed while they load, so with '
+                     '--random-weights it would be recorded but not applied. Drop --prompt or --random-weights.')
     from .hub import HubError
     from .models import TapError
 
     try:
         if getattr(args, 'prompt', None) is not None and args.command == 'features':  # passed as model kwarg `prompt`
             args.model_kwargs = {**(args.model_kwargs or {}), 'prompt': args.prompt}
-        return args.func(args)
+        with warnings.catch_warnings():  # our warnings (a prompt cut to the text encoder's window) as one line each
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 from typing import Optional, Sequence
 
 import torch
 
 __all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object', 'point',
-           'add_model_args']
+           'add_model_args', 'check_size_fits']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # `--dtype` values
 
@@ -117,3 +118,46 @@ def add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None)
     p.add_argument('--random-weights', action='store_true', help='random weights, no download (for trying things out)')
     p.add_argument('--model-kwargs', type=json_object,
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+
+
+# ---- sizes that cannot fit ---------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+        n /= 1024
+    return f'{n:.1f} TB'
+
+
+def _free_memory(device: str) -> Optional[int]:
+    """Bytes free for tensors on `device` (CPU: MemAvailable), None when unknown."""
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == 'cpu':
+        try:
+            with open('/proc/meminfo') as f:
+                for line in f:
+                    if line.startswith('MemAvailable:'):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size') -> None:
+    """Refuse a `--size` whose input batch alone (decoded as float32) would not fit in `device`'s free memory, before
+    any model is loaded (the model's own activations need many times more)."""
+    if not size:
+        return
+    need = batch_size * 3 * size * size * 4
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
+                         f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
+                         f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
+                         'are trained at 512 to 1024 px).')

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import hub
 from .data.images import image_size, open_image, to_tensor
+from .data.outputs import check_file, check_folder, save_picture
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -147,19 +148,55 @@ def load_depth_predictor(
         raise DepthError(f'--size must be at least 64 px, got {size}.')
     probe_path = resolve_probe(probe)
     load_probe(probe_path)  # a broken probe fails before any UNet is downloaded
-    kwargs = dict(model_kwargs or {}, prompt=prompt)
+    pretrained = pretrained or bool(weights)
+    kwargs = dict(model_kwargs or {})
+    kwargs.pop('prompt', None)
+    if pretrained:  # random weights take no prompt argument: the caption is encoded below
+        kwargs['prompt'] = prompt
     if weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    getter = timm.create_model(model, pretrained=pretrained or bool(weights), features_only=True, out_indices=(tap,),
-                               **kwargs)
+    getter = timm.create_model(model, pretrained=pretrained, features_only=True, out_indices=(tap,), **kwargs)
     net = getter.model
     channels = getter.feature_info.channels()[0]
     depth_probe = load_probe(probe_path, channels=channels)
     with torch.no_grad():  # the caption's embedding, also when the weights file carried another prompt's
         for name, value in encode_prompts(net, [prompt]).buffers().items():
             getattr(net, name).copy_(value)
+    net.prompt = prompt
     predictor = DepthPredictor(net, depth_probe, tap=getter.feature_info.get('name')[0], size=size)
     return predictor.to(device=device, dtype=dtype).eval()
+
+
+def _check_images(images: Union[torch.Tensor, Sequence[torch.Tensor]], batch_size: int) -> list[torch.Tensor]:
+    """The images of `predict_depth` as a list of (3, H, W) float tensors in [-1, 1], or a clear error."""
+    how = ('give (3, H, W) tensors in [-1, 1], e.g. diffbackbone.images.to_tensor(PIL image) or '
+           'x.float() / 127.5 - 1 for 0..255 values')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be a whole number >= 1, got {batch_size!r}.')
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            raise ValueError(f'images is one (3, H, W) tensor {tuple(images.shape)}: pass a list of images, or a '
+                             '(N, 3, H, W) batch.')
+        if images.ndim != 4:
+            raise ValueError(f'images must be an (N, 3, H, W) batch or a list of (3, H, W) tensors, got a tensor of '
+                             f'shape {tuple(images.shape)}: {how}.')
+    elif not isinstance(images, (list, tuple)):
+        raise TypeError(f'images must be a list of (3, H, W) tensors or an (N, 3, H, W) tensor, got '
+                        f'{type(images).__name__}: {how}.')
+    out = list(images)
+    for i, im in enumerate(out):
+        if not isinstance(im, torch.Tensor):
+            raise TypeError(f'image {i} is a {type(im).__name__}, not a tensor: {how}.')
+        if im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f'image {i} has shape {tuple(im.shape)}, not (3, H, W): {how} (grey (H, W) images: '
+                             'im.expand(3, -1, -1)).')
+        if not im.is_floating_point():
+            raise ValueError(f'image {i} is {im.dtype}, not floating point in [-1, 1]: {how}.')
+        lo, hi = im.min().item(), im.max().item()
+        if not (lo >= -1.1 and hi <= 1.1):  # bicubic resizing overshoots a little; 0..255 or 0..65535 do not fit
+            raise ValueError(f'image {i} has values in [{lo:g}, {hi:g}], outside [-1, 1]: {how} (0..65535: '
+                             'x / 32767.5 - 1).')
+    return out
 
 
 @torch.no_grad()
@@ -168,7 +205,7 @@ def predict_depth(predictor: DepthPredictor, images: Union[torch.Tensor, Sequenc
     """Metric depth (H, W) float32 on the CPU for each image ((3, H, W) in [-1, 1]; sizes may differ)."""
     device = next(predictor.parameters()).device
     out: list[torch.Tensor] = []
-    images = list(images)
+    images = _check_images(images, batch_size)
     for start in range(0, len(images), batch_size):
         chunk = [im.to(device=device, dtype=torch.float32)[None] for im in images[start:start + batch_size]]
         x = torch.cat([F.interpolate(im, size=(predictor.size,) * 2, mode='bilinear', align_corners=False)
@@ -197,7 +234,7 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
 
 def run_depth(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone depth`."""
-    from .cli_args import DTYPES
+    from .cli_args import DTYPES, check_size_fits
 
     paths = [Path(p) for p in args.images]
     for p in paths:
@@ -207,9 +244,11 @@ def run_depth(args: argparse.Namespace) -> int:
     if twice:
         raise DepthError(f'Several images are named {", ".join(twice)}: their outputs would overwrite each other; '
                          'run them in separate calls with different --out folders.')
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DepthError(f'--out {out} is a file: give a folder.')
+    check_size_fits(args.size, args.batch_size, args.device)
+    out = check_folder(args.out, 'folder', paths)
+    for p in paths:  # before any model loads: no output is an input (`depth a.png a_depth.png`), nor someone's file
+        for name in (f'{p.stem}_depth.npy', f'{p.stem}_depth.png'):
+            check_file(out / name, paths, option=f'--out (depth of {p.name})')
     predictor = load_depth_predictor(
         args.model, probe=args.probe, tap=args.tap, size=args.size, prompt=args.prompt, weights=args.weights,
         pretrained=not args.random_weights, model_kwargs=args.model_kwargs,
@@ -220,9 +259,8 @@ def run_depth(args: argparse.Namespace) -> int:
         depths = predict_depth(predictor, [to_tensor(open_image(p)) for p in batch], batch_size=args.batch_size)
         for p, depth in zip(batch, depths):
             npy, png = out / f'{p.stem}_depth.npy', out / f'{p.stem}_depth.png'
+            save_picture(colorize(depth), png, 'depth')  # first: the .npy is recognised as ours by its picture
             with hub.atomic_path(npy) as tmp, open(tmp, 'wb') as f:
                 np.save(f, depth.numpy().astype(np.float32))
-            with hub.atomic_path(png) as tmp:
-                colorize(depth).save(tmp, format='PNG')
             print(f'{p}: depth {depth.min():.3f} .. {depth.max():.3f} m (median {depth.median():.3f}) -> {npy}, {png}')
     return 0

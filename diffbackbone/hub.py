@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
     'read_tensor',
-    'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads',
+    'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -371,8 +371,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except (OSError, SafetensorError) as e:  # disk full, quota, permissions: one message naming the file
+        raise WriteError(f'Could not write {path}: {_write_reason(e)}. Nothing was written (no partial file is '
+                         'left); free some space or choose another place, then run again.') from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); nothing half-written is left."""
+
+
+def _write_reason(err: BaseException) -> str:
+    """'No space left on device' from an OSError or a safetensors `IoError(Os { code: 28, ... })`."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    code = re.search(r'code: (\d+)', str(err))
+    return os.strerror(int(code[1])) if code else str(err).strip().splitlines()[0]
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -67,12 +67,15 @@ def find_diffusion_model(module: nn.Module) -> nn.Module:
 def _as_prompts(prompts: Union[str, Sequence[str]]) -> tuple[str, ...]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f'prompts must be a string or a list of strings (one per image), got {type(prompts).__name__} '
+                        f'{prompts!r}; use "" for the empty prompt.')
     prompts = tuple(prompts)
     if not prompts:
         raise ValueError('No prompts given: give one prompt per image, or one for all images.')
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise ValueError(f'Prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r}.')
+        raise ValueError(f'Prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r}; use "" for the empty prompt.')
     return prompts
 
 

@@ -140,7 +140,9 @@ def test_match_cli_weights_and_prompt(images, published, hub_cache, capsys):
                   ['--model', 'test_cleandift', '--weights', weights, '--prompt', 'a photo of a dog', '--size', '64'])
     printed = capsys.readouterr().out
     assert rc == 0
-    got = [tuple(int(v) for v in line.split('-> (')[1].split(')')[0].split(', ')) for line in printed.splitlines()]
+    got = [tuple(int(v) for v in line.split('-> (')[1].split(')')[0].split(', ')) for line in printed.splitlines()
+           if ' -> (' in line]
+    assert "prompt: 'a photo of a dog'" in printed
     model = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6',),
                               pretrained_cfg_overlay=dict(file=weights), prompt='a photo of a dog').eval()
     feats = image_features(model, [src, trg], 64)

@@ -157,7 +157,13 @@ def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, caps
     out.write_bytes(b'precious')
     assert _features(img, '--out', out) == 2
     assert '--overwrite' in capsys.readouterr().err and out.read_bytes() == b'precious'
-    assert _features(img, '--out', out, '--overwrite', '--taps', 'us6') == 0 and out.stat().st_size > 100
+    assert _features(img, '--out', out, '--overwrite', '--taps', 'us6') == 2  # not ours: never replaced
+    assert 'not written by diffbackbone' in capsys.readouterr().err and out.read_bytes() == b'precious'
+    out.unlink()
+    assert _features(img, '--out', out, '--taps', 'us6') == 0
+    first = out.read_bytes()
+    assert _features(img, '--out', out, '--overwrite', '--taps', 'mid') == 0  # ours: replaced
+    assert out.read_bytes() != first
     assert _features(img, '--out', tmp_path) == 2
     assert 'is a folder' in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 import diffbackbone  # noqa: F401
@@ -231,7 +232,7 @@ def test_single_file_overwrite_and_skip(dataset, tmp_path, capsys):
     from safetensors import safe_open
 
     out = tmp_path / 'f.safetensors'
-    out.write_bytes(b'old')
+    save_file({'x': torch.zeros(1)}, out, metadata={'diffbackbone': 'features'})  # ours: --overwrite may replace it
     huge = tmp_path / 'huge.png'
     _huge_png(huge)
     good = str(dataset / 'cats/a.png')

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import ctypes
 import datetime
-import json
 import os
 import statistics
 import threading
@@ -335,9 +334,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def _write_json(path: str, result: dict) -> None:
     """Write `result` to `path` atomically."""
-    from ..hub import write_text_atomic
+    from ..data.outputs import write_json
 
-    write_text_atomic(path, json.dumps(result, indent=1))
+    write_json(path, result, 'bench')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -370,6 +369,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error('need --size >= 64, --batch >= 1, --iters >= 1, --warmup >= 0, --noisy-ensemble >= 0')
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f'--json {args.json}: its folder does not exist; create it first')
+    if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
+        from ..data.outputs import OutputError, check_file
+
+        try:
+            check_file(args.json, option='--json')
+        except OutputError as e:
+            p.error(str(e))
     return args
 
 

@@ -18,7 +18,6 @@ The images are synthetic JPEGs (`--image-side` px, random noise, 100 a folder) w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -218,7 +217,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f'model only: {max(speeds):.1f} img/s; pipeline efficiency (features img/s / model-only img/s): '
           f'{result["efficiency"]:.3f} (GPU target >= 0.9)')
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from ..data.outputs import write_json
+
+        write_json(args.json, result, 'bench_store')
     return result
 
 
@@ -253,6 +254,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--small ({args.small}) must be smaller than --large ({args.large})')
     if args.json and not Path(args.json).resolve().parent.is_dir():
         p.error(f'--json {args.json}: its folder does not exist')
+    if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
+        from ..data.outputs import OutputError, check_file
+
+        try:
+            check_file(args.json, option='--json')
+        except OutputError as e:
+            p.error(str(e))
     return args
 
 

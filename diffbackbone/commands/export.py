@@ -21,7 +21,8 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from ..hub import save_safetensors, umask
+from ..hub import _write_reason, save_safetensors, umask
+from ..data.outputs import check_folder
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
@@ -116,11 +117,8 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     name = _architecture(weights, model)
     if name not in timm.list_models():
         raise ExportError(f'Unknown architecture {name!r}: give --model with one of the diffbackbone models.')
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ExportError(f'--out {out} is a file: give a folder for the Hub layout.')
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f'--out {out} is not empty: give a new folder, or --overwrite to replace it.')
+    # the source (run folder or file) is an input: never written to, never inside a replaced folder
+    out = check_folder(out, 'export', [Path(source).expanduser(), weights], overwrite)
     net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                             **(model_kwargs or {}))
     args = dict(model_kwargs or {})
@@ -139,13 +137,17 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
-        save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
-        save_config_for_hf(net, str(work / 'config.json'), model_args=args)
-        if getattr(net, 'lora_identity', None):  # which LoRA the weights hold (timm ignores keys it does not know)
-            config = json.loads((work / 'config.json').read_text())
-            config['fused_lora'] = dict(identity=net.lora_identity, scale=net.lora_scale)
-            (work / 'config.json').write_text(json.dumps(config, indent=4) + '\n')
-        (work / 'README.md').write_text(_model_card(net, name, push))
+        try:
+            save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
+            save_config_for_hf(net, str(work / 'config.json'), model_args=args)
+            if getattr(net, 'lora_identity', None):  # which LoRA the weights hold (timm ignores keys it does not know)
+                config = json.loads((work / 'config.json').read_text())
+                config['fused_lora'] = dict(identity=net.lora_identity, scale=net.lora_scale)
+                (work / 'config.json').write_text(json.dumps(config, indent=4) + '\n')
+            (work / 'README.md').write_text(_model_card(net, name, push))
+        except OSError as e:
+            raise ExportError(f'Could not write the export {out}: {_write_reason(e.__cause__ or e)}. Nothing was '
+                              'written (no partial folder is left); free some space or choose another --out.') from e
         work.chmod(0o777 & ~umask())
         if out.exists():
             shutil.rmtree(out)
@@ -159,15 +161,29 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
 
 def push_folder(folder: Path, repo_id: str) -> None:
     """Upload an exported folder to the Hub repo `repo_id` (created if needed), with huggingface_hub."""
-    from huggingface_hub import HfApi
+    import httpx2
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from ..hub import hub_errors
+    from ..hub import HubError, hub_errors
 
-    with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',
-                    repo=repo_id):
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message='Add diffbackbone model')
+    try:
+        with hub_errors(f'the upload to {repo_id!r}', ' Log in first (`hf auth login` or HF_TOKEN) with write access.',
+                        repo=repo_id):
+            api = HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message='Add diffbackbone model')
+    except HubError as e:
+        network = e.__cause__
+        while network is not None and not isinstance(network, (OfflineModeIsEnabled, httpx2.TransportError)):
+            network = network.__cause__ or network.__context__
+        if network is None:
+            raise
+        # an upload, not a download: no word of caches or base_repo=
+        cause = ('HF_HUB_OFFLINE is set' if constants.is_offline_mode()
+                 else f'the Hub ({constants.ENDPOINT}) could not be reached ({type(network).__name__}: {network})')
+        raise ExportError(f'Could not push to {repo_id!r}: {cause}. The export is written at {folder}; push it when '
+                          f'online with `hf upload {repo_id} {folder}` (or run export again with --push).') from e
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..cli_args import DTYPES
+from ..cli_args import DTYPES, check_size_fits
 from ..data.images import ImageError, image_size
+from ..data.outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
 from ..data.pipeline import (DistInfo, barrier, default_workers, dist_info, extract_batches, file_stamp, find_images,
                              init_distributed)
 from ..data.store import (INDEX, ShardEntry, StoreError, StoreWriter, prepare_store, scan_shards, store_files,
@@ -33,10 +33,6 @@ from ..hub import save_safetensors
 __all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
 
 SHARD_BYTES = 256 << 20  # default shard size: about 256 MiB of features
-
-
-class OutputError(ValueError):
-    """An output path cannot be used; the message says why and what to do."""
 
 
 def load_extractor(
@@ -95,70 +91,20 @@ def pca_image(features: torch.Tensor, out: Path, tile: int = 256) -> None:
     sheet = Image.new('RGB', (tile * n, tile * h // w))
     for i in range(n):
         sheet.paste(Image.fromarray(rgb[i]).resize((tile, tile * h // w), Image.NEAREST), (tile * i, 0))
-    sheet.save(out)
+    save_picture(sheet, out, 'features --pca')
 
 
 # ---- checks made before any work ---------------------------------------------------------------------------------
-def _same_file(a: Path, b: str) -> bool:
-    try:
-        return a.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_writable(path: Path) -> None:
-    """Raise `OutputError` unless a file can be created at `path`, probed beside it (nothing is left or created)."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f'Cannot write to {path}: {parent} is a file, not a folder. Choose another --out.')
-    try:
-        fd, probe = tempfile.mkstemp(prefix='.diffbackbone-probe-', dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f'Cannot write to {parent} ({e.strerror or e}): choose a writable --out.') from e
-
-
-def _check_not_input(out: Path, inputs: Sequence[str]) -> None:
-    resolved = out.resolve()
-    for path in inputs:
-        if Path(path).resolve() == resolved:
-            raise OutputError(f'--out {out} is one of the input images: it would be overwritten. Choose another '
-                              'output path.')
-
-
 def check_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> Path:
-    """Refuse an output file that is an input, a folder, an existing file (unless `overwrite`) or not writable."""
-    out = Path(out).expanduser()
-    _check_not_input(out, inputs)
-    if out.is_dir():
-        raise OutputError(f'--out {out} is a folder: give a file path such as {out / "features.safetensors"}, or '
-                          'a new folder name (no .safetensors suffix) for a feature store.')
-    if out.exists() and not overwrite:
-        raise OutputError(f'--out {out} exists: choose another path, or add --overwrite to replace it.')
-    check_writable(out)
-    return out
+    """Refuse an output file that is an input, a folder, an existing file (unless `overwrite` and ours) or not
+    writable (`outputs.check_file`)."""
+    return check_file(out, inputs, overwrite, noun='input images')
 
 
-def check_store(out: Path, inputs: Sequence[str]) -> None:
-    """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs."""
-    _check_not_input(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f'--out {out} is a file. A feature store is a folder; for a single file give a name '
-                          'ending in .safetensors.')
-    root = os.path.join(os.path.abspath(out), '')
-    inside = next((p for p in inputs if os.path.abspath(p).startswith(root)), None)
-    if inside is not None:
-        raise OutputError(f'--out {out} is a folder holding the input image {inside}; write the feature store to '
-                          'another folder, or give a .safetensors file.')
-    if out.is_dir() and not (out / INDEX).is_file():
-        foreign = [p.name for p in out.iterdir() if p not in store_files(out)]
-        if foreign:
-            raise OutputError(f'--out {out} is a folder with other files ({", ".join(sorted(foreign)[:3])}), not a '
-                              'feature store. Give a new or empty folder.')
-    check_writable(out / INDEX)
+def check_store(out: Path, inputs: Sequence[str], overwrite: bool = False) -> None:
+    """`--out DIR` must be a new or empty folder or an existing feature store, and hold none of the inputs
+    (`outputs.check_folder`)."""
+    check_folder(out, 'store', inputs, overwrite, noun='input images')
 
 
 def check_images(paths: Sequence[str]) -> None:
@@ -241,10 +187,11 @@ def _run_features(args: argparse.Namespace) -> int:
         if args.pca:
             check_output(out.with_name(f'{out.stem}_pca_{args.pca}.png'), images, args.overwrite)
     else:
-        check_store(out, images)
+        check_store(out, images, args.overwrite)
     if not single:
         images = [os.path.abspath(p) for p in images]  # the store's keys: two working folders never collide
     mine = images[info.rank::info.world]
+    check_size_fits(args.size, args.batch_size, args.device)
     if on_error == 'fail':
         check_images(mine)
     kwargs = dict(args.model_kwargs or {})
@@ -311,7 +258,7 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
     feats = {n: torch.cat(c) for n, c in chunks.items()}
     metadata = dict(model=args.model, images=json.dumps(done), failed=json.dumps(failed),
                     input_size=json.dumps([3, *run['size']]), resize=args.resize)
-    save_safetensors(feats, out, metadata=metadata)
+    save_safetensors(feats, out, metadata=mark_metadata(metadata, 'features'))
     for name, f in feats.items():
         print(f'{name}: {tuple(f.shape)}')
     print(f'wrote {out}')

@@ -9,7 +9,6 @@ averages the per-pair fractions, "per point" pools all keypoints.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ import torch
 
 from ..correspondence import (UpsampledTarget, normalised_map, point_features, sample_points,
                               similarity_argmax)
-from ..hub import write_text_atomic
+from ..data.outputs import check_file, check_folder, write_json
 from .common import lora_fingerprint
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
@@ -210,8 +209,8 @@ def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict) -> Optional[Fe
 
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
+    from ..cli_args import DTYPES, check_size_fits
     from ..correspondence import load_tap_model
-    from ..cli_args import DTYPES
 
     co_pca = getattr(args, 'co_pca', None)
     if co_pca is not None:
@@ -231,6 +230,11 @@ def run_spair(args: argparse.Namespace) -> int:
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
                              f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
+    check_size_fits(args.size, args.batch_size, args.device)
+    if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
+        check_file(args.json, [args.data], option='--json')
+    if args.cache:
+        check_folder(args.cache, 'folder', [args.data], option='--cache')
     pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
     kwargs = dict(args.model_kwargs or {})
     weights = args.weights
@@ -265,7 +269,7 @@ def run_spair(args: argparse.Namespace) -> int:
         result.update(per_category={c: scores.summary(c) for c in scores.categories()}, model=args.model,
                       weights=weights, tap=tap, co_pca=co_pca, size=args.size, prompt_template=args.prompt_template,
                       num_pairs=overall['num_pairs'], num_points=overall['num_points'])
-        write_text_atomic(args.json, json.dumps(result, indent=1) + '\n')
+        write_json(args.json, result, 'eval spair')
         print(f'wrote {args.json}')
     return 0
 

@@ -112,9 +112,10 @@ def _read(file: Path, images: Path, sizes: dict[Path, tuple[int, int]]) -> Pair:
         bbox = tuple(float(v) for v in data['trg_bndbox'])
     except (TypeError, ValueError):
         bbox = ()
-    if len(bbox) != 4 or max(bbox[3] - bbox[1], bbox[2] - bbox[0]) <= 0:
-        raise SpairError(f'{file}: trg_bndbox must be [x1, y1, x2, y2] with a positive size, '
-                         f'got {data["trg_bndbox"]!r}.')
+    if (len(bbox) != 4 or not all(math.isfinite(v) for v in bbox) or bbox[2] < bbox[0] or bbox[3] < bbox[1]
+            or max(bbox[3] - bbox[1], bbox[2] - bbox[0]) <= 0):
+        raise SpairError(f'{file}: trg_bndbox must be [x1, y1, x2, y2] with x2 >= x1, y2 >= y1 and a positive size, '
+                         f'got {data["trg_bndbox"]!r}. Fix or remove this annotation file.')
     return Pair(file.name, category, str(data['src_imname']), str(data['trg_imname']), src_size, trg_size,
                 src_kps, trg_kps, bbox)
 

@@ -123,6 +123,9 @@ class NoisyLatents:
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         if clean and ensemble != 1:
             raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+            raise TypeError(f'noise_seed must be a whole number >= 0 (the seed of the noise and latent draws), got '
+                            f'{noise_seed!r}.')
         self.clean, self.ensemble, self.noise_seed, self.latent = clean, ensemble, noise_seed, latent
 
     @torch.compiler.disable
@@ -280,6 +283,12 @@ class TapBackbone(nn.Module):
 
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
+        if getattr(self, '_prompt_pending', False) and self._prompt_override is None:
+            raise ValueError(
+                f'prompt={self.prompt!r} was given without pretrained weights (--random-weights), so its text '
+                'embedding was never computed and the model would run on zeros while recording the prompt. Load '
+                'pretrained weights, load a state dict that holds the embedding, or drop the prompt (per-image '
+                'prompts: diffbackbone.prompts.use_prompts encodes them with base_repo\'s text encoder).')
         if self.check_inputs:
             self._check_input(x)
         self._check_prompt_count(x)
@@ -424,4 +433,16 @@ def build_backbone(cls: type, variant: str, pretrained: bool, filter_fn: Callabl
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
+    if not pretrained and getattr(getattr(model, 'model', model), 'prompt', ''):
+        # The prompt's embedding is computed while pretrained weights load; without them it stays zeros until a state
+        # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
+        net = getattr(model, 'model', model)
+        net._prompt_pending = True
+        net.register_load_state_dict_post_hook(_prompt_loaded)
     return model
+
+
+def _prompt_loaded(module: nn.Module, incompatible) -> None:
+    """Post-hook of `load_state_dict`: a state dict holding `prompt_embeds` gives the pending prompt its embedding."""
+    if not any(k.endswith('prompt_embeds') for k in incompatible.missing_keys):
+        module._prompt_pending = False

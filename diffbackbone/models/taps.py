@@ -317,6 +317,8 @@ def resolve_taps(
                        f'preset: {", ".join(presets)}).')
     out: list[Tap] = []
     for sel in indices:
+        if isinstance(sel, str) and sel.strip().lstrip('-').isdigit() and sel not in by_name:
+            sel = int(sel)  # an index given as text (`--taps 7`), as `diffbackbone taps MODEL` lists them
         if isinstance(sel, str) and sel in presets:
             out.extend(resolve_taps(taps, presets[sel], presets=presets, all_taps=all_taps))
         elif isinstance(sel, str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,8 +22,8 @@ import torch.nn as nn
 
 from .. import hub
 
-__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt',
-           'encode_hunyuan_prompt', 'pixart_caption']
+__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt', 'encode_hunyuan_prompt',
+           'pixart_caption', 'truncation_note', 'warn_truncated', 'PromptTruncatedWarning']
 
 _SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
 _SDXL_SUBFOLDERS = ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2')
@@ -45,7 +47,45 @@ def _encode_clip(encoders: list[tuple[Any, nn.Module]], prompts: Sequence[str]) 
                        return_tensors='pt')
     mask = inputs.attention_mask if getattr(encoder.config, 'use_attention_mask', False) else None
     with torch.no_grad():
-        return {'prompt_embeds': encoder(inputs.input_ids, attention_mask=mask)[0].float()}
+        out = {'prompt_embeds': encoder(inputs.input_ids, attention_mask=mask)[0].float()}
+    return {**out, **truncation_note(prompts, [(tokenizer, tokenizer.model_max_length, 'the CLIP text encoder')])}
+
+
+# ---- prompts longer than a text encoder's window ---------------------------------------------------------------------
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than a text encoder's window and was cut, as diffusers' pipelines cut it."""
+
+
+_TRUNCATION = 'truncation'  # a uint8 tensor (JSON text) kept with cached embeddings, so a cache hit warns as well
+
+
+def truncation_note(prompts: Sequence[str], windows: Sequence[tuple[Any, int, str]]) -> dict[str, torch.Tensor]:
+    """{'truncation': JSON bytes} naming what each (tokenizer, window, encoder name) keeps of a single prompt that is
+    longer than the window, or {} when it fits (the pipelines cut such prompts silently)."""
+    if len(prompts) != 1:
+        return {}
+    notes = []
+    for tokenizer, window, name in windows:
+        n = len(tokenizer(prompts[0], truncation=False, verbose=False).input_ids)
+        if n > window:
+            kept = tokenizer.decode(tokenizer(prompts[0], truncation=True, max_length=window).input_ids,
+                                    skip_special_tokens=True)
+            notes.append(dict(encoder=name, window=window, tokens=n, kept=kept))
+    if not notes:
+        return {}
+    return {_TRUNCATION: torch.frombuffer(bytearray(json.dumps(notes).encode()), dtype=torch.uint8).clone()}
+
+
+def warn_truncated(prompt: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` without the truncation note; warns (`UserWarning`) once per text encoder that cut `prompt`."""
+    if _TRUNCATION not in tensors:
+        return tensors
+    tensors = dict(tensors)
+    for n in json.loads(bytes(tensors.pop(_TRUNCATION).tolist()).decode()):
+        warnings.warn(f'The prompt {prompt[:40] + "..." if len(prompt) > 40 else prompt!r} has {n["tokens"]} '
+                      f'tokens, more than the {n["window"]}-token window of {n["encoder"]}: only {n["kept"]!r} is '
+                      'used. Shorten the prompt to keep all of it.', PromptTruncatedWarning, stacklevel=3)
+    return tensors
 
 
 class _TextEncoders:
@@ -61,8 +101,10 @@ class _TextEncoders:
         if self.loaded is None:
             load = sdxl_text.load_text_encoders if self.sdxl else _load_clip
             self.loaded = load(source, revision, what)
-        encode = sdxl_text._encode if self.sdxl else _encode_clip
-        return encode(self.loaded, prompts)
+        if not self.sdxl:
+            return _encode_clip(self.loaded, prompts)
+        windows = [(tok, tok.model_max_length, f'the SDXL text encoder {i + 1}') for i, (tok, _) in enumerate(self.loaded)]
+        return {**sdxl_text._encode(self.loaded, prompts), **truncation_note(prompts, windows)}
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -113,10 +155,11 @@ def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, 
                 path = hub.cache_dir() / 'prompt_embeds' / 'local' / f'{key}{suffix}.safetensors'
                 if path.is_file():
                     with contextlib.suppress(hub.HubError):
-                        out[prompt] = hub.load_safetensors(path, what=what)
+                        out[prompt] = warn_truncated(prompt, hub.load_safetensors(path, what=what))
                         continue
-                out[prompt] = encoders(str(folder), None, [prompt], what)
-                hub.save_safetensors(out[prompt], path)
+                tensors = encoders(str(folder), None, [prompt], what)
+                hub.save_safetensors(tensors, path)
+                out[prompt] = warn_truncated(prompt, tensors)
             return out
         repo_id, revision = hub.split_repo(source)
         probe = 'text_encoder_2/config.json' if sdxl else 'text_encoder/config.json'
@@ -125,22 +168,23 @@ def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, 
             name = 'empty_prompt' if prompt == '' else f'prompt_{_prompt_key(prompt)}'
             name += '_sdxl' if sdxl else ''
             compute: Callable = lambda commit, meta, p=prompt, w=what: encoders(repo_id, commit, [p], w)  # noqa: E731
-            out[prompt] = hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what, compute)
+            out[prompt] = warn_truncated(
+                prompt, hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what, compute))
         return out
     finally:
         encoders.close()
 
 
 # ---- T5 (PixArt) and CLIP pooled + T5 (FLUX) ------------------------------------------------------------------------
-def _cached_or_local(base_repo: str, probe: str, name: str, what: str,
+def _cached_or_local(base_repo: str, probe: str, name: str, what: str, prompt: str,
                      encode: Callable[[str, Optional[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """`encode(source, revision)` cached per (repo commit, name); a local base folder is encoded on every call."""
     folder = hub._local_dir(base_repo)
     if folder is not None:
-        return encode(str(folder), None)
+        return warn_truncated(prompt, encode(str(folder), None))
     repo_id, revision = hub.split_repo(base_repo)
-    return hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what,
-                                  lambda commit, meta: encode(repo_id, commit))
+    return warn_truncated(prompt, hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what,
+                                                         lambda commit, meta: encode(repo_id, commit)))
 
 
 def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str,
@@ -160,7 +204,8 @@ def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: in
         embeds = encoder.eval()(inputs.input_ids, attention_mask=inputs.attention_mask if masked else None)[0].float()
     del encoder
     gc.collect()  # T5-XXL is 4.7B parameters: give it back now
-    return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float()}
+    return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float(),
+            **truncation_note([prompt], [(tok, max_tokens, 'the T5 text encoder')])}
 
 
 def pixart_caption(prompt: str) -> str:
@@ -177,7 +222,7 @@ def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, 
     caption = pixart_caption(prompt)
     # 't5-v2': entries cached before captions were pre-processed (keyed by the raw prompt) are never read
     key = hashlib.sha256(f'{max_tokens}\0{caption}'.encode()).hexdigest()[:32]
-    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-v2-{key}', what,
+    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-v2-{key}', what, caption,
                             lambda source, rev: _t5_embeds(source, rev, caption, max_tokens, what))
 
 
@@ -195,11 +240,15 @@ def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str
                         return_tensors='pt').input_ids
         with torch.no_grad():
             pooled = encoder(ids).pooler_output.float()
+        clip_note = truncation_note([prompt], [(tokenizer, tokenizer.model_max_length, 'the CLIP text encoder (pooled)')])
         del clip, encoder
         t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_2', 'text_encoder_2', masked=False)
-        return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled}
+        notes = [n for d in (clip_note, t5) if _TRUNCATION in d for n in json.loads(bytes(d[_TRUNCATION].tolist()))]
+        note = ({_TRUNCATION: torch.frombuffer(bytearray(json.dumps(notes).encode()), dtype=torch.uint8).clone()}
+                if notes else {})
+        return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled, **note}
 
-    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, encode)
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, prompt, encode)
 
 
 # ---- CLIP-L + CLIP-G + T5 (Stable Diffusion 3 / 3.5) ----------------------------------------------------------------
@@ -236,7 +285,7 @@ def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str,
         return {'prompt_embeds': torch.cat([clip, t5_embeds], dim=-2),
                 'pooled_prompt_embeds': torch.cat(pooled, dim=-1)}
 
-    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-{key}', what, encode)
+    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-{key}', what, prompt, encode)
 
 
 # ---- bilingual CLIP (BERT) + mT5 (HunyuanDiT) -----------------------------------------------------------------------
@@ -265,4 +314,4 @@ def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max
         return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float(),
                 'prompt_embeds_t5': t5['prompt_embeds'], 'prompt_mask_t5': t5['prompt_mask']}
 
-    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-{key}', what, encode)
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-{key}', what, prompt, encode)

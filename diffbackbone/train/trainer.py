@@ -126,6 +126,10 @@ class CleanTrainer:
         for name in ('steps', 'batch_size', 'grad_accum', 'save_every', 'val_every'):
             if getattr(cfg, name) < 1:
                 raise TrainError(f'{name} must be >= 1, got {getattr(cfg, name)}.')
+        scale = tuple(cfg.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise TrainError(f'crop_scale (--crop-scale MIN MAX) is the range of crop areas as fractions of the image: '
+                             f'it needs 0 < MIN <= MAX <= 1, got {" ".join(map(str, scale))} (CleanDIFT: 0.5 1.0).')
 
         self.out = Path(cfg.out).expanduser()
         if self.rank == 0:
@@ -147,6 +151,10 @@ class CleanTrainer:
         torch.manual_seed(cfg.seed)  # random (test) bases: the same weights on every rank and in every run
         models = build_models(cfg.base, pretrained=cfg.pretrained)
         size = cfg.size or _input_size(models.student)
+        try:  # the model's own size rule, as `features` applies it, before any data is read
+            models.student._check_size((size, size))
+        except ValueError as e:
+            raise TrainError(f'--size {size}: {e}') from None
         text = CaptionEncoder(models.base_repo, self.device) if cfg.captions else None
         self.distiller = CleanDistiller(
             models, taps=cfg.taps, bins=cfg.bins, t_min=cfg.t_min, t_max=cfg.t_max, lr=cfg.lr,
