@@ -122,8 +122,7 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp('pixel')
     data = _write_dataset(base / 'blocks_3')
     out = base / 'res.json'
-    rc = cli.main(['eval', 'pixel', '--data', str(data), '--store', str(base / 'store'), '--json', str(out),
-                   '--prompt', 'a photo of blocks', *ARGS])
+    rc = cli.main(['eval', 'pixel', '--data', str(data), '--store', str(base / 'store'), '--json', str(out), *ARGS])
     return rc, data, base / 'store', json.loads(out.read_text()) if out.is_file() else None
 
 
@@ -134,7 +133,7 @@ def test_cli_end_to_end(run):
     rc, data, store, result = run
     assert rc == 0
     assert result['classes'] == 4 and result['ensemble'] == 3 and len(result['splits']) == 2
-    assert result['model_kwargs'] == {'timestep': 50, 'prompt': 'a photo of blocks'}
+    assert result['model_kwargs'] == {'timestep': 50}  # Meng et al.'s t for a noisy model
     assert result['channels'] == 16 + 32 + 32 + 32  # test_dift's gdf_practical taps
     assert [s['seed'] for s in result['splits']] == [0, 1]
     assert result['splits'][0]['train'] != result['splits'][1]['train']  # two random splits
@@ -146,7 +145,7 @@ def test_cli_end_to_end(run):
     assert result['miou_mean'] == pytest.approx(np.mean([s['miou'] for s in result['splits']]))
     assert result['miou_std'] == pytest.approx(np.std([s['miou'] for s in result['splits']]))
     st = FeatureStore(store)
-    assert len(st) == 8 and st.config['model_kwargs']['prompt'] == 'a photo of blocks'
+    assert len(st) == 8 and st.config['model_kwargs'] == {'timestep': 50}
     assert st.config['input_size'] == [128, 128]  # the model's native size
 
 
