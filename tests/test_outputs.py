@@ -286,6 +286,26 @@ def test_eval_davis_outputs_replace_only_our_own(tmp_path, capsys, monkeypatch):
     assert (masks / 'still' / 'notes.txt').read_text() == 'mine'
 
 
+def test_features_store_of_writer_unique_shards_resumes_and_is_replaced(tmp_path, capsys):
+    """The store's own files (`shard-r<rank>-<writer id>-<n>`, `.lock`, index format 2) count as ours: a store resumes
+    with or without its index, `--overwrite` replaces it, and a foreign file named like a shard is still refused."""
+    img = _img(tmp_path / 'img' / 'a.png')
+    store = tmp_path / 'store'
+    argv = ['features', str(img), '--model', 'test_cleandift', '--random-weights', '--size', '64', '--taps', 'us6',
+            '--out', str(store)]
+    assert main(argv) == 0
+    shard = next(store.glob('shard-r000-*-000000.safetensors'))
+    assert outputs.is_ours(store / 'index.json') and outputs.is_ours(shard)
+    assert main(argv) == 0 and '1 of these images are stored already' in capsys.readouterr().out
+    (store / 'index.json').unlink()  # killed before the index was written: shards and the lock only
+    assert main(argv) == 0 and '1 of these images are stored already' in capsys.readouterr().out
+    assert main(argv + ['--overwrite']) == 0
+    capsys.readouterr()
+    (store / 'shard-r001-0badc0de-000000.safetensors').write_bytes(b'mine')
+    assert main(argv + ['--overwrite']) == 2 and 'not written by diffbackbone' in _err(capsys)
+    assert (store / 'shard-r001-0badc0de-000000.safetensors').read_bytes() == b'mine'
+
+
 # ---- a full disk -----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def full_disk(monkeypatch):

@@ -35,7 +35,6 @@ __all__ = ['OutputError', 'check_file', 'check_folder', 'check_writable', 'is_ou
 MARK = 'diffbackbone'
 _SOFTWARE = 0x0131  # EXIF/TIFF "Software" tag
 _EXPORT_FILES = frozenset({'model.safetensors', 'config.json', 'README.md'})
-_STORE_FORMAT = 'diffbackbone-feature-store-1'
 _STORE_TEMP = re.compile(r'\..+\.\d+\.[0-9a-f]+\.tmp')  # hub.atomic_path temporaries
 PathLike = Union[str, os.PathLike]
 
@@ -71,6 +70,12 @@ def write_json(path: PathLike, data: dict, command: str) -> None:
     write_text_atomic(path, json.dumps({**data, MARK: command}, indent=1) + '\n')
 
 
+def _store_formats() -> tuple[str, ...]:
+    from .store import _OLD_FORMAT, FORMAT
+
+    return FORMAT, _OLD_FORMAT
+
+
 def _picture_is_ours(path: Path) -> bool:
     from PIL import Image
 
@@ -101,14 +106,14 @@ def is_ours(path: PathLike) -> bool:
         meta = _safetensors_meta(path)
         if meta is None:
             return False
-        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') == _STORE_FORMAT
+        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
                 or {'model', 'images', 'input_size'} <= set(meta))  # single-file features of earlier versions
     if suffix == '.json':
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(data, dict) and (MARK in data or data.get('format') == _STORE_FORMAT)
+        return isinstance(data, dict) and (MARK in data or data.get('format') in _store_formats())
     if suffix == '.npy':  # a depth map: ours when its picture (same stem) is, and it is that picture's size
         import numpy as np
 
@@ -223,8 +228,11 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
 
 
 def _is_store_file(p: Path) -> bool:
-    return (p.name == 'index.json' or bool(re.fullmatch(r'shard-r\d+-\d+\.safetensors', p.name))
-            or bool(re.fullmatch(r'failed-r\d+\.json', p.name)) or bool(_STORE_TEMP.fullmatch(p.name)))
+    """A file name of a feature store (`data.store`: index, lock, writer-unique shards and failure lists, temporaries)."""
+    from .store import _FAILED, _SHARD, INDEX, LOCK
+
+    return (p.name in (INDEX, LOCK) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
+            or bool(_STORE_TEMP.fullmatch(p.name)))
 
 
 def _check_store(folder: Path, overwrite: bool, option: str) -> None:
