@@ -4,7 +4,6 @@ descriptors with a known accuracy, descriptor sampling against a hand-written bi
 OpenCV corners) and with image-derived features that recover the planted homographies, and bad inputs."""
 import json
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -1,7 +1,6 @@
 """`diffbackbone inspect`: the sheet's tiles against an independent PCA of each tap, the statistics against a direct
 computation, streaming taps against the model's own forward, several sheets with an index, bad outputs refused."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,6 +1,7 @@
 """Where commands write: one check of every output path, made before any model loads or any work starts.
 
-The promises every command keeps (`features`, `match`, `depth`, `eval spair`, `export`, `bench`):
+The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval spair` / `hpatches` / `davis`,
+`export`, `bench`):
 
 * **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
   symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path
@@ -9,9 +10,11 @@ The promises every command keeps (`features`, `match`, `depth`, `eval spair`, `e
   the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture);
   folders are recognised by their layout (a feature store's `index.json` and shards, an export's three files). A
   command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
-  (`features`, `export`), always otherwise (`match`, `depth`, `eval --json`, `bench --json`). Anything else is
-  refused, `--overwrite` or not.
+  (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
+  `bench --json`). Anything else is refused, `--overwrite` or not.
 * **Unwritable destinations are refused up front**, by creating (and removing) a probe file where the output goes.
+* **Concurrent writers into one feature store are safe** (`data.store`): writer-unique shard names, the index
+  rebuilt under a lock; the store's own files (any writer's) count as ours here.
 
 Writers: `mark_metadata` (safetensors), `save_picture` (PNG, JPEG, WebP, TIFF), `write_json`.
 """
@@ -228,7 +231,7 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
 
 
 def _is_store_file(p: Path) -> bool:
-    """A file name of a feature store (`data.store`: index, lock, writer-unique shards and failure lists, temporaries)."""
+    """A file name of a feature store (`data.store`: index, lock, writer-unique shards, failure lists, temporaries)."""
     from .store import _FAILED, _SHARD, INDEX, LOCK
 
     return (p.name in (INDEX, LOCK) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
