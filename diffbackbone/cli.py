@@ -12,7 +12,8 @@ Subcommands:
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
     match     zero-shot correspondence of points between two images (see `diffbackbone.correspondence`).
     eval      evaluations that reproduce published numbers (see `diffbackbone.evals`): `eval spair` (SPair-71k PCK),
-              `eval hpatches` (HPatches homography accuracy), `eval davis` (DAVIS-2017 label propagation J&F).
+              `eval hpatches` (HPatches homography accuracy), `eval davis` (DAVIS-2017 label propagation J&F),
+              `eval pixel` (label-scarce segmentation mIoU).
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=_lazy('correspondence', 'run_match'))
 
-    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair, hpatches, davis)')
+    p = sub.add_parser('eval', help='evaluations reproducing published numbers (spair, hpatches, davis, pixel)')
     evals = p.add_subparsers(dest='eval', required=True)
     p = evals.add_parser('spair', help='SPair-71k zero-shot PCK@0.1 (DIFT protocol)',
                          description="DIFT's eval_spair.py protocol: PairAnnotation/test pairs, images resized to "
@@ -182,6 +183,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
     add_model_args(p, batch_size=8)
     p.set_defaults(func=_lazy('evals.spair', 'run_spair'))
+
+    p = evals.add_parser('pixel', help="label-scarce segmentation mIoU (DDPM-segmentation's protocol, Meng et al.)",
+                         description="Meng et al.'s scarce_segmentation (DDPM-segmentation's protocol): features of "
+                                     'real/train and real/test into a feature store, taps upsampled to the label size '
+                                     'and concatenated per pixel, an ensemble of 10 pixel MLPs, mIoU over the test '
+                                     'images; mean and std over random train/test splits.')
+    p.add_argument('--data', required=True, help="dataset in DDPM-segmentation's layout (horse_21/ holding real/train "
+                                                 'and real/test: images + same-named .npy label maps)')
+    p.add_argument('--store', required=True, help='feature store folder: created, or resumed when it exists')
+    p.add_argument('--model', type=model_name, required=True, help='timm model, e.g. sdxl or sd15')
+    p.add_argument('--taps', nargs='+', default=['gdf_practical'], help="taps or a preset (default: gdf_practical, "
+                                                                        "Meng et al.'s Ours)")
+    p.add_argument('--prompt', help='caption, e.g. "a photo of a horse" (theirs); default: empty')
+    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 50, Meng et al.'s)")
+    p.add_argument('--size', type=positive_int, help="square input size (default: the model's, 512 sd15, 1024 sdxl)")
+    p.add_argument('--classes', type=positive_int, help='number of classes (default: DDPM-segmentation\'s for a '
+                                                        'known category such as horse_21, else the largest label + 1)')
+    p.add_argument('--label-size', type=positive_int, default=256, help='labels and features at N x N (default: 256)')
+    p.add_argument('--splits', type=positive_int, default=5, help='random train/test splits (default: 5)')
+    p.add_argument('--keep-split', action='store_true', help='use the folders\' own train/test split in every run')
+    p.add_argument('--ensemble', type=positive_int, default=10, help='pixel MLPs per run (default: 10)')
+    p.add_argument('--epochs', type=positive_int, default=100, help='at most this many epochs (default: 100)')
+    p.add_argument('--pixel-batch', type=positive_int, default=64, help='pixels per MLP batch (default: 64)')
+    p.add_argument('--max-train', type=positive_int, default=50, help='at most N training images (default: 50)')
+    p.add_argument('--max-test', type=positive_int, default=650, help='at most N test images (default: 650)')
+    p.add_argument('--memory-gb', type=float, default=4.0, help='training maps held at once (native size, float16); '
+                   'beyond it an epoch visits the images in groups (default: 4)')
+    p.add_argument('--workers', type=int, help='image decoding processes of the extraction')
+    p.add_argument('--json', help='write mIoU (percent) per split and class to this JSON file')
+    p.add_argument('--seed', type=int, default=0, help='seed of split k is SEED + k (default: 0)')
+    add_model_args(p, batch_size=4)
+    p.set_defaults(func=_lazy('evals.pixel', 'run_pixel'))
 
     p = evals.add_parser('hpatches', help='HPatches homography accuracy at 1/3/5 px (DIFT protocol)',
                          description="DIFT's eval_hpatches.py + eval_homography.py: images resized to size x size, the "

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import diffbackbone  # noqa: F401
 from diffbackbone import cli
@@ -117,3 +117,55 @@ def test_feature_store_records_the_lora_identity(lora_files, fake_hub, hub_cache
     assert cli.main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'another architecture' in err[0]
+
+
+def test_a_changed_lora_gets_another_eval_cache(lora_files, fake_hub, hub_cache, tmp_path):
+    """The SPair / HPatches / DAVIS caches are keyed by the LoRA's identity (file hash, Hub commit), not its name: a
+    LoRA file changed in place never reads the features of the old one."""
+    import argparse
+
+    from diffbackbone.evals.common import feature_cache
+    from diffbackbone.evals.feature_cache import FeatureCache
+    from diffbackbone.evals.spair import spair_cache
+
+    lora = tmp_path / 'mine.safetensors'
+    lora.write_bytes((lora_files / 'sd' / 'pytorch_lora_weights.safetensors').read_bytes())
+    args = argparse.Namespace(cache=str(tmp_path / 'cache'), model='test_dift', weights=None, random_weights=True,
+                              seed=0, dtype='float32', size=128, prompt_template=None)
+
+    def keys(kwargs):
+        return feature_cache(args, 'us9', kwargs, protocol='hpatches').key, spair_cache(args, 'us6', kwargs).key
+
+    kwargs = {'lora': str(lora), 'lora_scale': 0.5}
+    first = keys(kwargs)
+    assert keys(kwargs) == first  # the same file: the same folders (a resumed run reads them)
+    digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert json.loads((tmp_path / 'cache' / first[0] / 'config.json').read_text())['lora'] == f'sha256:{digest}'
+    tensors = load_file(lora)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, lora)  # same path, same name in --model-kwargs, other weights
+    changed = keys(kwargs)
+    assert changed[0] != first[0] and changed[1] != first[1]
+    hub = keys({'lora': REPO})
+    assert json.loads((tmp_path / 'cache' / hub[0] / 'config.json').read_text())['lora'] == \
+        f'{REPO}@{fake_hub.commit_of(REPO)}:pytorch_lora_weights.safetensors'
+    # without a LoRA the key is what it was before LoRA identities were added (existing caches stay valid)
+    plain = FeatureCache(tmp_path / 'c2', dict(model='test_dift', weights=None, random_weights=0, tap='us9',
+                                               dtype='float32', model_kwargs={}, protocol='hpatches'))
+    assert feature_cache(args, 'us9', {}, protocol='hpatches').key == plain.key
+
+
+def test_export_records_the_fused_lora(lora_files, tmp_path):
+    from diffbackbone.commands.export import export_model
+
+    *_, weights = _diffusers_weights('test_dift', tmp_path)
+    lora = lora_files / 'sd' / 'pytorch_lora_weights.safetensors'
+    out = export_model(weights, tmp_path / 'export', model='test_dift', model_kwargs={'lora': str(lora),
+                                                                                      'lora_scale': 0.75})
+    config = json.loads((out / 'config.json').read_text())
+    assert config['fused_lora'] == {'identity': 'sha256:' + hashlib.sha256(lora.read_bytes()).hexdigest(),
+                                    'scale': 0.75}
+    assert 'lora' not in config['model_args']  # fused into the weights: never applied again on load
+    plain = export_model(weights, tmp_path / 'plain', model='test_dift')
+    assert 'fused_lora' not in json.loads((plain / 'config.json').read_text())

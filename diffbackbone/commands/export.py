@@ -13,6 +13,7 @@ The folder has timm's Hub layout, so after `import diffbackbone` anyone loads it
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -139,6 +140,10 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
         try:
             save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
             save_config_for_hf(net, str(work / 'config.json'), model_args=args)
+            if getattr(net, 'lora_identity', None):  # which LoRA the weights hold (timm ignores keys it does not know)
+                config = json.loads((work / 'config.json').read_text())
+                config['fused_lora'] = dict(identity=net.lora_identity, scale=net.lora_scale)
+                (work / 'config.json').write_text(json.dumps(config, indent=4) + '\n')
             (work / 'README.md').write_text(_model_card(net, name, push))
         except OSError as e:
             raise ExportError(f'Could not write the export {out}: {_write_reason(e.__cause__ or e)}. Nothing was '

@@ -1,7 +1,7 @@
 """Where commands write: one check of every output path, made before any model loads or any work starts.
 
-The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval spair` / `hpatches` / `davis`,
-`export`, `bench`):
+The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval spair` / `hpatches` / `davis`
+/ `pixel`, `export`, `bench`):
 
 * **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
   symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path

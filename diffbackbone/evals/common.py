@@ -12,7 +12,7 @@ import torch
 from ..data.outputs import OutputError, check_file, check_folder
 from .feature_cache import FeatureCache, weights_fingerprint
 
-__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'feature_cache', 'check_outputs']
+__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs']
 
 
 def noisy_model(name: str) -> Optional[bool]:
@@ -60,6 +60,18 @@ def model_builder(args: argparse.Namespace, tap: str, kwargs: dict[str, Any]) ->
     return build
 
 
+def lora_fingerprint(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`{'lora': identity}` of the `lora` model argument (a Hub commit or the file's sha256, `models.lora`), so that a
+    cache keyed by it changes when the LoRA changes under the same name; `{}` without a LoRA (keys stay as before)."""
+    spec = kwargs.get('lora')
+    if not spec:
+        return {}
+    from ..models.lora import lora_spec, resolve_lora
+
+    spec, _ = lora_spec(spec, kwargs.get('lora_scale', 1.0))
+    return {'lora': resolve_lora(spec)[1]}
+
+
 def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **protocol: Any
                   ) -> Optional[FeatureCache]:
     """The `--cache` folder for these features (None without `--cache`); `protocol` names what else shapes them."""
@@ -67,25 +79,25 @@ def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **
         return None
     cache = FeatureCache(args.cache, dict(
         model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
-        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **protocol))
+        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **lora_fingerprint(kwargs), **protocol))
     print(f'feature cache: {cache.folder}')
     return cache
 
 
 def check_outputs(args: argparse.Namespace, inputs: list[Optional[str]]) -> None:
     """Check `--cache`, `--masks` (folders) and `--json` before anything is read or built, with the check every command
-    makes (`data.outputs`): never an input (`inputs`: the data, the keypoints) or inside one, never a file diffbackbone
-    did not write; our own earlier `--json` is replaced."""
+    makes (`data.outputs`): never an input (`inputs`: the data, the keypoints, a feature store read) or inside one,
+    never a file diffbackbone did not write; our own earlier `--json` is replaced."""
     inputs = [p for p in inputs if p]
-    if args.cache:
-        check_folder(args.cache, 'folder', inputs, option='--cache')
-    masks = getattr(args, 'masks', None)
+    cache, masks = getattr(args, 'cache', None), getattr(args, 'masks', None)
+    if cache:
+        check_folder(cache, 'folder', inputs, option='--cache')
     if masks:
         check_folder(masks, 'folder', inputs, option='--masks')
-        if args.cache and _overlap(masks, args.cache):
-            raise OutputError(f'--masks {masks} and --cache {args.cache} overlap: give them separate folders.')
+        if cache and _overlap(masks, cache):
+            raise OutputError(f'--masks {masks} and --cache {cache} overlap: give them separate folders.')
     if args.json:
-        check_file(args.json, inputs + [p for p in (args.cache, masks) if p], option='--json')
+        check_file(args.json, inputs + [p for p in (cache, masks) if p], option='--json')
 
 
 def _overlap(a: str, b: str) -> bool:

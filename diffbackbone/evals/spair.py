@@ -21,11 +21,12 @@ import torch
 from ..correspondence import (UpsampledTarget, normalised_map, point_features, sample_points,
                               similarity_argmax)
 from ..data.outputs import check_file, check_folder, write_json
+from .common import lora_fingerprint
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
 __all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'score_pairs_fast', 'evaluate', 'ImageFeatures', 'run_spair',
-           'SpairError']
+           'spair_cache', 'SpairError']
 
 ALPHA = 0.1
 # (category, image names) -> {image name: (C, h, w) features}, or {image name: {tap: map}} for a pair transform
@@ -193,6 +194,19 @@ def _table(scores: Scores) -> str:
     return '\n'.join(rows)
 
 
+def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict) -> Optional[FeatureCache]:
+    """The `--cache` folder of these features (None without `--cache`), keyed by all that shapes them, the LoRA's
+    identity included."""
+    if not args.cache:
+        return None
+    cache = FeatureCache(args.cache, dict(
+        model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
+        tap=tap, size=args.size, prompt_template=args.prompt_template, dtype=args.dtype, model_kwargs=kwargs,
+        protocol='stretch-[-1,1]', version=1, **lora_fingerprint(kwargs)))
+    print(f'feature cache: {cache.folder}')
+    return cache
+
+
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
     from ..cli_args import DTYPES, check_size_fits
@@ -233,13 +247,7 @@ def run_spair(args: argparse.Namespace) -> int:
         return load_tap_model(args.model, tap, weights=weights, pretrained=not args.random_weights,
                               device=args.device, dtype=DTYPES[args.dtype], model_kwargs=kwargs)
 
-    cache = None
-    if args.cache:
-        cache = FeatureCache(args.cache, dict(
-            model=args.model, weights=weights_fingerprint(weights), random_weights=args.random_weights and args.seed,
-            tap=tap, size=args.size, prompt_template=args.prompt_template, dtype=args.dtype, model_kwargs=kwargs,
-            protocol='stretch-[-1,1]', version=1))
-        print(f'feature cache: {cache.folder}')
+    cache = spair_cache(args, tap, kwargs)
     feats = ImageFeatures(Path(args.data), model_fn, args.size, args.batch_size, args.prompt_template, cache,
                           progress=True, all_taps=co_pca is not None)
     pair_fn = None

@@ -1,0 +1,355 @@
+"""`diffbackbone eval pixel`: label-scarce segmentation, DDPM-segmentation's protocol as Meng et al.'s
+`scarce_segmentation/task-pixel.py` runs it.
+
+The images of `real/train` and `real/test` are run once into a feature store (`diffbackbone features --out STORE`,
+at the model's input size); every tap map is upsampled bilinearly (`align_corners=False`) to the label size (256, their
+`dim`) and the taps are concatenated per pixel. Labels are resized by nearest neighbour; in training, a class covering
+fewer than 20 pixels of an image is set to 255 there, and pixels labelled 255 are dropped. A split pools train and
+test and shuffles them (`random.Random(seed).shuffle`, which is their `random.seed(seed); random.shuffle(...)`), the
+first len(train) images training. An ensemble of 10 pixel MLPs (theirs: Linear-ReLU-BatchNorm x2, widths 128/32 below
+30 classes, 256/128 from 30; weights N(0, 0.02), biases 0) is trained one after another with Adam (lr 1e-3),
+cross-entropy, batches of 64 pixels (shuffled, last partial batch dropped), at most 100 epochs, and their early stop:
+from the 5th epoch on, 51 batches in a row without a new lowest batch loss end the training. A test pixel gets the
+majority (`torch.mode`) of the members' argmax; IoU per class sums intersections and unions over the whole test set,
+and mIoU is the mean over all classes (an absent class counts 0, as theirs). Mean and spread (std, ddof=0) over
+`--splits` random splits (seed, seed + 1, ...), as their README's average of five random runs.
+
+Unlike theirs, memory stays bounded: pixels are never held at label size. The training images' maps are kept at their
+native size (float16) and each batch reads its 64 pixels by the same bilinear weights (`PixelSampler`); a test image
+is classified in chunks of pixels. When the training maps exceed `--memory-gb`, an epoch visits the images in random
+groups that fit, shuffling pixels within a group (a departure: theirs shuffles all pixels at once).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .pixel_data import IGNORE, PixelDataError, PixelDataset, PixelItem, load_label, load_pixel_dataset
+
+__all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'MENG_CHANNELS', 'preset_channels',
+           'split_items', 'train_labels', 'train_ensemble', 'predict_image', 'iou_scores', 'evaluate_split',
+           'run_pixel', 'PixelDataError']
+
+MIN_PIXELS = 20  # a class with fewer pixels in a training image is ignored there (theirs)
+# Meng et al.'s --feature_len of each setting (scarce_segmentation/README.md), by (our model, our preset).
+MENG_CHANNELS = {('sd15', 'gdf_legacy'): ('Legacy-v1.5', 3520), ('sdxl', 'gdf_legacy'): ('Legacy-XL', 2240),
+                 ('sd15', 'gdf_practical'): ('Ours-v1.5', 3520), ('sdxl', 'gdf_practical'): ('Ours-XL', 3840)}
+
+
+class PixelClassifier(nn.Module):
+    """DDPM-segmentation's (datasetGAN's) pixel MLP: widths 128/32 below 30 classes, 256/128 from 30."""
+
+    def __init__(self, classes: int, dim: int):
+        super().__init__()
+        a, b = (128, 32) if classes < 30 else (256, 128)
+        self.layers = nn.Sequential(nn.Linear(dim, a), nn.ReLU(), nn.BatchNorm1d(a), nn.Linear(a, b), nn.ReLU(),
+                                    nn.BatchNorm1d(b), nn.Linear(b, classes))
+        for m in self.layers:
+            if isinstance(m, nn.Linear):  # their init_weights('normal', 0.02); BatchNorm1d keeps its defaults
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i0, i1, weight of i1) of `F.interpolate(mode='bilinear', align_corners=False)` along one axis."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    return i0, (i0 + 1).clamp_max(n_in - 1), (src - i0).float()
+
+
+class PixelSampler:
+    """Reads pixels of label-size maps from native-size tap maps: what `F.interpolate(map, (L, L), mode='bilinear')`
+    gives at those pixels, without making the (C, L, L) map.
+
+    Maps are held channels-last, (N, h, w, C) per tap; a pixel is (image n, flat position y * L + x).
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]], size: int):
+        self.size = size
+        self.axes = [(_axis(h, size), _axis(w, size)) for _, h, w in shapes]
+        self.dim = sum(c for c, _, _ in shapes)
+
+    def __call__(self, maps: Sequence[torch.Tensor], n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(P, C) float32 features of pixels `pos` of images `n` (index tensors on the maps' device)."""
+        y, x = pos // self.size, pos % self.size
+        out = []
+        for m, ((y0, y1, wy), (x0, x1, wx)) in zip(maps, self.axes):
+            y0, y1, wy = y0.to(m.device)[y], y1.to(m.device)[y], wy.to(m.device)[y, None]
+            x0, x1, wx = x0.to(m.device)[x], x1.to(m.device)[x], wx.to(m.device)[x, None]
+            top = m[n, y0, x0].float() * (1 - wx) + m[n, y0, x1].float() * wx
+            bottom = m[n, y1, x0].float() * (1 - wx) + m[n, y1, x1].float() * wx
+            out.append(top * (1 - wy) + bottom * wy)
+        return torch.cat(out, dim=1)
+
+
+@dataclass
+class TrainConfig:
+    """The ensemble's training settings (defaults: DDPM-segmentation's)."""
+    classes: int
+    members: int = 10
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    patience: int = 50  # stop when more than this many batches in a row bring no new lowest loss ...
+    patience_from_epoch: int = 4  # ... counted from this epoch on (theirs: `if epoch > 3`)
+    label_size: int = 256
+    memory_bytes: int = 4 << 30
+    device: str = 'cpu'
+
+
+@dataclass
+class SplitResult:
+    seed: int
+    train: list[str]
+    test: list[str]
+    miou: float
+    iou: list[float]
+    epochs: list[int] = field(default_factory=list)  # epochs each member trained (early stop)
+    seconds: float = 0.0
+
+
+class _Maps:
+    """Native-size tap maps of images from the store, channels-last float16 on the device."""
+
+    def __init__(self, store, taps: Sequence[str], device: str):
+        self.store, self.taps, self.device = store, list(taps), device
+
+    def load(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        per_tap: list[list[torch.Tensor]] = [[] for _ in self.taps]
+        for p in paths:
+            feats = self.store.get(p, self.taps)
+            for i, t in enumerate(self.taps):
+                per_tap[i].append(feats[t].permute(1, 2, 0).to(torch.float16))
+        return [torch.stack(m).to(self.device) for m in per_tap]
+
+
+def split_items(dataset: PixelDataset, seed: int, shuffle: bool = True, max_train: int = 50, max_test: int = 650
+                ) -> tuple[list[PixelItem], list[PixelItem]]:
+    """(train, test) of one run: theirs `shuffle_split` (pool train + test, shuffle with `seed`, the first len(train)
+    train) and `num_images` caps (training_number 50, testing_number 650)."""
+    pooled = list(dataset.train) + list(dataset.test)
+    if shuffle:
+        random.Random(seed).shuffle(pooled)
+    n = len(dataset.train)
+    return pooled[:n][:max_train], pooled[n:][:max_test]
+
+
+def train_labels(item: PixelItem, classes: int, size: int) -> np.ndarray:
+    """A training label map at size x size with small annotations (< 20 pixels of a class) set to 255, as theirs."""
+    label = load_label(item.label, size)
+    for c in range(classes):
+        count = int((label == c).sum())
+        if 0 < count < MIN_PIXELS:
+            label[label == c] = IGNORE
+    return label
+
+
+def _batches(total: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(total, generator=generator)
+    for i in range(total // batch_size):  # drop_last=True
+        yield perm[i * batch_size:(i + 1) * batch_size]
+
+
+def train_ensemble(maps: _Maps, sampler: PixelSampler, items: Sequence[PixelItem], cfg: TrainConfig, seed: int,
+                   progress: bool = False) -> tuple[list[PixelClassifier], list[int]]:
+    """The trained members and the epochs each ran. Training images' maps stay at native size; each batch samples
+    its pixels from them (`PixelSampler`)."""
+    from tqdm import tqdm
+
+    labels = [torch.from_numpy(train_labels(it, cfg.classes, cfg.label_size)).flatten() for it in items]
+    valid = [torch.nonzero(lab != IGNORE).flatten().to(torch.int32) for lab in labels]
+    targets = [lab.long() for lab in labels]
+    per_image = 2 * sum(c * h * w for c, h, w in maps_shapes(maps))
+    group = max(1, min(len(items), cfg.memory_bytes // max(1, per_image)))
+    paths = [str(it.image) for it in items]
+    resident = maps.load(paths) if group >= len(items) else None  # all fit: one pool, shuffled as theirs
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    members, epochs_run = [], []
+    device = cfg.device
+    for m in tqdm(range(cfg.members), desc='ensemble', unit='model', disable=not progress):
+        model = PixelClassifier(cfg.classes, sampler.dim).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        best, count, stop, epoch = math.inf, 0, False, 0
+        for epoch in range(cfg.epochs):
+            order = list(range(len(items))) if resident is not None else torch.randperm(len(items), generator=gen)
+            for start in range(0, len(items), group):
+                ids = [int(i) for i in order[start:start + group]]
+                gmaps = resident if resident is not None else maps.load([paths[i] for i in ids])
+                local = torch.arange(len(ids)) if resident is None else torch.tensor(ids)
+                n = torch.cat([torch.full((len(valid[i]),), int(j), dtype=torch.long) for i, j in zip(ids, local)])
+                pos = torch.cat([valid[i].long() for i in ids])
+                y_all = torch.cat([targets[i][valid[i].long()] for i in ids])
+                for b in _batches(len(pos), cfg.batch_size, gen):
+                    x = sampler(gmaps, n[b].to(device), pos[b].to(device))
+                    y = y_all[b].to(device)
+                    opt.zero_grad()
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    opt.step()
+                    if epoch >= cfg.patience_from_epoch:
+                        if loss.item() < best:
+                            best, count = loss.item(), 0
+                        else:
+                            count += 1
+                        if count > cfg.patience:
+                            stop = True
+                            break
+                if stop:
+                    break
+            if stop:
+                break
+        members.append(model.eval())
+        epochs_run.append(epoch + 1)
+    return members, epochs_run
+
+
+def maps_shapes(maps: _Maps) -> list[list[int]]:
+    shapes = maps.store.config.get('shapes') or {}
+    return [list(shapes[t]) for t in maps.taps]
+
+
+@torch.no_grad()
+def predict_image(members: Sequence[nn.Module], image_maps: list[torch.Tensor], sampler: PixelSampler,
+                  chunk: int = 8192) -> np.ndarray:
+    """(L, L) uint8 prediction of one image: the most frequent argmax of the members (`torch.mode`), in chunks."""
+    size = sampler.size
+    device = image_maps[0].device
+    out = torch.empty(size * size, dtype=torch.long)
+    for start in range(0, size * size, chunk):
+        pos = torch.arange(start, min(start + chunk, size * size), device=device)
+        x = sampler(image_maps, torch.zeros_like(pos), pos)
+        votes = torch.stack([m(x).argmax(dim=1) for m in members], dim=-1)
+        out[start:start + len(pos)] = torch.mode(votes.cpu(), dim=-1)[0]
+    return out.view(size, size).numpy().astype(np.uint8)
+
+
+def iou_scores(intersections: np.ndarray, unions: np.ndarray) -> tuple[float, list[float]]:
+    """(mIoU, IoU per class) from summed counts, as theirs: intersection / (1e-8 + union), every class counted."""
+    iou = intersections / (1e-8 + unions)
+    return float(iou.mean()), [float(v) for v in iou]
+
+
+def evaluate_split(maps: _Maps, sampler: PixelSampler, train: Sequence[PixelItem], test: Sequence[PixelItem],
+                   cfg: TrainConfig, seed: int, progress: bool = False) -> SplitResult:
+    """Train the ensemble on `train`, then mIoU over `test`."""
+    start = time.perf_counter()
+    members, epochs = train_ensemble(maps, sampler, train, cfg, seed, progress)
+    inter, union = np.zeros(cfg.classes), np.zeros(cfg.classes)
+    for it in test:
+        pred = predict_image(members, maps.load([str(it.image)]), sampler)
+        gt = load_label(it.label, cfg.label_size)
+        for c in range(cfg.classes):
+            p, g = pred == c, gt == c
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    miou, iou = iou_scores(inter, union)
+    return SplitResult(seed, [it.image.name for it in train], [it.image.name for it in test], miou, iou, epochs,
+                       time.perf_counter() - start)
+
+
+def preset_channels(model: str, preset: str) -> int:
+    """Channels of a preset's taps concatenated, from the model built on the meta device (no weights, no memory)."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    with torch.device('meta'):
+        m = timm.create_model(model, pretrained=False, features_only=True, out_indices=(preset,))
+    return sum(i['num_chs'] for i in m.feature_info.get_dicts())
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> int:
+    """Run every image into the feature store (resumable; images stored already are skipped); its exit status."""
+    from ..commands.features import run_features
+
+    ns = argparse.Namespace(
+        images=images, model=args.model, taps=args.taps, out=args.store, overwrite=False, size=args.size,
+        resize='stretch', batch_size=args.batch_size, device=args.device, dtype=args.dtype, weights=args.weights,
+        random_weights=args.random_weights, model_kwargs=kwargs, pca=None, workers=args.workers, on_error='fail',
+        store_dtype='float16', feature_pool=None, feature_size=None, shard_size=None, compile=None,
+        channels_last=False)
+    return run_features(ns)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    from ..data.outputs import check_folder
+    from .common import check_outputs
+
+    store, data = Path(args.store).resolve(), Path(args.data).resolve()
+    if store == data or data in store.parents or store in data.parents:
+        raise ValueError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
+    check_folder(args.store, 'store', [args.data], option='--store')  # a store of ours, resumed (as `features`)
+    check_outputs(args, [args.data, args.store])
+
+
+def run_pixel(args: argparse.Namespace) -> int:
+    """Handler of `diffbackbone eval pixel`."""
+    import resource
+
+    from ..data.store import FeatureStore
+    from ..data.outputs import write_json
+    from .common import eval_model_kwargs
+
+    for name in ('splits', 'ensemble', 'epochs', 'pixel_batch', 'label_size'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
+    if args.memory_gb <= 0:
+        raise ValueError(f'--memory-gb must be positive, got {args.memory_gb}.')
+    _check_paths(args)
+    dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
+    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50
+    if args.prompt is not None:
+        kwargs['prompt'] = args.prompt
+    print(f'{dataset.name}: {len(dataset.train)} train + {len(dataset.test)} test images, {dataset.classes} classes')
+    rc = _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
+    if rc:
+        return rc
+    store = FeatureStore(args.store)
+    taps = store.taps
+    shapes = [list(store.config['shapes'][t]) for t in taps]
+    sampler = PixelSampler(shapes, args.label_size)
+    maps = _Maps(store, taps, args.device)
+    print(f'{len(taps)} taps, {sampler.dim} channels per pixel: ' + ', '.join(f'{t} {s}' for t, s in zip(taps, shapes)))
+    meng = MENG_CHANNELS.get((args.model, args.taps[0])) if args.taps and len(args.taps) == 1 else None
+    if meng:
+        same = 'matches' if meng[1] == sampler.dim else 'DIFFERS'
+        print(f"Meng et al.'s {meng[0]}: --feature_len {meng[1]} ({same})")
+    cfg = TrainConfig(classes=dataset.classes, members=args.ensemble, epochs=args.epochs, batch_size=args.pixel_batch,
+                      label_size=args.label_size, memory_bytes=int(args.memory_gb * (1 << 30)), device=args.device)
+    results = []
+    for k in range(args.splits):
+        seed = args.seed + k
+        train, test = split_items(dataset, seed, not args.keep_split, args.max_train, args.max_test)
+        r = evaluate_split(maps, sampler, train, test, cfg, seed, progress=True)
+        results.append(r)
+        print(f'split {k + 1}/{args.splits} (seed {seed}): mIoU {100 * r.miou:.2f} ({len(train)} train, {len(test)} '
+              f'test; epochs {r.epochs}; {r.seconds:.1f} s)')
+    mious = np.array([r.miou for r in results]) * 100
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f'{args.model} {taps if len(taps) < 5 else args.taps} on {dataset.name}: mIoU {mious.mean():.2f} +- '
+          f'{mious.std():.2f} over {len(results)} split(s) (peak RSS {rss:.0f} MB)')
+    if args.json:
+        write_json(args.json, dict(
+            dataset=dataset.name, classes=dataset.classes, model=args.model, weights=args.weights, taps=taps,
+            channels=sampler.dim, model_kwargs=kwargs, label_size=args.label_size, ensemble=args.ensemble,
+            epochs=args.epochs, pixel_batch=args.pixel_batch, shuffle=not args.keep_split, store=str(args.store),
+            miou_mean=float(mious.mean()), miou_std=float(mious.std()),
+            splits=[dict(seed=r.seed, miou=100 * r.miou, iou=[100 * v for v in r.iou], train=r.train, test=r.test,
+                         epochs=r.epochs, seconds=r.seconds) for r in results]), 'eval pixel')
+        print(f'wrote {args.json}')
+    return 0
