@@ -16,7 +16,7 @@ from PIL import Image
 from diffbackbone import cli
 from diffbackbone.data.store import FeatureStore, StoreWriter, write_index
 from diffbackbone.evals import pixel
-from diffbackbone.evals.pixel_data import IGNORE, PixelDataError, PixelItem, load_pixel_dataset
+from diffbackbone.evals.pixel_data import IGNORE, PixelItem, load_pixel_dataset
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 60]], dtype=np.uint8)
 S = 32  # image and label size
