@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', type=diffusion_model_name, required=True, help="one of diffbackbone's models")
     p.add_argument('--taps', nargs='+', help='tap names, indices, presets, shell patterns ("*cross-q") or "all" '
                    "(default: the model's feature_info taps)")
-    p.add_argument('--out', default='inspect.png', help='sheet .png (several: STEM-01.png, ... and STEM-index.txt)')
+    p.add_argument('--out', default='inspect.png', help='sheet .png (several: STEM-01.png, ... and STEM-index.json)')
     p.add_argument('--overwrite', action='store_true', help='replace existing output files')
     p.add_argument('--mode', choices=('pca', 'kmeans'), default='pca', help='colours: 3 principal components (default) '
                    'or k-means clusters')

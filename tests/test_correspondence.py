@@ -127,7 +127,7 @@ def test_match_cli_missing_image_and_bad_point(images, tmp_path, capsys):
 from test_pretrained import published  # noqa: E402,F401  (tiny models on the fake Hub)
 
 
-def test_match_cli_weights_and_prompt(images, published, hub_cache, capsys):
+def test_match_cli_weights_and_prompt(images, published, hub_cache, capsys):  # noqa: F811  (pytest fixtures)
     """--weights and --prompt reach the model: the printed matches are those of a model built with both."""
     import timm
 

@@ -296,8 +296,8 @@ def test_bad_options(dataset, tmp_path, capsys):
     assert rc == 2 and '--sequences dogs: not in' in err
     rc, _, err = _run(base + ['--data', str(dataset), '--temperature', '0'], capsys)
     assert rc == 2 and '--temperature must be positive' in err
-    rc, _, err = _run(base + ['--data', str(dataset), '--masks', str(dataset / 'out')], capsys)
-    assert rc == 2 and 'overlaps --data' in err
+    rc, _, err = _run(base + ['--data', str(dataset), '--masks', str(dataset / 'Annotations')], capsys)
+    assert rc == 2 and 'inside the input folder' in err
     assert [s.name for s in load_davis(dataset, limit=1)] == ['squares']
     with pytest.raises(DavisError, match='--limit'):
         load_davis(dataset, limit=0)

@@ -156,6 +156,25 @@ def test_prompts_cached_pruned_features_and_per_image_prompts(tiny_repo, hub_cac
     assert_per_image_prompts(model, batch)
 
 
+def test_long_prompt_warns_naming_the_kept_part(tiny_repo, hub_cache):
+    """IF's T5 keeps 77 tokens (`IFPipeline.encode_prompt`): a longer prompt warns, computed and from the cache."""
+    import warnings
+
+    from diffbackbone.models.text import PromptTruncatedWarning
+
+    model = timm.create_model('test_deepfloyd_if', pretrained=True)
+    long = ' '.join(['The quick brown fox jumps over the lazy dog.'] * 10)
+    for _ in range(2):
+        with pytest.warns(PromptTruncatedWarning) as record:
+            model.prompt_tensors(long)
+        (msg,) = [str(r.message) for r in record]
+        assert '451 tokens, more than the 77-token window of the T5 text encoder' in msg
+        assert "only 'the quick brown fox" in msg  # IF's preprocessing lower-cases before T5
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model.prompt_tensors('A Dog')
+
+
 def test_bad_arguments_and_sizes():
     with pytest.raises(ValueError, match='leaves no denoising step'):
         timm.create_model('test_deepfloyd_if', timestep=0)

@@ -403,3 +403,21 @@ def test_taps_all_documents_each_map_reduction(capsys):
         assert ('not renormalised' in notes) == (name == 'flux')  # FLUX: parts of one joint softmax
     assert cli.main(['taps', 'flux']) == 0
     assert 'attention maps' not in capsys.readouterr().out  # the maps are listed (and explained) with --all
+
+
+@pytest.mark.parametrize('name, config', [('test_pixart', px._PIXART_TEST), ('test_sd3', None)])
+def test_pyramid_of_fewer_than_four_blocks_takes_each_block_once(name, config):
+    """`pyramid` = four evenly spaced blocks; with fewer blocks, each one once (not a preset naming a block twice,
+    which `features_only` refuses)."""
+    from diffbackbone.models import sd3
+
+    config = config or sd3._SD3_TEST
+    for n, want in ((1, [0]), (2, [0, 1]), (3, [0, 1, 2]), (4, [0, 1, 2, 3]), (8, [1, 3, 5, 7]), (28, [6, 13, 20, 27])):
+        with torch.device('meta'):
+            model = timm.create_model(name, transformer_cfg=dict(config, num_layers=n))
+        assert model.presets['pyramid'] == tuple(f'vit-block{k}-out' for k in want)
+    torch.manual_seed(0)
+    feat = timm.create_model(name, transformer_cfg=dict(config, num_layers=2), features_only=True).eval()
+    assert [i['name'] for i in feat.feature_info.get_dicts()] == ['vit-block0-out', 'vit-block1-out']
+    with torch.no_grad():
+        assert [tuple(f.shape[-2:]) for f in feat(torch.rand(1, 3, 64, 64) * 2 - 1)] == [(4, 4), (4, 4)]

@@ -20,7 +20,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_planted_pairs_same_scores(planted):
+def test_planted_pairs_same_scores(planted):  # noqa: F811  (pytest fixtures)
     root, feats = planted
     pairs = load_pairs(root)
     fn = lambda cat, names: {n: feats[n] for n in names}  # noqa: E731
@@ -55,7 +55,7 @@ def test_same_matches_as_reference_except_float_ties():
     assert compared == 240 and differing < compared // 5
 
 
-def test_fast_path_same_pck_on_random_pairs(small):
+def test_fast_path_same_pck_on_random_pairs(small):  # noqa: F811  (pytest fixtures)
     """The CLI's features are random here: same PCK by both paths (ties do not move a match across a threshold)."""
     g = torch.Generator().manual_seed(3)
     pairs = load_pairs(small)

@@ -4,7 +4,6 @@ descriptors with a known accuracy, descriptor sampling against a hand-written bi
 OpenCV corners) and with image-derived features that recover the planted homographies, and bad inputs."""
 import json
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -251,8 +250,8 @@ def test_bad_options(dataset, tmp_path, capsys):
     assert rc == 2 and 'nokp: no such folder' in err
     rc, _, err = _run(base + ['--data', str(root), '--taps', 'us9', 'us6'], capsys)
     assert rc == 2 and '--taps takes exactly one tap' in err
-    rc, _, err = _run(base + ['--data', str(root), '--json', str(root / 'i_synth' / 'r.json')], capsys)
-    assert rc == 2 and 'overlaps --data' in err
+    rc, _, err = _run(base + ['--data', str(root), '--json', str(root / 'i_synth' / 'H_1_2')], capsys)
+    assert rc == 2 and 'inside the input folder' in err
     rc, _, err = _run(base + ['--data', str(root), '--timestep', '3', '--model-kwargs', '{"timestep": 4}'], capsys)
     assert rc == 2 and 'Give the timestep once' in err
     with pytest.raises(HPatchesError, match='--limit'):

@@ -128,6 +128,27 @@ def test_text_noise_and_taps_equal_their_pipeline_call(tiny_repo, hub_cache):
                                    msg=name)
 
 
+def test_long_prompts_warn_for_each_encoder_that_cuts_them(tiny_repo):
+    import warnings
+
+    from diffbackbone.models.text import PromptTruncatedWarning, encode_hunyuan_prompt
+
+    folder = str(tiny_repo[0])
+    prompt = 'a photo of the cat the dog the room'  # 9 words + [CLS] and [SEP]
+    with pytest.warns(PromptTruncatedWarning) as record:
+        encode_hunyuan_prompt(folder, prompt, 8, 512)
+    (msg,) = [str(r.message) for r in record]
+    assert '11 tokens, more than the 8-token window of the bilingual CLIP text encoder' in msg
+    assert repr('a photo of the cat the') in msg
+    with pytest.warns(PromptTruncatedWarning) as record:
+        encode_hunyuan_prompt(folder, prompt, 77, 4)
+    (msg,) = [str(r.message) for r in record]
+    assert '4-token window of the mT5 text encoder' in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        encode_hunyuan_prompt(folder, prompt, 77, 512)
+
+
 def test_features_prompts_cached_and_errors(tiny_repo, hub_cache, monkeypatch):
     from diffbackbone.models import text
 

@@ -199,9 +199,11 @@ def test_many_taps_go_to_several_sheets_with_an_index(images, tmp_path):
     names = [t.name for t in ins.select_taps(_meta('test_cleandift'), ['down-*'])]
     sheets = sorted(tmp_path.glob('all-*.png'))
     assert len(names) > 40 and len(sheets) == -(-len(names) // 20) and not out.exists()
-    rows = (tmp_path / 'all-index.txt').read_text().splitlines()
-    assert [r.split('\t')[3] for r in rows] == names
-    assert rows[0].startswith(sheets[0].name) and rows[-1].startswith(sheets[-1].name)
+    index = json.loads((tmp_path / 'all-index.json').read_text())
+    rows = index['taps']
+    assert [r['tap'] for r in rows] == names and index['sheets'] == [p.name for p in sheets]
+    assert rows[0]['sheet'] == sheets[0].name and rows[-1]['sheet'] == sheets[-1].name
+    assert (rows[6]['line'], rows[6]['column']) == (2, 2)
     assert Image.open(sheets[0]).size == (6 * 34, 4 * (4 * 11 + 4 + 34))  # 5 taps + the input, 4 lines of one image
 
 

@@ -103,6 +103,35 @@ def test_unknown_model_and_tap_and_dtype_are_clear_errors():
         DiffusionBackbone('test_cleandift', pretrained=False, dtype='half')
 
 
+@pytest.mark.parametrize('name', ['test_sdxl', 'test_deepfloyd_if', 'test_pixart', 'test_flux', 'test_ditf_flux',
+                                  'test_sd3', 'test_hunyuan_dit'])
+def test_every_diffusion_family_is_a_backbone(name):
+    """Each family diffbackbone registers (UNets, IF, the DiTs) is listed and builds; its maps are timm's."""
+    from diffbackbone.mmseg.backbone import diffusion_model_names
+
+    assert name in diffusion_model_names()
+    torch.manual_seed(0)
+    bb = DiffusionBackbone(name, pretrained=False, frozen=True)
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, features_only=True, out_indices='pyramid').eval()
+    assert bb.tap_names == ref.feature_info.get('name') and not any(p.requires_grad for p in bb.parameters())
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        for got, want in zip(bb(x), ref(x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_fused_models_are_refused_with_the_reason():
+    from diffbackbone.mmseg.backbone import diffusion_model_names
+
+    names = diffusion_model_names()
+    assert {'cleandift_sd21', 'sd15', 'sdxl', 'deepfloyd_if', 'pixart_sigma', 'flux', 'ditf_flux', 'sd35_medium',
+            'hunyuan_dit'} <= set(names)
+    assert not [n for n in names if 'dinov2' in n]
+    with pytest.raises(ValueError, match=r"'cleandift_sd21_dinov2' cannot be an mmseg backbone: a fused SD \+ DINOv2"):
+        DiffusionBackbone('cleandift_sd21_dinov2', pretrained=False)
+
+
 def _tiny_model_cfg(path: Path) -> Config:
     cfg = Config.fromfile(str(path))
     cfg.model.backbone.update(model_name='test_cleandift', pretrained=False)

@@ -207,6 +207,105 @@ def test_features_store_keeps_a_foreign_index(tmp_path, capsys, no_model):
         assert (store / 'index.json').read_text() == '{"images": ["mine"]}'
 
 
+def test_inspect_replaces_only_its_own_sheets_index_and_json(tmp_path, capsys):
+    img = _img(tmp_path / 'a.png')
+    out, js = tmp_path / 'out' / 's.png', tmp_path / 'out' / 's.json'
+    argv = ['inspect', str(img), '--model', 'test_cleandift', '--random-weights', '--taps', 'us6', 'us9', 'mid',
+            '--per-sheet', '2', '--tile', '16', '--size', '64', '--device', 'cpu', '--out', str(out), '--json', str(js)]
+    assert main(argv) == 0
+    written = sorted(p.name for p in out.parent.iterdir())
+    assert written == ['s-1.png', 's-2.png', 's-index.json', 's.json']
+    assert all(outputs.is_ours(out.parent / name) for name in written)
+    assert main(argv) == 2 and 'add --overwrite' in _err(capsys)
+    assert main(argv + ['--overwrite']) == 0  # our own sheets, index and statistics are replaced
+    capsys.readouterr()
+    (out.parent / 's-index.json').write_text('{"mine": 1}')
+    assert main(argv + ['--overwrite']) == 2 and 'not written by diffbackbone' in _err(capsys)
+    assert (out.parent / 's-index.json').read_text() == '{"mine": 1}'
+    assert main(['inspect', str(img), '--model', 'test_cleandift', '--random-weights', '--out', str(img),
+                 '--overwrite']) == 2
+    assert 'one of the input images' in _err(capsys)
+
+
+def test_eval_hpatches_json_never_overwrites_the_dataset_or_a_foreign_file(tmp_path, capsys, monkeypatch):
+    from diffbackbone.evals import hpatches
+
+    monkeypatch.setattr(hpatches, 'evaluate', lambda *a, **k: pytest.fail('the evaluation ran'))
+    root, kps = tmp_path / 'hpatches', tmp_path / 'kps'
+    (root / 'i_a').mkdir(parents=True)
+    (root / 'i_a' / 'H_1_2').write_text('1 0 0\n0 1 0\n0 0 1\n')
+    (kps / 'i_a').mkdir(parents=True)
+    (kps / 'i_a' / '1.txt').write_text('1 1\n')
+    foreign = tmp_path / 'notes.json'
+    foreign.write_text('{"mine": 1}')
+    base = ['eval', 'hpatches', '--data', str(root), '--keypoints', str(kps), '--model', 'test_dift',
+            '--random-weights']
+    for path, message in ((root / 'i_a' / 'H_1_2', 'inside the input folder'), (kps, 'inside the input folder'),
+                          (foreign, 'not written by diffbackbone'), ('/proc/h.json', 'Cannot write to /proc')):
+        assert main(base + ['--json', str(path)]) == 2
+        assert message in _err(capsys)
+    assert main(base + ['--cache', str(root)]) == 2 and 'is the input' in _err(capsys)
+    assert foreign.read_text() == '{"mine": 1}' and (root / 'i_a' / 'H_1_2').read_text().startswith('1 0 0')
+    ours = tmp_path / 'ours.json'
+    outputs.write_json(ours, {'x': 1}, 'eval hpatches')
+    assert main(base + ['--json', str(ours)]) == 2  # past the output check: the (broken) data is what is refused
+    err = _err(capsys)
+    assert '--json' not in err and str(root) in err
+
+
+def test_eval_davis_outputs_replace_only_our_own(tmp_path, capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from test_davis import ColourModel, _write_sequence
+
+    data = tmp_path / 'DAVIS'
+    _write_sequence(data, 'still', [((30, 220, 40), (40, 30), (0, 0), 30)], frames=3)
+    (data / 'ImageSets' / '2017').mkdir(parents=True)
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('still\n')
+    ann = data / 'Annotations' / '480p' / 'still' / '00000.png'
+    before = ann.read_bytes()
+    built = []
+    monkeypatch.setattr(corr, 'load_tap_model', lambda *a, **k: built.append(1) or ColourModel())
+    base = ['eval', 'davis', '--data', str(data), '--random-weights', '--short-side', '64']
+    foreign = tmp_path / 'notes.json'
+    foreign.write_text('{"mine": 1}')
+    for extra, message in ((['--json', str(ann)], 'inside the input folder'),
+                           (['--json', str(foreign)], 'not written by diffbackbone'),
+                           (['--masks', str(data)], 'is the input'),
+                           (['--masks', str(data / 'Annotations')], 'inside the input folder'),
+                           (['--masks', str(tmp_path / 'm'), '--cache', str(tmp_path / 'm' / 'c')], 'overlap')):
+        assert main(base + extra) == 2
+        assert message in _err(capsys)
+    assert ann.read_bytes() == before and foreign.read_text() == '{"mine": 1}' and not built
+    masks, js = tmp_path / 'masks', tmp_path / 'r.json'
+    argv = base + ['--json', str(js), '--masks', str(masks)]
+    assert main(argv) == 0 and main(argv) == 0  # the second run replaces our own masks and results
+    assert outputs.is_ours(js) and all(outputs.is_ours(p) for p in (masks / 'still').iterdir())
+    capsys.readouterr()
+    (masks / 'still' / 'notes.txt').write_text('mine')
+    assert main(argv) == 2 and 'notes.txt, not written by diffbackbone' in _err(capsys)
+    assert (masks / 'still' / 'notes.txt').read_text() == 'mine'
+
+
+def test_features_store_of_writer_unique_shards_resumes_and_is_replaced(tmp_path, capsys):
+    """The store's own files (`shard-r<rank>-<writer id>-<n>`, `.lock`, index format 2) count as ours: a store resumes
+    with or without its index, `--overwrite` replaces it, and a foreign file named like a shard is still refused."""
+    img = _img(tmp_path / 'img' / 'a.png')
+    store = tmp_path / 'store'
+    argv = ['features', str(img), '--model', 'test_cleandift', '--random-weights', '--size', '64', '--taps', 'us6',
+            '--out', str(store)]
+    assert main(argv) == 0
+    shard = next(store.glob('shard-r000-*-000000.safetensors'))
+    assert outputs.is_ours(store / 'index.json') and outputs.is_ours(shard)
+    assert main(argv) == 0 and '1 of these images are stored already' in capsys.readouterr().out
+    (store / 'index.json').unlink()  # killed before the index was written: shards and the lock only
+    assert main(argv) == 0 and '1 of these images are stored already' in capsys.readouterr().out
+    assert main(argv + ['--overwrite']) == 0
+    capsys.readouterr()
+    (store / 'shard-r001-0badc0de-000000.safetensors').write_bytes(b'mine')
+    assert main(argv + ['--overwrite']) == 2 and 'not written by diffbackbone' in _err(capsys)
+    assert (store / 'shard-r001-0badc0de-000000.safetensors').read_bytes() == b'mine'
+
+
 # ---- a full disk -----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def full_disk(monkeypatch):

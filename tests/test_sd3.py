@@ -165,6 +165,28 @@ def test_latents_prompts_cached_and_features(tiny_repo, hub_cache, monkeypatch):
     assert_per_image_prompts(model, batch)
 
 
+def test_long_prompts_warn_for_each_encoder_that_cuts_them(tiny_repo, hub_cache):
+    """CLIP-L and CLIP-G keep 77 tokens, T5 `max_tokens`: each that cuts the prompt says so, from the cache too."""
+    import warnings
+
+    from diffbackbone.models.text import PromptTruncatedWarning, encode_sd3_prompt
+
+    folder = str(tiny_repo[0])
+    long = ' '.join(['cat'] * 50 + ['dog'] * 50)  # 102 CLIP tokens
+    with pytest.warns(PromptTruncatedWarning) as record:
+        encode_sd3_prompt(folder, long, 4096)  # T5's window is wide enough here
+    msgs = [str(r.message) for r in record]
+    assert len(msgs) == 2 and 'the CLIP-L text encoder' in msgs[0] and 'the CLIP-G text encoder' in msgs[1]
+    assert all('77-token window' in m and repr(' '.join(['cat'] * 50 + ['dog'] * 25)) in m for m in msgs)
+    for _ in range(2):  # computed, then from the cache: both warn
+        with pytest.warns(PromptTruncatedWarning) as record:
+            encode_sd3_prompt(REPO, 'a photo of a dog', 4)
+        assert [str(r.message).split('window of ')[1].split(':')[0] for r in record] == ['the T5 text encoder']
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        encode_sd3_prompt(folder, 'a dog', 64)
+
+
 def test_bad_arguments_and_sizes():
     with pytest.raises(ValueError, match='leaves no denoising step'):
         timm.create_model('test_sd3', timestep=0)

@@ -289,7 +289,7 @@ def test_limit_takes_first_pairs(small):
 from test_pretrained import published  # noqa: E402,F401  (tiny models on the fake Hub)
 
 
-def test_weights_file_and_prompt_template(small, published, hub_cache, tmp_path, capsys):
+def test_weights_file_and_prompt_template(small, published, hub_cache, tmp_path, capsys):  # noqa: F811
     """--weights loads the local checkpoint; the template conditions each image on its category's caption."""
     import timm
 

@@ -247,7 +247,7 @@ def test_single_file_overwrite_and_skip(dataset, tmp_path, capsys):
     assert (tmp_path / 'f_pca_us6.png').is_file()
 
 
-def test_store_of_a_pretrained_model_records_its_weights(published, hub_cache, dataset, tmp_path):
+def test_store_of_a_pretrained_model_records_its_weights(published, hub_cache, dataset, tmp_path):  # noqa: F811
     out = tmp_path / 'pre'
     args = ['features', str(dataset / 'cats'), '--model', 'test_cleandift', '--size', '64', '--taps', 'mid',
             '--model-kwargs', '{"timestep": 100}', '--workers', '0', '--out', str(out)]

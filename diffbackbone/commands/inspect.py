@@ -12,7 +12,8 @@ neighbours. This command does the same for many taps and images at once:
   the sign of each component is fixed (its largest loading positive, as sklearn's `svd_flip`), so sheets are
   reproducible; `mode='kmeans'` colours k-means clusters instead;
 * sheets: a row per image, a column per tap (first column: the input), titled with the tap's name, channels, stride
-  and map size; more taps than fit on a sheet go to several numbered sheets and an index file;
+  and map size; more taps than fit on a sheet go to several numbered sheets and an index (JSON);
+* every file is written through `data.outputs` (marked as ours), so a second run replaces them with `--overwrite`;
 * `--json`: per-tap statistics the paper's properties rest on (locality: neighbour vs global cosine similarity and
   Moran's I; "massive activations": max |x| over median |x|, and the largest channel maximum over the median one).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -241,13 +241,14 @@ def _wrap(name: str, chars: int) -> list[str]:
 
 
 def sheet_paths(out: Path, n_taps: int, per_sheet: int) -> tuple[list[Path], Optional[Path]]:
-    """The sheet files (`out` itself when one sheet is enough, else `stem-01.png`, ...) and the index file or None."""
+    """The sheet files (`out` itself when one sheet is enough, else `stem-01.png`, ...) and the index file
+    (`stem-index.json`) or None."""
     n = max(1, math.ceil(n_taps / per_sheet))
     if n == 1:
         return [out], None
     digits = len(str(n))
     return ([out.with_name(f'{out.stem}-{i + 1:0{digits}d}{out.suffix}') for i in range(n)],
-            out.with_name(f'{out.stem}-index.txt'))
+            out.with_name(f'{out.stem}-index.json'))
 
 
 def tile_box(k: int, i: int, cols: int, n_images: int, tile: int) -> tuple[int, int]:
@@ -299,8 +300,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from ..cli_args import DTYPES
     from ..data.images import load_image, open_image, resize_image
+    from ..data.outputs import save_picture, write_json
     from ..data.pipeline import find_images
-    from ..hub import atomic_path
     from .features import check_output, data_config, load_extractor
 
     images = find_images(args.images)
@@ -341,25 +342,20 @@ def run_inspect(args: argparse.Namespace) -> int:
     meta = {t.name: t for t in taps}
     pictures = draw_sheets(inputs, names, reducer.tiles, meta, args.cols, args.per_sheet, args.tile)
     for path, pic in zip(sheets, pictures):
-        with atomic_path(path) as tmp:
-            pic.save(tmp, format='PNG')
+        save_picture(pic, path, 'inspect')
         print(f'wrote {path}')
     if index:
-        lines = []
-        for s, path in enumerate(sheets):
-            for k, name in enumerate(names[s * args.per_sheet:(s + 1) * args.per_sheet]):
-                t = meta[name]
-                lines.append(f'{path.name}\tline {k // args.cols + 1}\tcolumn {k % args.cols + 1}\t{name}\t'
-                             f'{t.num_chs} ch\tstride {t.reduction}')
-        with atomic_path(index) as tmp:
-            tmp.write_text('\n'.join(lines) + '\n')
+        rows = [dict(sheet=path.name, line=k // args.cols + 1, column=k % args.cols + 1, tap=name,
+                     channels=meta[name].num_chs, stride=meta[name].reduction)
+                for s, path in enumerate(sheets)
+                for k, name in enumerate(names[s * args.per_sheet:(s + 1) * args.per_sheet])]
+        write_json(index, dict(model=args.model, sheets=[p.name for p in sheets], taps=rows), 'inspect')
         print(f'wrote {index} ({len(names)} taps over {len(sheets)} sheets)')
     if args.json:
         report = dict(model=args.model, images=images, input_size=list(size), mode=args.mode,
                       taps={n: dict(stride=meta[n].reduction, sheet=sheets[i // args.per_sheet].name,
                                     **reducer.stats[n]) for i, n in enumerate(names)})
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=1, allow_nan=True))
+        write_json(args.json, report, 'inspect')
         print(f'wrote {args.json}')
     print(f'{len(names)} taps of {len(images)} images at {size[0]}x{size[1]}; peak RSS {max(peak, _rss_mib()):.0f} MiB')
     return 0

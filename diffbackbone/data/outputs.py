@@ -1,6 +1,7 @@
 """Where commands write: one check of every output path, made before any model loads or any work starts.
 
-The promises every command keeps (`features`, `match`, `depth`, `eval spair`, `export`, `bench`):
+The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval spair` / `hpatches` / `davis`
+/ `pixel`, `export`, `bench`):
 
 * **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
   symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path
@@ -9,9 +10,11 @@ The promises every command keeps (`features`, `match`, `depth`, `eval spair`, `e
   the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture);
   folders are recognised by their layout (a feature store's `index.json` and shards, an export's three files). A
   command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
-  (`features`, `export`), always otherwise (`match`, `depth`, `eval --json`, `bench --json`). Anything else is
-  refused, `--overwrite` or not.
+  (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
+  `bench --json`). Anything else is refused, `--overwrite` or not.
 * **Unwritable destinations are refused up front**, by creating (and removing) a probe file where the output goes.
+* **Concurrent writers into one feature store are safe** (`data.store`): writer-unique shard names, the index
+  rebuilt under a lock; the store's own files (any writer's) count as ours here.
 
 Writers: `mark_metadata` (safetensors), `save_picture` (PNG, JPEG, WebP, TIFF), `write_json`.
 """
@@ -35,7 +38,6 @@ __all__ = ['OutputError', 'check_file', 'check_folder', 'check_writable', 'is_ou
 MARK = 'diffbackbone'
 _SOFTWARE = 0x0131  # EXIF/TIFF "Software" tag
 _EXPORT_FILES = frozenset({'model.safetensors', 'config.json', 'README.md'})
-_STORE_FORMAT = 'diffbackbone-feature-store-1'
 _STORE_TEMP = re.compile(r'\..+\.\d+\.[0-9a-f]+\.tmp')  # hub.atomic_path temporaries
 PathLike = Union[str, os.PathLike]
 
@@ -71,6 +73,12 @@ def write_json(path: PathLike, data: dict, command: str) -> None:
     write_text_atomic(path, json.dumps({**data, MARK: command}, indent=1) + '\n')
 
 
+def _store_formats() -> tuple[str, ...]:
+    from .store import _OLD_FORMAT, FORMAT
+
+    return FORMAT, _OLD_FORMAT
+
+
 def _picture_is_ours(path: Path) -> bool:
     from PIL import Image
 
@@ -101,14 +109,14 @@ def is_ours(path: PathLike) -> bool:
         meta = _safetensors_meta(path)
         if meta is None:
             return False
-        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') == _STORE_FORMAT
+        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
                 or {'model', 'images', 'input_size'} <= set(meta))  # single-file features of earlier versions
     if suffix == '.json':
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(data, dict) and (MARK in data or data.get('format') == _STORE_FORMAT)
+        return isinstance(data, dict) and (MARK in data or data.get('format') in _store_formats())
     if suffix == '.npy':  # a depth map: ours when its picture (same stem) is, and it is that picture's size
         import numpy as np
 
@@ -223,8 +231,11 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
 
 
 def _is_store_file(p: Path) -> bool:
-    return (p.name == 'index.json' or bool(re.fullmatch(r'shard-r\d+-\d+\.safetensors', p.name))
-            or bool(re.fullmatch(r'failed-r\d+\.json', p.name)) or bool(_STORE_TEMP.fullmatch(p.name)))
+    """A file name of a feature store (`data.store`: index, lock, writer-unique shards, failure lists, temporaries)."""
+    from .store import _FAILED, _SHARD, INDEX, LOCK
+
+    return (p.name in (INDEX, LOCK) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
+            or bool(_STORE_TEMP.fullmatch(p.name)))
 
 
 def _check_store(folder: Path, overwrite: bool, option: str) -> None:

@@ -1,19 +1,18 @@
 """What the DIFT evaluations (`eval hpatches`, `eval davis`) share: the noise timestep default, the lazily built model,
-the feature cache's configuration and the `--json` file."""
+the feature cache's configuration and the check of the outputs (`data.outputs`, as every command)."""
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..hub import write_text_atomic
+from ..data.outputs import OutputError, check_file, check_folder
 from .feature_cache import FeatureCache, weights_fingerprint
 
-__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs',
-           'write_json']
+__all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs']
 
 
 def noisy_model(name: str) -> Optional[bool]:
@@ -85,22 +84,22 @@ def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **
     return cache
 
 
-def check_outputs(args: argparse.Namespace, inputs: dict[str, Optional[str]]) -> None:
-    """Refuse an output path (`--json`, `--masks`) that is, or lies inside, one of the inputs (data, keypoints, cache):
-    a run must never write over what it reads."""
-    outs = {k: Path(v).resolve() for k, v in (('--json', getattr(args, 'json', None)),
-                                               ('--masks', getattr(args, 'masks', None))) if v}
-    for name, out in outs.items():
-        for what, value in inputs.items():
-            if not value:
-                continue
-            src = Path(value).resolve()
-            if out == src or src in out.parents or out in src.parents:
-                raise ValueError(f'{name} {out} overlaps {what} {src}: write the results somewhere else.')
-    if getattr(args, 'json', None) and Path(args.json).is_dir():
-        raise ValueError(f'--json {args.json} is a folder: give a file name such as results.json.')
+def check_outputs(args: argparse.Namespace, inputs: list[Optional[str]]) -> None:
+    """Check `--cache`, `--masks` (folders) and `--json` before anything is read or built, with the check every command
+    makes (`data.outputs`): never an input (`inputs`: the data, the keypoints, a feature store read) or inside one,
+    never a file diffbackbone did not write; our own earlier `--json` is replaced."""
+    inputs = [p for p in inputs if p]
+    cache, masks = getattr(args, 'cache', None), getattr(args, 'masks', None)
+    if cache:
+        check_folder(cache, 'folder', inputs, option='--cache')
+    if masks:
+        check_folder(masks, 'folder', inputs, option='--masks')
+        if cache and _overlap(masks, cache):
+            raise OutputError(f'--masks {masks} and --cache {cache} overlap: give them separate folders.')
+    if args.json:
+        check_file(args.json, inputs + [p for p in (cache, masks) if p], option='--json')
 
 
-def write_json(path: str, result: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(result, indent=1) + '\n')
-    print(f'wrote {path}')
+def _overlap(a: str, b: str) -> bool:
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    return ra == rb or ra.startswith(os.path.join(rb, '')) or rb.startswith(os.path.join(ra, ''))

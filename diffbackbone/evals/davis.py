@@ -186,14 +186,32 @@ def _palette(path: Path) -> list[int]:
     return pal
 
 
+def _check_mask_folder(folder: Path) -> None:
+    """A sequence's `--masks` folder is replaced whole: only when it holds nothing but masks diffbackbone wrote."""
+    from ..data.outputs import OutputError, is_ours
+
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise OutputError(f'--masks: {folder} exists and is not a folder of masks diffbackbone wrote; it is never '
+                          'replaced. Move it away or choose another --masks folder.')
+    foreign = sorted(p.name for p in folder.iterdir() if not (p.suffix == '.png' and is_ours(p)))
+    if foreign:
+        raise OutputError(f'--masks: {folder} holds {", ".join(foreign[:3])}, not written by diffbackbone; the '
+                          "sequence's folder is replaced whole, so it is refused. Move it away or choose another "
+                          '--masks folder.')
+
+
 def _write_masks(folder: Path, seq: DavisSequence, labels: list[np.ndarray]) -> None:
-    """The sequence's masks as indexed PNGs, written to a temporary folder renamed into place when complete."""
+    """The sequence's masks as indexed PNGs (marked as ours), written to a temporary folder renamed into place when
+    complete."""
     import os
     import shutil
     import tempfile
 
     from PIL import Image
 
+    from ..data.outputs import save_picture
     from ..hub import umask
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +221,7 @@ def _write_masks(folder: Path, seq: DavisSequence, labels: list[np.ndarray]) -> 
         for frame, lab in zip(seq.frames, labels):
             img = Image.fromarray(lab, 'P')
             img.putpalette(palette)
-            img.save(tmp / f'{frame.stem}.png', format='PNG')
+            save_picture(img, tmp / f'{frame.stem}.png', 'eval davis')
         os.chmod(tmp, 0o777 & ~umask())
         if final.exists():
             shutil.rmtree(final)
@@ -224,7 +242,8 @@ def _table(per_seq: dict[str, dict[str, float]], total: dict) -> str:
 
 def run_davis(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval davis`."""
-    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder, write_json
+    from ..data.outputs import write_json
+    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
         raise ValueError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
@@ -233,8 +252,11 @@ def run_davis(args: argparse.Namespace) -> int:
     if args.neighborhood < 0:
         raise ValueError(f'--neighborhood must be 0 (no restriction) or more, got {args.neighborhood}.')
     tap = args.taps[0]
-    check_outputs(args, {'--data': args.data, '--cache': args.cache})
+    check_outputs(args, [args.data])
     sequences = load_davis(args.data, args.split, args.sequences, args.limit)  # checked before any model is built
+    if args.masks:
+        for seq in sequences:
+            _check_mask_folder(Path(args.masks) / seq.name)
     kwargs = eval_model_kwargs(args, default_timestep=51)
     model_fn = model_builder(args, tap, kwargs)
     cache = feature_cache(args, tap, kwargs, short_side=args.short_side,
@@ -270,5 +292,6 @@ def run_davis(args: argparse.Namespace) -> int:
                       model=args.model, weights=args.weights, tap=tap, model_kwargs=kwargs,
                       short_side=args.short_side, temperature=args.temperature, topk=args.topk,
                       n_last_frames=args.n_last_frames, neighborhood=args.neighborhood, split=args.split)
-        write_json(args.json, result)
+        write_json(args.json, result, 'eval davis')
+        print(f'wrote {args.json}')
     return 0

@@ -164,12 +164,13 @@ def _table(scores: Scores) -> str:
 
 def run_hpatches(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval hpatches`."""
-    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder, write_json
+    from ..data.outputs import write_json
+    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
         raise ValueError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
     tap = args.taps[0]
-    check_outputs(args, {'--data': args.data, '--keypoints': args.keypoints, '--cache': args.cache})
+    check_outputs(args, [args.data, args.keypoints])
     sequences = load_hpatches(args.data, args.keypoints, args.limit)  # everything checked before any model is built
     kwargs = eval_model_kwargs(args, default_timestep=0)
     model_fn = model_builder(args, tap, kwargs)
@@ -190,5 +191,6 @@ def run_hpatches(args: argparse.Namespace) -> int:
                       method=args.method, keypoints=keypoints,
                       pairs=[dict(sequence=p.sequence, image=p.image, matches=p.matches,
                                   error=p.error if math.isfinite(p.error) else None) for p in scores.pairs])
-        write_json(args.json, result)
+        write_json(args.json, result, 'eval hpatches')
+        print(f'wrote {args.json}')
     return 0

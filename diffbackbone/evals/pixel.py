@@ -287,12 +287,14 @@ def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> int:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
+    from ..data.outputs import check_folder
     from .common import check_outputs
 
-    check_outputs(args, {'--data': args.data, '--store': args.store})
     store, data = Path(args.store).resolve(), Path(args.data).resolve()
     if store == data or data in store.parents or store in data.parents:
         raise ValueError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
+    check_folder(args.store, 'store', [args.data], option='--store')  # a store of ours, resumed (as `features`)
+    check_outputs(args, [args.data, args.store])
 
 
 def run_pixel(args: argparse.Namespace) -> int:
@@ -300,7 +302,8 @@ def run_pixel(args: argparse.Namespace) -> int:
     import resource
 
     from ..data.store import FeatureStore
-    from .common import eval_model_kwargs, write_json
+    from ..data.outputs import write_json
+    from .common import eval_model_kwargs
 
     for name in ('splits', 'ensemble', 'epochs', 'pixel_batch', 'label_size'):
         if getattr(args, name) < 1:
@@ -347,5 +350,6 @@ def run_pixel(args: argparse.Namespace) -> int:
             epochs=args.epochs, pixel_batch=args.pixel_batch, shuffle=not args.keep_split, store=str(args.store),
             miou_mean=float(mious.mean()), miou_std=float(mious.std()),
             splits=[dict(seed=r.seed, miou=100 * r.miou, iou=[100 * v for v in r.iou], train=r.train, test=r.test,
-                         epochs=r.epochs, seconds=r.seconds) for r in results]))
+                         epochs=r.epochs, seconds=r.seconds) for r in results]), 'eval pixel')
+        print(f'wrote {args.json}')
     return 0

@@ -27,16 +27,39 @@ __all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder']
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
+# Families registered by diffbackbone that are not segmentation backbones, and why (module -> reason).
+_NOT_FOR_MMSEG = {
+    'diffbackbone.models.fused': 'a fused SD + DINOv2 model is a zero-shot correspondence extractor (one map, two '
+                                 'networks, no VAE or UNet of its own to freeze or checkpoint): use its diffusion '
+                                 "part here (e.g. 'cleandift_sd21'), or the DINOv2 with mmseg's type='TIMMBackbone'",
+}
+
+
+def _family(name: str) -> Optional[str]:
+    """The module that registers the timm model `name` when it is one of diffbackbone's, else None."""
+    from timm.models import model_entrypoint
+
+    import diffbackbone.models  # noqa: F401  (registers the models)
+
+    if not timm.is_model(name):
+        return None
+    module = model_entrypoint(name).__module__
+    return module if module.startswith('diffbackbone.models.') else None
+
+
 def diffusion_model_names() -> list[str]:
-    """timm names of the models this package registers."""
-    return timm.list_models(module='diffusion_unet') + timm.list_models(module='pixart')
+    """timm names of the diffusion backbones this package registers that `DiffusionBackbone` takes: every family
+    (the SD / SDXL / CleanDIFT UNets, DeepFloyd IF, PixArt, FLUX, DiTF, SD3.5, HunyuanDiT) but the fused ones."""
+    return sorted(n for n in timm.list_models() if _family(n) and _family(n) not in _NOT_FOR_MMSEG)
 
 
 @MODELS.register_module()
 class DiffusionBackbone(BaseModule):
-    """Stable Diffusion UNet features (CleanDIFT or DIFT-style) as an mmseg backbone returning a tuple of maps.
+    """Diffusion features (the UNets of CleanDIFT / DIFT-style SD, SDXL and DeepFloyd IF; the PixArt, FLUX, DiTF,
+    SD3.5 and HunyuanDiT transformers) as an mmseg backbone returning a tuple of maps.
 
-    Maps come fine to coarse (strides 8/16/32/64 for the default 'pyramid' preset), always as float32.
+    Maps come fine to coarse (strides 8/16/32/64 for a SD UNet's default 'pyramid' preset; four blocks at stride 16
+    for the transformers), always as float32.
     """
 
     def __init__(
@@ -53,7 +76,8 @@ class DiffusionBackbone(BaseModule):
     ):
         """
         Args:
-            model_name: timm name of a diffbackbone model ('cleandift_sd21', 'cleandift_sd15', 'sd21', 'sd15', ...).
+            model_name: timm name of a diffbackbone model ('cleandift_sd21', 'sd15', 'pixart_sigma', 'flux', ...;
+                `diffusion_model_names()`).
             pretrained: load the model's published weights; a path loads that checkpoint file instead.
             out_indices: taps to return: names ('us6'), a preset ('pyramid', 'cleandift'), indices, or a mix.
             frozen: freeze the whole backbone: no gradients, eval mode even in training, forward under no_grad.
@@ -67,6 +91,8 @@ class DiffusionBackbone(BaseModule):
         super().__init__(init_cfg=init_cfg)
         if dtype not in _DTYPES:
             raise ValueError(f'dtype must be one of {", ".join(_DTYPES)}, got {dtype!r}.')
+        if _family(model_name) in _NOT_FOR_MMSEG:
+            raise ValueError(f'{model_name!r} cannot be an mmseg backbone: {_NOT_FOR_MMSEG[_family(model_name)]}.')
         known = diffusion_model_names()
         if model_name not in known:
             raise ValueError(
@@ -97,9 +123,9 @@ class DiffusionBackbone(BaseModule):
         if self.dtype != torch.float32:
             self.model.to(self.dtype)  # DiffusionUNet keeps its learned timestep in float32
         # The learned timestep of clean models keeps its trained value; segmentation fine-tunes the weights.
-        if isinstance(self.model.timestep, nn.Parameter):
+        if isinstance(getattr(self.model, 'timestep', None), nn.Parameter):  # FLUX has a sigma, no timestep
             self.model.timestep.requires_grad_(False)
-        if self.freeze_vae:
+        if self.freeze_vae and self.model.vae is not None:  # DeepFloyd IF works in pixel space: no VAE
             self.model.vae.requires_grad_(False)
         if frozen:
             self.model.requires_grad_(False)
@@ -114,7 +140,7 @@ class DiffusionBackbone(BaseModule):
         super().train(mode)
         if self.frozen:
             self.model.eval()
-        elif self.freeze_vae:
+        elif self.freeze_vae and self.model.vae is not None:
             self.model.vae.eval()
         return self
 

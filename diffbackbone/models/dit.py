@@ -25,8 +25,9 @@ class DiTBackbone(NoisyLatents, TapBackbone):
     def _init_block_taps(self, all_taps: list[Tap], num_classes: int, global_pool: str, drop_rate: float,
                          attn_maps: str = 'reduced') -> None:
         """Taps and head: `feature_info` lists the block outputs `vit-block{k}-out` (block k is stage k), `pyramid` is
-        four evenly spaced ones for a multi-level neck, and the classifier reads the last. With `attn_maps='full'` the
-        map taps are the unreduced probabilities (B, heads, N, keys): their `num_chs` is the head count."""
+        four evenly spaced ones for a multi-level neck (each block once for a model of fewer than four), and the
+        classifier reads the last. With `attn_maps='full'` the map taps are the unreduced probabilities (B, heads, N,
+        keys): their `num_chs` is the head count."""
         if attn_maps not in ('reduced', 'full'):
             raise ValueError(f"attn_maps must be 'reduced' (maps over the token grid, see `diffbackbone taps MODEL "
                              f"--all`) or 'full' (unreduced (B, heads, N, keys) probabilities), got {attn_maps!r}.")
@@ -37,7 +38,8 @@ class DiTBackbone(NoisyLatents, TapBackbone):
         self.all_taps = all_taps
         self.taps = [t for t in all_taps if t.location == f'vit-block{t.order}-out']
         n = len(self.taps)
-        self.presets = {'pyramid': tuple(self.taps[(n * (i + 1)) // 4 - 1].name for i in range(4)),
+        levels = sorted({max(0, (n * (i + 1)) // 4 - 1) for i in range(4)})  # fewer than 4 blocks: each one once
+        self.presets = {'pyramid': tuple(self.taps[k].name for k in levels),
                         'blocks': tuple(t.name for t in self.taps)}
         self.feature_info = [t.info() for t in self.taps]
         self._deepest: Optional[int] = None

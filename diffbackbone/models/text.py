@@ -88,6 +88,14 @@ def warn_truncated(prompt: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
     return tensors
 
 
+def _joined_notes(*parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One truncation note holding the notes of several encoders' outputs (each a dict from `truncation_note`)."""
+    notes = [n for d in parts if _TRUNCATION in d for n in json.loads(bytes(d[_TRUNCATION].tolist()))]
+    if not notes:
+        return {}
+    return {_TRUNCATION: torch.frombuffer(bytearray(json.dumps(notes).encode()), dtype=torch.uint8).clone()}
+
+
 class _TextEncoders:
     """The base repo's tokenizer(s) and text encoder(s), loaded on the first cache miss and released by `close`."""
 
@@ -188,8 +196,8 @@ def _cached_or_local(base_repo: str, probe: str, name: str, what: str, prompt: s
 
 
 def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str,
-               tokenizer: str = 'tokenizer', text_encoder: str = 'text_encoder', masked: bool = True
-               ) -> dict[str, torch.Tensor]:
+               tokenizer: str = 'tokenizer', text_encoder: str = 'text_encoder', masked: bool = True,
+               name: str = 'the T5 text encoder') -> dict[str, torch.Tensor]:
     """T5 last hidden state (1, max_tokens, D) and token mask, as PixArt's pipelines compute them (attending to the
     prompt's tokens only) or, with `masked=False`, FLUX's (attending to the padding too)."""
     from transformers import AutoTokenizer, T5EncoderModel
@@ -205,7 +213,7 @@ def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: in
     del encoder
     gc.collect()  # T5-XXL is 4.7B parameters: give it back now
     return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float(),
-            **truncation_note([prompt], [(tok, max_tokens, 'the T5 text encoder')])}
+            **truncation_note([prompt], [(tok, max_tokens, name)])}
 
 
 def pixart_caption(prompt: str) -> str:
@@ -243,10 +251,7 @@ def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str
         clip_note = truncation_note([prompt], [(tokenizer, tokenizer.model_max_length, 'the CLIP text encoder (pooled)')])
         del clip, encoder
         t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_2', 'text_encoder_2', masked=False)
-        notes = [n for d in (clip_note, t5) if _TRUNCATION in d for n in json.loads(bytes(d[_TRUNCATION].tolist()))]
-        note = ({_TRUNCATION: torch.frombuffer(bytearray(json.dumps(notes).encode()), dtype=torch.uint8).clone()}
-                if notes else {})
-        return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled, **note}
+        return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled, **_joined_notes(clip_note, t5)}
 
     return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, prompt, encode)
 
@@ -265,8 +270,9 @@ def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str,
     def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        hidden, pooled = [], []
-        for tok_dir, enc_dir in (('tokenizer', 'text_encoder'), ('tokenizer_2', 'text_encoder_2')):
+        hidden, pooled, notes = [], [], []
+        for tok_dir, enc_dir, name in (('tokenizer', 'text_encoder', 'the CLIP-L text encoder'),
+                                       ('tokenizer_2', 'text_encoder_2', 'the CLIP-G text encoder')):
             with hub.hub_errors(what, repo=source, revision=revision):
                 tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tok_dir, revision=revision)
                 encoder = CLIPTextModelWithProjection.from_pretrained(source, subfolder=enc_dir, revision=revision,
@@ -277,15 +283,17 @@ def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str,
                 out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2].float())
             pooled.append(out.text_embeds.float())
+            notes.append(truncation_note([prompt], [(tokenizer, tokenizer.model_max_length, name)]))
             del encoder, out
         t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_3', 'text_encoder_3', masked=False)
         t5_embeds = t5['prompt_embeds']
         clip = torch.cat(hidden, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
         return {'prompt_embeds': torch.cat([clip, t5_embeds], dim=-2),
-                'pooled_prompt_embeds': torch.cat(pooled, dim=-1)}
+                'pooled_prompt_embeds': torch.cat(pooled, dim=-1), **_joined_notes(*notes, t5)}
 
-    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-{key}', what, prompt, encode)
+    # 'sd3-v2': entries cached before they carried the truncation note are never read
+    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-v2-{key}', what, prompt, encode)
 
 
 # ---- bilingual CLIP (BERT) + mT5 (HunyuanDiT) -----------------------------------------------------------------------
@@ -310,8 +318,12 @@ def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max
         with torch.no_grad():
             embeds = encoder(inputs.input_ids, attention_mask=inputs.attention_mask)[0].float()
         del encoder
-        t5 = _t5_embeds(source, revision, prompt, max_tokens_t5, what, 'tokenizer_2', 'text_encoder_2', masked=True)
+        clip_note = truncation_note([prompt], [(tokenizer, max_tokens, 'the bilingual CLIP text encoder')])
+        t5 = _t5_embeds(source, revision, prompt, max_tokens_t5, what, 'tokenizer_2', 'text_encoder_2', masked=True,
+                        name='the mT5 text encoder')
         return {'prompt_embeds': embeds, 'prompt_mask': inputs.attention_mask.float(),
-                'prompt_embeds_t5': t5['prompt_embeds'], 'prompt_mask_t5': t5['prompt_mask']}
+                'prompt_embeds_t5': t5['prompt_embeds'], 'prompt_mask_t5': t5['prompt_mask'],
+                **_joined_notes(clip_note, t5)}
 
-    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-{key}', what, prompt, encode)
+    # 'hunyuan-v2': entries cached before they carried the truncation note are never read
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-v2-{key}', what, prompt, encode)
