@@ -1,4 +1,5 @@
-"""ControlNet conditioning of a UNet backbone (`control='canny'`), as Meng et al.'s `feature/components/controlnet.py`.
+"""ControlNet conditioning of a UNet backbone (`control='canny' | 'depth'`), as Meng et al.'s
+`feature/components/controlnet.py`.
 
 Their extractor turns the input image into a control image (Canny edges: `cv2.Canny(image, 100, 200)` on the resized
 RGB image, stacked to three channels, scaled to [0, 1] by diffusers' `VaeImageProcessor(do_normalize=False)`), runs
@@ -6,6 +7,15 @@ diffusers' `ControlNetModel` on the same (noised) latent, timestep and prompt as
 no guess mode) and adds its residuals to the UNet: one per skip connection of the down path and one to the mid
 block's output. The ControlNets they use: `lllyasviel/sd-controlnet-canny` (SD1.5) and
 `diffusers/controlnet-canny-sdxl-1.0` (SDXL); `control_repo=` picks another one in the diffusers layout.
+
+Depth: their control image is controlnet_aux's `MidasDetector` (MiDaS DPT-hybrid of `lllyasviel/Annotators`): the
+depth map min-max normalised to [0, 1], three channels. Ours is the same network as ported to transformers
+(`DPTForDepthEstimation`, `Intel/dpt-hybrid-midas`, `depth_repo=` for another) with the steps of diffusers' depth
+ControlNet docs: the repo's `DPTImageProcessor` (384 x 384, [-1, 1]), `predicted_depth` resized bicubically to the input
+size, then min-max normalised per image to [0, 1] and stacked to three channels. Departures from controlnet_aux: the
+network sees 384 x 384 (theirs: the short side resized to 512), and the map stays float (theirs is rounded to 8 bits
+and resized bilinearly by OpenCV). Depth ControlNets: `lllyasviel/sd-controlnet-depth` (SD1.5) and
+`diffusers/controlnet-depth-sdxl-1.0` (SDXL).
 """
 from __future__ import annotations
 
@@ -14,12 +24,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ['CONTROL_FILE', 'CONTROL_MODES', 'CANNY_REPOS', 'ControlError', 'default_control_repo', 'canny_image', 'build_controlnet',
+__all__ = ['CONTROL_FILE', 'CONTROL_MODES', 'CANNY_REPOS', 'DEPTH_REPOS', 'DEPTH_REPO', 'DEPTH_FILE', 'ControlError',
+           'default_control_repo', 'canny_image', 'depth_image', 'build_controlnet', 'build_depth_estimator',
            'check_controlnet']
 
-CONTROL_MODES = ('canny',)
+CONTROL_MODES = ('canny', 'depth')
 CANNY_REPOS = {'sd15': 'lllyasviel/sd-controlnet-canny', 'sdxl': 'diffusers/controlnet-canny-sdxl-1.0'}
+DEPTH_REPOS = {'sd15': 'lllyasviel/sd-controlnet-depth', 'sdxl': 'diffusers/controlnet-depth-sdxl-1.0'}
 CONTROL_FILE = 'diffusion_pytorch_model.safetensors'
+DEPTH_REPO = 'Intel/dpt-hybrid-midas'  # the depth estimator (transformers' DPT port of MiDaS v3 DPT-hybrid)
+DEPTH_FILE = 'model.safetensors'
 
 
 class ControlError(ValueError):
@@ -38,7 +52,7 @@ def default_control_repo(control: str, unet_config) -> str:
     if family is None:
         raise ControlError(f"control={control!r} has a default ControlNet for SD1.5 and SDXL only; give "
                            "control_repo='org/name' with a ControlNet for this model's UNet.")
-    return CANNY_REPOS[family]
+    return (DEPTH_REPOS if control == 'depth' else CANNY_REPOS)[family]
 
 
 def canny_image(x: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tensor:
@@ -50,6 +64,44 @@ def canny_image(x: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tenso
     rgb = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     edges = np.stack([cv2.Canny(np.ascontiguousarray(im), low, high) for im in rgb])
     return torch.from_numpy(edges).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1).to(x.device)
+
+
+def build_depth_estimator(repo: str):
+    """An empty transformers `DPTForDepthEstimation` with the config of `repo` and its `DPTImageProcessor`."""
+    import json
+
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from .. import hub
+
+    def refuse(why: str) -> ControlError:
+        return ControlError(f'{repo!r} is not a DPT depth estimator in the transformers layout ({why}); give '
+                            f"depth_repo='org/name' of one (default {DEPTH_REPO!r}).")
+
+    cfg = json.loads(hub.download(repo, 'config.json', what=f'depth estimator config of {repo!r}').read_text())
+    if not isinstance(cfg, dict) or cfg.get('model_type') != 'dpt':
+        raise refuse(f"config.json model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, not 'dpt'")
+    pre = hub.download(repo, 'preprocessor_config.json', what=f'depth estimator preprocessing of {repo!r}')
+    try:
+        config = DPTConfig.from_dict(cfg)
+        processor = DPTImageProcessor.from_dict(json.loads(pre.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise refuse(str(e)) from e
+    return DPTForDepthEstimation(config).eval(), processor
+
+
+@torch.no_grad()
+def depth_image(x: torch.Tensor, estimator, processor) -> torch.Tensor:
+    """Control images (B, 3, H, W) in [0, 1] of input images `x` in [-1, 1]: the DPT depth map of the 8-bit RGB image,
+    resized bicubically to (H, W) and min-max normalised per image (diffusers' depth ControlNet recipe)."""
+    rgb = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = processor(images=list(rgb), return_tensors='pt').pixel_values
+    param = next(estimator.parameters())
+    depth = estimator(pixel_values=pixels.to(param.device, param.dtype)).predicted_depth.float().unsqueeze(1)
+    depth = torch.nn.functional.interpolate(depth, size=x.shape[-2:], mode='bicubic', align_corners=False)
+    lo, hi = depth.amin(dim=(1, 2, 3), keepdim=True), depth.amax(dim=(1, 2, 3), keepdim=True)
+    depth = (depth - lo) / (hi - lo).clamp_min(torch.finfo(depth.dtype).tiny)  # a flat map gives zeros, not NaN
+    return depth.expand(-1, 3, -1, -1).to(x.device)
 
 
 def build_controlnet(repo: str):

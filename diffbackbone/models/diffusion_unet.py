@@ -29,7 +29,8 @@ from .backbone import (
     SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, build_backbone, check_timestep,
     per_latent, vae_keys,
 )
-from .control import CONTROL_FILE, CONTROL_MODES, build_controlnet, canny_image, check_controlnet, default_control_repo
+from .control import (CONTROL_FILE, CONTROL_MODES, DEPTH_FILE, DEPTH_REPO, build_controlnet, build_depth_estimator,
+                      canny_image, check_controlnet, default_control_repo, depth_image)
 from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
 from .lora import fuse_lora, lora_spec
 from .taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
@@ -104,6 +105,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             control: Optional[str] = None,
             control_repo: Optional[str] = None,
             control_scale: float = 1.0,
+            depth_repo: Optional[str] = None,
     ):
         """
         Args:
@@ -137,9 +139,11 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             lora: a LoRA fused into the UNet when the pretrained weights load (`models/lora.py`): a Hub repo
                 'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
             lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
-            control: 'canny': a ControlNet conditions the UNet on the input's Canny edges (`models/control.py`).
+            control: 'canny' | 'depth': a ControlNet conditions the UNet on the input's Canny edges or its DPT depth
+                map (`models/control.py`).
             control_repo: the ControlNet (diffusers layout) instead of Meng et al.'s default for the architecture.
             control_scale: the ControlNet's `conditioning_scale`.
+            depth_repo: control='depth': the DPT depth estimator (transformers layout; default Intel/dpt-hybrid-midas).
         """
         super().__init__()
         if noise not in NOISE_MODES:
@@ -179,12 +183,19 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         if control is not None and control not in CONTROL_MODES:
             raise ValueError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
         if control_repo is not None and control is None:
-            raise ValueError("control_repo needs control='canny' (how the control image is made from the input).")
+            raise ValueError("control_repo needs control='canny' or 'depth' (how the control image is made from the "
+                             'input).')
+        if depth_repo is not None and control != 'depth':
+            raise ValueError(f"depth_repo needs control='depth' (got control={control!r}): it is the depth estimator "
+                             'that makes the depth ControlNet\'s control image.')
         self.control, self.control_scale = control, float(control_scale)
         self.control_repo = (control_repo or default_control_repo(control, self.unet.config)) if control else None
         self.controlnet = build_controlnet(self.control_repo) if control else None
         if self.controlnet is not None:
             check_controlnet(self.controlnet, self.unet, self.control_repo)
+        self.depth_repo = (depth_repo or DEPTH_REPO) if control == 'depth' else None
+        self.depth_estimator, self._depth_processor = (
+            build_depth_estimator(self.depth_repo) if self.depth_repo else (None, None))
         # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
         if not inverted:
             self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
@@ -300,10 +311,18 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.unet_features(z, taps)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.depth_estimator is not None:
+            self.depth_estimator.eval()  # a frozen preprocessor: its normalisation layers keep their running statistics
+        return self
+
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         if self.controlnet is None:
             return super()._extract(x, wanted)
-        self.__dict__['_control_image'] = canny_image(x)  # read by _control_residuals during this pass
+        image = (canny_image(x) if self.depth_estimator is None
+                 else depth_image(x, self.depth_estimator, self._depth_processor))
+        self.__dict__['_control_image'] = image  # read by _control_residuals during this pass
         try:
             return super()._extract(x, wanted)
         finally:
@@ -474,6 +493,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             path = hub.download(self.control_repo, CONTROL_FILE, what=f'ControlNet {self.control_repo!r}')
             sd = hub.load_safetensors(path, what=f'ControlNet {self.control_repo!r}')
             state_dict.update({'controlnet.' + k: v for k, v in sd.items()})
+        if self.depth_estimator is not None and not any(k.startswith('depth_estimator.') for k in state_dict):
+            what = f'depth estimator {self.depth_repo!r}'
+            sd = hub.load_safetensors(hub.download(self.depth_repo, DEPTH_FILE, what=what), what=what)
+            state_dict.update({'depth_estimator.' + k: v for k, v in sd.items()})
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
@@ -516,7 +539,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     for k, v in state_dict.items():
         if k.startswith(('heads.', 'head_')):
             continue  # clean-train projection heads: used only to map onto noisy features
-        ours = k.startswith(('unet.', 'vae.', 'head.', 'controlnet.'))
+        ours = k.startswith(('unet.', 'vae.', 'head.', 'controlnet.', 'depth_estimator.'))
         if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
         if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
