@@ -14,6 +14,8 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -222,6 +224,17 @@ class Batch(NamedTuple):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the main process owns the cores for the model; workers only decode and resize
+    # Ctrl-C is the main process's to handle (one line, exit 130); a terminal sends it to the workers too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.excepthook = _quiet_resource_sharer
+
+
+def _quiet_resource_sharer(args: threading.ExceptHookArgs) -> None:
+    """In a loader worker, multiprocessing's fd-passing thread (`resource_sharer._serve`) fails on its socket when the
+    main process exits on Ctrl-C mid-batch; that traceback says nothing to the user. Any other thread's error is shown."""
+    if args.thread is not None and args.thread.name.endswith('(_serve)') and issubclass(args.exc_type, (OSError, EOFError)):
+        return
+    threading.__excepthook__(args)
 
 
 def default_workers(local_world_size: int = 1) -> int:
