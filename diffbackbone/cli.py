@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', help='per-tap statistics (locality, massive activations) to this JSON file')
     p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
     p.add_argument('--prompt', help='caption the model is conditioned on (default: empty)')
+    p.add_argument('--tokens', nargs='+', type=int, metavar='I', help="for each selected '*cross-map' tap, also a grey "
+                   'heat map per prompt token index I (0: the start token; CLIP: the words from 1), scaled jointly '
+                   'over the images')
     p.add_argument('--max-images', type=positive_int, default=16, help=argparse.SUPPRESS)
     add_model_args(p)
     p.set_defaults(func=_lazy('commands.inspect', 'run_inspect'))

@@ -1,6 +1,7 @@
 """`diffbackbone inspect`: the sheet's tiles against an independent PCA of each tap, the statistics against a direct
 computation, streaming taps against the model's own forward, several sheets with an index, bad outputs refused."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -232,3 +233,33 @@ def test_bad_outputs_end_in_one_line_and_write_nothing(images, tmp_path, capsys)
     assert cli.main([*base[:-4], '--taps', 'us99', '--device', 'cpu', '--out', str(tmp_path / 'b.png')]) == 2
     assert 'Unknown tap' in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['old.png']
+
+
+def test_token_heat_is_one_tokens_channel_scaled_jointly():
+    """A per-token tile is that token's channel of the (grid-reduced) cross-attention map, min-max over all images."""
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 77, 12, 10, generator=gen)
+    reducer = ins.TileReducer([SimpleNamespace(name='x-cross-map')], grid=64, stats=False, tokens=(0, 5))
+    reducer('x-cross-map', maps)
+    assert set(reducer.tiles) == {'x-cross-map', 'x-cross-map-token0', 'x-cross-map-token5'}
+    for t in (0, 5):
+        ch = maps[:, t].double().numpy()
+        expected = np.round((ch - ch.min()) / (ch.max() - ch.min()) * 255)
+        got = reducer.tiles[f'x-cross-map-token{t}']
+        assert got.shape == (2, 12, 10, 3) and (got[..., 0] == got[..., 2]).all()
+        assert np.abs(got[..., 0].astype(float) - expected).max() <= 1
+    assert not np.array_equal(reducer.tiles['x-cross-map-token0'], reducer.tiles['x-cross-map-token5'])
+
+
+def test_tokens_add_a_tile_per_token_of_each_cross_map(images, tmp_path, capsys):
+    tap = 'down-level0-repeat0-vit-block0-cross-map'
+    out = tmp_path / 'tok.png'
+    args = ['inspect', *images, '--model', 'test_cleandift', '--random-weights', '--device', 'cpu', '--tile', '32',
+            '--out', str(out)]
+    assert cli.main([*args, '--taps', tap, 'us9', '--tokens', '0', '3', '--per-sheet', '2']) == 0
+    index = json.loads((tmp_path / 'tok-index.json').read_text())
+    assert [r['tap'] for r in index['taps']] == [tap, f'{tap}-token0', f'{tap}-token3', 'us9']
+    assert cli.main([*args, '--taps', tap, '--tokens', '77', '--out', str(tmp_path / 'bad.png')]) == 2
+    assert '77 prompt tokens' in capsys.readouterr().err
+    assert cli.main([*args, '--taps', 'us9', '--tokens', '1', '--out', str(tmp_path / 'bad.png')]) == 2
+    assert 'cross-map' in capsys.readouterr().err and not (tmp_path / 'bad.png').exists()

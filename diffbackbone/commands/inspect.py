@@ -23,6 +23,7 @@ import argparse
 import fnmatch
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -193,9 +194,11 @@ def tap_stats(maps: torch.Tensor) -> dict:
 class TileReducer:
     """Sink of `stream_taps`: for each arriving tap, statistics of the full map and an RGB tile per image."""
 
-    def __init__(self, taps: Sequence, mode: str = 'pca', grid: int = 64, clusters: int = 8, stats: bool = True):
+    def __init__(self, taps: Sequence, mode: str = 'pca', grid: int = 64, clusters: int = 8, stats: bool = True,
+                 tokens: Sequence[int] = ()):
         self.meta = {t.name: t for t in taps}
         self.mode, self.grid, self.clusters, self.with_stats = mode, grid, clusters, stats
+        self.tokens = tuple(tokens)
         self.tiles: dict[str, np.ndarray] = {}  # name -> (N, h', w', 3) uint8
         self.stats: dict[str, dict] = {}
 
@@ -218,6 +221,26 @@ class TileReducer:
             self.tiles[name] = pca_colors(small)
         else:
             self.tiles[name] = PALETTE[kmeans_labels(small, self.clusters).numpy() % len(PALETTE)]
+        if is_cross_map(name):
+            for t in self.tokens:
+                self.tiles[token_tile_name(name, t)] = token_heat(small, t)
+
+
+def is_cross_map(name: str) -> bool:
+    return name.endswith('cross-map')
+
+
+def token_tile_name(tap: str, token: int) -> str:
+    return f'{tap}-token{token}'
+
+
+def token_heat(maps: torch.Tensor, token: int) -> np.ndarray:
+    """Grey (N, h, w, 3) uint8 heat map of one prompt token's channel of a cross-attention map, min-max scaled jointly
+    over the N images (Meng et al.'s script draws a heat map per token)."""
+    heat = maps[:, token].double()
+    lo, hi = heat.amin(), heat.amax()
+    grey = ((heat - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)
+    return grey[..., None].expand(*grey.shape, 3).cpu().numpy()
 
 
 # ---- sheets ----------------------------------------------------------------------------------------------------------
@@ -314,32 +337,48 @@ def run_inspect(args: argparse.Namespace) -> int:
     with torch.device('meta'):  # no weights: check the tap selection and outputs before any download
         probe = timm.create_model(args.model)
     taps = select_taps(probe, args.taps)
+    tokens = list(args.tokens or ())
+    crosses = [t for t in taps if is_cross_map(t.name)]
+    if tokens and not crosses:
+        raise ValueError('--tokens draws the heat map of prompt tokens of cross-attention maps: also select a '
+                         "'*cross-map' tap (--taps).")
+    for t in crosses:
+        bad = [i for i in tokens if not 0 <= i < t.num_chs]
+        if bad:
+            raise ValueError(f'--tokens {bad}: {t.name} has {t.num_chs} prompt tokens (0..{t.num_chs - 1}).')
+    names = []
+    for t in taps:
+        names.append(t.name)
+        if is_cross_map(t.name):
+            names += [token_tile_name(t.name, i) for i in tokens]
     out = Path(args.out)
     if out.suffix.lower() != '.png':
         raise ValueError(f'--out {out}: give a .png file name for the sheet.')
-    sheets, index = sheet_paths(out, len(taps), args.per_sheet)
+    sheets, index = sheet_paths(out, len(names), args.per_sheet)
     outputs = sheets + ([index] if index else []) + ([Path(args.json)] if args.json else [])
     for p in outputs:
         check_output(p, images, args.overwrite)
     if len(set(map(str, outputs))) != len(outputs):
         raise ValueError(f'--json {args.json} is also a sheet file: choose another name.')
 
-    names = [t.name for t in taps]
-    model = load_extractor(args.model, names, args.device, args.dtype, not args.random_weights, args.weights, kwargs)
+    tap_names = [t.name for t in taps]
+    model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights, kwargs)
     backbone = model.model
     cfg = data_config(model, args.size)
     size = tuple(cfg['input_size'][1:])
     x = torch.stack([load_image(p, size, 'stretch', cfg['mean'], cfg['std']) for p in images])
     x = x.to(device=args.device, dtype=DTYPES[args.dtype])
-    reducer = TileReducer(taps, args.mode, args.grid, args.clusters, stats=bool(args.json))
+    reducer = TileReducer(taps, args.mode, args.grid, args.clusters, stats=bool(args.json), tokens=tokens)
     peak = _rss_mib()
     with torch.inference_mode():
-        backbone.stream_taps(x, backbone._resolve(names), reducer)
+        backbone.stream_taps(x, backbone._resolve(tap_names), reducer)
     missing = [n for n in names if n not in reducer.tiles]
     if missing:
         raise RuntimeError(f'the forward pass did not produce taps {missing[:5]}: please report this.')
     inputs = [np.asarray(resize_image(open_image(p), size, 'stretch')) for p in images]
     meta = {t.name: t for t in taps}
+    meta.update({token_tile_name(t.name, i): SimpleNamespace(num_chs=1, reduction=t.reduction)
+                 for t in crosses for i in tokens})
     pictures = draw_sheets(inputs, names, reducer.tiles, meta, args.cols, args.per_sheet, args.tile)
     for path, pic in zip(sheets, pictures):
         save_picture(pic, path, 'inspect')
@@ -354,10 +393,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         report = dict(model=args.model, images=images, input_size=list(size), mode=args.mode,
                       taps={n: dict(stride=meta[n].reduction, sheet=sheets[i // args.per_sheet].name,
-                                    **reducer.stats[n]) for i, n in enumerate(names)})
+                                    **reducer.stats[n]) for i, n in enumerate(names) if n in reducer.stats})
         write_json(args.json, report, 'inspect')
         print(f'wrote {args.json}')
-    print(f'{len(names)} taps of {len(images)} images at {size[0]}x{size[1]}; peak RSS {max(peak, _rss_mib()):.0f} MiB')
+    print(f'{len(tap_names)} taps of {len(images)} images at {size[0]}x{size[1]}; peak RSS {max(peak, _rss_mib()):.0f} MiB')
     return 0
 
 
