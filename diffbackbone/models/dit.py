@@ -12,7 +12,7 @@ from .attention_taps import MAP_HOOKS
 from .backbone import NoisyLatents, TapBackbone, vae_keys
 from .taps import Tap
 
-__all__ = ['DiTBackbone', 'filter_transformer_state_dict']
+__all__ = ['DiTBackbone', 'filter_transformer_state_dict', 'dit_cfg']
 
 
 class DiTBackbone(NoisyLatents, TapBackbone):
@@ -101,3 +101,18 @@ def filter_transformer_state_dict(state_dict: dict[str, torch.Tensor], model: Di
         raise HubError(f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys '
                        f'{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}.')
     return out
+
+
+MENG_ET_AL = dict(origin_url='https://github.com/Darkbblue/generic-diffusion-feature',
+                  paper_name='Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+                  paper_ids='arXiv:2410.03558')
+
+
+def dit_cfg(**kwargs) -> dict:
+    """The pretrained cfg every diffusion transformer shares (1024 px, [-1, 1] input, weights in `transformer/`)."""
+    return {
+        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
+        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors', **MENG_ET_AL, **kwargs,
+    }

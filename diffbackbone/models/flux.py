@@ -36,7 +36,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, filter_transformer_state_dict
+from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_flux_prompt
@@ -286,15 +286,8 @@ def _create_flux(variant: str, pretrained: bool = False, **kwargs) -> FluxBackbo
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
-        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
-        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
-        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors.index.json',  # sharded
-        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
-        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
-        'paper_ids': 'arXiv:2410.03558', **kwargs,
-    }
+    return dit_cfg(**{'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors.index.json',  # sharded
+                      **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler, PixArtTransformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
 from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, filter_transformer_state_dict
+from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .backbone import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
 from .taps import Tap, _TableBuilder
 from .text import encode_t5_prompt
@@ -177,15 +177,7 @@ def _create_pixart(variant: str, pretrained: bool = False, **kwargs) -> PixArtBa
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        'num_classes': 0, 'input_size': (3, 1024, 1024), 'min_input_size': (3, 32, 32), 'pool_size': (64, 64),
-        'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
-        'first_conv': 'vae.encoder.conv_in', 'classifier': 'head.fc',
-        'hf_hub_filename': 'transformer/diffusion_pytorch_model.safetensors', 'license': 'openrail++',
-        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
-        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
-        'paper_ids': 'arXiv:2410.03558', **kwargs,
-    }
+    return dit_cfg(**{'license': 'openrail++', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
