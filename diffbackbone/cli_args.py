@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .errors import InputError
+
 __all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object', 'point',
            'add_model_args', 'check_size_fits']
 
@@ -157,7 +159,7 @@ def check_size_fits(size: Optional[int], batch_size: int, device: str, option: s
     need = batch_size * 3 * size * size * 4
     free = _free_memory(device)
     if free is not None and need > free:
-        raise ValueError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
+        raise InputError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
                          f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
                          f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
                          'are trained at 512 to 1024 px).')

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .data.images import image_size, load_image, open_image
 from .data.outputs import check_file, save_picture, write_json
+from .errors import InputError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,10 +48,10 @@ def check_points(points: Sequence[Sequence[float]], size_wh: Sequence[int], wher
     out = []
     for p in points:
         if len(p) != 2:
-            raise ValueError(f'{where}: a point must be (x, y), got {list(p)}.')
+            raise InputError(f'{where}: a point must be (x, y), got {list(p)}.')
         x, y = float(p[0]), float(p[1])
         if not (0 <= x < w and 0 <= y < h):
-            raise ValueError(f'{where}: point ({p[0]}, {p[1]}) is outside the image of {w}x{h} pixels (x in [0, {w}), '
+            raise InputError(f'{where}: point ({p[0]}, {p[1]}) is outside the image of {w}x{h} pixels (x in [0, {w}), '
                              f'y in [0, {h})). Give pixel coordinates of the original image, x first.')
         out.append((int(x), int(y)))
     return out
@@ -179,7 +180,7 @@ def match_points(
         The matched (x', y') per point, and the (K, H', W') cosine similarity maps.
     """
     if src_feat.ndim != 3 or trg_feat.ndim != 3 or src_feat.shape[0] != trg_feat.shape[0]:
-        raise ValueError(f'Features must be (C, h, w) with the same C, got {tuple(src_feat.shape)} and '
+        raise InputError(f'Features must be (C, h, w) with the same C, got {tuple(src_feat.shape)} and '
                          f'{tuple(trg_feat.shape)}.')
     pts = check_points(points, src_size, 'source image')
     sims, matches = similarity_argmax(point_features(src_feat, pts, src_size), normalised_map(trg_feat, trg_size),
@@ -205,12 +206,13 @@ def load_tap_model(
     import timm
 
     import diffbackbone  # noqa: F401  (registers the models)
+
     from .models import TapError
 
     kwargs = dict(model_kwargs or {})
     if weights:
         if not Path(weights).is_file():
-            raise ValueError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
+            raise InputError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
     if prompt is not None:
         kwargs['prompt'] = prompt
@@ -274,7 +276,7 @@ def match_images(
 
         if isinstance(model, str):
             if not is_fused_model(model):
-                raise ValueError(f'co-PCA needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
+                raise InputError(f'co-PCA needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
                                  f'{model}.')
             model = load_tap_model(model, RAW_PRESET, **model_args)
         fused = fused_module(model)
@@ -342,7 +344,7 @@ def run_match(args: argparse.Namespace) -> int:
     from .cli_args import DTYPES, check_size_fits
 
     if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
+        raise InputError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
     for option in ('out', 'json'):  # before any model loads: never an input, never a file of someone else
         if getattr(args, option, None):
             check_file(getattr(args, option), [args.src, args.trg], option=f'--{option}')

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import hub
 from .data.images import image_size, open_image, to_tensor
 from .data.outputs import check_file, check_folder, save_picture
+from .errors import DiffbackboneError, InputError, InputTypeError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,7 +44,7 @@ N_BINS, MIN_DEPTH, MAX_DEPTH = 256, 0.1, 10.0
 EPS = 0.1  # added to the relu'd logits before normalising (AdaBins' "linear" normalisation)
 
 
-class DepthError(ValueError):
+class DepthError(DiffbackboneError, ValueError):
     """A probe file or depth request cannot be used; the message says which and what to do."""
 
 
@@ -172,29 +173,29 @@ def _check_images(images: Union[torch.Tensor, Sequence[torch.Tensor]], batch_siz
     how = ('give (3, H, W) tensors in [-1, 1], e.g. diffbackbone.images.to_tensor(PIL image) or '
            'x.float() / 127.5 - 1 for 0..255 values')
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f'batch_size must be a whole number >= 1, got {batch_size!r}.')
+        raise InputError(f'batch_size must be a whole number >= 1, got {batch_size!r}.')
     if isinstance(images, torch.Tensor):
         if images.ndim == 3:
-            raise ValueError(f'images is one (3, H, W) tensor {tuple(images.shape)}: pass a list of images, or a '
+            raise InputError(f'images is one (3, H, W) tensor {tuple(images.shape)}: pass a list of images, or a '
                              '(N, 3, H, W) batch.')
         if images.ndim != 4:
-            raise ValueError(f'images must be an (N, 3, H, W) batch or a list of (3, H, W) tensors, got a tensor of '
+            raise InputError(f'images must be an (N, 3, H, W) batch or a list of (3, H, W) tensors, got a tensor of '
                              f'shape {tuple(images.shape)}: {how}.')
     elif not isinstance(images, (list, tuple)):
-        raise TypeError(f'images must be a list of (3, H, W) tensors or an (N, 3, H, W) tensor, got '
+        raise InputTypeError(f'images must be a list of (3, H, W) tensors or an (N, 3, H, W) tensor, got '
                         f'{type(images).__name__}: {how}.')
     out = list(images)
     for i, im in enumerate(out):
         if not isinstance(im, torch.Tensor):
-            raise TypeError(f'image {i} is a {type(im).__name__}, not a tensor: {how}.')
+            raise InputTypeError(f'image {i} is a {type(im).__name__}, not a tensor: {how}.')
         if im.ndim != 3 or im.shape[0] != 3:
-            raise ValueError(f'image {i} has shape {tuple(im.shape)}, not (3, H, W): {how} (grey (H, W) images: '
+            raise InputError(f'image {i} has shape {tuple(im.shape)}, not (3, H, W): {how} (grey (H, W) images: '
                              'im.expand(3, -1, -1)).')
         if not im.is_floating_point():
-            raise ValueError(f'image {i} is {im.dtype}, not floating point in [-1, 1]: {how}.')
+            raise InputError(f'image {i} is {im.dtype}, not floating point in [-1, 1]: {how}.')
         lo, hi = im.min().item(), im.max().item()
         if not (lo >= -1.1 and hi <= 1.1):  # bicubic resizing overshoots a little; 0..255 or 0..65535 do not fit
-            raise ValueError(f'image {i} has values in [{lo:g}, {hi:g}], outside [-1, 1]: {how} (0..65535: '
+            raise InputError(f'image {i} has values in [{lo:g}, {hi:g}], outside [-1, 1]: {how} (0..65535: '
                              'x / 32767.5 - 1).')
     return out
 

@@ -42,6 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
+from .errors import DiffbackboneError, InputError
+
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
     'read_tensor',
@@ -63,7 +65,7 @@ _COMMIT = re.compile(r'[0-9a-f]{40}')
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
 
 
-class HubError(RuntimeError):
+class HubError(DiffbackboneError, RuntimeError):
     """A file could not be fetched or read; the message says what was wrong and what to do."""
 
 
@@ -308,7 +310,7 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str) -> dict[s
     try:
         weight_map = json.loads(path.read_text())['weight_map']
         if not weight_map or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-            raise ValueError('empty, or not a mapping of tensor names to file names')
+            raise InputError('empty, or not a mapping of tensor names to file names')
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
         fix = 'It was deleted from the cache and will be downloaded again on the next call.' if _discard(path) else ''
         raise HubError(f'Could not get {what}: {path} is not a sharded-checkpoint index (JSON whose "weight_map" maps '
@@ -380,7 +382,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-class WriteError(OSError):
+class WriteError(DiffbackboneError, OSError):
     """A file could not be written (disk full, no permission); nothing half-written is left."""
 
 

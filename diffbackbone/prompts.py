@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import hub
+from .errors import InputError, InputTypeError
 from .models.backbone import TapBackbone
 from .models.text import encode_cached
 
@@ -60,7 +61,7 @@ def find_diffusion_model(module: nn.Module) -> nn.Module:
         for sub in module.modules():  # the module itself first
             if isinstance(sub, TapBackbone) and hasattr(sub, '_prompt_override'):
                 return sub
-    raise TypeError(f'{type(module).__name__} holds no diffbackbone DiffusionUNet: give a model built with '
+    raise InputTypeError(f'{type(module).__name__} holds no diffbackbone DiffusionUNet: give a model built with '
                     'timm.create_model("cleandift_sd21", ...) (or a wrapper of one).')
 
 
@@ -68,14 +69,14 @@ def _as_prompts(prompts: Union[str, Sequence[str]]) -> tuple[str, ...]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f'prompts must be a string or a list of strings (one per image), got {type(prompts).__name__} '
+        raise InputTypeError(f'prompts must be a string or a list of strings (one per image), got {type(prompts).__name__} '
                         f'{prompts!r}; use "" for the empty prompt.')
     prompts = tuple(prompts)
     if not prompts:
-        raise ValueError('No prompts given: give one prompt per image, or one for all images.')
+        raise InputError('No prompts given: give one prompt per image, or one for all images.')
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise ValueError(f'Prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r}; use "" for the empty prompt.')
+        raise InputError(f'Prompts must be strings, got {type(bad[0]).__name__} {bad[0]!r}; use "" for the empty prompt.')
     return prompts
 
 
@@ -134,7 +135,7 @@ def use_prompts(model: nn.Module, prompts: Union[str, Sequence[str], PromptBatch
     ref = net.prompt_embeds
     given = getattr(batch, second) if second else None
     if batch.prompt_embeds.shape[1:] != ref.shape[1:] or (given is None) != (second is None):
-        raise ValueError(
+        raise InputError(
             f'Prompt embeddings of shape {tuple(batch.prompt_embeds.shape[1:])}'
             f'{f" without {second}" if second and given is None else ""} do not fit this model '
             f'({tuple(ref.shape[1:])}{f" with {second}" if second else ""}): encode them with '

@@ -33,6 +33,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
+from .errors import InputError, InputTypeError
 from .models.backbone import TapBackbone
 
 __all__ = ['DiffusionFPN', 'SimpleFeaturePyramid', 'fpn_backbone']
@@ -75,7 +76,7 @@ class SimpleFeaturePyramid(nn.Module):
             ratio = in_stride / stride
             steps = math.log2(ratio) if ratio >= 1 else math.log2(1 / ratio)
             if steps != int(steps):
-                raise ValueError(f'Pyramid stride {stride} is not a power-of-two step from the input stride '
+                raise InputError(f'Pyramid stride {stride} is not a power-of-two step from the input stride '
                                  f'{in_stride}.')
             layers: list[nn.Module] = []
             chs = in_channels
@@ -127,12 +128,12 @@ class DiffusionFPN(nn.Module):
         super().__init__()
         model = body.model if hasattr(body, 'model') else body
         if not isinstance(model, TapBackbone):
-            raise TypeError(f'fpn_backbone needs a diffbackbone diffusion model, got {type(model).__name__}.')
+            raise InputTypeError(f'fpn_backbone needs a diffbackbone diffusion model, got {type(model).__name__}.')
         if neck not in NECKS:
-            raise ValueError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
+            raise InputError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
         blocks = _trainable_blocks(model)
         if isinstance(trainable, bool) or not isinstance(trainable, int) or not 0 <= trainable <= len(blocks):
-            raise ValueError(f'trainable must be an int from 0 (frozen backbone, only the pyramid trains) to '
+            raise InputError(f'trainable must be an int from 0 (frozen backbone, only the pyramid trains) to '
                              f'{len(blocks)} (every denoiser block that runs for these taps), got {trainable!r}.')
         # torchvision's trainable_layers convention: freeze all, then unfreeze the last `trainable` blocks. The VAE
         # encoder, the time embedding and the learned timestep stay frozen.
@@ -149,10 +150,10 @@ class DiffusionFPN(nn.Module):
         extra = LastLevelMaxPool() if extra_blocks is None else extra_blocks
         if self.neck == 'simple':
             if len(strides) != 1:
-                raise ValueError(f'The simple pyramid takes taps of one stride; these have strides {sorted(strides)}. '
+                raise InputError(f'The simple pyramid takes taps of one stride; these have strides {sorted(strides)}. '
                                  "Select taps of one stride, or use neck='fpn'.")
             if norm_layer is not None:
-                raise ValueError("norm_layer is the FPN's; the simple pyramid has its own LayerNorms.")
+                raise InputError("norm_layer is the FPN's; the simple pyramid has its own LayerNorms.")
             self.fpn = SimpleFeaturePyramid(sum(channels), out_channels, in_stride=strides.pop(), extra_blocks=extra)
         else:
             self.fpn = FeaturePyramidNetwork(in_channels_list=channels, out_channels=out_channels, extra_blocks=extra,
@@ -208,7 +209,7 @@ def fpn_backbone(
         **model_kwargs: passed to `timm.create_model` (e.g. `timestep`, `prompt`, `pretrained_cfg_overlay`).
     """
     if neck not in NECKS:
-        raise ValueError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
+        raise InputError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
     body = timm.create_model(model_name, pretrained=pretrained, features_only=True, out_indices=taps, **model_kwargs)
     inputs = None
     if taps is None and neck != 'fpn' and len(set(body.feature_info.reduction())) == 1:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'diffbackbone'
 # What the top level may hold. A new module goes into the folder of its role; grow this set only for a new role.
 TOP_LEVEL = {
     '__init__', '__main__', 'cli', 'cli_args',  # the package, `python -m diffbackbone`, the parser and its types
-    'hub', 'prompts',  # shared services: Hub downloads and caches, prompt embeddings
+    'hub', 'prompts', 'errors',  # shared services: Hub downloads and caches, prompt embeddings, error types
     'correspondence', 'depth', 'torchvision',  # public task modules (README paths)
     'models', 'data', 'commands', 'bench', 'train', 'evals', 'mmseg',  # folders by role
 }

@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import timm
-from timm.models._features import FeatureGetterNet
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from timm.models._features import FeatureGetterNet
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import InputError
 from ..models.diffusion_unet import DiffusionUNet
 from ..models.fast import COMPILE_MODES, compile_model, optimize
 from ..models.taps import Tap
@@ -84,7 +85,7 @@ class Reference(nn.Module):
         """Record `taps` (block outputs) with forward hooks on the modules they name; forward returns them."""
         inner = [t.name for t in taps if t.hook not in ('', 'conv')]
         if inner:
-            raise ValueError(f'The reference reads module outputs with hooks; taps {inner} are inside a layer. '
+            raise InputError(f'The reference reads module outputs with hooks; taps {inner} are inside a layer. '
                              'Benchmark block-output taps (the CleanDIFT ones).')
         self.names = [t.name for t in taps]
         for tap in taps:

@@ -21,15 +21,16 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
-from ..hub import _write_reason, save_safetensors, umask
 from ..data.outputs import check_folder
+from ..errors import DiffbackboneError
+from ..hub import _write_reason, save_safetensors, umask
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
 
 _RUN_OUTPUT_HINT = 'a clean-train run folder (with its output .safetensors) or a .safetensors weights file'
 
 
-class ExportError(ValueError):
+class ExportError(DiffbackboneError, ValueError):
     """The source cannot be exported; the message says what to do."""
 
 

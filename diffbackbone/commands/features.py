@@ -24,10 +24,27 @@ import torch.nn as nn
 from ..cli_args import DTYPES, check_size_fits
 from ..data.images import ImageError, image_size
 from ..data.outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
-from ..data.pipeline import (DistInfo, barrier, default_workers, dist_info, extract_batches, file_stamp, find_images,
-                             init_distributed)
-from ..data.store import (INDEX, ShardEntry, StoreError, StoreWriter, prepare_store, scan_shards, store_files,
-                          write_index)
+from ..data.pipeline import (
+    DistInfo,
+    barrier,
+    default_workers,
+    dist_info,
+    extract_batches,
+    file_stamp,
+    find_images,
+    init_distributed,
+)
+from ..data.store import (
+    INDEX,
+    ShardEntry,
+    StoreError,
+    StoreWriter,
+    prepare_store,
+    scan_shards,
+    store_files,
+    write_index,
+)
+from ..errors import InputError
 from ..hub import save_safetensors
 
 __all__ = ['OutputError', 'check_output', 'load_extractor', 'pca_image', 'run_features']
@@ -171,16 +188,16 @@ def _run_features(args: argparse.Namespace) -> int:
     on_error = args.on_error or ('fail' if single else 'skip')
     args.store_dtype = args.store_dtype or ('float32' if single else 'float16')
     if args.pca and not single:
-        raise ValueError('--pca needs the single-file form (--out F.safetensors); a feature store has no picture.')
+        raise InputError('--pca needs the single-file form (--out F.safetensors); a feature store has no picture.')
     if single and info.world > 1:
-        raise ValueError('torchrun needs a feature store: give --out a folder (no .safetensors suffix).')
+        raise InputError('torchrun needs a feature store: give --out a folder (no .safetensors suffix).')
     if args.workers is not None and args.workers < 0:
-        raise ValueError(f'--workers must be at least 0, got {args.workers}.')
+        raise InputError(f'--workers must be at least 0, got {args.workers}.')
     if args.compile:
         from ..models.fast import COMPILE_MODES
 
         if args.compile not in COMPILE_MODES:
-            raise ValueError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
+            raise InputError(f'--compile {args.compile}: choose one of {", ".join(COMPILE_MODES)}.')
     images = find_images(args.images)
     if single:
         check_output(out, images, args.overwrite)
@@ -254,7 +271,7 @@ def _run_single(args, out: Path, images: list[str], run: dict, shapes: dict, on_
             done.extend(paths)
             bar.update(len(paths) + len(failures))
     if not done:
-        raise ValueError(f'none of the {len(images)} images could be read; nothing written.')
+        raise InputError(f'none of the {len(images)} images could be read; nothing written.')
     feats = {n: torch.cat(c) for n, c in chunks.items()}
     metadata = dict(model=args.model, images=json.dumps(done), failed=json.dumps(failed),
                     input_size=json.dumps([3, *run['size']]), resize=args.resize)

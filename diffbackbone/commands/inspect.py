@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 __all__ = ['select_taps', 'pca_colors', 'kmeans_labels', 'tap_stats', 'TileReducer', 'draw_sheets', 'sheet_paths',
            'run_inspect', 'PALETTE']
 
@@ -329,7 +331,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     images = find_images(args.images)
     if len(images) > args.max_images:
-        raise ValueError(f'{len(images)} images: inspect draws a row per image and fits each tap\'s PCA over all of '
+        raise InputError(f'{len(images)} images: inspect draws a row per image and fits each tap\'s PCA over all of '
                          f'them in one pass; give at most {args.max_images} (--max-images to allow more).')
     kwargs = dict(args.model_kwargs or {})
     if args.prompt is not None:
@@ -340,12 +342,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     tokens = list(args.tokens or ())
     crosses = [t for t in taps if is_cross_map(t.name)]
     if tokens and not crosses:
-        raise ValueError('--tokens draws the heat map of prompt tokens of cross-attention maps: also select a '
+        raise InputError('--tokens draws the heat map of prompt tokens of cross-attention maps: also select a '
                          "'*cross-map' tap (--taps).")
     for t in crosses:
         bad = [i for i in tokens if not 0 <= i < t.num_chs]
         if bad:
-            raise ValueError(f'--tokens {bad}: {t.name} has {t.num_chs} prompt tokens (0..{t.num_chs - 1}).')
+            raise InputError(f'--tokens {bad}: {t.name} has {t.num_chs} prompt tokens (0..{t.num_chs - 1}).')
     names = []
     for t in taps:
         names.append(t.name)
@@ -353,13 +355,13 @@ def run_inspect(args: argparse.Namespace) -> int:
             names += [token_tile_name(t.name, i) for i in tokens]
     out = Path(args.out)
     if out.suffix.lower() != '.png':
-        raise ValueError(f'--out {out}: give a .png file name for the sheet.')
+        raise InputError(f'--out {out}: give a .png file name for the sheet.')
     sheets, index = sheet_paths(out, len(names), args.per_sheet)
     outputs = sheets + ([index] if index else []) + ([Path(args.json)] if args.json else [])
     for p in outputs:
         check_output(p, images, args.overwrite)
     if len(set(map(str, outputs))) != len(outputs):
-        raise ValueError(f'--json {args.json} is also a sheet file: choose another name.')
+        raise InputError(f'--json {args.json} is also a sheet file: choose another name.')
 
     tap_names = [t.name for t in taps]
     model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights, kwargs)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DiffbackboneError
+
 __all__ = [
     'IMAGE_EXTENSIONS', 'RESIZE_MODES', 'ImageError', 'open_image', 'resize_image', 'to_tensor', 'load_image',
     'image_size', 'parse_size',
@@ -37,7 +39,7 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 _SD_MEAN = _SD_STD = (0.5, 0.5, 0.5)
 
 
-class ImageError(ValueError):
+class ImageError(DiffbackboneError, ValueError):
     """An image cannot be read or prepared; the message names the file and says what to do."""
 
 

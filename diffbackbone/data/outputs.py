@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from ..errors import DiffbackboneError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -42,7 +44,7 @@ _STORE_TEMP = re.compile(r'\..+\.\d+\.[0-9a-f]+\.tmp')  # hub.atomic_path tempor
 PathLike = Union[str, os.PathLike]
 
 
-class OutputError(ValueError):
+class OutputError(DiffbackboneError, ValueError):
     """An output path cannot be used; the message says why and what to do."""
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import InputError
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
 
 __all__ = ['find_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers',
@@ -58,7 +59,7 @@ def _walk(folder: str, seen: set[str]) -> Iterator[tuple[str, bool]]:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
-        raise ValueError(f'cannot list the folder {folder} ({e.strerror or e}); check its permissions.') from e
+        raise InputError(f'cannot list the folder {folder} ({e.strerror or e}); check its permissions.') from e
     folders = []
     for entry in entries:
         try:
@@ -147,17 +148,17 @@ def find_images(inputs: Sequence[str]) -> list[str]:
                 real = os.path.realpath(listing)
                 if real in lists:
                     chain = ' -> '.join([*(os.path.basename(x) for x in lists), listing.name])
-                    raise ValueError(f'the list file {listing} includes itself ({chain}); remove the @ line that '
+                    raise InputError(f'the list file {listing} includes itself ({chain}); remove the @ line that '
                                      'leads back to it.')
                 try:
                     lines = listing.read_text().splitlines()
                 except (OSError, UnicodeDecodeError) as e:
-                    raise ValueError(f'cannot read the list file {listing} ({getattr(e, "strerror", None) or e}); '
+                    raise InputError(f'cannot read the list file {listing} ({getattr(e, "strerror", None) or e}); '
                                      'give a text file with one image path per line after @.') from e
                 base = listing.parent
                 names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith('#')]
                 if not names:
-                    raise ValueError(f'the list file {listing} names no image (only blank or # lines); give a text '
+                    raise InputError(f'the list file {listing} names no image (only blank or # lines); give a text '
                                      'file with one image path per line after @.')
                 expand([_relative_to(base, n) for n in names], (*lists, real))
                 continue
@@ -165,17 +166,17 @@ def find_images(inputs: Sequence[str]) -> list[str]:
             if path.is_dir():
                 images = _folder_images(item)
                 if not images:
-                    raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under the folder {item}.')
+                    raise InputError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under the folder {item}.')
                 add(images)
             elif path.is_file():
                 add([item])
             elif glob.has_magic(item):
                 images = _glob_images(item)
                 if not images:
-                    raise ValueError(f'the pattern {item!r} matches no image file.')
+                    raise InputError(f'the pattern {item!r} matches no image file.')
                 add(images)
             else:
-                raise ValueError(f'{item}: no such file, folder or pattern. Check the path (quote glob patterns so '
+                raise InputError(f'{item}: no such file, folder or pattern. Check the path (quote glob patterns so '
                                  'the shell does not expand them).')
 
     expand(inputs, ())

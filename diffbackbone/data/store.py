@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Seque
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import DiffbackboneError, InputError, InputTypeError
 from ..hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'ShardEntry', 'INDEX', 'scan_shards',
@@ -53,7 +54,7 @@ _SHARD = re.compile(r'shard-r(\d+)-(?:([0-9a-f]{8})-)?(\d+)\.safetensors')
 _FAILED = re.compile(r'failed-r(\d+)(?:-[0-9a-f]{8})?\.json')
 
 
-class StoreError(ValueError):
+class StoreError(DiffbackboneError, ValueError):
     """A feature store is missing, damaged, or does not match the run that wants to write into it."""
 
 
@@ -343,7 +344,7 @@ class FeatureStore:
 
     def __init__(self, root: Union[str, Path], max_open: int = 8, rescan: bool = False):
         if isinstance(max_open, bool) or not isinstance(max_open, int) or max_open < 1:
-            raise ValueError(f'max_open must be a whole number of at least 1 (shard files kept open), got '
+            raise InputError(f'max_open must be a whole number of at least 1 (shard files kept open), got '
                              f'{max_open!r}.')
         self.root = Path(root)
         if rescan:
@@ -445,9 +446,9 @@ class FeatureStore:
     def get(self, path: Union[str, Path], taps: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """{tap: (C, h, w) tensor} of one image (only `taps`, a list of tap names, if given)."""
         if isinstance(taps, (str, bytes)):
-            raise TypeError(f'taps must be a list of tap names such as [{taps!r}], not the string {taps!r}.')
+            raise InputTypeError(f'taps must be a list of tap names such as [{taps!r}], not the string {taps!r}.')
         if taps is not None and not isinstance(taps, Sequence):
-            raise TypeError(f'taps must be a list of tap names (the store has {self.taps}), got {type(taps).__name__}.')
+            raise InputTypeError(f'taps must be a list of tap names (the store has {self.taps}), got {type(taps).__name__}.')
         key = self._key(path)
         if key is None:
             extra = f' (it failed: {self.failed[str(path)]})' if str(path) in self.failed else ''

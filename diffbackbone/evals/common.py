@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..data.outputs import OutputError, check_file, check_folder
+from ..errors import InputError
 from .feature_cache import FeatureCache, weights_fingerprint
 
 __all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs']
@@ -35,7 +36,7 @@ def eval_model_kwargs(args: argparse.Namespace, default_timestep: int) -> dict[s
     fused models keep their own, e.g. CleanDIFT's learned one)."""
     kwargs = dict(args.model_kwargs or {})
     if 'timestep' in kwargs and args.timestep is not None:
-        raise ValueError('Give the timestep once: --timestep or "timestep" in --model-kwargs, not both.')
+        raise InputError('Give the timestep once: --timestep or "timestep" in --model-kwargs, not both.')
     if args.timestep is not None:
         kwargs['timestep'] = args.timestep
     elif 'timestep' not in kwargs and noisy_model(args.model):
@@ -49,7 +50,7 @@ def model_builder(args: argparse.Namespace, tap: str, kwargs: dict[str, Any]) ->
     from ..correspondence import load_tap_model
 
     if args.weights and not Path(args.weights).is_file():
-        raise ValueError(f'--weights {args.weights}: no such file. Give a local .safetensors checkpoint.')
+        raise InputError(f'--weights {args.weights}: no such file. Give a local .safetensors checkpoint.')
 
     def build() -> torch.nn.Module:
         if args.random_weights:

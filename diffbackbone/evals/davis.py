@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from .davis_data import VOID, DavisError, DavisSequence, load_davis, read_mask
 from .davis_metrics import evaluate_sequence, summarise
 from .feature_cache import FeatureCache
@@ -75,7 +76,7 @@ def propagate(target: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, 
     n, c, h, w = sources.shape
     hw, k = h * w, masks.shape[1]
     if topk > n * hw:
-        raise ValueError(f'--topk {topk} is more than the {n * hw} source positions of the context ({n} frames of '
+        raise InputError(f'--topk {topk} is more than the {n * hw} source positions of the context ({n} frames of '
                          f'{w}x{h} features); use a smaller --topk or a larger --short-side.')
     tgt = F.normalize(target.float().reshape(c, hw), dim=0)
     keys = F.normalize(sources.float().reshape(n, c, hw), dim=1).permute(1, 0, 2).reshape(c, n * hw)
@@ -246,11 +247,11 @@ def run_davis(args: argparse.Namespace) -> int:
     from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
-        raise ValueError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
+        raise InputError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
     if not args.temperature > 0:
-        raise ValueError(f'--temperature must be positive, got {args.temperature}.')
+        raise InputError(f'--temperature must be positive, got {args.temperature}.')
     if args.neighborhood < 0:
-        raise ValueError(f'--neighborhood must be 0 (no restriction) or more, got {args.neighborhood}.')
+        raise InputError(f'--neighborhood must be 0 (no restriction) or more, got {args.neighborhood}.')
     tap = args.taps[0]
     check_outputs(args, [args.data])
     sequences = load_davis(args.data, args.split, args.sequences, args.limit)  # checked before any model is built

@@ -16,13 +16,14 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import ImageError, image_size
+from ..errors import DiffbackboneError
 
 __all__ = ['DavisError', 'DavisSequence', 'load_davis', 'read_mask', 'VOID']
 
 VOID = 255
 
 
-class DavisError(ValueError):
+class DavisError(DiffbackboneError, ValueError):
     """The dataset folder or one of its files is not usable; the message names it and says what to do."""
 
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from .davis_data import VOID
 
 __all__ = ['region_similarity', 'boundary_map', 'disk', 'boundary_f', 'statistics', 'evaluate_sequence', 'summarise',
@@ -86,14 +87,14 @@ def statistics(values: Sequence[float]) -> tuple[float, float, float]:
 def evaluate_sequence(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(K, T - 2) J and F of every object over frames 1 .. T-2 of ground-truth and predicted (H, W) label maps."""
     if len(gt) != len(pred) or len(gt) < 3:
-        raise ValueError(f'need the same number (>= 3) of ground-truth and predicted frames, got {len(gt)} and '
+        raise InputError(f'need the same number (>= 3) of ground-truth and predicted frames, got {len(gt)} and '
                          f'{len(pred)}.')
     first = np.where(gt[0] == VOID, 0, gt[0])
     k = int(first.max())
     frames = range(1, len(gt) - 1)
     top = max(int(pred[t].max()) for t in frames)
     if top > k:
-        raise ValueError(f'a predicted mask holds object id {top}, but the sequence has {k} objects.')
+        raise InputError(f'a predicted mask holds object id {top}, but the sequence has {k} objects.')
     j, f = np.zeros((k, len(frames))), np.zeros((k, len(frames)))
     for i, t in enumerate(frames):
         g = np.where(gt[t] == VOID, 0, gt[t])

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from .feature_cache import FeatureCache
-from .hpatches_data import (MIN_DISTANCE, NUM_KEYPOINTS, QUALITY, HPatchesError, HSequence, corner_error,
-                            load_hpatches)
+from .hpatches_data import MIN_DISTANCE, NUM_KEYPOINTS, QUALITY, HPatchesError, HSequence, corner_error, load_hpatches
 
 __all__ = ['THRESHOLDS', 'descriptors', 'mutual_nn', 'estimate_homography', 'PairResult', 'Scores', 'evaluate',
            'SequenceDescriptors', 'run_hpatches', 'HPatchesError']
@@ -51,7 +51,7 @@ def mutual_nn(a: torch.Tensor, b: torch.Tensor, metric: str = 'cosine') -> np.nd
     elif metric == 'l2':
         sim = -((a * a).sum(1, keepdim=True) + (b * b).sum(1)[None] - 2 * a @ b.T)
     else:
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}.")
+        raise InputError(f"metric must be 'cosine' or 'l2', got {metric!r}.")
     nn12, nn21 = sim.argmax(dim=1), sim.argmax(dim=0)
     ids = torch.arange(len(a), device=a.device)
     keep = nn21[nn12] == ids
@@ -168,7 +168,7 @@ def run_hpatches(args: argparse.Namespace) -> int:
     from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
-        raise ValueError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
+        raise InputError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
     tap = args.taps[0]
     check_outputs(args, [args.data, args.keypoints])
     sequences = load_hpatches(args.data, args.keypoints, args.limit)  # everything checked before any model is built

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ..data.images import ImageError, image_size
+from ..errors import DiffbackboneError
 
 __all__ = ['HPatchesError', 'HSequence', 'load_hpatches', 'detect_keypoints', 'corner_error', 'NUM_KEYPOINTS',
            'MIN_DISTANCE']
@@ -29,7 +30,7 @@ MIN_DISTANCE = 4  # SuperPoint's NMS distance
 QUALITY = 0.01
 
 
-class HPatchesError(ValueError):
+class HPatchesError(DiffbackboneError, ValueError):
     """The dataset or keypoints folder, or one of its files, is not usable; the message names it."""
 
 

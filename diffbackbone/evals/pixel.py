@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .pixel_data import IGNORE, PixelDataError, PixelDataset, PixelItem, load_label, load_pixel_dataset
 
 __all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'MENG_CHANNELS', 'preset_channels',
@@ -292,7 +293,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
     store, data = Path(args.store).resolve(), Path(args.data).resolve()
     if store == data or data in store.parents or store in data.parents:
-        raise ValueError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
+        raise InputError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
     check_folder(args.store, 'store', [args.data], option='--store')  # a store of ours, resumed (as `features`)
     check_outputs(args, [args.data, args.store])
 
@@ -301,15 +302,15 @@ def run_pixel(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval pixel`."""
     import resource
 
-    from ..data.store import FeatureStore
     from ..data.outputs import write_json
+    from ..data.store import FeatureStore
     from .common import eval_model_kwargs
 
     for name in ('splits', 'ensemble', 'epochs', 'pixel_batch', 'label_size'):
         if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
+            raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
     if args.memory_gb <= 0:
-        raise ValueError(f'--memory-gb must be positive, got {args.memory_gb}.')
+        raise InputError(f'--memory-gb must be positive, got {args.memory_gb}.')
     _check_paths(args)
     dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
     kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50

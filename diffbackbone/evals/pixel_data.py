@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import DiffbackboneError
+
 __all__ = ['IGNORE', 'CATEGORY_CLASSES', 'PixelDataError', 'PixelItem', 'PixelDataset', 'list_images',
            'load_pixel_dataset', 'load_label']
 
@@ -26,7 +28,7 @@ CATEGORY_CLASSES = {'ffhq_34': 34, 'bedroom_28': 29, 'cat_15': 15, 'horse_21': 2
 _EXTS = ('jpg', 'jpeg', 'png', 'gif')
 
 
-class PixelDataError(ValueError):
+class PixelDataError(DiffbackboneError, ValueError):
     """A dataset folder is not in DDPM-segmentation's layout, or a label file is unusable."""
 
 

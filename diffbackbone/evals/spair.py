@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from ..correspondence import (UpsampledTarget, normalised_map, point_features, sample_points,
-                              similarity_argmax)
+from ..correspondence import UpsampledTarget, normalised_map, point_features, sample_points, similarity_argmax
 from ..data.outputs import check_file, check_folder, write_json
+from ..errors import InputError
 from .common import lora_fingerprint
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
@@ -217,18 +217,18 @@ def run_spair(args: argparse.Namespace) -> int:
         from ..models.fused import RAW_PRESET, is_fused_model
 
         if not is_fused_model(args.model):
-            raise ValueError(f'--co-pca needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
+            raise InputError(f'--co-pca needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
                              f'{args.model}.')
         tap = RAW_PRESET  # the raw maps of both sources; the pair's co-PCA fuses them
     elif args.taps is None or len(args.taps) != 1:
-        raise ValueError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
+        raise InputError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
     else:
         tap = args.taps[0]
     if args.prompt_template is not None:
         try:
             args.prompt_template.format(category='cat')
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
+            raise InputError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
                              f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
     check_size_fits(args.size, args.batch_size, args.device)
     if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
@@ -239,7 +239,7 @@ def run_spair(args: argparse.Namespace) -> int:
     kwargs = dict(args.model_kwargs or {})
     weights = args.weights
     if weights and not Path(weights).is_file():
-        raise ValueError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
+        raise InputError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
 
     def model_fn() -> torch.nn.Module:
         if args.random_weights:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.images import ImageError, image_size
+from ..errors import DiffbackboneError
 
 __all__ = ['Pair', 'SpairError', 'load_pairs', 'REQUIRED_KEYS']
 
@@ -20,7 +21,7 @@ REQUIRED_KEYS = ('src_imname', 'trg_imname', 'src_imsize', 'trg_imsize', 'src_kp
                  'category')
 
 
-class SpairError(ValueError):
+class SpairError(DiffbackboneError, ValueError):
     """The dataset folder or one of its files is not usable; the message names it and says what to do."""
 
 

@@ -19,6 +19,7 @@ from mmengine.model import BaseModule
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
+from ..errors import InputError
 from ..models import MIN_INPUT_SIZE, DiffusionUNet
 from .checks import ConfigError, _pair, check_head_channels
 
@@ -90,12 +91,12 @@ class DiffusionBackbone(BaseModule):
         """
         super().__init__(init_cfg=init_cfg)
         if dtype not in _DTYPES:
-            raise ValueError(f'dtype must be one of {", ".join(_DTYPES)}, got {dtype!r}.')
+            raise InputError(f'dtype must be one of {", ".join(_DTYPES)}, got {dtype!r}.')
         if _family(model_name) in _NOT_FOR_MMSEG:
-            raise ValueError(f'{model_name!r} cannot be an mmseg backbone: {_NOT_FOR_MMSEG[_family(model_name)]}.')
+            raise InputError(f'{model_name!r} cannot be an mmseg backbone: {_NOT_FOR_MMSEG[_family(model_name)]}.')
         known = diffusion_model_names()
         if model_name not in known:
-            raise ValueError(
+            raise InputError(
                 f'Unknown diffusion model {model_name!r}. Known: {", ".join(known)}. For other timm models use '
                 f"mmseg's type='TIMMBackbone'.")
         kwargs = dict(model_kwargs or {})

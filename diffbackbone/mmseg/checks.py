@@ -11,12 +11,13 @@ from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
+from ..errors import DiffbackboneError, InputError
 from ..models import MIN_INPUT_SIZE
 
 __all__ = ['ConfigError', 'check_head_channels', 'check_config', 'check_image_sizes', 'check_dataset_paths']
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffbackboneError, ValueError):
     """A segmentation config that cannot work with the diffusion backbone or the files on disk."""
 
 
@@ -214,6 +215,6 @@ def check_dataset_paths(cfg: Any, mode: str = 'train') -> None:
 def check_config(cfg: Any, mode: str = 'train') -> None:
     """All config checks for a `train` or `test` run."""
     if mode not in ('train', 'test'):
-        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
+        raise InputError(f"mode must be 'train' or 'test', got {mode!r}.")
     check_image_sizes(cfg, mode)
     check_dataset_paths(cfg, mode)

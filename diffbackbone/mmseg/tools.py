@@ -16,6 +16,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
+from ..errors import InputError
 from .checks import check_config, check_head_channels
 
 __all__ = ['load_config', 'build_runner', 'train', 'test', 'main']
@@ -79,7 +80,7 @@ def train(
         if kind == 'AmpOptimWrapper':
             print_log('AMP training is already enabled in the config.', logger='current', level=logging.WARNING)
         elif kind != 'OptimWrapper':
-            raise ValueError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has {kind}.')
+            raise InputError(f'--amp needs optim_wrapper.type OptimWrapper, but the config has {kind}.')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -115,7 +116,7 @@ def test(
     if show or show_dir:
         vis = cfg.default_hooks.get('visualization')
         if vis is None:
-            raise ValueError("--show/--show-dir need default_hooks.visualization=dict(type='SegVisualizationHook').")
+            raise InputError("--show/--show-dir need default_hooks.visualization=dict(type='SegVisualizationHook').")
         vis['draw'] = True
         if show:
             vis['show'] = True

@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .taps import Tap
 
 __all__ = ['ActivationRecorder', 'attention_map', 'attention_maps', 'MAP_HOOKS', 'MAP_REDUCTIONS', 'map_shapes']
@@ -119,7 +120,7 @@ def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross
     bias = None
     if mask is not None:
         if mask.ndim != 3 or mask.shape[-1] != k.shape[2]:
-            raise ValueError(f'Attention mask of shape {tuple(mask.shape)} does not fit {k.shape[2]} keys: expected '
+            raise InputError(f'Attention mask of shape {tuple(mask.shape)} does not fit {k.shape[2]} keys: expected '
                              'the additive bias (B, 1 or queries, keys) diffusers transformers pass.')
         bias = mask.unsqueeze(1)
     kind = 'cross' if cross else 'self'
@@ -147,7 +148,7 @@ def _transformer_of(module: str) -> str:
     if len(parts) == 1:  # DeepFloyd IF: a plain Attention in a UNet block, `....attentions.j.to_q`
         parts = re.split(r'(?<=\.attentions\.\d)\.', module, maxsplit=1)
     if len(parts) == 1:
-        raise ValueError(f'{module} is not inside a diffusers transformer.')
+        raise InputError(f'{module} is not inside a diffusers transformer.')
     return parts[0]
 
 
@@ -187,7 +188,7 @@ class ActivationRecorder:
             elif tap.hook in MAP_HOOKS:
                 maps.setdefault(tap.module, {})[tap.hook] = tap.location
             else:
-                raise ValueError(f'Unknown hook kind {tap.hook!r} of tap {tap.name}.')
+                raise InputError(f'Unknown hook kind {tap.hook!r} of tap {tap.name}.')
         for attn, wanted in maps.items():  # one probability computation per attention, whichever maps it gives
             module = self._module(attn)
             joint = any(h.startswith('joint') for h in wanted)

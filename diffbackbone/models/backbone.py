@@ -18,6 +18,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Encoder
 from timm.models import build_model_with_cfg
 
+from ..errors import InputError, InputTypeError
 from .taps import Tap, TapError, resolve_taps
 
 __all__ = [
@@ -47,9 +48,9 @@ def check_timestep(timestep: Any, whole: bool) -> float:
     except (TypeError, ValueError):
         t = float('nan')
     if not 0 <= t <= n - 1 or isinstance(timestep, bool):  # also rejects NaN
-        raise ValueError(f'timestep must be a number in [0, {n - 1}], got {timestep!r}.')
+        raise InputError(f'timestep must be a number in [0, {n - 1}], got {timestep!r}.')
     if whole and t != int(t):
-        raise ValueError(f'timestep of a noisy model indexes the {n}-step noise schedule and must be a whole number, '
+        raise InputError(f'timestep of a noisy model indexes the {n}-step noise schedule and must be a whole number, '
                          f'got {timestep!r}. Use {round(t)}.')
     return t
 
@@ -118,13 +119,13 @@ class NoisyLatents:
     def _init_noise(self, ensemble: int, noise_seed: int, latent: str, clean: bool) -> None:
         """Check and set the latent and noise settings the host's constructor was given."""
         if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
+            raise InputError(f'ensemble must be a whole number >= 1 (noise draws averaged per image), got {ensemble!r}.')
         if latent not in ('mode', 'sample'):
-            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}.")
+            raise InputError(f"latent must be 'mode' or 'sample', got {latent!r}.")
         if clean and ensemble != 1:
-            raise ValueError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
+            raise InputError('Clean models take no noise: ensemble must be 1. Use a noisy model (sd21, sd15) to ensemble.')
         if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
-            raise TypeError(f'noise_seed must be a whole number >= 0 (the seed of the noise and latent draws), got '
+            raise InputTypeError(f'noise_seed must be a whole number >= 0 (the seed of the noise and latent draws), got '
                             f'{noise_seed!r}.')
         self.clean, self.ensemble, self.noise_seed, self.latent = clean, ensemble, noise_seed, latent
 
@@ -227,7 +228,7 @@ class TapBackbone(nn.Module):
         Returns the maps in the order asked for; with `intermediates_only=False` also the head tap's map.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+            raise InputError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
         take = self._resolve(indices)
         head = self.taps[self.head_tap]
         feats = self._extract(x, take if intermediates_only else take + [head])
@@ -244,7 +245,7 @@ class TapBackbone(nn.Module):
         """Per-image prompts (`prompts.use_prompts`, held in `_prompt_override`) must be one, or one per image."""
         override = getattr(self, '_prompt_override', None)
         if override is not None and override[0].shape[0] not in (1, x.shape[0]):
-            raise ValueError(f'{override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give one prompt per '
+            raise InputError(f'{override[0].shape[0]} prompts for a batch of {x.shape[0]} images: give one prompt per '
                              'image, or one for all, to use_prompts.')
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -264,27 +265,27 @@ class TapBackbone(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         """Shape, batch, dtype and finiteness of an input batch; the model's size rule is `_check_size`."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise InputError(
                 f'Expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}. '
                 f'Convert grayscale/RGBA images to RGB, or build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}.')
         if x.shape[0] == 0:
-            raise ValueError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
+            raise InputError(f'Got a batch of 0 images (shape {tuple(x.shape)}): give at least one image.')
         self._check_size(x.shape[-2:])
         w = self.input_conv().weight
         if not x.is_floating_point():
-            raise ValueError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
+            raise InputError(f'Images must be floating point, normalised to [-1, 1] (mean = std = 0.5 on [0, 1]); got '
                              f'{x.dtype}. Convert with x.float() / 127.5 - 1.')
         upcast = self.vae is not None and self.vae.force_upcast
         if x.dtype != w.dtype and not upcast and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
+            raise InputError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
                              f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise ValueError('Input contains NaN or Inf values. Check the image loading and normalisation.')
+            raise InputError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
     def _extract(self, x: torch.Tensor, wanted: Sequence[Tap]) -> dict[str, torch.Tensor]:
         """Maps of the `wanted` taps by name, from one pass stopped after the deepest of them."""
         if getattr(self, '_prompt_pending', False) and self._prompt_override is None:
-            raise ValueError(
+            raise InputError(
                 f'prompt={self.prompt!r} was given without pretrained weights (--random-weights), so its text '
                 'embedding was never computed and the model would run on zeros while recording the prompt. Load '
                 'pretrained weights, load a state dict that holds the embedding, or drop the prompt (per-image '
@@ -328,7 +329,7 @@ def per_latent(embeds: torch.Tensor, n: int) -> torch.Tensor:
     if m == 1:
         return embeds.expand(n, *embeds.shape[1:])
     if n % m:
-        raise ValueError(f'{m} prompt embeddings do not divide {n} latents: give one prompt per image, or one for all.')
+        raise InputError(f'{m} prompt embeddings do not divide {n} latents: give one prompt per image, or one for all.')
     return embeds.repeat_interleave(n // m, dim=0)
 
 
@@ -354,7 +355,7 @@ def checked_constructor(cls: type, internal: Sequence[str] = ()) -> Callable[...
     def build(**kwargs: Any) -> nn.Module:
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+            raise InputError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
                              f'{", ".join(sorted(known - set(internal)))}.')
         return cls(**kwargs)
 

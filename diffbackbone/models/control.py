@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import DiffbackboneError
+
 __all__ = ['CONTROL_FILE', 'CONTROL_MODES', 'CANNY_REPOS', 'DEPTH_REPOS', 'DEPTH_REPO', 'DEPTH_FILE', 'ControlError',
            'default_control_repo', 'canny_image', 'depth_image', 'build_controlnet', 'build_depth_estimator',
            'check_controlnet']
@@ -36,7 +38,7 @@ DEPTH_REPO = 'Intel/dpt-hybrid-midas'  # the depth estimator (transformers' DPT 
 DEPTH_FILE = 'model.safetensors'
 
 
-class ControlError(ValueError):
+class ControlError(DiffbackboneError, ValueError):
     """A ControlNet setting cannot be used with this model; the message says why and what to do."""
 
 

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler
 from timm.models import generate_default_cfgs, register_model
 
+from ..errors import InputError
 from .backbone import build_backbone, check_timestep
 from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .text import encode_t5_prompt
@@ -66,7 +67,7 @@ def if_timestep(t: int, scheduler_cfg: dict) -> int:
         scheduler.set_timesteps(1000)
     init = min(int(1000 * t / 1000), 1000)
     if init < 1:
-        raise ValueError(f'timestep={t} leaves no denoising step (strength t / 1000 of 1000 steps): use t >= 1.')
+        raise InputError(f'timestep={t} leaves no denoising step (strength t / 1000 of 1000 steps): use t >= 1.')
     return int(scheduler.timesteps[1000 - init].item())
 
 
@@ -106,10 +107,10 @@ class DeepFloydIF(DiffusionUNet):
         """
         t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         if in_chans != unet_cfg['in_channels']:
-            raise ValueError(f'in_chans={in_chans} does not fit the pixel-space UNet, which takes '
+            raise InputError(f'in_chans={in_chans} does not fit the pixel-space UNet, which takes '
                              f'{unet_cfg["in_channels"]}-channel images: convert the images instead.')
         if prompt is not None and not isinstance(prompt, str):
-            raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
+            raise InputError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
         super().__init__(unet_cfg, None, clean=False, timestep=if_timestep(t, scheduler_cfg), ensemble=ensemble,
                          noise_seed=noise_seed, latent='mode', base_repo=base_repo, prompt=if_prompt(prompt or ''),
                          head_tap=head_tap, num_classes=num_classes, global_pool=global_pool, in_chans=in_chans,
@@ -123,7 +124,7 @@ class DeepFloydIF(DiffusionUNet):
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % _REDUCTION or s < _REDUCTION for s in size):
-            raise ValueError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), '
+            raise InputError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), '
                              f'got {tuple(size)}. Resize the images (IF-I works at 64 x 64).')
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:

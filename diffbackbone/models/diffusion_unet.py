@@ -24,13 +24,33 @@ from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InputError
 from .attention_taps import ActivationRecorder
 from .backbone import (
-    SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, NoisyLatents, TapBackbone, VAEEncoder, build_backbone, check_timestep,
-    per_latent, vae_keys,
+    SCHEDULER_SD,
+    VAE_SD,
+    VAE_SDXL,
+    VAE_TEST,
+    NoisyLatents,
+    TapBackbone,
+    VAEEncoder,
+    build_backbone,
+    check_timestep,
+    per_latent,
+    vae_keys,
 )
-from .control import (CONTROL_FILE, CONTROL_MODES, DEPTH_FILE, DEPTH_REPO, build_controlnet, build_depth_estimator,
-                      canny_image, check_controlnet, default_control_repo, depth_image)
+from .control import (
+    CONTROL_FILE,
+    CONTROL_MODES,
+    DEPTH_FILE,
+    DEPTH_REPO,
+    build_controlnet,
+    build_depth_estimator,
+    canny_image,
+    check_controlnet,
+    default_control_repo,
+    depth_image,
+)
 from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
 from .lora import fuse_lora, lora_spec
 from .taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
@@ -147,17 +167,17 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         """
         super().__init__()
         if noise not in NOISE_MODES:
-            raise ValueError(f'noise must be one of {", ".join(NOISE_MODES)}, got {noise!r}.')
+            raise InputError(f'noise must be one of {", ".join(NOISE_MODES)}, got {noise!r}.')
         inverted = noise == 'ddim_inversion'
         if inverted:
             if clean:
-                raise ValueError("noise='ddim_inversion' is for the noisy models (sd15, sd21, sdxl, ...); a clean "
+                raise InputError("noise='ddim_inversion' is for the noisy models (sd15, sd21, sdxl, ...); a clean "
                                  'model takes no noise.')
             steps = inversion_steps
             if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 1000:
-                raise ValueError(f'inversion_steps must be a whole number in [2, 1000], got {inversion_steps!r}.')
+                raise InputError(f'inversion_steps must be a whole number in [2, 1000], got {inversion_steps!r}.')
             if ensemble != 1:
-                raise ValueError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
+                raise InputError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
                                  'noise draws to average.')
         self.noise, self.inversion_steps = noise, inversion_steps
         self.lora, self.lora_scale = lora_spec(lora, lora_scale)
@@ -168,7 +188,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         if timestep is not None:
             timestep = check_timestep(timestep, whole=not clean)
         if prompt is not None and not isinstance(prompt, str):
-            raise ValueError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
+            raise InputError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
         self.base_repo = base_repo
         self.prompt = prompt or ''
         self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by use_prompts
@@ -181,12 +201,12 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         self.vae = None if vae_cfg is None else VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
         if control is not None and control not in CONTROL_MODES:
-            raise ValueError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
+            raise InputError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
         if control_repo is not None and control is None:
-            raise ValueError("control_repo needs control='canny' or 'depth' (how the control image is made from the "
+            raise InputError("control_repo needs control='canny' or 'depth' (how the control image is made from the "
                              'input).')
         if depth_repo is not None and control != 'depth':
-            raise ValueError(f"depth_repo needs control='depth' (got control={control!r}): it is the depth estimator "
+            raise InputError(f"depth_repo needs control='depth' (got control={control!r}): it is the depth estimator "
                              'that makes the depth ControlNet\'s control image.')
         self.control, self.control_scale = control, float(control_scale)
         self.control_repo = (control_repo or default_control_repo(control, self.unet.config)) if control else None
@@ -304,7 +324,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_size(self, size: torch.Size) -> None:
         if min(size) < MIN_INPUT_SIZE:
-            raise ValueError(
+            raise InputError(
                 f'Images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the deepest UNet level has stride '
                 f'64), got {tuple(size)}. Resize the images up.')
 
@@ -574,7 +594,7 @@ def _ensemble(kwargs: dict, default: int) -> int:
 
 def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> DiffusionUNet:
     if kwargs.get('lora') and not pretrained:
-        raise ValueError('lora= is fused into the pretrained weights: pass pretrained=True (a LoRA on random weights '
+        raise InputError('lora= is fused into the pretrained weights: pass pretrained=True (a LoRA on random weights '
                          'means nothing).')
     model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
                            **kwargs)

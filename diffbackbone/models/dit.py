@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from timm.layers import ClassifierHead
 
+from ..errors import InputError
 from .attention_taps import MAP_HOOKS
 from .backbone import NoisyLatents, TapBackbone, vae_keys
 from .taps import Tap
@@ -29,7 +30,7 @@ class DiTBackbone(NoisyLatents, TapBackbone):
         classifier reads the last. With `attn_maps='full'` the map taps are the unreduced probabilities (B, heads, N,
         keys): their `num_chs` is the head count."""
         if attn_maps not in ('reduced', 'full'):
-            raise ValueError(f"attn_maps must be 'reduced' (maps over the token grid, see `diffbackbone taps MODEL "
+            raise InputError(f"attn_maps must be 'reduced' (maps over the token grid, see `diffbackbone taps MODEL "
                              f"--all`) or 'full' (unreduced (B, heads, N, keys) probabilities), got {attn_maps!r}.")
         self.attn_maps = attn_maps
         if attn_maps == 'full':
@@ -50,7 +51,7 @@ class DiTBackbone(NoisyLatents, TapBackbone):
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % self.reduction or s < 2 * self.reduction for s in size):
-            raise ValueError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
+            raise InputError(f'Image sides must be multiples of {self.reduction} px (2x2 patches on the 8x latent) and '
                              f'at least {2 * self.reduction}, got {tuple(size)}. Resize the images.')
 
     def _take_into_feature_info(self, take: Sequence[Tap]) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
+from ..errors import InputError
 from .backbone import build_backbone, check_timestep
 from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
 from .flux import _cfg as _flux_cfg
@@ -82,7 +83,7 @@ class DiTFFlux(FluxBackbone):
         """
         t = int(check_timestep(260 if timestep is None else timestep, whole=True))
         if t == 0:
-            raise ValueError('DiTF adds noise at sigma = t / 1000: timestep must be at least 1.')
+            raise InputError('DiTF adds noise at sigma = t / 1000: timestep must be at least 1.')
         super().__init__(transformer_cfg, vae_cfg, scheduler_cfg, timestep=t, guidance=guidance, ensemble=ensemble,
                          noise_seed=noise_seed, latent=latent, base_repo=base_repo, prompt=prompt,
                          max_tokens=max_tokens, vae_file=vae_file, num_classes=num_classes, global_pool=global_pool,
@@ -91,7 +92,7 @@ class DiTFFlux(FluxBackbone):
         width = self.transformer.inner_dim
         bad = [c for c in massive_channels if not 0 <= int(c) < width]
         if bad:
-            raise ValueError(f'massive_channels {bad} are outside the {width} channels of this transformer.')
+            raise InputError(f'massive_channels {bad} are outside the {width} channels of this transformer.')
         self.massive_channels = tuple(int(c) for c in massive_channels)
         n_double = len(self.transformer.transformer_blocks)
         n_blocks = n_double + len(self.transformer.single_transformer_blocks)

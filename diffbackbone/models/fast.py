@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from ..errors import InputError, InputTypeError
 from .diffusion_unet import DiffusionUNet
 
 __all__ = ['optimize', 'compile_model', 'backbone_of', 'use_sdpa', 'COMPILE_MODES']
@@ -36,7 +37,7 @@ def backbone_of(model: nn.Module) -> DiffusionUNet:
     inner = getattr(model, 'model', None)
     if isinstance(inner, DiffusionUNet):
         return inner
-    raise TypeError(f'Expected a DiffusionUNet or a timm features_only model built on one, got {type(model).__name__}.')
+    raise InputTypeError(f'Expected a DiffusionUNet or a timm features_only model built on one, got {type(model).__name__}.')
 
 
 def use_sdpa(module: nn.Module) -> int:
@@ -59,7 +60,7 @@ def _compile_mode(compile: Union[bool, str, None]) -> Optional[str]:
         return 'default'
     if compile in (False, None) or compile in COMPILE_MODES:
         return compile or None
-    raise ValueError(f'compile must be False, True or one of {COMPILE_MODES}, got {compile!r}.')
+    raise InputError(f'compile must be False, True or one of {COMPILE_MODES}, got {compile!r}.')
 
 
 def compile_model(model: nn.Module, mode: Union[bool, str, None] = True) -> nn.Module:

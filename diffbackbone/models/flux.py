@@ -35,9 +35,10 @@ import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
+from ..errors import InputError
 from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_flux_prompt
 
@@ -138,17 +139,17 @@ class FluxBackbone(DiTBackbone):
         """
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
         bad_size = isinstance(shift_size, bool) or not isinstance(shift_size, int) or shift_size < 16
         if shift_size != 'input' and bad_size:
-            raise ValueError(f"shift_size must be a whole number of pixels >= 16 (1024: Meng et al.'s noise level) or "
+            raise InputError(f"shift_size must be a whole number of pixels >= 16 (1024: Meng et al.'s noise level) or "
                              f"'input' (shift by the input's size), got {shift_size!r}.")
         t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         strength = t / 1000
         # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its steps from t_start on; the call runs at t_start
         self.t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
         if self.t_start >= num_inference_steps:
-            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
                              '(strength t / 1000 times the steps must be above 0): raise the timestep.')
         self.shift_size = shift_size
         self._init_noise(ensemble, noise_seed, latent, clean=False)

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as _vit_filter
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
+from ..errors import InputError
 from .taps import TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
@@ -49,7 +51,7 @@ def pca_basis(samples: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Ten
     approximates. Component signs are arbitrary, which does not change any similarity.
     """
     if dims > min(samples.shape):
-        raise ValueError(f'PCA to {dims} dims needs at least {dims} samples and channels, got {tuple(samples.shape)}.')
+        raise InputError(f'PCA to {dims} dims needs at least {dims} samples and channels, got {tuple(samples.shape)}.')
     x = samples.double()
     mean = x.mean(0)
     _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
@@ -89,10 +91,10 @@ def co_pca_fuse(src: Mapping[str, torch.Tensor], trg: Mapping[str, torch.Tensor]
     each SD tap reduced by a PCA fitted on both images together (co-PCA), optionally the DINO map too
     (their `CO_PCA_DINO`), then `fuse_maps`. Returns the two fused (C, h, w) maps."""
     if len(sd_dims) != len(sd_taps):
-        raise ValueError(f'co-PCA needs one dimension per SD tap {list(sd_taps)}, got {list(sd_dims)}.')
+        raise InputError(f'co-PCA needs one dimension per SD tap {list(sd_taps)}, got {list(sd_dims)}.')
     missing = [t for t in (*sd_taps, DINO_TAP) if t not in src or t not in trg]
     if missing:
-        raise ValueError(f'co-PCA needs the raw maps {missing} of both images (a fused model with those taps).')
+        raise InputError(f'co-PCA needs the raw maps {missing} of both images (a fused model with those taps).')
     pairs = [_pair_pca(src[t], trg[t], d) for t, d in zip(sd_taps, sd_dims)]
     dino_a, dino_b = src[DINO_TAP].float(), trg[DINO_TAP].float()
     if dino_dims:
@@ -107,7 +109,7 @@ def fused_module(model: nn.Module) -> 'FusedBackbone':
     for sub in model.modules():
         if isinstance(sub, FusedBackbone):
             return sub
-    raise ValueError(f'{type(model).__name__} is not a fused backbone: co-PCA needs a diffusion + DINOv2 model such as '
+    raise InputError(f'{type(model).__name__} is not a fused backbone: co-PCA needs a diffusion + DINOv2 model such as '
                      'cleandift_sd21_dinov2.')
 
 
@@ -169,20 +171,20 @@ class FusedBackbone(nn.Module):
         import timm
 
         if num_classes:
-            raise ValueError('Fused backbones are feature extractors: use num_classes=0 (features_only=True).')
+            raise InputError('Fused backbones are feature extractors: use num_classes=0 (features_only=True).')
         if in_chans != 3:
-            raise ValueError(f'Fused backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
+            raise InputError(f'Fused backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
         self.sd_taps = list(sd_taps)
         if not self.sd_taps or len(set(self.sd_taps)) != len(self.sd_taps):
-            raise ValueError(f'sd_taps must be distinct tap names, got {list(sd_taps)}.')
+            raise InputError(f'sd_taps must be distinct tap names, got {list(sd_taps)}.')
         if sd_dims is not None and len(sd_dims) != len(self.sd_taps):
-            raise ValueError(f'sd_dims needs one dimension per SD tap {self.sd_taps}, got {list(sd_dims)}.')
+            raise InputError(f'sd_dims needs one dimension per SD tap {self.sd_taps}, got {list(sd_dims)}.')
         self.sd_weight, self.dino_weight = float(sd_weight), float(dino_weight)
         self.num_classes, self.in_chans = 0, in_chans
 
         self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
         if not hasattr(self.diffusion, 'forward_intermediates') or not hasattr(self.diffusion, 'taps'):
-            raise ValueError(f'diffusion={diffusion!r} is not a diffusion backbone of diffbackbone.')
+            raise InputError(f'diffusion={diffusion!r} is not a diffusion backbone of diffbackbone.')
         names = self.diffusion.tap_names(all=True)
         unknown = [t for t in self.sd_taps if t not in names and t not in self.diffusion.tap_names()]
         if unknown:
@@ -191,16 +193,16 @@ class FusedBackbone(nn.Module):
 
         arch = dino.partition('.')[0]
         if not is_model(arch) or model_entrypoint(arch).__module__ not in ('timm.models.vision_transformer', __name__):
-            raise ValueError(f'dino={dino!r} is not a timm VisionTransformer: use a DINOv2 such as '
+            raise InputError(f'dino={dino!r} is not a timm VisionTransformer: use a DINOv2 such as '
                              "'vit_base_patch14_dinov2.lvd142m' (timm.list_models('*dinov2*')).")
         self.dino = timm.create_model(dino, pretrained=load_weights, num_classes=0, dynamic_img_size=True,
                                       **(dino_kwargs or {}))
         if not isinstance(self.dino, VisionTransformer):
-            raise ValueError(f'dino={dino!r} is not a timm VisionTransformer (use a vit_*_dinov2 model).')
+            raise InputError(f'dino={dino!r} is not a timm VisionTransformer (use a vit_*_dinov2 model).')
         depth = len(self.dino.blocks)
         self.dino_layer = depth - 1 if dino_layer is None else int(dino_layer)
         if not 0 <= self.dino_layer < depth:
-            raise ValueError(f'dino_layer must be in [0, {depth - 1}] for {dino}, got {dino_layer}.')
+            raise InputError(f'dino_layer must be in [0, {depth - 1}] for {dino}, got {dino_layer}.')
         # no tap reads later blocks, the final norm or the head
         self.dino.prune_intermediate_layers([self.dino_layer], prune_norm=True, prune_head=True)
         self.dino_patch = self.dino.patch_embed.patch_size[0]
@@ -213,7 +215,7 @@ class FusedBackbone(nn.Module):
         chans = [sd_info[t]['num_chs'] for t in self.sd_taps]
         strides = [sd_info[t]['reduction'] for t in self.sd_taps]
         if strides != sorted(strides):
-            raise ValueError(f'sd_taps must be listed fine to coarse, got strides {strides} for {self.sd_taps}.')
+            raise InputError(f'sd_taps must be listed fine to coarse, got strides {strides} for {self.sd_taps}.')
         self.sd_dims = list(sd_dims) if sd_dims is not None else None
         self.dino_dims = dino_dims
         for i, (c, d) in enumerate(zip(chans, self.sd_dims or [None] * len(chans))):
@@ -297,7 +299,7 @@ class FusedBackbone(nn.Module):
                               output_fmt: str = 'NCHW', intermediates_only: bool = False):
         """Maps of the selected taps (names or `feature_info` indices) in the order asked for."""
         if output_fmt != 'NCHW':
-            raise ValueError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+            raise InputError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
         names = [self.tap_names()[i] for i in self._take(indices)]
         need = set(names) - {FUSED_TAP}
         if FUSED_TAP in names:
@@ -329,7 +331,7 @@ class FusedBackbone(nn.Module):
         """Fit the fixed PCA projection(s) on a batch of images (every position of every image is a sample; with a
         pair of images this is exactly their co-PCA). Kept in the state dict."""
         if self.sd_dims is None and not self.dino_dims:
-            raise ValueError('Nothing to fit: this fused backbone has no reduction (sd_dims=None, dino_dims=None).')
+            raise InputError('Nothing to fit: this fused backbone has no reduction (sd_dims=None, dino_dims=None).')
         raw = self.raw_features(x, [*self.sd_taps, DINO_TAP])
         for i, d in enumerate(self.sd_dims or []):
             f = raw[self.sd_taps[i]].float()
@@ -445,7 +447,7 @@ def sd21_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
 def diffusion_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
     """General form: `diffusion=` any diffusion model here, `dino=` any timm DINOv2, weights and reductions as args."""
     if 'diffusion' not in kwargs:
-        raise ValueError("diffusion_dinov2 needs diffusion='<model>' (e.g. 'cleandift_sd21'), and optionally dino=, "
+        raise InputError("diffusion_dinov2 needs diffusion='<model>' (e.g. 'cleandift_sd21'), and optionally dino=, "
                          'sd_taps=, dino_layer=, sd_weight=, dino_weight=, sd_dims=, dino_dims=.')
     model_args = dict(_TALE, dino='vit_base_patch14_dinov2.lvd142m')
     return _create_fused('diffusion_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))

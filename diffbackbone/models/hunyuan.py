@@ -28,9 +28,10 @@ from diffusers import DDPMScheduler, HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
+from ..errors import InputError
 from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .backbone import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_hunyuan_prompt
 
@@ -111,12 +112,12 @@ class HunyuanDiTBackbone(DiTBackbone):
         """
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
         t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         # the patched pipeline's get_timesteps (SDXL img2img's): int(steps * strength) steps are kept
         kept = min(int(num_inference_steps * t / 1000), num_inference_steps)
         if kept == 0:
-            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
                              '(int(strength t / 1000 times the steps) must be at least 1): raise the timestep.')
         self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
@@ -166,7 +167,7 @@ class HunyuanDiTBackbone(DiTBackbone):
     # --- forward ------------------------------------------------------------------------------------------------------
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         if self._prompt_override is not None:
-            raise ValueError('Per-image prompts (use_prompts) are not supported by HunyuanDiT yet: build one model '
+            raise InputError('Per-image prompts (use_prompts) are not supported by HunyuanDiT yet: build one model '
                              'per prompt with prompt=...')
         return self.transformer_features(z, taps)
 

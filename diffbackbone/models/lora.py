@@ -18,12 +18,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import DiffbackboneError
+
 __all__ = ['LORA_FILE', 'LoraError', 'resolve_lora', 'fuse_lora', 'lora_spec']
 
 LORA_FILE = 'pytorch_lora_weights.safetensors'  # the file diffusers' training scripts write and its loaders look for
 
 
-class LoraError(ValueError):
+class LoraError(DiffbackboneError, ValueError):
     """A LoRA cannot be used with this model; the message says why and what to do."""
 
 

@@ -28,9 +28,10 @@ import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
+from ..errors import InputError
 from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from .taps import Tap, _ffn_inner_chs, _TableBuilder
 from .text import encode_sd3_prompt
 
@@ -119,12 +120,12 @@ class SD3Backbone(DiTBackbone):
         """
         super().__init__()
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
         t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
         # StableDiffusion3Img2ImgPipeline.get_timesteps: the schedule is cut to its last steps
         self.t_start = int(max(num_inference_steps - min(num_inference_steps * t / 1000, num_inference_steps), 0))
         if self.t_start >= num_inference_steps:
-            raise ValueError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
+            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
                              '(strength t / 1000 times the steps must be above 0): raise the timestep.')
         self._init_noise(ensemble, noise_seed, latent, clean=False)
         self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
@@ -171,7 +172,7 @@ class SD3Backbone(DiTBackbone):
     def _check_size(self, size: torch.Size) -> None:
         super()._check_size(size)
         if max(size) > self.max_side:
-            raise ValueError(f'Image sides must be at most {self.max_side} px (the transformer\'s position table has '
+            raise InputError(f'Image sides must be at most {self.max_side} px (the transformer\'s position table has '
                              f'{self.transformer.config.pos_embed_max_size} patches a side), got {tuple(size)}. '
                              'Resize the images.')
 

@@ -32,6 +32,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from ..errors import DiffbackboneError
+
 __all__ = [
     'Tap', 'build_taps', 'resolve_taps', 'TapError', 'PRESETS', 'SDXL_PRESETS', 'IF_PRESETS', 'presets_for',
     'unet_stages',
@@ -84,7 +86,7 @@ def presets_for(unet: nn.Module) -> dict[str, tuple[str, ...]]:
     return SDXL_PRESETS if kind == 'text_time' else IF_PRESETS if kind == 'text' else PRESETS
 
 
-class TapError(ValueError):
+class TapError(DiffbackboneError, ValueError):
     """An unknown or unavailable tap was asked for."""
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
 from .data import DataError, ImageFolder, find_images, read_caption
 from .distill import BASES, CleanDistiller, TrainError, build_models
 from .heads import ProjectionHeads
@@ -82,7 +83,7 @@ def load_clean_model(path: str | Path, **kwargs):
     with safe_open(path, 'pt') as f:
         meta = f.metadata() or {}
     if 'diffbackbone.model' not in meta:
-        raise ValueError(f'{path} was not written by clean-train (no diffbackbone metadata).')
+        raise InputError(f'{path} was not written by clean-train (no diffbackbone metadata).')
     if meta['diffbackbone.model']:
         return timm.create_model(meta['diffbackbone.model'], pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from ..data.images import IMAGE_EXTENSIONS, open_image
+from ..errors import DiffbackboneError
 
 __all__ = [
     'IMAGE_EXTENSIONS',
@@ -32,7 +33,7 @@ __all__ = [
     'split_files',
 ]
 
-class DataError(ValueError):
+class DataError(DiffbackboneError, ValueError):
     """The training data cannot be used; the message says why and what to do."""
 
 

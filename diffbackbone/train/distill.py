@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from torch import nn
 
+from ..errors import DiffbackboneError
 from ..models.backbone import SCHEDULER_SD
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
@@ -45,7 +46,7 @@ BASES = {
 _ALIASES = {name: base for base, pair in BASES.items() for name in pair}
 
 
-class TrainError(RuntimeError):
+class TrainError(DiffbackboneError, RuntimeError):
     """Training cannot go on; the message says what was wrong and what to do."""
 
 

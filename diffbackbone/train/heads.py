@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = ['HEADS_METADATA_KEY', 'HEADS_PREFIX', 'FeedForward', 'MappingNet', 'ProjectionHeads']
 
 HEADS_PREFIX = 'heads.'  # key prefix of the heads in a clean-train output file
@@ -115,7 +117,7 @@ class ProjectionHeads(nn.Module):
         """
         super().__init__()
         if width % 2:
-            raise ValueError(f'width must be even (cos and sin halves), got {width}.')
+            raise InputError(f'width must be even (cos and sin halves), got {width}.')
         self.config = dict(channels=dict(channels), depth=depth, expansion=expansion, width=width,
                            mapping_hidden=mapping_hidden, mapping_depth=mapping_depth, t_max=t_max,
                            fourier_std=fourier_std)
@@ -132,7 +134,7 @@ class ProjectionHeads(nn.Module):
         if t.numel() == 1:
             t = t.expand(n)
         if t.shape[0] != n:
-            raise ValueError(f'Got {t.shape[0]} timesteps for a batch of {n}: give one per image or a single one.')
+            raise InputError(f'Got {t.shape[0]} timesteps for a batch of {n}: give one per image or a single one.')
         f = 2 * math.pi * (t[:, None] / self.t_max) @ self.fourier.float().T
         return self.mapping(self.time_in(torch.cat([f.cos(), f.sin()], dim=-1).to(self.time_in.weight.dtype)))
 
@@ -162,7 +164,7 @@ class ProjectionHeads(nn.Module):
         with safe_open(path, 'pt', device=map_location) as f:
             meta = f.metadata() or {}
             if HEADS_METADATA_KEY not in meta:
-                raise ValueError(f'{path} holds no projection heads (no {HEADS_METADATA_KEY!r} metadata): only files '
+                raise InputError(f'{path} holds no projection heads (no {HEADS_METADATA_KEY!r} metadata): only files '
                                  'written by `diffbackbone clean-train` have them.')
             config = json.loads(meta[HEADS_METADATA_KEY])
             state = {k[len(HEADS_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(HEADS_PREFIX)}
