@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    from .models.text import PromptTruncatedWarning
+    from .models.conditioning.text import PromptTruncatedWarning
 
     if issubclass(category, PromptTruncatedWarning):
         print('warning: ' + ' '.join(str(message).splitlines()), file=sys.stderr)

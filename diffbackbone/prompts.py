@@ -7,10 +7,10 @@ disk, and one prompt per image for any forward pass.
         feats = model(images)
 
 Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
-last hidden state; SDXL: see `models/sdxl.py`; PixArt: T5, see `models/pixart.py`) in float32, and stored under
+last hidden state; SDXL: see `models/conditioning/text.py`; PixArt: T5, see `models/pixart.py`) in float32, and stored under
 `hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
 their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
-The encoding and its cache live in `models/text.py` (models fill their prompt embedding from it while loading
+The encoding and its cache live in `models/conditioning/text.py` (models fill their prompt embedding from it while loading
 weights); this module is the user-facing layer above the models.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from . import hub
 from .errors import InputError, InputTypeError
-from .models.backbone import TapBackbone
-from .models.text import encode_cached
+from .models._base import TapBackbone
+from .models.conditioning.text import encode_cached
 
 __all__ = ['PromptBatch', 'encode_prompts', 'use_prompts', 'find_diffusion_model', 'empty_prompt_embeds']
 

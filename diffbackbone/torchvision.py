@@ -34,7 +34,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from .errors import InputError, InputTypeError
-from .models.backbone import TapBackbone
+from .models._base import TapBackbone
 
 __all__ = ['DiffusionFPN', 'SimpleFeaturePyramid', 'fpn_backbone']
 

@@ -131,7 +131,7 @@ def test_prompt_noise_and_taps_equal_diffusers_img2img(tiny_repo, hub_cache):
 
 def test_prompts_cached_pruned_features_and_per_image_prompts(tiny_repo, hub_cache, monkeypatch):
     from diffbackbone import prompts
-    from diffbackbone.models import text
+    from diffbackbone.models.conditioning import text
     from test_prompts import assert_per_image_prompts
 
     model = timm.create_model('test_deepfloyd_if', pretrained=True).eval()
@@ -160,7 +160,7 @@ def test_long_prompt_warns_naming_the_kept_part(tiny_repo, hub_cache):
     """IF's T5 keeps 77 tokens (`IFPipeline.encode_prompt`): a longer prompt warns, computed and from the cache."""
     import warnings
 
-    from diffbackbone.models.text import PromptTruncatedWarning
+    from diffbackbone.models.conditioning.text import PromptTruncatedWarning
 
     model = timm.create_model('test_deepfloyd_if', pretrained=True)
     long = ' '.join(['The quick brown fox jumps over the lazy dog.'] * 10)

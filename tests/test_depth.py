@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import depth
 from diffbackbone.cli import main
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 
 BINS = np.linspace(0.1, 10.0, 256)
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 import diffbackbone  # noqa: F401
 from diffbackbone import cli, prompts
 from diffbackbone.models import pixart as px
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 from test_flux import _tiny_flux_repo
 from test_newer_models import _tiny_t5_repo
 

@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone.models import diffusion_unet as du
-from diffbackbone.models.backbone import VAE_SD, VAE_TEST
+from diffbackbone.models._base import VAE_SD, VAE_TEST
 
 
 def _reference_models(model: du.DiffusionUNet, vae_cfg: dict):

@@ -197,7 +197,7 @@ def test_every_tap_has_the_promised_shape_and_the_forward_stops_early():
 
 def test_prompts_are_cached_and_per_image(tiny_repo, hub_cache, monkeypatch):
     from diffbackbone import prompts
-    from diffbackbone.models import text
+    from diffbackbone.models.conditioning import text
 
     folder, _, _ = tiny_repo
     model = timm.create_model('test_flux', pretrained=True, prompt='a dog').eval()

@@ -15,7 +15,7 @@ import diffbackbone  # noqa: F401
 from diffbackbone import cli
 from diffbackbone.models import diffusion_unet as du
 from diffbackbone.models.fused import FusedBackbone, co_pca_fuse
-from diffbackbone.models.taps import TapError
+from diffbackbone.models._taps import TapError
 from fakehub import publish_base_repo
 from test_pretrained import _tiny_vae
 

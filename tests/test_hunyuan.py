@@ -131,7 +131,7 @@ def test_text_noise_and_taps_equal_their_pipeline_call(tiny_repo, hub_cache):
 def test_long_prompts_warn_for_each_encoder_that_cuts_them(tiny_repo):
     import warnings
 
-    from diffbackbone.models.text import PromptTruncatedWarning, encode_hunyuan_prompt
+    from diffbackbone.models.conditioning.text import PromptTruncatedWarning, encode_hunyuan_prompt
 
     folder = str(tiny_repo[0])
     prompt = 'a photo of the cat the dog the room'  # 9 words + [CLS] and [SEP]
@@ -150,7 +150,7 @@ def test_long_prompts_warn_for_each_encoder_that_cuts_them(tiny_repo):
 
 
 def test_features_prompts_cached_and_errors(tiny_repo, hub_cache, monkeypatch):
-    from diffbackbone.models import text
+    from diffbackbone.models.conditioning import text
 
     model = timm.create_model('test_hunyuan_dit', pretrained=True)
     monkeypatch.setattr(text, '_t5_embeds', lambda *a, **k: pytest.fail('the mT5 encoder was loaded again'))

@@ -7,8 +7,8 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401  (registers the models)
-from diffbackbone.models import backbone, diffusion_unet as du
-from diffbackbone.models.inversion import inversion_timesteps
+from diffbackbone.models import _base as backbone, diffusion_unet as du
+from diffbackbone.models.conditioning.inversion import inversion_timesteps
 
 CASES = {'test_dift': (du._UNET_TEST, backbone.VAE_TEST), 'test_sdxl': (du._UNET_TEST_SDXL, du._VAE_TEST_SDXL)}
 

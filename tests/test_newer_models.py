@@ -5,7 +5,7 @@ import torch
 
 import diffbackbone  # noqa: F401
 from diffbackbone.models import diffusion_unet as du
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 from test_sdxl import _publish_sdxl_repo
 
 
@@ -123,7 +123,7 @@ def test_pixart_loads_through_the_hub_and_caches_the_t5_prompt(fake_hub, hub_cac
         want = encoder(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
     torch.testing.assert_close(model.prompt_embeds, want)
     assert model.prompt_mask.tolist() == inputs.attention_mask.float().tolist() and 0 < model.prompt_mask.sum() < 8
-    from diffbackbone.models import text
+    from diffbackbone.models.conditioning import text
 
     monkeypatch.setattr(text, '_t5_embeds', lambda *a: pytest.fail('the T5 encoder was loaded again'))
     again = timm.create_model('test_pixart', pretrained=True, prompt='a dog', features_only=True)

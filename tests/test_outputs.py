@@ -468,7 +468,7 @@ def test_taps_given_as_indices(tmp_path, capsys):
 
 def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
     import diffbackbone.correspondence as corr
-    from diffbackbone.models.text import PromptTruncatedWarning
+    from diffbackbone.models.conditioning.text import PromptTruncatedWarning
 
     def handler(args):
         warnings.warn("The prompt 'cat cat' has 102 tokens, more than the 77-token window of the CLIP text encoder: "

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import diffbackbone  # noqa: F401
 from diffbackbone.hub import HubError
 from diffbackbone.models import diffusion_unet as du
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 from fakehub import publish_base_repo
 
 TIMESTEP = 312.75

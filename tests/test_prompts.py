@@ -14,7 +14,7 @@ import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import prompts
 from diffbackbone.hub import HubError
 from diffbackbone.models import diffusion_unet as du
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 
 DOG, CAT = 'a photo of a dog', 'a photo of a cat'
 
@@ -121,11 +121,11 @@ def test_offline_uses_cached_prompts(fake_hub, hub_cache, tiny_base, run_python)
     result = run_python(f"""
 import sys, types, torch
 for name, path in (('diffbackbone', 'diffbackbone'), ('diffbackbone.models', 'diffbackbone/models')):
-    package = types.ModuleType(name)  # models/text.py and hub.py alone: no timm, diffusers or transformers import
+    package = types.ModuleType(name)  # models/conditioning/text.py and hub.py alone: no timm, diffusers or transformers import
     package.__path__ = [path]
     sys.modules[name] = package
 from diffbackbone import hub
-from diffbackbone.models import text
+from diffbackbone.models.conditioning import text
 assert torch.equal(text.encode_cached('org/tiny-sd', [{DOG!r}], sdxl=False)[{DOG!r}]['prompt_embeds'],
                    torch.load({str(hub_cache.ours / 'expected.pt')!r}))
 try:

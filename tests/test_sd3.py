@@ -141,7 +141,7 @@ def test_text_noise_and_taps_equal_diffusers_img2img(tiny_repo, hub_cache):
 
 def test_latents_prompts_cached_and_features(tiny_repo, hub_cache, monkeypatch):
     from diffbackbone import prompts
-    from diffbackbone.models import text
+    from diffbackbone.models.conditioning import text
     from test_prompts import assert_per_image_prompts
 
     _, _, vae = tiny_repo
@@ -169,7 +169,7 @@ def test_long_prompts_warn_for_each_encoder_that_cuts_them(tiny_repo, hub_cache)
     """CLIP-L and CLIP-G keep 77 tokens, T5 `max_tokens`: each that cuts the prompt says so, from the cache too."""
     import warnings
 
-    from diffbackbone.models.text import PromptTruncatedWarning, encode_sd3_prompt
+    from diffbackbone.models.conditioning.text import PromptTruncatedWarning, encode_sd3_prompt
 
     folder = str(tiny_repo[0])
     long = ' '.join(['cat'] * 50 + ['dog'] * 50)  # 102 CLIP tokens

@@ -14,7 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone.models import diffusion_unet as du
-from diffbackbone.models import sdxl as sdxl_mod
+from diffbackbone.models.conditioning import text as text_mod
 
 
 def test_sdxl_taps_equal_diffusers_sdxl_unet():
@@ -119,7 +119,7 @@ def test_sdxl_loads_from_an_sdxl_layout_repo(fake_hub, hub_cache, monkeypatch):
     torch.testing.assert_close(model.pooled_prompt_embeds, pooled)
     assert not torch.equal(pooled, torch.zeros_like(pooled))
     # the second time comes from the cache: no text encoder is loaded
-    monkeypatch.setattr(sdxl_mod, '_encode', lambda *a: pytest.fail('text encoders loaded again'))
+    monkeypatch.setattr(text_mod, '_encode_sdxl', lambda *a: pytest.fail('text encoders loaded again'))
     again = timm.create_model('sdxl', pretrained=True, **kwargs)
     torch.testing.assert_close(again.prompt_embeds, prompt)
     feats = timm.create_model('sdxl', pretrained=True, features_only=True, out_indices='gdf_practical',

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 import diffbackbone  # noqa: F401  (registers the models)
-from diffbackbone.models.taps import PRESETS, SDXL_PRESETS, TapError, list_taps
+from diffbackbone.models._taps import PRESETS, SDXL_PRESETS, TapError, list_taps
 
 MODELS = ('test_cleandift', 'test_sdxl')
 SIZE = (64, 128)

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffbackbone.hub import HubError
-from diffbackbone.models.backbone import VAE_TEST
+from diffbackbone.models._base import VAE_TEST
 from diffbackbone.models.diffusion_unet import _UNET_TEST
 from diffbackbone.train import (
     CleanDistiller,

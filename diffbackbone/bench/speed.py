@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import InputError
 from ..models.diffusion_unet import DiffusionUNet
 from ..models.fast import COMPILE_MODES, compile_model, optimize
-from ..models.taps import Tap
+from ..models._taps import Tap
 from .profiling import elapsed_ms, format_blocks, profile_blocks, stamp, top_operators
 
 __all__ = ['main', 'run', 'Reference', 'FeatureMismatch', 'check_same', 'TOLERANCE']

@@ -48,7 +48,7 @@ def select_taps(model, selectors: Optional[Sequence[str]]) -> list:
     Each selector is `all`, a preset, a tap name / alias / `feature_info` index, or a shell pattern over every tap name
     (`*cross-q`, `up-level1-*`). None: the model's `feature_info` taps.
     """
-    from ..models.taps import TapError
+    from ..models._taps import TapError
 
     every = sorted(model.all_taps, key=lambda t: t.seq)
     if not selectors:

@@ -13,8 +13,8 @@ def run_taps(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone taps`."""
     import timm
 
-    from ..models.attention_taps import MAP_HOOKS
-    from ..models.taps import list_taps
+    from ..models._attention import MAP_HOOKS
+    from ..models._taps import list_taps
 
     with torch.device('meta'):  # no weights, no download
         model = timm.create_model(args.model)
@@ -40,7 +40,7 @@ def run_taps(args: argparse.Namespace) -> int:
 
 def map_notes(model, taps) -> list[str]:
     """Lines saying, per kind of map tap, its shape, its reduction, and the unreduced map's shape and memory."""
-    from ..models.attention_taps import MAP_HOOKS, MAP_REDUCTIONS, map_shapes
+    from ..models._attention import MAP_HOOKS, MAP_REDUCTIONS, map_shapes
 
     size = model.pretrained_cfg.get('input_size', (3, 512, 512))[1:]
     full_kwarg = ('model kwarg attn_maps="full" keeps them unreduced' if hasattr(model, 'attn_maps')

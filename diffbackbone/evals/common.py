@@ -67,7 +67,7 @@ def lora_fingerprint(kwargs: dict[str, Any]) -> dict[str, Any]:
     spec = kwargs.get('lora')
     if not spec:
         return {}
-    from ..models.lora import lora_spec, resolve_lora
+    from ..models.conditioning.lora import lora_spec, resolve_lora
 
     spec, _ = lora_spec(spec, kwargs.get('lora_scale', 1.0))
     return {'lora': resolve_lora(spec)[1]}

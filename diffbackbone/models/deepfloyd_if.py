@@ -24,9 +24,9 @@ from diffusers import DDPMScheduler
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from .backbone import build_backbone, check_timestep
+from ._base import build_backbone, check_timestep
 from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
-from .text import encode_t5_prompt
+from .conditioning.text import encode_t5_prompt
 
 __all__ = ['DeepFloydIF', 'if_prompt']
 

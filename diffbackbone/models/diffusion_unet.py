@@ -25,8 +25,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
-from .attention_taps import ActivationRecorder
-from .backbone import (
+from ._attention import ActivationRecorder
+from ._base import (
     SCHEDULER_SD,
     VAE_SD,
     VAE_SDXL,
@@ -39,7 +39,7 @@ from .backbone import (
     per_latent,
     vae_keys,
 )
-from .control import (
+from .conditioning.control import (
     CONTROL_FILE,
     CONTROL_MODES,
     DEPTH_FILE,
@@ -51,9 +51,9 @@ from .control import (
     default_control_repo,
     depth_image,
 )
-from .inversion import NOISE_MODES, ddim_invert, inversion_timesteps
-from .lora import fuse_lora, lora_spec
-from .taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
+from .conditioning.inversion import NOISE_MODES, ddim_invert, inversion_timesteps
+from .conditioning.lora import fuse_lora, lora_spec
+from ._taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
 
 __all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
 
@@ -156,11 +156,11 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             noise: noisy models: 'ddpm' (seeded random noise at `timestep`) or 'ddim_inversion' (Meng et al.'s
                 deterministic DDIM inversion up to `timestep`, with the whole UNet kept; latent default 'mode').
             inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
-            lora: a LoRA fused into the UNet when the pretrained weights load (`models/lora.py`): a Hub repo
+            lora: a LoRA fused into the UNet when the pretrained weights load (`models/conditioning/lora.py`): a Hub repo
                 'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
             lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
             control: 'canny' | 'depth': a ControlNet conditions the UNet on the input's Canny edges or its DPT depth
-                map (`models/control.py`).
+                map (`models/conditioning/control.py`).
             control_repo: the ControlNet (diffusers layout) instead of Meng et al.'s default for the architecture.
             control_scale: the ControlNet's `conditioning_scale`.
             depth_repo: control='depth': the DPT depth estimator (transformers layout; default Intel/dpt-hybrid-midas).
@@ -366,7 +366,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                                return_dict=False)
 
     def _invert(self, z: torch.Tensor) -> torch.Tensor:
-        """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/inversion.py`)."""
+        """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/conditioning/inversion.py`)."""
         unet, n = self.unet, z.shape[0]
         ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
         cond = dict(encoder_hidden_states=per_latent(ctx.to(z.dtype), n))
@@ -523,7 +523,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             if hasattr(self, 'prompt_tensors'):  # its own text encoder (IF: T5)
                 state_dict.update(self.prompt_tensors(self.prompt))
             else:
-                from .text import encode_cached  # SDXL: both text encoders, and the pooled embedding
+                from .conditioning.text import encode_cached  # SDXL: both text encoders, and the pooled embedding
 
                 state_dict.update(encode_cached(self.base_repo, [self.prompt],
                                                 hasattr(self, 'pooled_prompt_embeds'))[self.prompt])

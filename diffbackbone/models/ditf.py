@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from .backbone import build_backbone, check_timestep
+from ._base import build_backbone, check_timestep
 from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
 from .flux import _cfg as _flux_cfg
-from .taps import Tap
+from ._taps import Tap
 
 __all__ = ['DiTFFlux', 'ditf_modulate', 'MASSIVE_CHANNELS_FLUX_DEV']
 

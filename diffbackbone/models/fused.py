@@ -32,7 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
-from .taps import TapError
+from ._taps import TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
            'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET']

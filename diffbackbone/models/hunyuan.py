@@ -29,11 +29,11 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from .attention_taps import ActivationRecorder
-from .backbone import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
-from .taps import Tap, _ffn_inner_chs, _TableBuilder
-from .text import encode_hunyuan_prompt
+from ._attention import ActivationRecorder
+from ._base import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
+from ._taps import Tap, _ffn_inner_chs, _TableBuilder
+from .conditioning.text import encode_hunyuan_prompt
 
 __all__ = ['HunyuanDiTBackbone', 'checkpoint_filter_fn', 'hunyuan_taps']
 

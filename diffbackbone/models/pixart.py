@@ -25,11 +25,11 @@ import torch.nn as nn
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
-from .attention_taps import ActivationRecorder
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
-from .backbone import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
-from .taps import Tap, _TableBuilder
-from .text import encode_t5_prompt
+from ._attention import ActivationRecorder
+from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
+from ._base import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._taps import Tap, _TableBuilder
+from .conditioning.text import encode_t5_prompt
 
 __all__ = ['PixArtBackbone', 'checkpoint_filter_fn']
 

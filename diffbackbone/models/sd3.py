@@ -29,11 +29,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from .attention_taps import ActivationRecorder
-from .backbone import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
-from .dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
-from .taps import Tap, _ffn_inner_chs, _TableBuilder
-from .text import encode_sd3_prompt
+from ._attention import ActivationRecorder
+from ._base import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
+from ._taps import Tap, _ffn_inner_chs, _TableBuilder
+from .conditioning.text import encode_sd3_prompt
 
 __all__ = ['SD3Backbone', 'checkpoint_filter_fn', 'sd3_taps']
 

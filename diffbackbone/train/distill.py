@@ -21,7 +21,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from torch import nn
 
 from ..errors import DiffbackboneError
-from ..models.backbone import SCHEDULER_SD
+from ..models._base import SCHEDULER_SD
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 

@@ -2,7 +2,7 @@
 loading weights, and by `diffbackbone.prompts`).
 
 Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
-last hidden state; SDXL: `sdxl.py`) in float32 and stored under
+last hidden state; SDXL: `load_text_encoders` below) in float32 and stored under
 `hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
 their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .. import hub
+from ... import hub
 
 __all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt', 'encode_hunyuan_prompt',
            'pixart_caption', 'truncation_note', 'warn_truncated', 'PromptTruncatedWarning']
@@ -104,15 +104,13 @@ class _TextEncoders:
         self.loaded = None
 
     def __call__(self, source: str, revision: Optional[str], prompts: Sequence[str], what: str) -> dict:
-        from . import sdxl as sdxl_text
-
         if self.loaded is None:
-            load = sdxl_text.load_text_encoders if self.sdxl else _load_clip
+            load = load_text_encoders if self.sdxl else _load_clip
             self.loaded = load(source, revision, what)
         if not self.sdxl:
             return _encode_clip(self.loaded, prompts)
         windows = [(tok, tok.model_max_length, f'the SDXL text encoder {i + 1}') for i, (tok, _) in enumerate(self.loaded)]
-        return {**sdxl_text._encode(self.loaded, prompts), **truncation_note(prompts, windows)}
+        return {**_encode_sdxl(self.loaded, prompts), **truncation_note(prompts, windows)}
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -327,3 +325,32 @@ def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max
 
     # 'hunyuan-v2': entries cached before they carried the truncation note are never read
     return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-v2-{key}', what, prompt, encode)
+
+
+# --- SDXL: both CLIP text encoders (diffusers StableDiffusionXLPipeline.encode_prompt) ---------------------------
+def load_text_encoders(source: str, revision: Optional[str], what: str) -> list[tuple[Any, nn.Module]]:
+    """(tokenizer, encoder) of `tokenizer`/`text_encoder` and `tokenizer_2`/`text_encoder_2` of an SDXL repo."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    loaded = []
+    for tok_dir, enc_dir, cls in (('tokenizer', 'text_encoder', CLIPTextModel),
+                                  ('tokenizer_2', 'text_encoder_2', CLIPTextModelWithProjection)):
+        with hub.hub_errors(what, repo=source, revision=revision):
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tok_dir, revision=revision)
+            encoder = cls.from_pretrained(source, subfolder=enc_dir, revision=revision, dtype=torch.float32)
+        loaded.append((tokenizer, encoder.eval()))
+    return loaded
+
+
+def _encode_sdxl(encoders: list[tuple[Any, nn.Module]], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`prompt_embeds` (N, 77, D1 + D2) and `pooled_prompt_embeds` (N, P) of `prompts`, float32."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in encoders:
+        ids = tokenizer(list(prompts), padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors='pt').input_ids
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2].float())
+        if hasattr(out, 'text_embeds'):
+            pooled = out.text_embeds.float()
+    return {'prompt_embeds': torch.cat(hidden, dim=-1), 'pooled_prompt_embeds': pooled}

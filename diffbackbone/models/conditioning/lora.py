@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import DiffbackboneError
+from ...errors import DiffbackboneError
 
 __all__ = ['LORA_FILE', 'LoraError', 'resolve_lora', 'fuse_lora', 'lora_spec']
 
@@ -43,7 +43,7 @@ def resolve_lora(spec: str) -> tuple[Path, str]:
     `spec`: a `.safetensors` file, or a Hub repo `org/name[@revision][:file.safetensors]` (default file
     `pytorch_lora_weights.safetensors`), or a local diffusers folder holding that file.
     """
-    from .. import hub
+    from ... import hub
 
     path = Path(spec).expanduser()
     if spec.endswith('.safetensors') and (path.is_file() or path.is_absolute() or spec.startswith('.')):

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from .taps import Tap
+from ._taps import Tap
 
 __all__ = ['ActivationRecorder', 'attention_map', 'attention_maps', 'MAP_HOOKS', 'MAP_REDUCTIONS', 'map_shapes']
 

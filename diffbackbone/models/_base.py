@@ -19,7 +19,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Enco
 from timm.models import build_model_with_cfg
 
 from ..errors import InputError, InputTypeError
-from .taps import Tap, TapError, resolve_taps
+from ._taps import Tap, TapError, resolve_taps
 
 __all__ = [
     'TapBackbone', 'NoisyLatents', 'VAEEncoder', 'build_backbone', 'checked_constructor', 'check_timestep',
@@ -159,7 +159,7 @@ class NoisyLatents:
             z = self.vae.scale((posterior.mean.unsqueeze(1) + posterior.std.unsqueeze(1) * eps).flatten(0, 1))
         if self.clean:
             return self._in_denoiser_dtype(z)
-        if getattr(self, 'noise', 'ddpm') == 'ddim_inversion':  # deterministic noising (models/inversion.py)
+        if getattr(self, 'noise', 'ddpm') == 'ddim_inversion':  # deterministic noising (models/conditioning/inversion.py)
             return self._invert(self._in_denoiser_dtype(z))
         if z.shape[0] == x.shape[0]:
             z = z.repeat_interleave(self.ensemble, dim=0)

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import DiffbackboneError
+from ...errors import DiffbackboneError
 
 __all__ = ['CONTROL_FILE', 'CONTROL_MODES', 'CANNY_REPOS', 'DEPTH_REPOS', 'DEPTH_REPO', 'DEPTH_FILE', 'ControlError',
            'default_control_repo', 'canny_image', 'depth_image', 'build_controlnet', 'build_depth_estimator',
@@ -74,7 +74,7 @@ def build_depth_estimator(repo: str):
 
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    from .. import hub
+    from ... import hub
 
     def refuse(why: str) -> ControlError:
         return ControlError(f'{repo!r} is not a DPT depth estimator in the transformers layout ({why}); give '
@@ -110,7 +110,7 @@ def build_controlnet(repo: str):
     """An empty diffusers `ControlNetModel` with the config of `repo` (weights come with the model's checkpoint)."""
     from diffusers import ControlNetModel
 
-    from .. import hub
+    from ... import hub
 
     path = hub.download(repo, 'config.json', what=f'ControlNet config of {repo!r}')
     return ControlNetModel.from_config(ControlNetModel.load_config(str(path)))

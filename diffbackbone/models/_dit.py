@@ -9,9 +9,9 @@ import torch
 from timm.layers import ClassifierHead
 
 from ..errors import InputError
-from .attention_taps import MAP_HOOKS
-from .backbone import NoisyLatents, TapBackbone, vae_keys
-from .taps import Tap
+from ._attention import MAP_HOOKS
+from ._base import NoisyLatents, TapBackbone, vae_keys
+from ._taps import Tap
 
 __all__ = ['DiTBackbone', 'filter_transformer_state_dict', 'dit_cfg']
 
