@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import hub
 from .errors import InputError, InputTypeError
-from .models._base import TapBackbone
+from .models._base import DiffusionBackbone
 from .models.conditioning.text import encode_cached
 
 __all__ = ['PromptBatch', 'encode_prompts', 'use_prompts', 'find_diffusion_model', 'empty_prompt_embeds']
@@ -55,11 +55,11 @@ class PromptBatch:
 
 
 def find_diffusion_model(module: nn.Module) -> nn.Module:
-    """The `DiffusionUNet` (or PixArt backbone) in `module`: itself, or inside a wrapper such as timm's
+    """The diffusion backbone (`models.DiffusionBackbone`) in `module`: itself, or inside a wrapper such as timm's
     `FeatureGetterNet` or `diffbackbone.mmseg.DiffusionBackbone`."""
     if isinstance(module, nn.Module):
         for sub in module.modules():  # the module itself first
-            if isinstance(sub, TapBackbone) and hasattr(sub, '_prompt_override'):
+            if isinstance(sub, DiffusionBackbone):
                 return sub
     raise InputTypeError(f'{type(module).__name__} holds no diffbackbone DiffusionUNet: give a model built with '
                     'timm.create_model("cleandift_sd21", ...) (or a wrapper of one).')
@@ -101,12 +101,10 @@ def encode_prompts(model_or_base_repo: Union[nn.Module, str], prompts: Union[str
         if not net.base_repo:
             raise hub.HubError('The model has no base_repo to take the text encoder from; build it with '
                                "base_repo='org/name' or a local diffusers folder.")
-        if hasattr(net, 'prompt_tensors'):  # transformers (PixArt: T5; FLUX: T5 + CLIP pooled), cached per prompt
-            enc = {p: net.prompt_tensors(p) for p in dict.fromkeys(prompts)}
-            given = {k: torch.cat([enc[p][k] for p in prompts]) for k in enc[prompts[0]]}
-            return PromptBatch(prompts, given['prompt_embeds'], given.get('pooled_prompt_embeds'),
-                               given.get('prompt_mask'))
-        source, sdxl = net.base_repo, hasattr(net, 'pooled_prompt_embeds')
+        enc = net.encode_prompts(prompts)
+        given = {k: torch.cat([enc[p][k] for p in prompts]) for k in enc[prompts[0]]}
+        return PromptBatch(prompts, given['prompt_embeds'], given.get('pooled_prompt_embeds'),
+                           given.get('prompt_mask'))
     tensors = encode_cached(source, list(dict.fromkeys(prompts)), sdxl)
     embeds = torch.cat([tensors[p]['prompt_embeds'] for p in prompts])
     pooled = torch.cat([tensors[p]['pooled_prompt_embeds'] for p in prompts]) if sdxl else None
@@ -131,7 +129,7 @@ def use_prompts(model: nn.Module, prompts: Union[str, Sequence[str], PromptBatch
     net = find_diffusion_model(model)
     batch = prompts if isinstance(prompts, PromptBatch) else encode_prompts(net, prompts)
     # the second conditioning tensor: SDXL's pooled embedding, PixArt's token mask, none for SD 1.x / 2.x
-    second = next((n for n in ('pooled_prompt_embeds', 'prompt_mask') if hasattr(net, n)), None)
+    second = next((n for n in ('pooled_prompt_embeds', 'prompt_mask') if getattr(net, n, None) is not None), None)
     ref = net.prompt_embeds
     given = getattr(batch, second) if second else None
     if batch.prompt_embeds.shape[1:] != ref.shape[1:] or (given is None) != (second is None):

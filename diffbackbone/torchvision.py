@@ -34,7 +34,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from .errors import InputError, InputTypeError
-from .models._base import TapBackbone
+from .models._base import DiffusionBackbone
 
 __all__ = ['DiffusionFPN', 'SimpleFeaturePyramid', 'fpn_backbone']
 
@@ -127,7 +127,7 @@ class DiffusionFPN(nn.Module):
         """
         super().__init__()
         model = body.model if hasattr(body, 'model') else body
-        if not isinstance(model, TapBackbone):
+        if not isinstance(model, DiffusionBackbone):
             raise InputTypeError(f'fpn_backbone needs a diffbackbone diffusion model, got {type(model).__name__}.')
         if neck not in NECKS:
             raise InputError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")

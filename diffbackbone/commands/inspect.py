@@ -5,7 +5,7 @@ hundreds of activations by looking at them first: their `feature_visualization.p
 one activation of one image, min-max scales each component to [0, 255] and enlarges the (h, w, 3) picture with nearest
 neighbours. This command does the same for many taps and images at once:
 
-* one forward of all images together runs up to the deepest requested tap (`TapBackbone.stream_taps`); each tap's map
+* one forward of all images together runs up to the deepest requested tap (`DiffusionBackbone.stream_taps`); each tap's map
   is reduced as it arrives (statistics on the full map, then area-averaged to at most `grid` x `grid` positions and
   turned into an RGB tile) and dropped, so memory holds one full map at a time beyond the pass itself;
 * the PCA of a tap is fitted jointly over the images (colours mean the same in every row), min-max scaled jointly;

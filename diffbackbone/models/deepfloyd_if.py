@@ -13,20 +13,23 @@ scheduler set to 1000 steps and cut by the strength t / 1000 (t = 50 keeps the l
 noised in pixel space at that timestep by `DDPMScheduler.add_noise`, ONE UNet call without guidance. The prompt (empty
 by default) goes through IF's text preprocessing (`clean_caption=False`: lower-cased and stripped) and T5 with its
 attention mask (77 tokens); the embedding is computed once from the base repo and cached on disk. The UNet itself gets
-no token mask, as in the pipeline. Taps by Meng et al.'s UNet names (`taps.py`), see `diffbackbone taps deepfloyd_if`.
+no token mask, as in the pipeline. Taps by Meng et al.'s UNet names (`_taps.py`), see `diffbackbone taps deepfloyd_if`.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from diffusers import DDPMScheduler
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from ._base import build_backbone, check_timestep
-from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
+from ._builder import build_diffusion_model
+from ._options import (
+    HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, UNetNoiseConfig, UNetSourceConfig,
+    check_timestep,
+)
 from .conditioning.text import encode_t5_prompt
+from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 
 __all__ = ['DeepFloydIF', 'if_prompt']
 
@@ -78,43 +81,31 @@ class DeepFloydIF(DiffusionUNet):
             self,
             unet_cfg: dict,
             scheduler_cfg: dict,
-            timestep: Optional[int] = None,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
-            head_tap: str = 'up-level1-upsampler-out',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
+            noise_cfg: NoiseConfig = NoiseConfig(),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(head_tap='up-level1-upsampler-out'),
+            input_cfg: InputConfig = InputConfig(),
     ):
         """
         Args:
-            unet_cfg: diffusers `UNet2DConditionModel` config (IF layout: `encoder_hid_dim`, 'text' addition embed).
-            scheduler_cfg: diffusers `DDPMScheduler` config of the base repo (its betas give the noise).
-            timestep: Meng et al.'s t (default 50): strength t / 1000 of 1000 steps; the UNet runs at the first step
-                kept (t - 1) and the image is noised to it.
-            ensemble: noise draws averaged per image (one batched pass).
-            noise_seed: seed of the noise.
-            base_repo: Hub repo or local diffusers folder with tokenizer/ and text_encoder/ (T5).
-            prompt: text the features are conditioned on (default: the empty prompt); lower-cased and stripped.
-            head_tap: tap whose map `forward_features` returns (default: the decoder at stride 2).
-            num_classes, global_pool, drop_rate: classifier head on the head tap's map.
-            in_chans: input image channels (the UNet's own).
-            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+            unet_cfg: diffusers `UNet2DConditionModel` config of the pixel-space UNet.
+            scheduler_cfg: diffusers `DDPMScheduler` config (its betas give the noise level).
+            noise_cfg: `timestep` is Meng et al.'s t (default 50): strength t / 1000 of 1000 steps; the UNet runs at
+                the first step kept (t - 1) and the image is noised to it. No latent: the image is diffused itself.
+            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
         """
-        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
-        if in_chans != unet_cfg['in_channels']:
-            raise InputError(f'in_chans={in_chans} does not fit the pixel-space UNet, which takes '
+        t = 50 if noise_cfg.timestep is None else int(check_timestep(noise_cfg.timestep, whole=True))
+        if noise_cfg.latent is not None:
+            raise InputError('DeepFloyd IF diffuses the image itself (no VAE): it takes no latent= option.')
+        if input_cfg.in_chans != unet_cfg['in_channels']:
+            raise InputError(f'in_chans={input_cfg.in_chans} does not fit the pixel-space UNet, which takes '
                              f'{unet_cfg["in_channels"]}-channel images: convert the images instead.')
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
-        super().__init__(unet_cfg, None, clean=False, timestep=if_timestep(t, scheduler_cfg), ensemble=ensemble,
-                         noise_seed=noise_seed, latent='mode', base_repo=base_repo, prompt=if_prompt(prompt or ''),
-                         head_tap=head_tap, num_classes=num_classes, global_pool=global_pool, in_chans=in_chans,
-                         drop_rate=drop_rate, check_inputs=check_inputs, scheduler_cfg=scheduler_cfg)
+        noise = UNetNoiseConfig(timestep=if_timestep(t, scheduler_cfg), ensemble=noise_cfg.ensemble,
+                                noise_seed=noise_cfg.noise_seed, latent='mode')
+        super().__init__(unet_cfg, None, clean=False, scheduler_cfg=scheduler_cfg, noise_cfg=noise,
+                         prompt_cfg=PromptConfig(if_prompt(prompt_cfg.text)), source_cfg=UNetSourceConfig(
+                             base_repo=source_cfg.base_repo), head_cfg=head_cfg, input_cfg=input_cfg)
         self.meng_timestep = t  # their t; `timestep` is the UNet's (t - 1 with the 1000-step schedule)
 
     @torch.jit.ignore
@@ -134,11 +125,8 @@ class DeepFloydIF(DiffusionUNet):
 
 
 def _create_if(variant: str, pretrained: bool = False, **kwargs) -> DeepFloydIF:
-    model = build_backbone(DeepFloydIF, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'scheduler_cfg'),
-                           **kwargs)
-    if not kwargs.get('features_only', False) and model.num_classes > 0:
-        model.prune_intermediate_layers([model.head_tap], prune_head=False)
-    return model
+    return build_diffusion_model(DeepFloydIF, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'scheduler_cfg'),
+                                 **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -13,49 +13,36 @@ encoder(s) and cached (`diffbackbone.prompts`); `prompts.use_prompts` gives one 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
-from timm.layers import ClassifierHead
 from timm.models import generate_default_cfgs, register_model
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import (
-    SCHEDULER_SD,
-    VAE_SD,
-    VAE_SDXL,
-    VAE_TEST,
-    NoisyLatents,
-    TapBackbone,
-    VAEEncoder,
-    build_backbone,
-    check_timestep,
-    per_latent,
-    vae_keys,
+from ._base import DiffusionBackbone, per_latent
+from ._builder import build_diffusion_model
+from ._options import (
+    ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
 )
+from ._taps import Tap, build_taps, point_name, presets_for, sort_key, unet_stages
+from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST
 from .conditioning.control import (
-    CONTROL_FILE,
-    CONTROL_MODES,
-    DEPTH_FILE,
-    DEPTH_REPO,
-    build_controlnet,
-    build_depth_estimator,
-    canny_image,
-    check_controlnet,
-    default_control_repo,
-    depth_image,
+    CONTROL_FILE, DEPTH_FILE, DEPTH_REPO, build_controlnet, build_depth_estimator, canny_image, check_controlnet,
+    default_control_repo, depth_image,
 )
-from .conditioning.inversion import NOISE_MODES, ddim_invert, inversion_timesteps
-from .conditioning.lora import fuse_lora, lora_spec
-from ._taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
+from .conditioning.inversion import ddim_invert, inversion_timesteps
+from .conditioning.lora import fuse_lora
+from .conditioning.text import encode_cached
 
 __all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+
+# Architecture configs the entry points set: left out of the list of arguments an unknown one is told.
+_INTERNAL = ('unet_cfg', 'vae_cfg', 'clean')
 
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
@@ -90,10 +77,10 @@ _UNET_TEST_SDXL = dict(
 _VAE_TEST_SDXL = dict(VAE_TEST, scaling_factor=0.13025, force_upcast=True)
 
 
-class DiffusionUNet(NoisyLatents, TapBackbone):
+class DiffusionUNet(DiffusionBackbone):
     """Stable Diffusion VAE encoder + UNet as a multiscale backbone (timm model contract).
 
-    Taps (see `taps.py`) are listed fine to coarse in `feature_info`; select them by index or name through
+    Taps (see `_taps.py`) are listed fine to coarse in `feature_info`; select them by index or name through
     `forward_intermediates(indices=...)` or timm's `out_indices`.
     """
 
@@ -102,133 +89,67 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             unet_cfg: dict,
             vae_cfg: Optional[dict],
             clean: bool = True,
-            timestep: Optional[float] = None,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            latent: Optional[str] = None,
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
-            timestep_source: Optional[str] = None,
-            head_tap: str = 'us6',
-            cond_size: tuple[int, int] = (1024, 1024),
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
             scheduler_cfg: Optional[dict] = None,
-            noise: str = 'ddpm',
-            inversion_steps: int = 100,
-            lora: Optional[str] = None,
-            lora_scale: float = 1.0,
-            control: Optional[str] = None,
-            control_repo: Optional[str] = None,
-            control_scale: float = 1.0,
-            depth_repo: Optional[str] = None,
+            cond_size: tuple[int, int] = (1024, 1024),
+            noise_cfg: UNetNoiseConfig = UNetNoiseConfig(),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: UNetSourceConfig = UNetSourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(head_tap='us6'),
+            input_cfg: InputConfig = InputConfig(),
+            lora_cfg: LoraConfig = LoraConfig(),
+            control_cfg: ControlConfig = ControlConfig(),
     ):
         """
         Args:
             unet_cfg: diffusers `UNet2DConditionModel` config.
             vae_cfg: `VAEEncoder` arguments; None for a pixel-space UNet (DeepFloyd IF), which sees the image itself.
-            clean: CleanDIFT-style (clean latent, one pass) rather than noisy DIFT-style.
-            timestep: clean: overrides the learned timestep (default: read from the weights);
-                noisy: diffusion timestep of the added noise (default 261).
-            ensemble: noisy models: noise draws averaged per image (run as one batch).
-            noise_seed: seed of the noise (and latent draws), so features are reproducible.
-            latent: 'mode' (posterior mode, deterministic) or 'sample' (seeded draw, as DIFT does);
-                default 'mode' for clean, 'sample' for noisy models.
-            base_repo: Hub repo ("org/name[@rev]") or local diffusers folder with vae/, text_encoder/, tokenizer/.
-            prompt: caption the UNet is conditioned on (None: the empty prompt). Its embedding is computed with
-                `base_repo`'s text encoder(s) when pretrained weights are loaded (cached on disk), unless the
-                checkpoint holds `prompt_embeds` already, which then wins.
-            timestep_source: "org/name[@rev]:file.safetensors" holding the learned `timestep` (clean models).
-            head_tap: tap whose map `forward_features` returns for classification.
-            cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
-            vae_file: the VAE weights in `base_repo`.
-            num_classes: classifier classes (0: no classifier).
-            global_pool: pooling of the classifier head.
-            in_chans: input image channels.
-            drop_rate: dropout before the classifier.
-            check_inputs: validate shapes and finiteness of inputs (one device sync per call).
+            clean: CleanDIFT-style (clean latent, one pass at the learned timestep, which `timestep` overrides)
+                rather than noisy DIFT-style (noise at `timestep`, default 261, `ensemble` draws averaged).
             scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
                 Stable Diffusion's).
-            noise: noisy models: 'ddpm' (seeded random noise at `timestep`) or 'ddim_inversion' (Meng et al.'s
-                deterministic DDIM inversion up to `timestep`, with the whole UNet kept; latent default 'mode').
-            inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
-            lora: a LoRA fused into the UNet when the pretrained weights load (`models/conditioning/lora.py`): a Hub repo
-                'org/name[@rev][:file.safetensors]' or a local .safetensors file; its identity is `lora_identity`.
-            lora_scale: weight of the LoRA (diffusers' `fuse_lora(lora_scale=...)`).
-            control: 'canny' | 'depth': a ControlNet conditions the UNet on the input's Canny edges or its DPT depth
-                map (`models/conditioning/control.py`).
-            control_repo: the ControlNet (diffusers layout) instead of Meng et al.'s default for the architecture.
-            control_scale: the ControlNet's `conditioning_scale`.
-            depth_repo: control='depth': the DPT depth estimator (transformers layout; default Intel/dpt-hybrid-midas).
+            cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
+            noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
+            lora_cfg: a LoRA fused into the UNet once the pretrained weights are in (`conditioning/lora.py`).
+            control_cfg: a ControlNet on the input's Canny edges or DPT depth (`conditioning/control.py`).
         """
-        super().__init__()
-        if noise not in NOISE_MODES:
-            raise InputError(f'noise must be one of {", ".join(NOISE_MODES)}, got {noise!r}.')
-        inverted = noise == 'ddim_inversion'
-        if inverted:
-            if clean:
-                raise InputError("noise='ddim_inversion' is for the noisy models (sd15, sd21, sdxl, ...); a clean "
-                                 'model takes no noise.')
-            steps = inversion_steps
-            if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 1000:
-                raise InputError(f'inversion_steps must be a whole number in [2, 1000], got {inversion_steps!r}.')
-            if ensemble != 1:
-                raise InputError(f'DDIM inversion is deterministic: ensemble must be 1 (got {ensemble}); there are no '
-                                 'noise draws to average.')
-        self.noise, self.inversion_steps = noise, inversion_steps
-        self.lora, self.lora_scale = lora_spec(lora, lora_scale)
-        self.lora_identity: Optional[str] = None  # set when the LoRA is fused (checkpoint_filter_fn)
-        if latent is None:
-            latent = 'mode' if clean or inverted else 'sample'
-        self._init_noise(ensemble, noise_seed, latent, clean)
-        if timestep is not None:
-            timestep = check_timestep(timestep, whole=not clean)
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f'prompt must be a string (or None for the empty prompt), got {type(prompt).__name__}.')
-        self.base_repo = base_repo
-        self.prompt = prompt or ''
-        self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # set by use_prompts
-        self.timestep_source = timestep_source
-        self.vae_file = vae_file
-        self.in_chans = in_chans
-        self.check_inputs = check_inputs
-        self.grad_checkpointing = False
+        super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg, clean=clean,
+                         latent='mode' if clean else 'sample')
+        noise_cfg = self.noise_cfg
+        inverted = noise_cfg.inverted
+        timestep = noise_cfg.timestep
+        self.noise, self.inversion_steps = noise_cfg.noise, noise_cfg.inversion_steps
+        self.lora, self.lora_scale = lora_cfg.lora, lora_cfg.lora_scale
+        self.lora_identity: Optional[str] = None  # set when the LoRA is fused (finish_loading)
+        self.timestep_source = source_cfg.timestep_source
 
-        self.vae = None if vae_cfg is None else VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.unet = UNet2DConditionModel(**unet_cfg)
-        if control is not None and control not in CONTROL_MODES:
-            raise InputError(f'control must be one of {", ".join(CONTROL_MODES)} (or None), got {control!r}.')
-        if control_repo is not None and control is None:
-            raise InputError("control_repo needs control='canny' or 'depth' (how the control image is made from the "
-                             'input).')
-        if depth_repo is not None and control != 'depth':
-            raise InputError(f"depth_repo needs control='depth' (got control={control!r}): it is the depth estimator "
-                             'that makes the depth ControlNet\'s control image.')
-        self.control, self.control_scale = control, float(control_scale)
-        self.control_repo = (control_repo or default_control_repo(control, self.unet.config)) if control else None
+        control = control_cfg.control
+        self.control, self.control_scale = control, control_cfg.control_scale
+        self.control_repo = (control_cfg.control_repo or default_control_repo(control, self.unet.config)) \
+            if control else None
         self.controlnet = build_controlnet(self.control_repo) if control else None
         if self.controlnet is not None:
             check_controlnet(self.controlnet, self.unet, self.control_repo)
-        self.depth_repo = (depth_repo or DEPTH_REPO) if control == 'depth' else None
+        self.depth_repo = (control_cfg.depth_repo or DEPTH_REPO) if control == 'depth' else None
         self.depth_estimator, self._depth_processor = (
             build_depth_estimator(self.depth_repo) if self.depth_repo else (None, None))
+        self._control_image: Optional[torch.Tensor] = None  # the control image of the pass under way
         # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
         if not inverted:
             self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
         # a UNet with `encoder_hid_proj` (IF: T5's 4096 -> cross_attention_dim) takes the text encoder's width
         ctx_dim = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
         self.register_buffer('prompt_embeds', torch.zeros(1, 77, ctx_dim), persistent=True)
-        if self.unet.config.addition_embed_type == 'text_time':  # SDXL: pooled text embedding and size/crop ids
+        self.sdxl = self.unet.config.addition_embed_type == 'text_time'
+        if self.sdxl:  # pooled text embedding and size/crop ids
             cfg = self.unet.config
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
             self.register_buffer('pooled_prompt_embeds', torch.zeros(1, pooled), persistent=True)
             h, w = cond_size
             self.register_buffer('add_time_ids', torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
                                  persistent=False)
+        else:
+            self.pooled_prompt_embeds = None
         if clean:
             self.timestep = nn.Parameter(torch.tensor(float(261.0 if timestep is None else timestep)))
             self.timestep_fixed = timestep is not None  # user's value wins over the checkpoint's
@@ -241,20 +162,16 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
 
         # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
         # name are appended to it (sorted by stride) when the model is pruned for them.
-        self.all_taps: list[Tap] = build_taps(self.unet, latent_reduction=self.vae.reduction if self.vae else 1,
-                                              tokens=self.prompt_embeds.shape[1])
-        self.taps: list[Tap] = [t for t in self.all_taps if t.base]
-        self.presets = presets_for(self.unet)
-        self.feature_info = [t.info() for t in self.taps]
-        self._deepest = None  # deepest stage still computable after pruning (None: all)
-        head = self._resolve([head_tap])[0]
-        if head not in self.taps:
-            raise TapError(f'head_tap must be one of the default taps {self.tap_names()}, got {head_tap!r}.')
-        self.head_tap = self.taps.index(head)
-        self.num_features = self.head_hidden_size = head.num_chs
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        all_taps = build_taps(self.unet, latent_reduction=self.vae.reduction if self.vae else 1,
+                              tokens=self.prompt_embeds.shape[1])
+        self._init_taps(all_taps, [t for t in all_taps if t.base], presets_for(self.unet), head_cfg, 'us6')
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    def noise_level(self, z: torch.Tensor) -> tuple[float, float]:
+        return self.noise_scales
 
     def _apply(self, fn: Callable, recurse: bool = True):
         # Keep a clean model's learned timestep in float32 when the model is cast: bf16 would round 261.3 to 262.
@@ -282,18 +199,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         Selected taps that are not in `feature_info` yet are added to it (sorted by stride, as timm requires).
         """
         take = self._resolve(indices)
-        head = self.taps[self.head_tap]
-        extra = [t for t in take if t not in self.taps]
-        if extra:
-            self.__dict__.pop('_resolved', None)  # indices now point into the extended list
-            self.taps = sorted(self.taps + extra, key=sort_key)
-            self.feature_info = [t.info() for t in self.taps]
-            self.head_tap = self.taps.index(head)
-        deepest = max(t.order for t in (take if prune_head else take + [head]))
+        self._add_to_feature_info(take, sort_key)
+        deepest = self._deepest_wanted(take, prune_head)
         if self.noise == 'ddim_inversion':  # the inversion runs the whole UNet: no block can go
-            if prune_head:
-                self.reset_classifier(0, '')
-            return [self.taps.index(t) for t in take]
+            return self._pruned(take, None, prune_head)
         kept = [st for n, st in enumerate(unet_stages(self.unet)) if n <= deepest]
         unet = self.unet
         for path in ('down', 'up'):
@@ -316,10 +225,7 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         elif mid_layers < len(unet.mid_block.resnets):
             unet.mid_block.resnets = unet.mid_block.resnets[:mid_layers]
             unet.mid_block.attentions = unet.mid_block.attentions[:mid_layers - 1]
-        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
-        if prune_head:
-            self.reset_classifier(0, '')
-        return [self.taps.index(t) for t in take]
+        return self._pruned(take, deepest, prune_head)
 
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_size(self, size: torch.Size) -> None:
@@ -342,22 +248,22 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             return super()._extract(x, wanted)
         image = (canny_image(x) if self.depth_estimator is None
                  else depth_image(x, self.depth_estimator, self._depth_processor))
-        self.__dict__['_control_image'] = image  # read by _control_residuals during this pass
+        self._control_image = image  # read by _control_residuals during this pass
         try:
             return super()._extract(x, wanted)
         finally:
-            self.__dict__.pop('_control_image', None)
+            self._control_image = None
 
     def _control_residuals(self, z: torch.Tensor, timestep: Optional[torch.Tensor], ctx: torch.Tensor):
         """The ControlNet's (down residuals, mid residual) for latents `z`, or None without a control image."""
-        image = self.__dict__.get('_control_image')
+        image = self._control_image
         if image is None or self.controlnet is None:
             return None
         n = z.shape[0]
         image = image.repeat_interleave(n // image.shape[0], dim=0).to(z.dtype)  # an image's ensemble latents
         t = (self.timestep if timestep is None else timestep).expand(n)
         added = None
-        if self.unet.config.addition_embed_type == 'text_time':
+        if self.sdxl:
             _, pooled = self._prompt_override or (None, self.pooled_prompt_embeds)
             added = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
                          time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
@@ -365,12 +271,17 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                                conditioning_scale=self.control_scale, guess_mode=False, added_cond_kwargs=added,
                                return_dict=False)
 
+    def add_noise(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.noise == 'ddim_inversion':  # deterministic noising (conditioning/inversion.py)
+            return self._invert(self._in_denoiser_dtype(z))
+        return super().add_noise(z, x)
+
     def _invert(self, z: torch.Tensor) -> torch.Tensor:
         """Clean latents walked up the DDIM schedule to `timestep` by the whole UNet (`models/conditioning/inversion.py`)."""
         unet, n = self.unet, z.shape[0]
-        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
         cond = dict(encoder_hidden_states=per_latent(ctx.to(z.dtype), n))
-        if unet.config.addition_embed_type == 'text_time':
+        if self.sdxl:
             cond['added_cond_kwargs'] = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
                                              time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
         with torch.device('cpu'):
@@ -392,11 +303,6 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
             if name is not None:
                 self._emit(feats, name, h)
         return feats
-
-    def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        return fn(*args, **kwargs)
 
     def _layer(self, block: nn.Module, j: int, h: torch.Tensor, emb: torch.Tensor,
                ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,10 +327,10 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
         n = z.shape[0]
         t = (self.timestep if timestep is None else timestep).expand(n)
         emb = unet.time_embedding(unet.time_proj(t).to(dtype=z.dtype))
-        ctx, pooled = self._prompt_override or (self.prompt_embeds, getattr(self, 'pooled_prompt_embeds', None))
+        ctx, pooled = self._prompt_override or (self.prompt_embeds, self.pooled_prompt_embeds)
         ctx = per_latent(ctx.to(dtype=z.dtype), n)
         cond = {}
-        if unet.config.addition_embed_type == 'text_time':
+        if self.sdxl:
             cond = dict(text_embeds=per_latent(pooled.to(z.dtype), n),
                         time_ids=self.add_time_ids.to(z.dtype).expand(n, -1))
         aug = unet.get_aug_embed(emb, ctx, cond)  # SDXL: pooled text + sizes; IF ('text'): pooled T5 tokens
@@ -498,56 +404,51 @@ class DiffusionUNet(NoisyLatents, TapBackbone):
                     return
 
     # --- weights --------------------------------------------------------------------------------------------------
-    def fill_missing_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add what a UNet-only checkpoint lacks: VAE encoder and empty-prompt embedding from `base_repo`, and the
-        learned timestep of clean models from `timestep_source`."""
+    def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
+        """`prompt_embeds` (and SDXL's `pooled_prompt_embeds`) of `prompt` from `base_repo`'s CLIP text encoder(s);
+        IF overrides it with T5."""
+        return self.encode_prompts([prompt])[prompt]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """`prompt_tensors` of each distinct prompt, the text encoders loaded once (cached on disk per prompt)."""
+        return encode_cached(self.base_repo, list(dict.fromkeys(prompts)), self.sdxl)
+
+    def complete_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Besides the VAE and the prompt: the ControlNet and depth estimator from their repos, and the learned
+        timestep of a clean model from `timestep_source` (a `timestep` given by the user wins)."""
         from .. import hub  # deferred: only weight loading needs the Hub client
 
-        if self.vae is not None and not any(k.startswith('vae.') for k in state_dict):
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
-            vae_sd = hub.load_safetensors(
-                hub.download(self.base_repo, self.vae_file, what='VAE'), what='VAE')
-            state_dict.update(vae_keys(vae_sd))
+        parts = super().complete_weights(state_dict)
         if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
-            path = hub.download(self.control_repo, CONTROL_FILE, what=f'ControlNet {self.control_repo!r}')
-            sd = hub.load_safetensors(path, what=f'ControlNet {self.control_repo!r}')
-            state_dict.update({'controlnet.' + k: v for k, v in sd.items()})
+            what = f'ControlNet {self.control_repo!r}'
+            sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what)
+            parts.update({'controlnet.' + k: v for k, v in sd.items()})
         if self.depth_estimator is not None and not any(k.startswith('depth_estimator.') for k in state_dict):
             what = f'depth estimator {self.depth_repo!r}'
             sd = hub.load_safetensors(hub.download(self.depth_repo, DEPTH_FILE, what=what), what=what)
-            state_dict.update({'depth_estimator.' + k: v for k, v in sd.items()})
-        if 'prompt_embeds' not in state_dict:
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            if hasattr(self, 'prompt_tensors'):  # its own text encoder (IF: T5)
-                state_dict.update(self.prompt_tensors(self.prompt))
-            else:
-                from .conditioning.text import encode_cached  # SDXL: both text encoders, and the pooled embedding
+            parts.update({'depth_estimator.' + k: v for k, v in sd.items()})
+        if self.clean and self.timestep_fixed:
+            parts['timestep'] = self.timestep.detach().clone()
+        elif self.clean and 'timestep' not in state_dict:
+            if not self.timestep_source:
+                raise hub.HubError('The checkpoint has no learned timestep and no timestep_source is set; pass '
+                                   'timestep=... to create_model.')
+            repo, filename = self.timestep_source.rsplit(':', 1)
+            parts['timestep'] = hub.read_tensor(repo, filename, 'timestep').float().reshape(())
+        return parts
 
-                state_dict.update(encode_cached(self.base_repo, [self.prompt],
-                                                hasattr(self, 'pooled_prompt_embeds'))[self.prompt])
-        if self.clean:
-            if self.timestep_fixed:
-                state_dict['timestep'] = self.timestep.detach().clone()
-            elif 'timestep' not in state_dict:
-                if not self.timestep_source:
-                    raise hub.HubError(
-                        'The checkpoint has no learned timestep and no timestep_source is set; pass timestep=... '
-                        'to create_model.')
-                repo, filename = self.timestep_source.rsplit(':', 1)
-                state_dict['timestep'] = hub.read_tensor(repo, filename, 'timestep').float().reshape(())
-        else:
-            state_dict.pop('timestep', None)
-        return state_dict
+    def finish_loading(self) -> None:
+        """Fuse the LoRA into the loaded UNet (diffusers' loaders), before `features_only` prunes it."""
+        if self.lora:
+            self.lora_identity = fuse_lora(self.unet, self.lora, self.lora_scale, sdxl=self.sdxl)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUNet) -> dict[str, torch.Tensor]:
-    """Map a checkpoint onto the model's keys, filling what it lacks from the Hub.
+    """Map a checkpoint onto the model's keys (offline; the model is not changed).
 
     Accepts: our own state dicts; diffusers `UNet2DConditionModel` state dicts (CleanDIFT's `*_unet.safetensors`, the
     base repos' `unet/`); CleanDIFT's `*_full.safetensors` training module; our `clean-train` output (UNet keys under
-    `unet.`, `timestep`, projection heads under `heads.`).
+    `unet.`, `timestep`, projection heads under `heads.`). A noisy model's timestep is its own, not the checkpoint's.
     """
     if 'unet_feature_extractor_cleandift.conv_in.weight' in state_dict:  # CleanDIFT training module
         prefix = 'unet_feature_extractor_cleandift.'
@@ -559,31 +460,14 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
     for k, v in state_dict.items():
         if k.startswith(('heads.', 'head_')):
             continue  # clean-train projection heads: used only to map onto noisy features
+        if k == 'timestep' and not model.clean:
+            continue
         ours = k.startswith(('unet.', 'vae.', 'head.', 'controlnet.', 'depth_estimator.'))
         if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
         if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
             continue  # output head, not built (kept only for DDIM inversion)
         out[k] = v
-    out = model.fill_missing_weights(out)
-    # timm loads non-strictly when the classifier changes size; keep every other key strict here.
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
-    got = {k for k in out if not k.startswith('head.')}
-    missing, unexpected = sorted(own.keys() - got), sorted(got - own.keys())
-    resized = [f'{k} {tuple(out[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items()
-               if k in out and out[k].shape != v.shape]
-    if missing or unexpected or resized:
-        from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
-
-        raise HubError(
-            f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
-            f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
-            'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
-    if model.lora:  # fused into the UNet by diffusers' loaders, before timm loads (and features_only prunes) it
-        model.unet.load_state_dict({k[5:]: v for k, v in out.items() if k.startswith('unet.')}, strict=True)
-        sdxl = model.unet.config.addition_embed_type == 'text_time'
-        model.lora_identity = fuse_lora(model.unet, model.lora, model.lora_scale, sdxl=sdxl)
-        out.update({'unet.' + k: v for k, v in model.unet.state_dict().items()})
     return out
 
 
@@ -596,12 +480,7 @@ def _create_diffusion_unet(variant: str, pretrained: bool = False, **kwargs) -> 
     if kwargs.get('lora') and not pretrained:
         raise InputError('lora= is fused into the pretrained weights: pass pretrained=True (a LoRA on random weights '
                          'means nothing).')
-    model = build_backbone(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, ('unet_cfg', 'vae_cfg', 'clean'),
-                           **kwargs)
-    if not kwargs.get('features_only', False) and model.num_classes > 0:
-        # A classifier uses the UNet only up to its head tap; drop the rest so every parameter gets a gradient.
-        model.prune_intermediate_layers([model.head_tap], prune_head=False)
-    return model
+    return build_diffusion_model(DiffusionUNet, variant, pretrained, checkpoint_filter_fn, _INTERNAL, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -18,14 +18,15 @@ the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24)
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
-from ._base import build_backbone, check_timestep
+from ._builder import build_diffusion_model
+from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
 from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
 from .flux import _cfg as _flux_cfg
 from ._taps import Tap
@@ -57,37 +58,29 @@ class DiTFFlux(FluxBackbone):
             transformer_cfg: dict,
             vae_cfg: dict,
             scheduler_cfg: dict,
-            timestep: Optional[int] = 260,
+            noise_cfg: NoiseConfig = NoiseConfig(timestep=260, ensemble=8),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(),
+            input_cfg: InputConfig = InputConfig(),
             guidance: float = 3.5,
-            ensemble: int = 8,
             massive_channels: Sequence[int] = MASSIVE_CHANNELS_FLUX_DEV,
-            noise_seed: int = 0,
-            latent: str = 'sample',
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
             max_tokens: int = 512,
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
     ):
         """
         Args:
-            timestep: t; the latent is noised to sigma = t / 1000 (theirs: 260 for SPair, 90 for DAVIS).
+            noise_cfg: `timestep` t: the latent is noised to sigma = t / 1000 (theirs: 260 for SPair, 90 for DAVIS);
+                `ensemble`: noise draws whose block inputs are averaged before the modulation (theirs: 8).
             guidance: guidance scale the dev model is told (theirs: 3.5).
-            ensemble: noise draws whose block inputs are averaged before the modulation (theirs: 8).
             massive_channels: channels set to 0 before the layer norm (their "channel discard"; () to keep them).
             Other arguments: as `FluxBackbone` (one pass: no `num_inference_steps`).
         """
-        t = int(check_timestep(260 if timestep is None else timestep, whole=True))
+        t = int(check_timestep(260 if noise_cfg.timestep is None else noise_cfg.timestep, whole=True))
         if t == 0:
             raise InputError('DiTF adds noise at sigma = t / 1000: timestep must be at least 1.')
-        super().__init__(transformer_cfg, vae_cfg, scheduler_cfg, timestep=t, guidance=guidance, ensemble=ensemble,
-                         noise_seed=noise_seed, latent=latent, base_repo=base_repo, prompt=prompt,
-                         max_tokens=max_tokens, vae_file=vae_file, num_classes=num_classes, global_pool=global_pool,
-                         in_chans=in_chans, drop_rate=drop_rate, check_inputs=check_inputs)
+        noise = Img2ImgNoiseConfig(**{**dataclasses.asdict(noise_cfg), 'timestep': t, 'num_inference_steps': 28})
+        super().__init__(transformer_cfg, vae_cfg, scheduler_cfg, noise, prompt_cfg, source_cfg, head_cfg, input_cfg,
+                         guidance=guidance, max_tokens=max_tokens)
         self.ditf_timestep = t
         width = self.transformer.inner_dim
         bad = [c for c in massive_channels if not 0 <= int(c) < width]
@@ -120,9 +113,13 @@ class DiTFFlux(FluxBackbone):
         mods = [t for t in wanted if t.name in self._mod_source]
         if not mods:
             return super()._extract(x, wanted)
-        sink = self.__dict__.pop('_tap_sink', None)  # stream_taps: the modulated maps need their sources, so no
+        sink, self._tap_sink = self._tap_sink, None  # stream_taps: the modulated maps need their sources, so no
         if sink is not None:                          # streaming here; each map is handed on at the end
-            for name, m in self._extract(x, wanted).items():
+            try:
+                maps = self._extract(x, wanted)
+            finally:
+                self._tap_sink = sink
+            for name, m in maps.items():
                 sink(name, m)
             return {}
         sources = [self._mod_source[t.name] for t in mods]
@@ -159,7 +156,7 @@ class DiTFFlux(FluxBackbone):
 
 def _create_ditf(variant: str, pretrained: bool = False, **kwargs) -> DiTFFlux:
     kwargs.setdefault('out_indices', 'ditf')
-    return build_backbone(DiTFFlux, variant, pretrained, checkpoint_filter_fn,
+    return build_diffusion_model(DiTFFlux, variant, pretrained, checkpoint_filter_fn,
                           ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
 
 

@@ -27,7 +27,7 @@ time. Every map has stride 16.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -37,7 +37,10 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._base import per_latent
+from ._builder import build_diffusion_model
+from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig, SourceConfig, finite_number
+from ._vae import VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
 from .conditioning.text import encode_flux_prompt
@@ -94,78 +97,50 @@ class FluxBackbone(DiTBackbone):
             transformer_cfg: dict,
             vae_cfg: dict,
             scheduler_cfg: dict,
-            timestep: Optional[int] = None,
-            num_inference_steps: int = 28,
+            noise_cfg: Img2ImgNoiseConfig = Img2ImgNoiseConfig(num_inference_steps=28),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(),
+            input_cfg: InputConfig = InputConfig(),
             shift_size: Union[int, str] = 1024,
             guidance: float = 1.0,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            latent: str = 'sample',
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
             max_tokens: int = 512,
             attn_maps: str = 'reduced',
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
     ):
         """
         Args:
             transformer_cfg: diffusers `FluxTransformer2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
-            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50); the one transformer
-                call runs at the first timestep of the schedule that strength cuts.
-            num_inference_steps: steps of the full schedule before the strength truncates it (the pipeline's 28).
+            noise_cfg: `timestep` is Meng et al.'s t: the image-to-image strength is t / 1000 (default 50) of
+                `num_inference_steps` (the pipeline's 28); the one transformer call runs at the first step kept.
+            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
             shift_size: dev's schedule is shifted as for a `shift_size` x `shift_size` image (Meng et al.'s 1024: the
                 noise level does not depend on the input size); 'input': as for the input's own size.
             guidance: guidance scale a guidance-distilled model (dev) is told (Meng et al.: 1).
-            ensemble: noise draws averaged per image (one batched pass).
-            noise_seed: seed of the latent draw and the noise.
-            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
-            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2)/, text_encoder(_2)/.
-            prompt: text the features are conditioned on (default: the empty prompt).
             max_tokens: T5 sequence length (the pipeline's 512).
-            attn_maps: 'reduced' (map taps as `attention_taps.MAP_REDUCTIONS` says) or 'full' (unreduced
+            attn_maps: 'reduced' (map taps as `_attention.MAP_REDUCTIONS` says) or 'full' (unreduced
                 probabilities, (B, heads, N, N) / (B, heads, N, tokens): 1.5 GiB / 192 MiB per image and map at
                 1024 px in float32).
-            vae_file: the VAE weights in `base_repo`.
-            num_classes, global_pool, drop_rate: classifier head on the last block's map.
-            in_chans: input image channels.
-            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
-        super().__init__()
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
+        super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
         bad_size = isinstance(shift_size, bool) or not isinstance(shift_size, int) or shift_size < 16
         if shift_size != 'input' and bad_size:
             raise InputError(f"shift_size must be a whole number of pixels >= 16 (1024: Meng et al.'s noise level) or "
                              f"'input' (shift by the input's size), got {shift_size!r}.")
-        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
-        strength = t / 1000
-        # FluxImg2ImgPipeline.get_timesteps: the schedule is cut to its steps from t_start on; the call runs at t_start
-        self.t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
-        if self.t_start >= num_inference_steps:
-            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
-                             '(strength t / 1000 times the steps must be above 0): raise the timestep.')
+        _, self.t_start = self.noise_cfg.start()
         self.shift_size = shift_size
-        self._init_noise(ensemble, noise_seed, latent, clean=False)
-        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
-        self.num_inference_steps, self.guidance, self.scheduler_cfg = num_inference_steps, float(guidance), scheduler_cfg
-        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
-        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
+        self.num_inference_steps, self.scheduler_cfg = self.noise_cfg.num_inference_steps, scheduler_cfg
+        self.guidance = finite_number('guidance', guidance)
+        self._schedules: dict = {}
 
-        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
         self.transformer = FluxTransformer2DModel(**transformer_cfg)
         tr = self.transformer
         self.reduction = self.vae.reduction * 2  # 2x2 latent patches packed into tokens
         self.register_buffer('prompt_embeds', torch.zeros(1, max_tokens, tr.config.joint_attention_dim))
         self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
 
-        self._init_block_taps(flux_taps(tr, self.reduction, max_tokens), num_classes, global_pool, drop_rate, attn_maps)
+        self._init_block_taps(flux_taps(tr, self.reduction, max_tokens), head_cfg, attn_maps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -177,17 +152,13 @@ class FluxBackbone(DiTBackbone):
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the blocks after the deepest selected tap and the output head (the one call never reaches them);
         return the selection as `feature_info` indices."""
-        take = self._resolve(indices)
-        self._take_into_feature_info(take)
-        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
-        tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
-        tr.single_transformer_blocks = nn.ModuleList(list(tr.single_transformer_blocks)[:max(deepest + 1 - n_double, 0)])
-        tr.transformer_blocks = nn.ModuleList(list(tr.transformer_blocks)[:deepest + 1])
-        tr.norm_out = tr.proj_out = None  # back to velocity space: no tap needs it
-        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
-        if prune_head:
-            self.reset_classifier(0, '')
-        return [self.taps.index(t) for t in take]
+        def keep(deepest: int) -> None:
+            tr, n_double = self.transformer, len(self.transformer.transformer_blocks)
+            tr.single_transformer_blocks = nn.ModuleList(
+                list(tr.single_transformer_blocks)[:max(deepest + 1 - n_double, 0)])
+            tr.transformer_blocks = nn.ModuleList(list(tr.transformer_blocks)[:deepest + 1])
+            tr.norm_out = tr.proj_out = None  # back to velocity space: no tap needs it
+        return self._prune_blocks(indices, prune_head, keep)
 
     # --- the truncated image-to-image schedule ---------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +169,7 @@ class FluxBackbone(DiTBackbone):
 
         if self.shift_size != 'input':  # the pipeline's token count of its resized image
             height = width = self.shift_size // self.vae.reduction
-        cache = self.__dict__.setdefault('_schedules', {})
+        cache = self._schedules
         if (height, width) not in cache:
             cfg = self.scheduler_cfg
             scheduler = FlowMatchEulerDiscreteScheduler(**cfg)
@@ -210,7 +181,7 @@ class FluxBackbone(DiTBackbone):
             cache[height, width] = (scheduler.timesteps[self.t_start:].clone(), scheduler.sigmas[self.t_start:].clone())
         return cache[height, width]
 
-    def _noise_scales(self, z: torch.Tensor) -> tuple[float, float]:
+    def noise_level(self, z: torch.Tensor) -> tuple[float, float]:
         sigma = self.schedule(*z.shape[-2:])[1][0].item()  # FlowMatchEulerDiscreteScheduler.scale_noise
         return 1.0 - sigma, sigma
 
@@ -257,14 +228,8 @@ class FluxBackbone(DiTBackbone):
         with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', grid)
             for k, block in enumerate([*tr.transformer_blocks, *tr.single_transformer_blocks]):
-                args = (h, ctx, temb, rope)
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    ctx, h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-                else:
-                    ctx, h = block(*args)
-                for loc, m in rec.drain():
-                    if loc in by_loc:
-                        self._emit(feats, by_loc[loc], m)
+                ctx, h = self._run(block, h, ctx, temb, rope)
+                self._record(feats, by_loc, rec.drain())
                 if k >= deepest:
                     break
         return feats
@@ -277,12 +242,12 @@ class FluxBackbone(DiTBackbone):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FluxBackbone) -> dict[str, torch.Tensor]:
-    """Map a diffusers `FluxTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'pooled_prompt_embeds'))
+    """Map a diffusers `FluxTransformer2DModel` state dict (or our own) onto the model's keys."""
+    return filter_transformer_state_dict(state_dict, ('prompt_embeds', 'pooled_prompt_embeds'))
 
 
 def _create_flux(variant: str, pretrained: bool = False, **kwargs) -> FluxBackbone:
-    return build_backbone(FluxBackbone, variant, pretrained, checkpoint_filter_fn,
+    return build_diffusion_model(FluxBackbone, variant, pretrained, checkpoint_filter_fn,
                           ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
 
 

@@ -21,6 +21,7 @@ the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone matc
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -32,6 +33,8 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
+from ._builder import group_kwargs
+from ._options import Options, finite_number
 from ._taps import TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
@@ -130,6 +133,25 @@ def is_fused_model(name: str) -> bool:
     return is_model(arch) and model_entrypoint(arch).__module__ == __name__
 
 
+@dataclasses.dataclass(frozen=True)
+class FusionConfig(Options):
+    """How the two sources are fused.
+
+    Args:
+        sd_weight, dino_weight: weights of the two L2-normalised sources in the fused map (theirs: 1 and 1).
+        sd_dims: fixed PCA projection of each SD tap to these dims (fit it with `fit_projection`); None: raw.
+        dino_dims: fixed PCA projection of the DINO tokens (None: raw, as theirs without co-PCA).
+    """
+    sd_weight: float = 1.0
+    dino_weight: float = 1.0
+    sd_dims: Optional[Sequence[int]] = None
+    dino_dims: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        finite_number('sd_weight', self.sd_weight)
+        finite_number('dino_weight', self.dino_weight)
+
+
 class FusedBackbone(nn.Module):
     """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
 
@@ -144,10 +166,7 @@ class FusedBackbone(nn.Module):
             dino: str = 'vit_base_patch14_dinov2.lvd142m',
             sd_taps: Sequence[str] = _TALE_TAPS,
             dino_layer: Optional[int] = None,
-            sd_weight: float = 1.0,
-            dino_weight: float = 1.0,
-            sd_dims: Optional[Sequence[int]] = None,
-            dino_dims: Optional[int] = None,
+            fusion_cfg: FusionConfig = FusionConfig(),
             diffusion_kwargs: Optional[dict[str, Any]] = None,
             dino_kwargs: Optional[dict[str, Any]] = None,
             load_weights: bool = False,
@@ -160,9 +179,7 @@ class FusedBackbone(nn.Module):
             dino: a timm DINOv2 (any `vit_*_patch14_dinov2*` name, with or without registers, `.tag` allowed).
             sd_taps: SD taps fused, fine to coarse (default their levels: us8, us5, us2).
             dino_layer: DINOv2 block whose tokens are used (default: the last, as their 11 / 23 / 39 for B / L / G).
-            sd_weight, dino_weight: weights of the two L2-normalised sources in the fused map (theirs: 1 and 1).
-            sd_dims: fixed PCA projection of each SD tap to these dims (fit it with `fit_projection`); None: raw.
-            dino_dims: fixed PCA projection of the DINO tokens (None: raw, as theirs without co-PCA).
+            fusion_cfg: the sources' weights and fixed PCA projections (`FusionConfig`).
             diffusion_kwargs: arguments of the diffusion model (prompt, timestep, ensemble, pretrained_cfg_overlay...).
             dino_kwargs: arguments of the timm DINOv2 (e.g. pretrained_cfg_overlay).
             load_weights: download and load both parts' pretrained weights (set by `pretrained=True`).
@@ -170,6 +187,8 @@ class FusedBackbone(nn.Module):
         super().__init__()
         import timm
 
+        sd_weight, dino_weight = fusion_cfg.sd_weight, fusion_cfg.dino_weight
+        sd_dims, dino_dims = fusion_cfg.sd_dims, fusion_cfg.dino_dims
         if num_classes:
             raise InputError('Fused backbones are feature extractors: use num_classes=0 (features_only=True).')
         if in_chans != 3:
@@ -363,13 +382,14 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
     elif isinstance(out_indices, list):
         out_indices = tuple(out_indices)
     known = set(inspect.signature(FusedBackbone.__init__).parameters) - {'self', 'load_weights'}
+    known |= set(FusionConfig.field_names())
     timm_args = {'features_only', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
     diff_kwargs = dict(kwargs.pop('diffusion_kwargs', None) or {})
     for k in list(kwargs):
         if k not in known and k not in timm_args:
             diff_kwargs[k] = kwargs.pop(k)
     return build_model_with_cfg(
-        FusedBackbone, variant, pretrained=False, diffusion_kwargs=diff_kwargs, load_weights=pretrained,
+        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False, diffusion_kwargs=diff_kwargs, load_weights=pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 

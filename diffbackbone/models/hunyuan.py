@@ -20,7 +20,7 @@ once from the base repo and cached on disk.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,10 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._base import per_latent
+from ._builder import build_diffusion_model
+from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig, SourceConfig
+from ._vae import VAE_SDXL, VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
 from .conditioning.text import encode_hunyuan_prompt
@@ -77,54 +80,27 @@ class HunyuanDiTBackbone(DiTBackbone):
             transformer_cfg: dict,
             vae_cfg: dict,
             scheduler_cfg: dict,
-            timestep: Optional[int] = None,
-            num_inference_steps: int = 50,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            latent: str = 'sample',
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
+            noise_cfg: Img2ImgNoiseConfig = Img2ImgNoiseConfig(),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(),
+            input_cfg: InputConfig = InputConfig(),
             cond_size: tuple[int, int] = (1024, 1024),
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
     ):
         """
         Args:
             transformer_cfg: diffusers `HunyuanDiT2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `DDPMScheduler` config of the base repo.
-            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
-            num_inference_steps: steps of the schedule the strength cuts (the pipeline's 50).
-            ensemble: noise draws averaged per image (one batched pass).
-            noise_seed: seed of the latent draw and the noise.
-            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
-            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2)/, text_encoder(_2)/.
-            prompt: text the features are conditioned on (default: the empty prompt).
-            cond_size: (height, width) of the size conditioning (Meng et al.'s call: 1024 x 1024).
-            vae_file: the VAE weights in `base_repo`.
-            num_classes, global_pool, drop_rate: classifier head on the last block's map.
-            in_chans: input image channels.
-            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
+            noise_cfg: `timestep` is Meng et al.'s t: the image-to-image strength is t / 1000 (default 50) of
+                `num_inference_steps` (the pipeline's 50); the one transformer call runs at the first step kept.
+            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
+            cond_size: (height, width) of the image-size conditioning (`image_meta_size`).
         """
-        super().__init__()
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
+        super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
         # the patched pipeline's get_timesteps (SDXL img2img's): int(steps * strength) steps are kept
-        kept = min(int(num_inference_steps * t / 1000), num_inference_steps)
-        if kept == 0:
-            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
-                             '(int(strength t / 1000 times the steps) must be at least 1): raise the timestep.')
-        self._init_noise(ensemble, noise_seed, latent, clean=False)
-        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
-        self._prompt_override = None  # per-image prompts (prompts.use_prompts) are not supported: checked in forward
-        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
-
-        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        _, start = self.noise_cfg.start(whole_steps_kept=True)
+        num_inference_steps = self.noise_cfg.num_inference_steps
         self.transformer = HunyuanDiT2DModel(**transformer_cfg)
         tr = self.transformer
         tr.norm_out = tr.proj_out = None  # output head: back to noise space, no tap needs it
@@ -133,7 +109,7 @@ class HunyuanDiTBackbone(DiTBackbone):
         with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
             scheduler = DDPMScheduler(**scheduler_cfg)
             scheduler.set_timesteps(num_inference_steps, device='cpu')
-            step = int(scheduler.timesteps[num_inference_steps - kept])
+            step = int(scheduler.timesteps[start])
             alphas_cumprod = scheduler.alphas_cumprod
         self.noise_scales = (alphas_cumprod[step].sqrt().item(), (1 - alphas_cumprod[step]).sqrt().item())
         self.register_buffer('timestep', torch.tensor(float(step)), persistent=False)
@@ -146,7 +122,7 @@ class HunyuanDiTBackbone(DiTBackbone):
         self.register_buffer('prompt_embeds_t5', torch.zeros(1, cfg.text_len_t5, cfg.cross_attention_dim_t5))
         self.register_buffer('prompt_mask_t5', torch.zeros(1, cfg.text_len_t5))
 
-        self._init_block_taps(hunyuan_taps(tr, self.reduction), num_classes, global_pool, drop_rate)
+        self._init_block_taps(hunyuan_taps(tr, self.reduction), head_cfg)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -154,15 +130,10 @@ class HunyuanDiTBackbone(DiTBackbone):
                     blocks=r'^transformer\.blocks\.(\d+)')
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the deepest selected tap; return the selection as `feature_info` indices."""
-        take = self._resolve(indices)
-        self._take_into_feature_info(take)
-        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
-        self.transformer.blocks = nn.ModuleList(list(self.transformer.blocks)[:deepest + 1])
-        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
-        if prune_head:
-            self.reset_classifier(0, '')
-        return [self.taps.index(t) for t in take]
+        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
+        def keep(deepest: int) -> None:
+            self.transformer.blocks = nn.ModuleList(list(self.transformer.blocks)[:deepest + 1])
+        return self._prune_blocks(indices, prune_head, keep)
 
     # --- forward ------------------------------------------------------------------------------------------------------
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
@@ -205,15 +176,10 @@ class HunyuanDiTBackbone(DiTBackbone):
                 kw = dict(temb=temb, encoder_hidden_states=ctx, image_rotary_emb=rope)
                 if k > half:
                     kw['skip'] = skips.pop()
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False, **kw)
-                else:
-                    h = block(h, **kw)
+                h = self._run(block, h, **kw)
                 if k < half - 1:
                     skips.append(h)
-                for loc, m in rec.drain():
-                    if loc in by_loc:
-                        self._emit(feats, by_loc[loc], m)
+                self._record(feats, by_loc, rec.drain())
                 if k >= deepest:
                     break
         return feats
@@ -226,12 +192,12 @@ class HunyuanDiTBackbone(DiTBackbone):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HunyuanDiTBackbone) -> dict[str, torch.Tensor]:
-    """Map a diffusers `HunyuanDiT2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    return filter_transformer_state_dict(state_dict, model, _BUFFERS, skip=_HEAD_KEYS)
+    """Map a diffusers `HunyuanDiT2DModel` state dict (or our own) onto the model's keys."""
+    return filter_transformer_state_dict(state_dict, _BUFFERS, skip=_HEAD_KEYS)
 
 
 def _create_hunyuan(variant: str, pretrained: bool = False, **kwargs) -> HunyuanDiTBackbone:
-    return build_backbone(HunyuanDiTBackbone, variant, pretrained, checkpoint_filter_fn,
+    return build_diffusion_model(HunyuanDiTBackbone, variant, pretrained, checkpoint_filter_fn,
                           ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
 
 

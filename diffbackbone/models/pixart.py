@@ -18,7 +18,7 @@ norm, modulation, projection) is not built.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,10 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._attention import ActivationRecorder
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
-from ._base import VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._base import per_latent
+from ._builder import build_diffusion_model
+from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig
+from ._vae import VAE_SD, VAE_SDXL, VAE_TEST
 from ._taps import Tap, _TableBuilder
 from .conditioning.text import encode_t5_prompt
 
@@ -55,48 +58,27 @@ class PixArtBackbone(DiTBackbone):
             self,
             transformer_cfg: dict,
             vae_cfg: dict,
-            timestep: Optional[int] = None,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            latent: str = 'sample',
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
+            noise_cfg: NoiseConfig = NoiseConfig(),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(),
+            input_cfg: InputConfig = InputConfig(),
             max_tokens: int = 300,
             attn_maps: str = 'reduced',
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
     ):
         """
         Args:
             transformer_cfg: diffusers `PixArtTransformer2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
-            timestep: diffusion timestep of the added noise (default 50, Meng et al.'s).
-            ensemble: noise draws averaged per image (one batched pass).
-            noise_seed: seed of the latent draw and the noise.
-            latent: 'sample' (seeded posterior draw, as the reference) or 'mode'.
-            base_repo: Hub repo or local diffusers folder with vae/, tokenizer/, text_encoder/.
-            prompt: text the features are conditioned on (default: the empty prompt).
-            max_tokens: T5 sequence length (300 for Sigma, 120 for alpha, as their pipelines).
-            attn_maps: 'reduced' (map taps as `attention_taps.MAP_REDUCTIONS` says) or 'full' (unreduced
+            noise_cfg: `timestep` is Meng et al.'s t (default 50), the one transformer call's timestep.
+            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
+            max_tokens: T5 sequence length (Sigma 300, alpha 120).
+            attn_maps: 'reduced' (map taps as `_attention.MAP_REDUCTIONS` says) or 'full' (unreduced
                 probabilities, (B, heads, N, N) / (B, heads, N, tokens): 1 GiB / 75 MiB per image and map for
                 PixArt-Sigma at 1024 px in float32).
-            vae_file: the VAE weights in `base_repo`.
-            num_classes, global_pool, drop_rate: classifier head on the last block's map.
-            in_chans: input image channels.
-            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
-        super().__init__()
-        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
-        self._init_noise(ensemble, noise_seed, latent, clean=False)
-        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
-        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
-        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
-
-        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
+        t = 50 if self.noise_cfg.timestep is None else int(self.noise_cfg.timestep)
         self.transformer = PixArtTransformer2DModel(**transformer_cfg)
         tr = self.transformer
         tr.norm_out = tr.proj_out = tr.scale_shift_table = None  # output head: back to noise space, no tap needs it
@@ -111,7 +93,7 @@ class PixArtBackbone(DiTBackbone):
 
         table = _TableBuilder('', tokens=max_tokens)
         table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
-        self._init_block_taps(table.taps, num_classes, global_pool, drop_rate, attn_maps)
+        self._init_block_taps(table.taps, head_cfg, attn_maps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -120,15 +102,9 @@ class PixArtBackbone(DiTBackbone):
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
-        take = self._resolve(indices)
-        self._take_into_feature_info(take)
-        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
-        blocks = self.transformer.transformer_blocks
-        self.transformer.transformer_blocks = nn.ModuleList(list(blocks)[:deepest + 1])
-        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
-        if prune_head:
-            self.reset_classifier(0, '')
-        return [self.taps.index(t) for t in take]
+        def keep(deepest: int) -> None:
+            self.transformer.transformer_blocks = nn.ModuleList(list(self.transformer.transformer_blocks)[:deepest + 1])
+        return self._prune_blocks(indices, prune_head, keep)
 
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.transformer_features(z, taps)
@@ -147,14 +123,8 @@ class PixArtBackbone(DiTBackbone):
         with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
             for k, block in enumerate(tr.transformer_blocks):
-                args = (h, None, ctx, bias, t_emb)
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-                else:
-                    h = block(*args)
-                for loc, m in rec.drain():
-                    if loc in by_loc:
-                        self._emit(feats, by_loc[loc], m)
+                h = self._run(block, h, None, ctx, bias, t_emb)
+                self._record(feats, by_loc, rec.drain())
                 if k >= deepest:
                     break
         return feats
@@ -167,12 +137,12 @@ class PixArtBackbone(DiTBackbone):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: PixArtBackbone) -> dict[str, torch.Tensor]:
-    """Map a diffusers `PixArtTransformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'prompt_mask'), skip=_HEAD_KEYS)
+    """Map a diffusers `PixArtTransformer2DModel` state dict (or our own) onto the model's keys."""
+    return filter_transformer_state_dict(state_dict, ('prompt_embeds', 'prompt_mask'), skip=_HEAD_KEYS)
 
 
 def _create_pixart(variant: str, pretrained: bool = False, **kwargs) -> PixArtBackbone:
-    return build_backbone(PixArtBackbone, variant, pretrained, checkpoint_filter_fn, ('transformer_cfg', 'vae_cfg'),
+    return build_diffusion_model(PixArtBackbone, variant, pretrained, checkpoint_filter_fn, ('transformer_cfg', 'vae_cfg'),
                           **kwargs)
 
 

@@ -30,7 +30,10 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import VAE_TEST, VAEEncoder, build_backbone, check_timestep, per_latent
+from ._base import per_latent
+from ._builder import build_diffusion_model
+from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig, SourceConfig
+from ._vae import VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
 from .conditioning.text import encode_sd3_prompt
@@ -84,56 +87,27 @@ class SD3Backbone(DiTBackbone):
             transformer_cfg: dict,
             vae_cfg: dict,
             scheduler_cfg: dict,
-            timestep: Optional[int] = None,
-            num_inference_steps: int = 50,
-            ensemble: int = 1,
-            noise_seed: int = 0,
-            latent: str = 'sample',
-            base_repo: Optional[str] = None,
-            prompt: Optional[str] = None,
+            noise_cfg: Img2ImgNoiseConfig = Img2ImgNoiseConfig(),
+            prompt_cfg: PromptConfig = PromptConfig(),
+            source_cfg: SourceConfig = SourceConfig(),
+            head_cfg: HeadConfig = HeadConfig(),
+            input_cfg: InputConfig = InputConfig(),
             max_tokens: int = 256,
-            vae_file: str = 'vae/diffusion_pytorch_model.safetensors',
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            check_inputs: bool = True,
     ):
         """
         Args:
             transformer_cfg: diffusers `SD3Transformer2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
-            timestep: Meng et al.'s t: the image-to-image strength is t / 1000 (default 50).
-            num_inference_steps: steps of the full schedule before the strength truncates it (the img2img
-                pipeline's 50); the one transformer call is at the first step kept.
-            ensemble: noise draws averaged per image (one batched pass).
-            noise_seed: seed of the latent draw and the noise.
-            latent: 'sample' (seeded posterior draw, as the pipeline) or 'mode'.
-            base_repo: Hub repo or local diffusers folder with vae/, tokenizer(_2, _3)/, text_encoder(_2, _3)/.
-            prompt: text the features are conditioned on (default: the empty prompt).
+            noise_cfg: `timestep` is Meng et al.'s t: the image-to-image strength is t / 1000 (default 50) of
+                `num_inference_steps` (the pipeline's 50); the one transformer call runs at the first step kept.
+            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
             max_tokens: T5 sequence length (the pipeline's 256); the context is 77 CLIP tokens + these.
-            vae_file: the VAE weights in `base_repo`.
-            num_classes, global_pool, drop_rate: classifier head on the last block's map.
-            in_chans: input image channels.
-            check_inputs: validate shapes, dtypes and finiteness of inputs (one device sync per call).
         """
-        super().__init__()
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError(f'num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}.')
-        t = 50 if timestep is None else int(check_timestep(timestep, whole=True))
-        # StableDiffusion3Img2ImgPipeline.get_timesteps: the schedule is cut to its last steps
-        self.t_start = int(max(num_inference_steps - min(num_inference_steps * t / 1000, num_inference_steps), 0))
-        if self.t_start >= num_inference_steps:
-            raise InputError(f'timestep={t} with num_inference_steps={num_inference_steps} leaves no denoising step '
-                             '(strength t / 1000 times the steps must be above 0): raise the timestep.')
-        self._init_noise(ensemble, noise_seed, latent, clean=False)
-        self.base_repo, self.prompt, self.vae_file = base_repo, prompt or '', vae_file
-        self.num_inference_steps, self.scheduler_cfg = num_inference_steps, scheduler_cfg
-        self._prompt_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by prompts.use_prompts
-        self.in_chans, self.check_inputs, self.grad_checkpointing = in_chans, check_inputs, False
-
-        self.vae = VAEEncoder(in_chans=in_chans, **vae_cfg)
+        super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
+        _, self.t_start = self.noise_cfg.start()  # StableDiffusion3Img2ImgPipeline.get_timesteps
+        num_inference_steps = self.num_inference_steps = self.noise_cfg.num_inference_steps
+        self.scheduler_cfg = scheduler_cfg
         self.transformer = SD3Transformer2DModel(**transformer_cfg)
         tr = self.transformer
         tr.norm_out = tr.proj_out = None  # output head: back to velocity space, no tap needs it
@@ -149,7 +123,7 @@ class SD3Backbone(DiTBackbone):
         self.register_buffer('prompt_embeds', torch.zeros(1, 77 + max_tokens, tr.config.joint_attention_dim))
         self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
 
-        self._init_block_taps(sd3_taps(tr, self.reduction, 77 + max_tokens), num_classes, global_pool, drop_rate)
+        self._init_block_taps(sd3_taps(tr, self.reduction, 77 + max_tokens), head_cfg)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -157,17 +131,10 @@ class SD3Backbone(DiTBackbone):
                     blocks=r'^transformer\.transformer_blocks\.(\d+)')
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices.
-        """
-        take = self._resolve(indices)
-        self._take_into_feature_info(take)
-        deepest = max(t.order for t in (take if prune_head else take + [self.taps[self.head_tap]]))
-        blocks = self.transformer.transformer_blocks
-        self.transformer.transformer_blocks = nn.ModuleList(list(blocks)[:deepest + 1])
-        self._deepest = deepest if self._deepest is None else min(deepest, self._deepest)
-        if prune_head:
-            self.reset_classifier(0, '')
-        return [self.taps.index(t) for t in take]
+        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
+        def keep(deepest: int) -> None:
+            self.transformer.transformer_blocks = nn.ModuleList(list(self.transformer.transformer_blocks)[:deepest + 1])
+        return self._prune_blocks(indices, prune_head, keep)
 
     def _check_size(self, size: torch.Size) -> None:
         super()._check_size(size)
@@ -197,13 +164,8 @@ class SD3Backbone(DiTBackbone):
         with ActivationRecorder(self, taps) as rec:
             rec.set_size('transformer', (z.shape[-2] // self.patch, z.shape[-1] // self.patch))
             for k, block in enumerate(tr.transformer_blocks):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    ctx, h = torch.utils.checkpoint.checkpoint(block, h, ctx, temb, use_reentrant=False)
-                else:
-                    ctx, h = block(h, ctx, temb)
-                for loc, m in rec.drain():
-                    if loc in by_loc:
-                        self._emit(feats, by_loc[loc], m)
+                ctx, h = self._run(block, h, ctx, temb)
+                self._record(feats, by_loc, rec.drain())
                 if k >= deepest:
                     break
         return feats
@@ -215,13 +177,13 @@ class SD3Backbone(DiTBackbone):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SD3Backbone) -> dict[str, torch.Tensor]:
-    """Map a diffusers `SD3Transformer2DModel` state dict (or our own) onto the model, filling VAE and prompt."""
-    return filter_transformer_state_dict(state_dict, model, ('prompt_embeds', 'pooled_prompt_embeds'),
+    """Map a diffusers `SD3Transformer2DModel` state dict (or our own) onto the model's keys."""
+    return filter_transformer_state_dict(state_dict, ('prompt_embeds', 'pooled_prompt_embeds'),
                                          skip=_HEAD_KEYS)
 
 
 def _create_sd3(variant: str, pretrained: bool = False, **kwargs) -> SD3Backbone:
-    return build_backbone(SD3Backbone, variant, pretrained, checkpoint_filter_fn,
+    return build_diffusion_model(SD3Backbone, variant, pretrained, checkpoint_filter_fn,
                           ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
 
 

@@ -1,0 +1,177 @@
+"""Building a diffusion backbone as timm builds its models, with the package's loading rules.
+
+`build_diffusion_model` is the one place that builds, loads, completes and wraps. In order:
+1. flat keyword arguments (`timestep=`, `prompt=`, `lora=`, ...) are grouped into the option objects the family's
+   constructor declares; unknown ones are refused by name;
+2. the checkpoint is read through `hub.py` (downloads, integrity, sharded files) and handed to timm's
+   `build_model_with_cfg` as the pretrained cfg's `state_dict`;
+3. timm calls our load step: the family's `checkpoint_filter_fn` maps keys (offline, no side effects), then the model
+   is completed from its base repo (VAE encoder, prompt embeddings, ControlNet, depth estimator, learned timestep),
+   and every key is checked;
+4. timm loads the state dict strictly; once it is in, the model finishes loading (a UNet fuses its LoRA);
+5. timm wraps the model for `features_only` (its 'getter' wrapper, which prunes the blocks no selected tap needs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+
+from ..errors import InputError
+from ._options import Options
+
+__all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys']
+
+FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
+
+def option_params(cls: type) -> dict[str, type[Options]]:
+    """{constructor parameter: option type} of a family class."""
+    hints = typing.get_type_hints(cls.__init__)
+    return {name: tp for name, tp in hints.items() if isinstance(tp, type) and issubclass(tp, Options)}
+
+
+def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()) -> dict[str, Any]:
+    """Constructor arguments of `cls` from flat keyword arguments: option fields are grouped into their objects (an
+    option object may also be given whole, by its parameter name); anything else must be a constructor parameter."""
+    kwargs = dict(kwargs)
+    options = option_params(cls)
+    plain = set(inspect.signature(cls.__init__).parameters) - {'self'} - set(options)
+    fields = {f for tp in options.values() for f in tp.field_names()}
+    unknown = sorted(set(kwargs) - plain - fields - set(options))
+    if unknown:
+        valid = sorted((plain - set(internal)) | fields)
+        raise InputError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: {", ".join(valid)}.')
+    out = {k: v for k, v in kwargs.items() if k in plain}
+    params = inspect.signature(cls.__init__).parameters
+    for name, tp in options.items():
+        given = kwargs.get(name)
+        taken = {k: kwargs[k] for k in tp.field_names() if k in kwargs}
+        if given is not None and taken:
+            raise InputError(f'Give {name} or its fields ({", ".join(sorted(taken))}), not both.')
+        default = params[name].default  # the family's defaults (a UNet's head tap, FLUX's 28 steps)
+        out[name] = given if given is not None else dataclasses.replace(default, **taken) \
+            if isinstance(default, tp) else tp(**taken)
+    return out
+
+
+def pretrained_state_dict(cfg: dict, what: str) -> dict[str, torch.Tensor]:
+    """The checkpoint a pretrained cfg names: its `state_dict`, its local `file` (a `.safetensors`, or the
+    `.index.json` of a sharded one) or its Hub file (`hf_hub_id` + `hf_hub_filename`), read through `hub.py` so a
+    truncated or corrupted cached file is removed and fetched again on the next call."""
+    from .. import hub
+
+    if cfg.get('state_dict') is not None and cfg.get('source') != 'hf-hub':
+        return cfg['state_dict']
+    if cfg.get('file') and cfg.get('source') != 'hf-hub':
+        path = Path(cfg['file']).expanduser()
+        if not path.is_file():
+            raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
+                               '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
+        if path.name.endswith('.index.json'):
+            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what)
+        return hub.load_safetensors(path, what=what)
+    if cfg.get('hf_hub_id'):
+        repo, filename = cfg['hf_hub_id'], cfg.get('hf_hub_filename') or 'model.safetensors'
+        if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
+            return hub.load_sharded_safetensors(repo, filename, what=what)
+        return hub.load_safetensors(hub.download(repo, filename, what=what), what=what)
+    raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
+                       "dict(hf_hub_id='org/name'), or pretrained=False.")
+
+
+def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Every key of the model but its classifier, of the model's shapes, and nothing else (timm then loads strictly
+    or, when the classifier changes size, without it)."""
+    from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
+
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
+    got = {k for k in state_dict if not k.startswith('head.')}
+    missing, unexpected = sorted(own.keys() - got), sorted(got - own.keys())
+    resized = [f'{k} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items()
+               if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or resized:
+        raise HubError(
+            f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
+            f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
+            'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
+
+
+def _load_step(filter_fn: FilterFn) -> FilterFn:
+    """timm's `pretrained_filter_fn`: map the keys, complete the model from its base repo, check every key; and have
+    the model finish loading once timm has loaded the result."""
+
+    def load(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state_dict = filter_fn(state_dict, model)
+        state_dict = {**state_dict, **model.complete_weights(state_dict)}
+        check_keys(state_dict, model)
+        handle = None
+
+        def finish(module: nn.Module, incompatible) -> None:
+            handle.remove()  # once: a later load_state_dict of the user's must not fuse again
+            module.finish_loading()
+
+        handle = model.register_load_state_dict_post_hook(finish)
+        return state_dict
+
+    return load
+
+
+def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: FilterFn,
+                          internal: Sequence[str] = (), **kwargs: Any) -> nn.Module:
+    """timm's `build_model_with_cfg` for a diffusion family class (see the module docstring).
+
+    `internal`: constructor parameters the entry points set (architecture configs), left out of the error that lists
+    the valid arguments. `features_only` defaults to the model's own 'pyramid' preset, not every tap.
+    """
+    from .. import hub
+
+    out_indices = kwargs.pop('out_indices', None)
+    out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
+        else out_indices
+    overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
+    what = f'weights of {variant}'
+    errors = lambda: hub.hub_errors(what, repo=overlay.get('hf_hub_id'), filename=overlay.get('file'))  # noqa: E731
+    if pretrained:
+        with errors():
+            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                         pretrained_cfg_overlay=overlay).to_dict()
+            overlay = dict(overlay, state_dict=pretrained_state_dict(cfg, what), source=None)
+    try:
+        with errors() if pretrained else contextlib.nullcontext():
+            model = build_model_with_cfg(
+                lambda **kw: cls(**group_kwargs(cls, kw, internal)), variant, pretrained,
+                pretrained_filter_fn=_load_step(filter_fn), pretrained_cfg_overlay=overlay or None,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    except RuntimeError as e:  # the key check's error: name the weights that were given
+        source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
+        if not source or not str(e).startswith('Checkpoint does not match'):
+            raise
+        raise type(e)(f'Could not use the weights {str(source)!r} for {variant}: {e}') from e
+    net = getattr(model, 'model', model)  # the features_only wrapper holds the model
+    for m in (model, net):  # do not keep a second copy of the weights alive
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+            cfg['state_dict'] = None
+    if not pretrained and net.prompt:
+        # The prompt's embedding is computed while pretrained weights load; without them it stays zeros until a state
+        # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
+        net._prompt_pending = True
+        net.register_load_state_dict_post_hook(_prompt_loaded)
+    if not kwargs.get('features_only', False) and net.num_classes > 0:
+        # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
+        net.prune_intermediate_layers([net.head_tap], prune_head=False)
+    return model
+
+
+def _prompt_loaded(module: nn.Module, incompatible) -> None:
+    """Post-hook of `load_state_dict`: a state dict holding `prompt_embeds` gives the pending prompt its embedding."""
+    if not any(k.endswith('prompt_embeds') for k in incompatible.missing_keys):
+        module._prompt_pending = False
