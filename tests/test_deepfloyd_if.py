@@ -3,6 +3,8 @@ pixel-space noise and taps against diffusers' own IFImg2ImgPipeline run as Meng 
 import numpy as np
 import pytest
 import timm
+
+from diffbackbone.models._builder import check_keys
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
@@ -53,8 +55,8 @@ def test_full_size_loads_diffusers_state_dict_strictly():
     info = {f['name']: f for f in model.feature_info}
     assert info['us16']['reduction'] == 1 and info['mid']['reduction'] == 8 and info['mid']['num_chs'] == 1280
     del sd['down_blocks.1.attentions.0.to_q.weight']
-    with pytest.raises(RuntimeError, match='1 missing keys'):
-        checkpoint_filter_fn(sd, model)
+    with pytest.raises(RuntimeError, match='1 missing keys'):  # the builder's key check after the filter
+        check_keys(checkpoint_filter_fn(sd, model), model)
 
 
 _TAPS = {  # tap: (module path in the UNet, what the hook keeps)

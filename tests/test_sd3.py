@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from PIL import Image
 
 import diffbackbone  # noqa: F401
+from diffbackbone.models._builder import check_keys
 from diffbackbone.models import sd3
 from fakehub import save_tiny_clip
 from test_newer_models import _tiny_t5_repo
@@ -73,8 +74,8 @@ def test_full_size_loads_diffusers_state_dict_strictly():
                                                        'attn2-out', 'norm-out', 'ffn-inner', 'out')]
     assert 'vit-block12-attn2-q' in names and 'vit-block13-attn2-q' not in names
     del sd['transformer_blocks.0.attn.to_q.weight']
-    with pytest.raises(RuntimeError, match='1 missing keys'):
-        sd3.checkpoint_filter_fn(sd, model)
+    with pytest.raises(RuntimeError, match='1 missing keys'):  # the builder's key check after the filter
+        check_keys(sd3.checkpoint_filter_fn(sd, model), model)
 
 
 def test_text_noise_and_taps_equal_diffusers_img2img(tiny_repo, hub_cache):
