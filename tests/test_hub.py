@@ -227,10 +227,11 @@ def test_read_tensor_local_folder(tmp_path):
 # ---- offline (HF_HUB_OFFLINE is read at import: a fresh interpreter) ------------------------------------------------
 # hub.py is loaded on its own: the package __init__ imports timm and diffusers, seconds we need not spend here.
 _IMPORT_HUB = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location('hub', 'diffbackbone/hub.py')
-hub = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(hub)
+import sys, types
+package = types.ModuleType('diffbackbone')  # hub.py and errors.py alone: not the package's model imports
+package.__path__ = ['diffbackbone']
+sys.modules['diffbackbone'] = package
+from diffbackbone import hub
 """
 
 
