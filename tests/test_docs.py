@@ -273,3 +273,17 @@ def test_model_table_names_every_model(page):
     text = (ROOT / page).read_text()
     missing = sorted(name for name in names if f'`{name}`' not in text)
     assert not missing, f'{page} does not list these registered models: {missing}'
+
+
+@pytest.mark.parametrize('path', PAGES, ids=_name)
+def test_repository_files_in_commands_exist(path):
+    """Files of this repository that a command names (configs, tools, the sample image) exist."""
+    missing = []
+    for line, command in shell_commands(path):
+        try:
+            tokens = shlex.split(command, comments=True)
+        except ValueError:
+            continue
+        missing += [f'{line}: {t}' for t in tokens
+                    if t.startswith(('configs_mmseg/', 'tools/', 'diffbackbone/assets/')) and not (ROOT / t).exists()]
+    assert not missing, f'{_name(path)}: {missing}'
