@@ -1,4 +1,4 @@
-"""diffbackbone: diffusion UNet features (CleanDIFT, DIFT) as timm backbones.
+"""diffbackbone: diffusion-model features as timm backbones (UNets, diffusion transformers, IF, SD + DINOv2).
 
 Importing the package registers the models with timm: ``timm.create_model("cleandift_sd21", pretrained=True,
 features_only=True)``.

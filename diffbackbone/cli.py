@@ -62,7 +62,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='diffbackbone', description='Diffusion UNet features as vision backbones.')
+    parser = argparse.ArgumentParser(prog='diffbackbone', description='Diffusion-model features as vision backbones.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('features', help='extract features of images into a feature store folder or a safetensors file')

@@ -141,7 +141,7 @@ def test_subcommand_handlers_resolve():
     'diffbackbone.train.clean_train', 'diffbackbone.bench.speed.run',
 ])
 def test_public_paths(path):
-    """The paths the README shows (`diffbackbone.mmseg` needs mmcv: tests/test_mmseg*.py import it)."""
+    """The public paths the README and docs/ show (`diffbackbone.mmseg` needs mmcv: tests/test_mmseg*.py import it)."""
     module, _, attr = path.rpartition('.')
     assert getattr(importlib.import_module(module), attr) is not None
 
@@ -149,7 +149,7 @@ def test_public_paths(path):
 @pytest.mark.parametrize('module', ['diffbackbone', 'diffbackbone.bench', 'diffbackbone.bench.cost',
                                     'diffbackbone.bench.store', 'diffbackbone.bench.train_step'])
 def test_python_dash_m_commands(module, monkeypatch, capsys):
-    """`python -m MODULE --help` of every command the README shows (run in-process, as runpy does for -m)."""
+    """`python -m MODULE --help` of every command the README and docs/ show (run in-process, as runpy does for -m)."""
     monkeypatch.setattr(sys, 'argv', [module, '--help'])
     is_package = importlib.util.find_spec(module).submodule_search_locations is not None
     monkeypatch.delitem(sys.modules, module + '.__main__' if is_package else module, raising=False)  # as -m: fresh
