@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from diffbackbone.bench import store as bench_store
+from diffbackbone.bench import store_speed as bench_store
 
 # A parent holding ~60 MiB that starts a child holding ~200 MiB and waits for it: the largest process is the child,
 # the tree holds both at once.

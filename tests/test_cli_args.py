@@ -84,7 +84,7 @@ def test_expected_errors_are_one_line(error, monkeypatch, capsys):
     def fail(args):
         raise error
 
-    monkeypatch.setattr(diffbackbone.commands.taps, 'run_taps', fail)
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run', fail)
     assert cli.main(['taps', 'test_cleandift']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err
