@@ -16,7 +16,7 @@ import torch
 from .errors import InputError
 
 __all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object', 'point',
-           'add_model_args', 'check_size_fits']
+           'add_model_args', 'add_prompt_arg', 'check_prompt', 'model_kwargs', 'check_size_fits', 'fmt_bytes']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # `--dtype` values
 
@@ -122,8 +122,40 @@ def add_model_args(p: argparse.ArgumentParser, batch_size: Optional[int] = None)
                    help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
 
 
+# ---- the prompt ----------------------------------------------------------------------------------------------------
+PROMPT_HELP = 'caption the model is conditioned on, e.g. "a photo of a dog" (default: empty)'
+
+
+def add_prompt_arg(p: argparse.ArgumentParser, help: str = PROMPT_HELP, default: Optional[str] = None,
+                   needs_weights: bool = True) -> None:
+    """`--prompt`, resolved by `model_kwargs`. `needs_weights=False`: the command encodes the caption itself (`depth`),
+    so random weights may take one."""
+    p.add_argument('--prompt', default=default, help=help)
+    p.set_defaults(prompt_needs_weights=needs_weights)
+
+
+def check_prompt(args: argparse.Namespace) -> None:
+    """Refuse `--prompt` with `--random-weights` where the prompt's text embedding is computed while pretrained
+    weights load: it would be recorded but not applied."""
+    needs_weights = getattr(args, 'prompt_needs_weights', True)
+    if getattr(args, 'prompt', None) and getattr(args, 'random_weights', False) and needs_weights:
+        raise InputError('--prompt needs pretrained weights: its text embedding is computed while they load, so with '
+                         '--random-weights it would be recorded but not applied. Drop --prompt or --random-weights.')
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The model arguments of a command: `--model-kwargs` with `--prompt` (when given) as `prompt`. Every command that
+    builds a model resolves its prompt here."""
+    check_prompt(args)
+    kwargs = dict(getattr(args, 'model_kwargs', None) or {})
+    if getattr(args, 'prompt', None) is not None:
+        kwargs['prompt'] = args.prompt
+    return kwargs
+
+
 # ---- sizes that cannot fit ---------------------------------------------------------------------------------------
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 1.5 KB, 2.0 GB."""
     for unit in ('B', 'KB', 'MB', 'GB'):
         if n < 1024 or unit == 'GB':
             return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
@@ -159,7 +191,7 @@ def check_size_fits(size: Optional[int], batch_size: int, device: str, option: s
     need = batch_size * 3 * size * size * 4
     free = _free_memory(device)
     if free is not None and need > free:
-        raise InputError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {_fmt_bytes(need)} '
-                         f'({batch_size} x 3 x {size} x {size} float32), more than the {_fmt_bytes(free)} free on '
+        raise InputError(f'{option} {size}: one batch of {batch_size} input image(s) alone needs {fmt_bytes(need)} '
+                         f'({batch_size} x 3 x {size} x {size} float32), more than the {fmt_bytes(free)} free on '
                          f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
                          'are trained at 512 to 1024 px).')

@@ -1,4 +1,4 @@
-"""Zero-shot semantic correspondence: `diffbackbone match SRC TRG --points X,Y ...`.
+"""Zero-shot semantic correspondence (the command: `diffbackbone match SRC TRG --points X,Y ...`, commands/match.py).
 
 The protocol of CleanDIFT's `get_correspondences.ipynb` (and of DIFT's SPair-71k evaluation): both images are resized
 to the model's input size (aspect ratio not kept) and mapped to [-1, 1]; one tap's feature maps are upsampled
@@ -8,7 +8,6 @@ feature is the similarity map, whose argmax is the match.
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.images import image_size, load_image, open_image
-from .data.outputs import check_file, save_picture, write_json
+from .data.outputs import save_picture
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     'upsample', 'point_features', 'normalised_map', 'similarity_argmax', 'linear_taps', 'sample_points',
     'UpsampledTarget', 'match_points', 'check_points',
-    'load_tap_model', 'image_features', 'match_images', 'draw_matches', 'run_match',
+    'load_tap_model', 'image_features', 'match_images', 'draw_matches',
 ]
 
 Point = tuple[int, int]
@@ -335,40 +334,3 @@ def draw_matches(src: str | Path, trg: str | Path, points: Sequence[Sequence[flo
         sheet.paste(heat, (src_small.width, top))
         sheet.paste(b, (src_small.width + trg_small.width, top))
     save_picture(sheet, out, 'match')
-
-
-def run_match(args: argparse.Namespace) -> int:
-    """Handler of `diffbackbone match`."""
-    from PIL import Image
-
-    from .cli_args import DTYPES, check_size_fits
-
-    if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
-        raise InputError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
-    for option in ('out', 'json'):  # before any model loads: never an input, never a file of someone else
-        if getattr(args, option, None):
-            check_file(getattr(args, option), [args.src, args.trg], option=f'--{option}')
-    check_size_fits(args.size, 2, args.device)
-    kwargs = dict(args.model_kwargs or {})
-    prompt = args.prompt if args.prompt is not None else kwargs.get('prompt') or ''
-    matches, sims = match_images(
-        args.src, args.trg, args.points, model=args.model, tap=args.taps, size=args.size, co_pca=args.co_pca,
-        weights=args.weights, pretrained=not args.random_weights, prompt=args.prompt, device=args.device,
-        dtype=DTYPES[args.dtype], model_kwargs=kwargs)
-    print(f'prompt: {prompt!r}' + ('' if prompt else ' (the empty prompt; CleanDIFT\'s notebook uses '
-                                                      '"A photo of a dog": --prompt)'))
-    print('points are (x, y) pixels of the original images, x to the right, y down (CleanDIFT\'s notebook lists '
-          '(y, x) rows)')
-    for (x, y), (mx, my), sim in zip(args.points, matches, sims):
-        print(f'({x:g}, {y:g}) -> ({mx}, {my})  similarity {sim.max().item():.4f}')
-    if args.out:
-        draw_matches(args.src, args.trg, args.points, matches, sims, args.out)
-        print(f'wrote {args.out}')
-    if getattr(args, 'json', None):
-        write_json(args.json, dict(
-            coordinates='(x, y) pixels of the original images, x to the right, y down', src=str(args.src),
-            trg=str(args.trg), model=args.model, tap=args.taps, prompt=prompt,
-            points=[[float(x), float(y)] for x, y in args.points], matches=[list(m) for m in matches],
-            similarity=[round(s.max().item(), 6) for s in sims]), 'match')
-        print(f'wrote {args.json}')
-    return 0

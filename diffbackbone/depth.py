@@ -1,4 +1,5 @@
-"""CleanDIFT's published depth probe: metric depth from `us6` of the clean SD2.1 model (`diffbackbone depth`).
+"""CleanDIFT's published depth probe: metric depth from `us6` of the clean SD2.1 model (the command `diffbackbone
+depth` is commands/depth.py).
 
 CleanDIFT (Stracke et al., CVPR 2025, github CompVis/cleandift) trained a linear probe on NYUv2, published as
 `cleandift_sd21_depth_probe.safetensors` in `CompVis/cleandift`: the state dict of a `Conv2d(1280, 256, 1)`. Prediction
@@ -16,7 +17,6 @@ CleanDIFT features vs 0.469 with noisy SD2.1 features (their figures, not measur
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -26,15 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hub
-from .data.images import image_size, open_image, to_tensor
-from .data.outputs import check_file, check_folder, save_picture
+from .data.outputs import save_picture
 from .errors import DiffbackboneError, InputError, InputTypeError
 
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ['DepthProbe', 'DepthPredictor', 'DepthError', 'load_probe', 'load_depth_predictor', 'predict_depth',
-           'colorize', 'run_depth', 'PROBE_REPO', 'PROBE_FILE', 'CAPTION']
+           'colorize', 'save_depth', 'PROBE_REPO', 'PROBE_FILE', 'CAPTION']
 
 PROBE_REPO = 'CompVis/cleandift'
 PROBE_FILE = 'cleandift_sd21_depth_probe.safetensors'
@@ -233,35 +232,10 @@ def colorize(depth: torch.Tensor) -> 'Image.Image':
     return Image.fromarray(rgb, 'RGB')
 
 
-def run_depth(args: argparse.Namespace) -> int:
-    """Handler of `diffbackbone depth`."""
-    from .cli_args import DTYPES, check_size_fits
-
-    paths = [Path(p) for p in args.images]
-    for p in paths:
-        image_size(p)  # a missing or unreadable image fails before anything runs
-    stems = [p.stem for p in paths]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
-    if twice:
-        raise DepthError(f'Several images are named {", ".join(twice)}: their outputs would overwrite each other; '
-                         'run them in separate calls with different --out folders.')
-    check_size_fits(args.size, args.batch_size, args.device)
-    out = check_folder(args.out, 'folder', paths)
-    for p in paths:  # before any model loads: no output is an input (`depth a.png a_depth.png`), nor someone's file
-        for name in (f'{p.stem}_depth.npy', f'{p.stem}_depth.png'):
-            check_file(out / name, paths, option=f'--out (depth of {p.name})')
-    predictor = load_depth_predictor(
-        args.model, probe=args.probe, tap=args.tap, size=args.size, prompt=args.prompt, weights=args.weights,
-        pretrained=not args.random_weights, model_kwargs=args.model_kwargs,
-        device=args.device, dtype=DTYPES[args.dtype])
-    out.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start:start + args.batch_size]
-        depths = predict_depth(predictor, [to_tensor(open_image(p)) for p in batch], batch_size=args.batch_size)
-        for p, depth in zip(batch, depths):
-            npy, png = out / f'{p.stem}_depth.npy', out / f'{p.stem}_depth.png'
-            save_picture(colorize(depth), png, 'depth')  # first: the .npy is recognised as ours by its picture
-            with hub.atomic_path(npy) as tmp, open(tmp, 'wb') as f:
-                np.save(f, depth.numpy().astype(np.float32))
-            print(f'{p}: depth {depth.min():.3f} .. {depth.max():.3f} m (median {depth.median():.3f}) -> {npy}, {png}')
-    return 0
+def save_depth(depth: torch.Tensor, folder: Path, stem: str) -> tuple[Path, Path]:
+    """Write `<stem>_depth.png` (`colorize`) and `<stem>_depth.npy` (metres, float32) into `folder`; returns both."""
+    npy, png = folder / f'{stem}_depth.npy', folder / f'{stem}_depth.png'
+    save_picture(colorize(depth), png, 'depth')  # first: the .npy is recognised as ours by its picture
+    with hub.atomic_path(npy) as tmp, open(tmp, 'wb') as f:
+        np.save(f, depth.numpy().astype(np.float32))
+    return npy, png

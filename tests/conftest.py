@@ -75,3 +75,15 @@ def run_python():
                               capture_output=True, text=True, timeout=120)
 
     return run
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU (a test module takes it with
+    `pytestmark = pytest.mark.usefixtures('one_thread')`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from diffbackbone.bench import store as bench_store
+from diffbackbone.bench import store_speed as bench_store
 
 # A parent holding ~60 MiB that starts a child holding ~200 MiB and waits for it: the largest process is the child,
 # the tree holds both at once.
@@ -79,3 +79,14 @@ def test_bench_store_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench_store.parse_args(['--batch-size', '0'])
     assert 'must be a positive integer' in capsys.readouterr().err
+
+
+def test_old_module_name_forwards_with_a_warning(monkeypatch):
+    """`python -m diffbackbone.bench.store` (the name before `bench/store_speed.py`) still runs, warning once."""
+    from diffbackbone.bench import store
+
+    calls = []
+    monkeypatch.setattr(bench_store, 'main', lambda argv=None: calls.append(argv) or {})
+    with pytest.warns(DeprecationWarning, match='bench.store_speed'):
+        assert store.main(['--small', '1']) == {}
+    assert calls == [['--small', '1']]

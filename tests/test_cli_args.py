@@ -7,6 +7,8 @@ import torch
 from diffbackbone import cli, cli_args
 from diffbackbone.hub import HubError
 from diffbackbone.data.images import ImageError
+from diffbackbone.errors import InputError
+from diffbackbone.hub import WriteError
 from diffbackbone.models import TapError
 
 SAMPLE = 'diffbackbone/assets/sample.jpg'
@@ -77,18 +79,100 @@ def test_taps_command(capsys):
 
 
 @pytest.mark.parametrize('error', [HubError('no weights\n[HTTPError: 404]'), TapError('no tap'), ImageError('bad image'),
-                                   ValueError('bad value'), PermissionError(13, 'Permission denied', '/x')])
+                                   InputError('bad value'), WriteError(13, 'Permission denied', '/x')])
 def test_expected_errors_are_one_line(error, monkeypatch, capsys):
     import diffbackbone.commands.taps
 
     def fail(args):
         raise error
 
-    monkeypatch.setattr(diffbackbone.commands.taps, 'run_taps', fail)
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run', fail)
     assert cli.main(['taps', 'test_cleandift']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err
     assert str(error).split('\n')[-1] in err
+
+
+@pytest.mark.parametrize('error', [RuntimeError('a bug'), ValueError('a bug'), KeyError('a bug'),
+                                   PermissionError(13, 'Permission denied', '/x')])
+def test_other_errors_are_bugs_with_a_traceback(error, monkeypatch):
+    """Only the package's own errors (DiffbackboneError) become an `error:` line: anything else propagates from
+    cli.main with its traceback, not hidden behind exit 2."""
+    import diffbackbone.commands.taps
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run', fail)
+    with pytest.raises(type(error)) as info:
+        cli.main(['taps', 'test_cleandift'])
+    assert info.value is error and info.traceback[-1].name == 'fail'
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    import diffbackbone.commands.taps
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffbackbone.commands.taps, 'run', interrupt)
+    assert cli.main(['taps', 'test_cleandift']) == 130
+    err = capsys.readouterr().err
+    assert err.startswith('interrupted: ') and err.count('\n') == 1
+
+
+# ---- --prompt: declared once (cli_args.add_prompt_arg), resolved once (cli_args.model_kwargs) ------------------------
+class _Resolved(InputError):
+    pass
+
+
+def _prompt_commands(tmp_path) -> dict[str, list[str]]:
+    from PIL import Image
+
+    img = str(tmp_path / 'a.png')
+    Image.new('RGB', (32, 32)).save(img)
+    data = tmp_path / 'data'
+    data.mkdir()
+    common = ['--model', 'test_cleandift', '--prompt', 'a photo of a cat']
+    return {
+        'features': ['features', img, '--out', str(tmp_path / 'f.safetensors'), *common],
+        'inspect': ['inspect', img, '--out', str(tmp_path / 'i.png'), *common],
+        'match': ['match', img, img, '--points', '1,1', *common],
+        'depth': ['depth', img, '--out', str(tmp_path / 'depth'), *common],
+        'eval pixel': ['eval', 'pixel', '--data', str(data), '--store', str(tmp_path / 'store'), *common],
+    }
+
+
+@pytest.mark.parametrize('command', ['features', 'inspect', 'match', 'depth', 'eval pixel'])
+def test_every_model_command_resolves_the_prompt_in_one_function(command, tmp_path, monkeypatch, capsys):
+    """Each command that builds a model takes its model arguments from `cli_args.model_kwargs`, which resolves
+    `--prompt` (and refuses it with --random-weights); replaced here, it is the one that answers."""
+    import diffbackbone.evals.pixel
+
+    seen = []
+
+    def resolve(args):
+        seen.append(args.prompt)
+        raise _Resolved('resolved by cli_args.model_kwargs')
+
+    monkeypatch.setattr(cli_args, 'model_kwargs', resolve)
+    monkeypatch.setattr(diffbackbone.evals.pixel, 'load_pixel_dataset', lambda *a, **k: None)
+    assert cli.main(_prompt_commands(tmp_path)[command]) == 2
+    assert seen == ['a photo of a cat'] and 'resolved by cli_args.model_kwargs' in capsys.readouterr().err
+
+
+def test_model_kwargs_applies_the_prompt_and_refuses_random_weights():
+    parser = cli.build_parser()
+    args = parser.parse_args(['match', 'a.png', 'b.png', '--points', '1,1', '--prompt', 'a dog', '--model-kwargs',
+                              '{"timestep": 100, "prompt": "a cat"}'])
+    assert cli_args.model_kwargs(args) == {'timestep': 100, 'prompt': 'a dog'}
+    args.prompt = None
+    assert cli_args.model_kwargs(args) == {'timestep': 100, 'prompt': 'a cat'}
+    args.prompt, args.random_weights = 'a dog', True
+    with pytest.raises(InputError, match='--prompt needs pretrained weights'):
+        cli_args.model_kwargs(args)
+    depth = parser.parse_args(['depth', 'a.png', '--random-weights'])  # the depth predictor encodes its caption itself
+    assert cli_args.model_kwargs(depth) == {'prompt': 'A photo of a room'}
 
 
 def test_weights_of_another_architecture_are_one_error_line(tmp_path, capsys):

@@ -11,13 +11,7 @@ from diffbackbone.evals.spair_data import load_pairs
 from test_spair import planted, small  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def test_planted_pairs_same_scores(planted):  # noqa: F811  (pytest fixtures)

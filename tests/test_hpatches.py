@@ -18,13 +18,7 @@ from diffbackbone.evals.hpatches_data import HPatchesError, corner_error, load_h
 W, H = 96, 80
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def _texture(rng: np.random.Generator) -> np.ndarray:

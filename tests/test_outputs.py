@@ -467,7 +467,7 @@ def test_taps_given_as_indices(tmp_path, capsys):
 
 
 def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
-    import diffbackbone.correspondence as corr
+    import diffbackbone.commands.match as match_command
     from diffbackbone.models.conditioning.text import PromptTruncatedWarning
 
     def handler(args):
@@ -475,7 +475,7 @@ def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
                       "only 'cat' is used.", PromptTruncatedWarning)
         return 0
 
-    monkeypatch.setattr(corr, 'run_match', handler)
+    monkeypatch.setattr(match_command, 'run', handler)
     assert main(['match', 'a.png', 'b.png', '--points', '1,1']) == 0
     assert capsys.readouterr().err == ("warning: The prompt 'cat cat' has 102 tokens, more than the 77-token window of "
                                        "the CLIP text encoder: only 'cat' is used.\n")

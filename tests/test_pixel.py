@@ -22,13 +22,7 @@ COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 60]]
 S = 32  # image and label size
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def _write_dataset(root: Path, n_train: int = 4, n_test: int = 4, seed: int = 0, shuffled: bool = False) -> Path:

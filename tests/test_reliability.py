@@ -169,7 +169,7 @@ def test_features_never_overwrites_an_input_or_an_existing_output(tmp_path, caps
 
 
 def test_features_checks_the_output_and_the_pca_tap_before_running(tmp_path, capsys, monkeypatch):
-    import diffbackbone.commands.features as ex
+    import diffbackbone.data.extract as ex
 
     ran = []
     monkeypatch.setattr(ex, 'extract_batches', lambda *a, **k: ran.append(1) or iter(()))

@@ -483,7 +483,7 @@ def test_folder_walk_follows_links_once(tmp_path):
 
 
 def test_list_files_including_themselves_or_empty(tmp_path, capsys, monkeypatch):
-    import diffbackbone.commands.features as ex
+    import diffbackbone.data.extract as ex
 
     _save(tmp_path / 'a.png', 0)
     loop = tmp_path / 'loop.txt'

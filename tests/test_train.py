@@ -37,13 +37,7 @@ RUN = dict(base='test_cleandift', pretrained=False, size=64, batch_size=2, num_w
            val_images=2, val_every=2, save_every=2, progress=False)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny ops run far faster on one thread than on threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

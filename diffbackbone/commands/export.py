@@ -21,11 +21,12 @@ from typing import Optional
 
 from safetensors import SafetensorError, safe_open
 
+from ..cli_args import json_object, model_name
 from ..data.outputs import check_folder
 from ..errors import DiffbackboneError
 from ..hub import _write_reason, save_safetensors, umask
 
-__all__ = ['ExportError', 'export_model', 'find_weights', 'run_export']
+__all__ = ['ExportError', 'export_model', 'find_weights', 'add_parser', 'run']
 
 _RUN_OUTPUT_HINT = 'a clean-train run folder (with its output .safetensors) or a .safetensors weights file'
 
@@ -187,7 +188,25 @@ def push_folder(folder: Path, repo_id: str) -> None:
                           f'online with `hf upload {repo_id} {folder}` (or run export again with --push).') from e
 
 
-def run_export(args: argparse.Namespace) -> int:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `export` to `diffbackbone`'s subcommands."""
+    p = subparsers.add_parser('export', help='write a fine-tuned model as a timm Hub repo (config.json, '
+                                              'model.safetensors)',
+                              description='Export a clean-train run or weights file in timm\'s Hub layout; afterwards '
+                                          'timm.create_model("hf-hub:ORG/NAME", pretrained=True) loads it by name.')
+    p.add_argument('source', help='clean-train run folder (its output .safetensors) or a .safetensors weights file')
+    p.add_argument('--out', required=True, help='folder to write (must be new or empty, unless --overwrite)')
+    p.add_argument('--model', type=model_name,
+                   help='architecture, when the file does not record it (e.g. cleandift_sd21)')
+    p.add_argument('--push', metavar='ORG/NAME', help='also upload the folder to this Hub repo (created if needed)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
+    p.add_argument('--model-kwargs', type=json_object,
+                   help='JSON dict of extra model arguments, e.g. \'{"timestep": 100}\'')
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone export`."""
     out = export_model(args.source, args.out, model=args.model, push=args.push, overwrite=args.overwrite,
                        model_kwargs=args.model_kwargs)

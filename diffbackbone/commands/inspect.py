@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli_args import add_model_args, add_prompt_arg, diffusion_model_name, positive_int
 from ..errors import InputError
 
 __all__ = ['select_taps', 'pca_colors', 'kmeans_labels', 'tap_stats', 'TileReducer', 'draw_sheets', 'sheet_paths',
-           'run_inspect', 'PALETTE']
+           'add_parser', 'run', 'PALETTE']
 
 # k-means cluster colours (Tableau 10), cluster i -> PALETTE[i % 10]
 PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -319,23 +320,54 @@ def draw_sheets(inputs: Sequence[np.ndarray], names: Sequence[str], tiles: dict[
 
 
 # ---- the command -----------------------------------------------------------------------------------------------------
-def run_inspect(args: argparse.Namespace) -> int:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `inspect` to `diffbackbone`'s subcommands."""
+    p = subparsers.add_parser(
+        'inspect', help="a picture of each tap's activations over a few images (PCA or k-means), with statistics",
+        description="Meng et al.'s qualitative look at every activation: one pass of all images to the deepest tap; "
+                    'per tap the first three principal components (fitted jointly over the images) as colours, a row '
+                    'per image; several sheets and an index for many taps.')
+    p.add_argument('images', nargs='+', help='a few image files, folders, quoted globs, @list.txt')
+    p.add_argument('--model', type=diffusion_model_name, required=True, help="one of diffbackbone's models")
+    p.add_argument('--taps', nargs='+', help='tap names, indices, presets, shell patterns ("*cross-q") or "all" '
+                   "(default: the model's feature_info taps)")
+    p.add_argument('--out', default='inspect.png', help='sheet .png (several: STEM-01.png, ... and STEM-index.json)')
+    p.add_argument('--overwrite', action='store_true', help='replace existing output files')
+    p.add_argument('--mode', choices=('pca', 'kmeans'), default='pca', help='colours: 3 principal components (default) '
+                   'or k-means clusters')
+    p.add_argument('--clusters', type=positive_int, default=8, help='k of --mode kmeans (default: 8)')
+    p.add_argument('--cols', type=positive_int, default=8, help='taps per line of a sheet (default: 8)')
+    p.add_argument('--per-sheet', type=positive_int, default=48, help='taps per sheet (default: 48)')
+    p.add_argument('--tile', type=positive_int, default=128, help='tile size in pixels (default: 128)')
+    p.add_argument('--grid', type=positive_int, default=64, help='at most this many map positions per tile side; '
+                   'larger maps are area-averaged first (default: 64)')
+    p.add_argument('--json', help='per-tap statistics (locality, massive activations) to this JSON file')
+    p.add_argument('--size', type=positive_int, help='square input size (default: the model pretrained_cfg input_size)')
+    add_prompt_arg(p)
+    p.add_argument('--tokens', nargs='+', type=int, metavar='I', help="for each selected '*cross-map' tap, also a grey "
+                   'heat map per prompt token index I (0: the start token; CLIP: the words from 1), scaled jointly '
+                   'over the images')
+    p.add_argument('--max-images', type=positive_int, default=16, help=argparse.SUPPRESS)
+    add_model_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone inspect`."""
     import timm
 
-    from ..cli_args import DTYPES
+    from ..cli_args import DTYPES, model_kwargs
+    from ..data.extract import check_output, data_config, load_extractor
     from ..data.images import load_image, open_image, resize_image
     from ..data.outputs import save_picture, write_json
     from ..data.pipeline import find_images
-    from .features import check_output, data_config, load_extractor
 
     images = find_images(args.images)
     if len(images) > args.max_images:
         raise InputError(f'{len(images)} images: inspect draws a row per image and fits each tap\'s PCA over all of '
                          f'them in one pass; give at most {args.max_images} (--max-images to allow more).')
-    kwargs = dict(args.model_kwargs or {})
-    if args.prompt is not None:
-        kwargs['prompt'] = args.prompt
+    kwargs = model_kwargs(args)
     with torch.device('meta'):  # no weights: check the tap selection and outputs before any download
         probe = timm.create_model(args.model)
     taps = select_taps(probe, args.taps)
@@ -364,7 +396,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise InputError(f'--json {args.json} is also a sheet file: choose another name.')
 
     tap_names = [t.name for t in taps]
-    model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights, kwargs)
+    model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights,
+                           kwargs)
     backbone = model.model
     cfg = data_config(model, args.size)
     size = tuple(cfg['input_size'][1:])
@@ -398,7 +431,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                                     **reducer.stats[n]) for i, n in enumerate(names) if n in reducer.stats})
         write_json(args.json, report, 'inspect')
         print(f'wrote {args.json}')
-    print(f'{len(tap_names)} taps of {len(images)} images at {size[0]}x{size[1]}; peak RSS {max(peak, _rss_mib()):.0f} MiB')
+    print(f'{len(tap_names)} taps of {len(images)} images at {size[0]}x{size[1]}; '
+          f'peak RSS {max(peak, _rss_mib()):.0f} MiB')
     return 0
 
 

@@ -6,10 +6,21 @@ import argparse
 
 import torch
 
-__all__ = ['run_taps']
+from ..cli_args import diffusion_model_name
+
+__all__ = ['add_parser', 'run', 'map_notes']
 
 
-def run_taps(args: argparse.Namespace) -> int:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `taps` to `diffbackbone`'s subcommands."""
+    p = subparsers.add_parser('taps', help="list a model's taps (index, name, channels, stride)")
+    p.add_argument('model', type=diffusion_model_name, help="one of diffbackbone's models, e.g. cleandift_sd21")
+    p.add_argument('--all', action='store_true', help='every activation, not only the block outputs')
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone taps`."""
     import timm
 
@@ -28,7 +39,8 @@ def run_taps(args: argparse.Namespace) -> int:
     taps = list_taps(args.model) if args.all else sorted(model.taps, key=lambda t: t.seq)
     print(f'{"index":>5}  {"name":<44} {"channels":>8} {"stride":>6}  aliases')
     for tap in taps:
-        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  {", ".join(tap.aliases)}')
+        print(f'{index.get(tap.name, "-"):>5}  {tap.name:<44} {tap.num_chs:>8} {tap.reduction:>6}  '
+              f'{", ".join(tap.aliases)}')
     print('presets: ' + '; '.join(f'{k} = {", ".join(v)}' for k, v in model.presets.items()))
     if not args.all:
         print(f'{len(list_taps(args.model))} taps in all: `diffbackbone taps {args.model} --all` lists every one.')

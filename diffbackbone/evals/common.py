@@ -32,13 +32,16 @@ def noisy_model(name: str) -> Optional[bool]:
 
 
 def eval_model_kwargs(args: argparse.Namespace, default_timestep: int) -> dict[str, Any]:
-    """`--model-kwargs` plus the timestep: `--timestep` when given, else the protocol's for a noisy model (clean and
-    fused models keep their own, e.g. CleanDIFT's learned one)."""
-    kwargs = dict(args.model_kwargs or {})
-    if 'timestep' in kwargs and args.timestep is not None:
+    """`--model-kwargs` (with `--prompt`, `cli_args.model_kwargs`) plus the timestep: `--timestep` when given, else
+    the protocol's for a noisy model (clean and fused models keep their own, e.g. CleanDIFT's learned one)."""
+    from ..cli_args import model_kwargs
+
+    kwargs = model_kwargs(args)
+    timestep = getattr(args, 'timestep', None)
+    if 'timestep' in kwargs and timestep is not None:
         raise InputError('Give the timestep once: --timestep or "timestep" in --model-kwargs, not both.')
-    if args.timestep is not None:
-        kwargs['timestep'] = args.timestep
+    if timestep is not None:
+        kwargs['timestep'] = timestep
     elif 'timestep' not in kwargs and noisy_model(args.model):
         kwargs['timestep'] = default_timestep
     return kwargs

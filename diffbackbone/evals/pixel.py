@@ -274,17 +274,14 @@ def preset_channels(model: str, preset: str) -> int:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
-def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> int:
-    """Run every image into the feature store (resumable; images stored already are skipped); its exit status."""
-    from ..commands.features import run_features
+def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> None:
+    """Run every image into the feature store (resumable; images stored already are skipped)."""
+    from ..data.extract import ExtractJob, extract_features
 
-    ns = argparse.Namespace(
-        images=images, model=args.model, taps=args.taps, out=args.store, overwrite=False, size=args.size,
-        resize='stretch', batch_size=args.batch_size, device=args.device, dtype=args.dtype, weights=args.weights,
-        random_weights=args.random_weights, model_kwargs=kwargs, pca=None, workers=args.workers, on_error='fail',
-        store_dtype='float16', feature_pool=None, feature_size=None, shard_size=None, compile=None,
-        channels_last=False)
-    return run_features(ns)
+    extract_features(ExtractJob(
+        images=images, out=args.store, model=args.model, taps=args.taps, size=args.size, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, weights=args.weights, random_weights=args.random_weights,
+        model_kwargs=kwargs, workers=args.workers, on_error='fail', store_dtype='float16'))
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -313,13 +310,9 @@ def run_pixel(args: argparse.Namespace) -> int:
         raise InputError(f'--memory-gb must be positive, got {args.memory_gb}.')
     _check_paths(args)
     dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
-    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50
-    if args.prompt is not None:
-        kwargs['prompt'] = args.prompt
+    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50, and --prompt
     print(f'{dataset.name}: {len(dataset.train)} train + {len(dataset.test)} test images, {dataset.classes} classes')
-    rc = _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
-    if rc:
-        return rc
+    _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
     store = FeatureStore(args.store)
     taps = store.taps
     shapes = [list(store.config['shapes'][t]) for t in taps]

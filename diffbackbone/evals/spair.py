@@ -209,8 +209,8 @@ def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict) -> Optional[Fe
 
 def run_spair(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval spair`."""
-    from ..cli_args import DTYPES, check_size_fits
-    from ..correspondence import load_tap_model
+    from ..cli_args import check_size_fits, model_kwargs
+    from .common import model_builder
 
     co_pca = getattr(args, 'co_pca', None)
     if co_pca is not None:
@@ -236,17 +236,9 @@ def run_spair(args: argparse.Namespace) -> int:
     if args.cache:
         check_folder(args.cache, 'folder', [args.data], option='--cache')
     pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
-    kwargs = dict(args.model_kwargs or {})
+    kwargs = model_kwargs(args)
     weights = args.weights
-    if weights and not Path(weights).is_file():
-        raise InputError(f'--weights {weights}: no such file. Give a local .safetensors checkpoint.')
-
-    def model_fn() -> torch.nn.Module:
-        if args.random_weights:
-            torch.manual_seed(args.seed)  # reproducible random weights, so their cached features stay valid
-        return load_tap_model(args.model, tap, weights=weights, pretrained=not args.random_weights,
-                              device=args.device, dtype=DTYPES[args.dtype], model_kwargs=kwargs)
-
+    model_fn = model_builder(args, tap, kwargs)
     cache = spair_cache(args, tap, kwargs)
     feats = ImageFeatures(Path(args.data), model_fn, args.size, args.batch_size, args.prompt_template, cache,
                           progress=True, all_taps=co_pca is not None)

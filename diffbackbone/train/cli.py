@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ['add_clean_train_parser', 'run_clean_train']
+__all__ = ['add_parser', 'run', 'add_clean_train_parser', 'run_clean_train']
 
 
-def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `clean-train` subcommand to `diffbackbone`'s subparsers."""
     from ..cli_args import device, positive_int
 
@@ -56,11 +56,11 @@ def add_clean_train_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     p.add_argument('--random-weights', action='store_true', help='random base weights, no download (trying out)')
     p.add_argument('--device', type=device, help='cpu, cuda, cuda:1 (default: the GPU of this rank, else cpu)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.set_defaults(func=run_clean_train)
+    p.set_defaults(func=run)
     return p
 
 
-def run_clean_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone clean-train`."""
     from .data import DataError
     from .distill import TrainError
@@ -84,3 +84,6 @@ def run_clean_train(args: argparse.Namespace) -> int:
     if result.validation:
         print(f'validation (student+heads vs teacher cosine): {result.validation[-1]}')
     return 0
+
+
+add_clean_train_parser, run_clean_train = add_parser, run  # the names before every command had add_parser and run
