@@ -479,3 +479,36 @@ def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
     assert main(['match', 'a.png', 'b.png', '--points', '1,1']) == 0
     assert capsys.readouterr().err == ("warning: The prompt 'cat cat' has 102 tokens, more than the 77-token window of "
                                        "the CLIP text encoder: only 'cat' is used.\n")
+
+
+# ---- issue 30 ------------------------------------------------------------------------------------------------------
+def _linked_data(tmp_path):
+    """d/imgs/sub and d/link -> imgs/sub: `d/link/..` is d/imgs for the kernel, d for text."""
+    d = tmp_path / 'd'
+    (d / 'imgs' / 'sub').mkdir(parents=True)
+    (d / 'link').symlink_to('imgs/sub')
+    return d
+
+
+def test_an_input_is_never_an_output_through_a_linked_folder_and_dotdot(tmp_path, capsys, monkeypatch):
+    import diffbackbone.commands.features as features
+    import diffbackbone.correspondence as corr
+
+    for module, name in ((corr, 'match_images'), (features, 'load_extractor')):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail('a model was loaded'))
+
+    d = _linked_data(tmp_path)
+    src, trg = d / 'imgs' / 'src.png', _img(tmp_path / 'B.png')
+    outputs.save_picture(Image.new('RGB', (32, 32)), src, 'match')  # written by an earlier `match`: ours, an input
+    before = src.read_bytes()
+    with pytest.raises(outputs.OutputError, match='is one of the inputs'):
+        outputs.check_file(d / 'link' / '..' / 'src.png', [src], overwrite=True)
+    assert main(['match', str(src), str(trg), '--points', '5,5', '--model', 'test_cleandift', '--random-weights',
+                 '--out', str(d / 'link' / '..' / 'src.png')]) == 2
+    assert 'is one of the inputs' in _err(capsys) and src.read_bytes() == before
+    sheet = d / 'imgs' / 'sheet.png'
+    outputs.save_picture(Image.new('RGB', (32, 32)), sheet, 'inspect')
+    assert main(['inspect', str(sheet), '--model', 'test_cleandift', '--random-weights', '--taps', 'mid',
+                 '--out', str(d / 'link' / '..' / 'sheet.png'), '--overwrite']) == 2
+    assert 'one of the input images' in _err(capsys) and outputs.is_ours(sheet)
+    outputs.check_file(d / 'link' / '..' / 'new.png', [src])  # a new file there is fine

@@ -143,11 +143,14 @@ def _real_dir(folder: str) -> str:
 
 
 def _real(path: PathLike) -> str:
-    """Real path, resolving the parent folders through a cache (inputs share few folders) and the file if a link."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.islink(path):
+    """The path the kernel opens: the real path of the parent folder (resolved through a cache, inputs share few
+    folders), then the name, itself resolved if a link. `..` is never taken as text: after a linked folder it is the
+    link target's parent (`link/../x`)."""
+    path = os.path.join(os.getcwd(), os.path.expanduser(os.fspath(path)))  # absolute, `..` kept for the kernel
+    head, name = os.path.split(path.rstrip(os.sep) or os.sep)
+    if name in ('', '.', '..') or os.path.islink(path):
         return os.path.realpath(path)
-    return os.path.join(_real_dir(os.path.dirname(path)), os.path.basename(path))
+    return os.path.join(_real_dir(head), name)
 
 
 def _inside(path: str, folder: str) -> bool:
