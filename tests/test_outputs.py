@@ -512,3 +512,24 @@ def test_an_input_is_never_an_output_through_a_linked_folder_and_dotdot(tmp_path
                  '--out', str(d / 'link' / '..' / 'sheet.png'), '--overwrite']) == 2
     assert 'one of the input images' in _err(capsys) and outputs.is_ours(sheet)
     outputs.check_file(d / 'link' / '..' / 'new.png', [src])  # a new file there is fine
+
+
+def test_eval_davis_masks_replace_only_masks_of_eval_davis(tmp_path, capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from test_davis import ColourModel, _write_sequence
+
+    data = tmp_path / 'DAVIS'
+    _write_sequence(data, 'still', [((30, 220, 40), (40, 30), (0, 0), 30)], frames=3)
+    (data / 'ImageSets' / '2017').mkdir(parents=True)
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('still\n')
+    monkeypatch.setattr(corr, 'load_tap_model', lambda *a, **k: ColourModel())
+    masks = tmp_path / 'masks'
+    outputs.save_picture(Image.new('RGB', (8, 8)), masks / 'still' / 'sheet.png', 'inspect')  # ours, not a mask
+    argv = ['eval', 'davis', '--data', str(data), '--random-weights', '--short-side', '64', '--masks', str(masks)]
+    assert main(argv) == 2
+    assert 'sheet.png' in _err(capsys) and (masks / 'still' / 'sheet.png').is_file()
+    assert outputs.is_ours(masks / 'still' / 'sheet.png', 'inspect')
+    assert not outputs.is_ours(masks / 'still' / 'sheet.png', 'eval davis')
+    (masks / 'still' / 'sheet.png').unlink()
+    assert main(argv) == 0 and main(argv) == 0  # its own masks are replaced
+    assert all(outputs.is_ours(p, 'eval davis') for p in (masks / 'still').iterdir())

@@ -7,7 +7,8 @@ The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval
   symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path
   inside an input folder (the dataset, the training run) is part of the input.
 * **Only diffbackbone's own outputs are replaced.** Each file a command writes carries a mark (safetensors metadata,
-  the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture);
+  the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture):
+  the command that wrote it, so that a folder replaced whole (`eval davis --masks`) is one of that command's;
   folders are recognised by their layout (a feature store's `index.json` and shards, an export's three files). A
   command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
   (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
@@ -81,14 +82,15 @@ def _store_formats() -> tuple[str, ...]:
     return FORMAT, _OLD_FORMAT
 
 
-def _picture_is_ours(path: Path) -> bool:
+def _picture_writer(path: Path) -> Optional[str]:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return str(img.getexif().get(_SOFTWARE, '')).startswith(MARK)
+            tag = str(img.getexif().get(_SOFTWARE, ''))
     except Exception:  # not a picture PIL reads: not ours
-        return False
+        return None
+    return tag[len(MARK):].strip() if tag.startswith(MARK) else None
 
 
 def _safetensors_meta(path: Path) -> Optional[dict[str, str]]:
@@ -101,39 +103,52 @@ def _safetensors_meta(path: Path) -> Optional[dict[str, str]]:
         return None
 
 
-def is_ours(path: PathLike) -> bool:
-    """Whether diffbackbone wrote the file `path` (by its mark; see the module docstring)."""
-    path = Path(path)
+def _writer(path: Path) -> Optional[str]:
+    """The command whose mark the file `path` carries ('' for our files of unknown kind: store files, earlier
+    versions), None when diffbackbone did not write it."""
     if not path.is_file():
-        return False
+        return None
     suffix = path.suffix.lower()
     if suffix == '.safetensors':
         meta = _safetensors_meta(path)
         if meta is None:
-            return False
-        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
+            return None
+        if MARK in meta:
+            return meta[MARK]
+        ours = (any(k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
                 or {'model', 'images', 'input_size'} <= set(meta))  # single-file features of earlier versions
+        return '' if ours else None
     if suffix == '.json':
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and (MARK in data or data.get('format') in _store_formats())
+            return None
+        if not isinstance(data, dict):
+            return None
+        return str(data[MARK]) if MARK in data else '' if data.get('format') in _store_formats() else None
     if suffix == '.npy':  # a depth map: ours when its picture (same stem) is, and it is that picture's size
         import numpy as np
 
         picture = path.with_suffix('.png')
-        if not _picture_is_ours(picture):
-            return False
+        writer = _picture_writer(picture)
+        if writer is None:
+            return None
         try:
             arr = np.load(path, mmap_mode='r', allow_pickle=False)
             from PIL import Image
 
             with Image.open(picture) as img:
-                return arr.dtype == np.float32 and arr.shape == (img.height, img.width)
+                return writer if arr.dtype == np.float32 and arr.shape == (img.height, img.width) else None
         except Exception:
-            return False
-    return _picture_is_ours(path)
+            return None
+    return _picture_writer(path)
+
+
+def is_ours(path: PathLike, command: Optional[str] = None) -> bool:
+    """Whether diffbackbone wrote the file `path` (by its mark; see the module docstring), and when `command` is given,
+    whether that command did (an output kind replaces only its own files)."""
+    writer = _writer(Path(path))
+    return writer is not None and (command is None or writer == command)
 
 
 # ---- path relations ------------------------------------------------------------------------------------------------
