@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.images import image_size, load_image, open_image
-from .data.outputs import check_file, save_picture, write_json
+from .data.outputs import check_distinct_outputs, check_file, save_picture, write_json
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -345,6 +345,7 @@ def run_match(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise InputError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
+    check_distinct_outputs({'--out': args.out, '--json': getattr(args, 'json', None)})
     for option in ('out', 'json'):  # before any model loads: never an input, never a file of someone else
         if getattr(args, option, None):
             check_file(getattr(args, option), [args.src, args.trg], option=f'--{option}')

@@ -533,3 +533,39 @@ def test_eval_davis_masks_replace_only_masks_of_eval_davis(tmp_path, capsys, mon
     (masks / 'still' / 'sheet.png').unlink()
     assert main(argv) == 0 and main(argv) == 0  # its own masks are replaced
     assert all(outputs.is_ours(p, 'eval davis') for p in (masks / 'still').iterdir())
+
+
+def test_outputs_of_one_command_are_distinct(tmp_path):
+    a, store = tmp_path / 'a.png', tmp_path / 'S'
+    for files, folders, message in (({'--out': a, '--json': tmp_path / 'sub' / '..' / 'a.png'}, {}, 'same file'),
+                                    ({'--json': store / 'index.json'}, {'--store': store}, 'inside --store'),
+                                    ({'--json': store}, {'--cache': store}, 'inside --cache'),
+                                    ({}, {'--masks': store, '--cache': store / 'c'}, 'overlap')):
+        with pytest.raises(outputs.OutputError, match=message):
+            outputs.check_distinct_outputs(files, folders)
+    outputs.check_distinct_outputs({'--out': a, '--json': tmp_path / 'a.json', '--none': None}, {'--store': store})
+
+
+def test_one_file_named_twice_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import diffbackbone.commands.features as features
+    import diffbackbone.correspondence as corr
+    from test_pixel import ARGS, _write_dataset
+
+    from diffbackbone.evals import pixel
+
+    for module, name in ((corr, 'match_images'), (features, 'load_extractor'), (pixel, '_extract')):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail('the work started'))
+    img, out = _img(tmp_path / 'img.png'), tmp_path / 'o.png'
+    inspect = ['inspect', str(img), '--model', 'test_cleandift', '--random-weights', '--out', str(out)]
+    for extra in (['--taps', 'mid', '--json', str(tmp_path / 'sub' / '..' / 'o.png')],
+                  ['--taps', 'us6', 'us9', 'mid', '--per-sheet', '2', '--json', str(tmp_path / 'o-index.json')]):
+        assert main(inspect + extra) == 2
+        assert '--json' in _err(capsys)
+    assert main(['match', str(img), str(img), '--points', '1,1', '--model', 'test_cleandift', '--random-weights',
+                 '--out', str(out), '--json', str(out)]) == 2
+    assert 'same file' in _err(capsys)
+    data, store = _write_dataset(tmp_path / 'blocks_3', 1, 1), tmp_path / 'S'
+    assert main(['eval', 'pixel', '--data', str(data), '--store', str(store), '--json', str(store / 'index.json'),
+                 *ARGS]) == 2
+    assert 'inside --store' in _err(capsys)
+    assert not out.exists() and not store.exists()

@@ -13,6 +13,8 @@ The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval
   command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
   (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
   `bench --json`). Anything else is refused, `--overwrite` or not.
+* **The outputs of one command are distinct** (`check_distinct_outputs`, by real path): no file named twice, no
+  output inside another's folder, no output folders inside each other.
 * **Unwritable destinations are refused up front**, by creating (and removing) a probe file where the output goes.
 * **Concurrent writers into one feature store are safe** (`data.store`): writer-unique shard names, the index
   rebuilt under a lock; the store's own files (any writer's) count as ours here.
@@ -26,7 +28,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -35,8 +37,8 @@ from ..errors import DiffbackboneError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ['OutputError', 'check_file', 'check_folder', 'check_writable', 'is_ours', 'mark_metadata', 'save_picture',
-           'write_json', 'MARK']
+__all__ = ['OutputError', 'check_distinct_outputs', 'check_file', 'check_folder', 'check_writable', 'is_ours',
+           'mark_metadata', 'save_picture', 'write_json', 'MARK']
 
 MARK = 'diffbackbone'
 _SOFTWARE = 0x0131  # EXIF/TIFF "Software" tag
@@ -329,3 +331,34 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
     check_writable(path / '.probe', option)
     return path
 
+
+
+Outputs = Union[Mapping[str, Optional[PathLike]], Iterable[tuple[str, Optional[PathLike]]]]
+
+
+def check_distinct_outputs(files: Outputs, folders: Outputs = ()) -> None:
+    """Check, before any work, that a command's outputs do not overwrite each other: no file named twice, no file
+    inside an output folder, no output folder inside another (all by real path, so links and `..` count).
+
+    Args:
+        files: (option, path) of each output file (a mapping or pairs; an option may name several files); None paths
+            are skipped.
+        folders: (option, path) of each output folder.
+    """
+    def real(outputs: Outputs) -> list[tuple[str, str, str]]:
+        pairs = outputs.items() if isinstance(outputs, Mapping) else outputs
+        return [(option, os.fspath(p), _real(Path(p).expanduser())) for option, p in pairs if p is not None]
+
+    files, folders = real(files), real(folders)
+    for i, (opt, path, r) in enumerate(files):
+        for opt2, path2, r2 in files[:i]:
+            if r == r2 or _same_file(r, r2):
+                raise OutputError(f'{opt2} {path2} and {opt} {path} are the same file: give each output its own path.')
+        for opt2, path2, r2 in folders:
+            if _inside(r, r2):
+                raise OutputError(f'{opt} {path} is inside {opt2} {path2}: the one would overwrite or lose the other. '
+                                  f'Give {opt} a path outside that folder.')
+    for i, (opt, path, r) in enumerate(folders):
+        for opt2, path2, r2 in folders[:i]:
+            if _inside(r, r2) or _inside(r2, r):
+                raise OutputError(f'{opt2} {path2} and {opt} {path} overlap: give them separate folders.')
