@@ -569,3 +569,39 @@ def test_one_file_named_twice_is_refused_before_any_work(tmp_path, capsys, monke
                  *ARGS]) == 2
     assert 'inside --store' in _err(capsys)
     assert not out.exists() and not store.exists()
+
+
+def test_outputs_that_would_break_the_data_or_be_lost_are_refused_up_front(tmp_path, capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from test_davis import _write_sequence
+    from test_spair import _write_pair
+
+    from diffbackbone.evals import hpatches, spair
+
+    monkeypatch.setattr(hpatches, 'evaluate', lambda *a, **k: pytest.fail('the evaluation ran'))
+    monkeypatch.setattr(spair, 'evaluate', lambda *a, **k: pytest.fail('the evaluation ran'))
+    monkeypatch.setattr(corr, 'load_tap_model', lambda *a, **k: pytest.fail('a model was built'))
+    root, kps = tmp_path / 'hpatches', tmp_path / 'kps'
+    (root / 'i_a').mkdir(parents=True)
+    (root / 'i_a' / 'H_1_2').write_text('1 0 0\n0 1 0\n0 0 1\n')
+    (kps / 'i_a').mkdir(parents=True)
+    assert main(['eval', 'hpatches', '--data', str(root), '--keypoints', str(kps), '--model', 'test_dift',
+                 '--random-weights', '--cache', str(root / 'cache')]) == 2  # a new folder: the next run's sequence
+    assert 'inside the input folder' in _err(capsys) and not (root / 'cache').exists()
+    data = tmp_path / 'DAVIS'
+    _write_sequence(data, 'still', [((30, 220, 40), (40, 30), (0, 0), 30)], frames=3)
+    (data / 'ImageSets' / '2017').mkdir(parents=True)
+    davis = ['eval', 'davis', '--data', str(data), '--random-weights', '--short-side', '64']
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('../480p/still\n')
+    assert main(davis) == 2 and "'../480p/still' is not a sequence name" in _err(capsys)
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('still\n')
+    masks = tmp_path / 'masks'
+    assert main(davis + ['--masks', str(masks), '--json', str(masks / 'still')]) == 2
+    assert 'inside --masks' in _err(capsys)
+    spair_root = tmp_path / 'SPair-71k'
+    _write_pair(spair_root, 'p', 'cat', ('a.jpg', (30, 15)), ('b.jpg', (50, 40)), src_kps=[[1, 1]], trg_kps=[[2, 2]],
+                bbox=[5, 3, 25, 33])
+    x = tmp_path / 'x'
+    assert main(['eval', 'spair', '--data', str(spair_root), '--model', 'test_cleandift', '--random-weights',
+                 '--json', str(x), '--cache', str(x)]) == 2
+    assert 'inside --cache' in _err(capsys) and not x.exists()

@@ -4,8 +4,9 @@ The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval
 / `pixel`, `export`, `bench`):
 
 * **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
-  symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path
-  inside an input folder (the dataset, the training run) is part of the input.
+  symlinks and hard links count), an output folder may not be, or hold, an input file or folder, nor lie inside an
+  input folder (new or not: the dataset, the training run), and an existing path inside an input folder is part of
+  the input.
 * **Only diffbackbone's own outputs are replaced.** Each file a command writes carries a mark (safetensors metadata,
   the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture):
   the command that wrote it, so that a folder replaced whole (`eval davis --masks`) is one of that command's;
@@ -314,9 +315,9 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
         if _inside(rd, real):
             raise OutputError(f'{option} {path} {"is" if rd == real else "holds"} the input {d}: its files would be '
                               'mixed with or replaced by the output. Choose another output folder.')
-        if path.exists() and _inside(real, rd):
-            raise OutputError(f'{option} {path} is inside the input folder {d}: it is part of the input and is '
-                              'not replaced. Choose another output folder.')
+        if _inside(real, rd):  # new or not: a dataset's reader would take it for part of the data on the next run
+            raise OutputError(f'{option} {path} is inside the input folder {d}: it is part of the input'
+                              f'{"" if path.exists() else " once written"}. Choose another output folder.')
     if kind != 'folder':
         inside = next((f for f in files if _inside(_real(f), real)), None)
         if inside is not None:
