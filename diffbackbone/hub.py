@@ -129,8 +129,10 @@ def _message(err: BaseException, repo: str | None, revision: str | None, filenam
         return (f'the download of {where} was interrupted or truncated; the partial file was discarded and nothing '
                 'was cached. Run again to download it anew.')
     if isinstance(err, SafetensorError):
-        return (f'{where} is not a valid safetensors file (truncated or corrupted). Delete it so that it is fetched '
-                'again, or give another file.')
+        local = not repo or os.path.isdir(os.path.expanduser(repo)) or os.path.isabs(filename or '')
+        cached = not local or bool(filename) and _cached(Path(filename))  # a user's own file is never to be deleted
+        fix = 'Delete it from the cache so that it is fetched again' if cached else 'Replace it with a complete copy'
+        return f'{where} is not a valid safetensors file (truncated or corrupted). {fix}, or give another file.'
     return None
 
 
@@ -140,7 +142,7 @@ def hub_errors(what: str, hint: str = '', *, repo: str | None = None, revision: 
     """Re-raise huggingface_hub, network and safetensors errors of the block as a `HubError` about `what`."""
     try:
         yield
-    except HubError:
+    except DiffbackboneError:  # ours already says what was wrong (a LoRA's own broken file is not the weights')
         raise
     except Exception as err:
         translated = _translate(err, what, hint, repo, revision, filename)
@@ -265,19 +267,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _in_hf_cache(path: Path) -> bool:
+    parts = path.absolute().parts
+    return 'snapshots' in parts and parts[parts.index('snapshots') - 1].startswith(('models--', 'datasets--'))
+
+
+def _cached(path: Path) -> bool:
+    """Whether `path` is a download of ours (the HF cache, our cache), never a user's own file."""
+    return _in_hf_cache(path) or path.absolute().is_relative_to(cache_dir().absolute())
+
+
 def _discard(path: Path) -> bool:
     """Delete a broken file from the HF cache (blob and snapshot link) or from our cache; False if not cached."""
-    parts = path.absolute().parts
-    in_hf_cache = 'snapshots' in parts and parts[parts.index('snapshots') - 1].startswith(('models--', 'datasets--'))
-    if in_hf_cache:
-        if path.is_symlink():
-            path.resolve().unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        return True
-    if path.absolute().is_relative_to(cache_dir().absolute()):
-        path.unlink(missing_ok=True)
-        return True
-    return False
+    if not _cached(path):
+        return False
+    if _in_hf_cache(path) and path.is_symlink():
+        path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def broken_safetensors(path: Path, what: str, err: BaseException) -> str | None:
+    """The message for `path` when `err` (or an error it comes from) says it is not a readable safetensors file, else
+    None. A download of ours is deleted so that the next call fetches it; a user's own file is never deleted."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen and not isinstance(err, SafetensorError):
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    if err is None or not isinstance(err, SafetensorError):
+        return None
+    fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
+           else 'Replace it with a complete copy (a PyTorch .pt/.bin/.ckpt checkpoint must first be converted '
+                'with safetensors.torch.save_file).')
+    return f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file ({err}). {fix}'
 
 
 def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
@@ -288,11 +310,7 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError as err:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
     except SafetensorError as err:
-        fix = ('It was deleted from the cache and will be downloaded again on the next call.' if _discard(path)
-               else 'Replace it with a complete copy (a PyTorch .pt/.bin/.ckpt checkpoint must first be converted '
-                    'with safetensors.torch.save_file).')
-        raise HubError(f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file '
-                       f'({err}). {fix}') from err
+        raise HubError(broken_safetensors(path, what, err)) from err
     except OSError as err:  # a folder, a device, no permission
         reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'
         raise HubError(f'Could not get {what}: {path} {reason}. Give the path of a .safetensors file.') from err

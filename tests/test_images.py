@@ -66,3 +66,13 @@ def test_training_finds_every_extension_the_loader_reads(tmp_path):
     for ext in IMAGE_EXTENSIONS:
         (tmp_path / f'x{ext}').touch()
     assert [p.suffix for p in find_images(tmp_path)] == sorted(IMAGE_EXTENSIONS, key=lambda e: f'x{e}')
+
+
+def test_training_walks_linked_folders_as_every_command(tmp_path):
+    data, other = tmp_path / 'data', tmp_path / 'other'
+    for folder, name in ((data / 'sub', 'a.png'), (other, 'b.png')):
+        folder.mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(folder / name)
+    (data / 'linked').symlink_to(other, target_is_directory=True)  # a folder of images kept elsewhere
+    (data / 'loop').symlink_to(data, target_is_directory=True)  # a loop ends
+    assert find_images(data) == [data / 'linked' / 'b.png', data / 'sub' / 'a.png']

@@ -169,3 +169,26 @@ def test_export_records_the_fused_lora(lora_files, tmp_path):
     assert 'lora' not in config['model_args']  # fused into the weights: never applied again on load
     plain = export_model(weights, tmp_path / 'plain', model='test_dift')
     assert 'fused_lora' not in json.loads((plain / 'config.json').read_text())
+
+
+def test_a_lora_that_is_not_a_safetensors_file_is_named_and_never_deleted(tmp_path):
+    *_, weights = _diffusers_weights('test_dift', tmp_path)
+    kw = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), ensemble=1)
+    jpeg = tmp_path / 'mine.safetensors'
+    Image.new('RGB', (16, 16)).save(jpeg, format='JPEG')  # the user's own file, not a LoRA
+    with pytest.raises(ValueError) as e:
+        timm.create_model('test_dift', lora=str(jpeg), **kw)
+    message = str(e.value)
+    assert str(jpeg) in message and 'not a safetensors file' in message, message
+    assert 'Delete' not in message and 'deleted' not in message and str(weights) not in message, message
+    assert jpeg.is_file() and weights.is_file()
+
+
+def test_a_broken_local_file_outside_the_cache_is_never_said_to_be_deleted():
+    from safetensors import SafetensorError
+
+    from diffbackbone.hub import HubError, hub_errors
+
+    with pytest.raises(HubError) as e, hub_errors('weights of x', filename='/home/me/w.safetensors'):
+        raise SafetensorError('Error while deserializing header: header too large')
+    assert 'w.safetensors' in str(e.value) and 'Delete' not in str(e.value)

@@ -479,3 +479,129 @@ def test_cli_prints_a_cut_prompt_as_one_warning_line(capsys, monkeypatch):
     assert main(['match', 'a.png', 'b.png', '--points', '1,1']) == 0
     assert capsys.readouterr().err == ("warning: The prompt 'cat cat' has 102 tokens, more than the 77-token window of "
                                        "the CLIP text encoder: only 'cat' is used.\n")
+
+
+# ---- issue 30 ------------------------------------------------------------------------------------------------------
+def _linked_data(tmp_path):
+    """d/imgs/sub and d/link -> imgs/sub: `d/link/..` is d/imgs for the kernel, d for text."""
+    d = tmp_path / 'd'
+    (d / 'imgs' / 'sub').mkdir(parents=True)
+    (d / 'link').symlink_to('imgs/sub')
+    return d
+
+
+def test_an_input_is_never_an_output_through_a_linked_folder_and_dotdot(tmp_path, capsys, monkeypatch):
+    import diffbackbone.commands.features as features
+    import diffbackbone.correspondence as corr
+
+    for module, name in ((corr, 'match_images'), (features, 'load_extractor')):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail('a model was loaded'))
+
+    d = _linked_data(tmp_path)
+    src, trg = d / 'imgs' / 'src.png', _img(tmp_path / 'B.png')
+    outputs.save_picture(Image.new('RGB', (32, 32)), src, 'match')  # written by an earlier `match`: ours, an input
+    before = src.read_bytes()
+    with pytest.raises(outputs.OutputError, match='is one of the inputs'):
+        outputs.check_file(d / 'link' / '..' / 'src.png', [src], overwrite=True)
+    assert main(['match', str(src), str(trg), '--points', '5,5', '--model', 'test_cleandift', '--random-weights',
+                 '--out', str(d / 'link' / '..' / 'src.png')]) == 2
+    assert 'is one of the inputs' in _err(capsys) and src.read_bytes() == before
+    sheet = d / 'imgs' / 'sheet.png'
+    outputs.save_picture(Image.new('RGB', (32, 32)), sheet, 'inspect')
+    assert main(['inspect', str(sheet), '--model', 'test_cleandift', '--random-weights', '--taps', 'mid',
+                 '--out', str(d / 'link' / '..' / 'sheet.png'), '--overwrite']) == 2
+    assert 'one of the input images' in _err(capsys) and outputs.is_ours(sheet)
+    outputs.check_file(d / 'link' / '..' / 'new.png', [src])  # a new file there is fine
+
+
+def test_eval_davis_masks_replace_only_masks_of_eval_davis(tmp_path, capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from test_davis import ColourModel, _write_sequence
+
+    data = tmp_path / 'DAVIS'
+    _write_sequence(data, 'still', [((30, 220, 40), (40, 30), (0, 0), 30)], frames=3)
+    (data / 'ImageSets' / '2017').mkdir(parents=True)
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('still\n')
+    monkeypatch.setattr(corr, 'load_tap_model', lambda *a, **k: ColourModel())
+    masks = tmp_path / 'masks'
+    outputs.save_picture(Image.new('RGB', (8, 8)), masks / 'still' / 'sheet.png', 'inspect')  # ours, not a mask
+    argv = ['eval', 'davis', '--data', str(data), '--random-weights', '--short-side', '64', '--masks', str(masks)]
+    assert main(argv) == 2
+    assert 'sheet.png' in _err(capsys) and (masks / 'still' / 'sheet.png').is_file()
+    assert outputs.is_ours(masks / 'still' / 'sheet.png', 'inspect')
+    assert not outputs.is_ours(masks / 'still' / 'sheet.png', 'eval davis')
+    (masks / 'still' / 'sheet.png').unlink()
+    assert main(argv) == 0 and main(argv) == 0  # its own masks are replaced
+    assert all(outputs.is_ours(p, 'eval davis') for p in (masks / 'still').iterdir())
+
+
+def test_outputs_of_one_command_are_distinct(tmp_path):
+    a, store = tmp_path / 'a.png', tmp_path / 'S'
+    for files, folders, message in (({'--out': a, '--json': tmp_path / 'sub' / '..' / 'a.png'}, {}, 'same file'),
+                                    ({'--json': store / 'index.json'}, {'--store': store}, 'inside --store'),
+                                    ({'--json': store}, {'--cache': store}, 'inside --cache'),
+                                    ({}, {'--masks': store, '--cache': store / 'c'}, 'overlap')):
+        with pytest.raises(outputs.OutputError, match=message):
+            outputs.check_distinct_outputs(files, folders)
+    outputs.check_distinct_outputs({'--out': a, '--json': tmp_path / 'a.json', '--none': None}, {'--store': store})
+
+
+def test_one_file_named_twice_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import diffbackbone.commands.features as features
+    import diffbackbone.correspondence as corr
+    from test_pixel import ARGS, _write_dataset
+
+    from diffbackbone.evals import pixel
+
+    for module, name in ((corr, 'match_images'), (features, 'load_extractor'), (pixel, '_extract')):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail('the work started'))
+    img, out = _img(tmp_path / 'img.png'), tmp_path / 'o.png'
+    inspect = ['inspect', str(img), '--model', 'test_cleandift', '--random-weights', '--out', str(out)]
+    for extra in (['--taps', 'mid', '--json', str(tmp_path / 'sub' / '..' / 'o.png')],
+                  ['--taps', 'us6', 'us9', 'mid', '--per-sheet', '2', '--json', str(tmp_path / 'o-index.json')]):
+        assert main(inspect + extra) == 2
+        assert '--json' in _err(capsys)
+    assert main(['match', str(img), str(img), '--points', '1,1', '--model', 'test_cleandift', '--random-weights',
+                 '--out', str(out), '--json', str(out)]) == 2
+    assert 'same file' in _err(capsys)
+    data, store = _write_dataset(tmp_path / 'blocks_3', 1, 1), tmp_path / 'S'
+    assert main(['eval', 'pixel', '--data', str(data), '--store', str(store), '--json', str(store / 'index.json'),
+                 *ARGS]) == 2
+    assert 'inside --store' in _err(capsys)
+    assert not out.exists() and not store.exists()
+
+
+def test_outputs_that_would_break_the_data_or_be_lost_are_refused_up_front(tmp_path, capsys, monkeypatch):
+    import diffbackbone.correspondence as corr
+    from test_davis import _write_sequence
+    from test_spair import _write_pair
+
+    from diffbackbone.evals import hpatches, spair
+
+    monkeypatch.setattr(hpatches, 'evaluate', lambda *a, **k: pytest.fail('the evaluation ran'))
+    monkeypatch.setattr(spair, 'evaluate', lambda *a, **k: pytest.fail('the evaluation ran'))
+    monkeypatch.setattr(corr, 'load_tap_model', lambda *a, **k: pytest.fail('a model was built'))
+    root, kps = tmp_path / 'hpatches', tmp_path / 'kps'
+    (root / 'i_a').mkdir(parents=True)
+    (root / 'i_a' / 'H_1_2').write_text('1 0 0\n0 1 0\n0 0 1\n')
+    (kps / 'i_a').mkdir(parents=True)
+    assert main(['eval', 'hpatches', '--data', str(root), '--keypoints', str(kps), '--model', 'test_dift',
+                 '--random-weights', '--cache', str(root / 'cache')]) == 2  # a new folder: the next run's sequence
+    assert 'inside the input folder' in _err(capsys) and not (root / 'cache').exists()
+    data = tmp_path / 'DAVIS'
+    _write_sequence(data, 'still', [((30, 220, 40), (40, 30), (0, 0), 30)], frames=3)
+    (data / 'ImageSets' / '2017').mkdir(parents=True)
+    davis = ['eval', 'davis', '--data', str(data), '--random-weights', '--short-side', '64']
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('../480p/still\n')
+    assert main(davis) == 2 and "'../480p/still' is not a sequence name" in _err(capsys)
+    (data / 'ImageSets' / '2017' / 'val.txt').write_text('still\n')
+    masks = tmp_path / 'masks'
+    assert main(davis + ['--masks', str(masks), '--json', str(masks / 'still')]) == 2
+    assert 'inside --masks' in _err(capsys)
+    spair_root = tmp_path / 'SPair-71k'
+    _write_pair(spair_root, 'p', 'cat', ('a.jpg', (30, 15)), ('b.jpg', (50, 40)), src_kps=[[1, 1]], trg_kps=[[2, 2]],
+                bbox=[5, 3, 25, 33])
+    x = tmp_path / 'x'
+    assert main(['eval', 'spair', '--data', str(spair_root), '--model', 'test_cleandift', '--random-weights',
+                 '--json', str(x), '--cache', str(x)]) == 2
+    assert 'inside --cache' in _err(capsys) and not x.exists()

@@ -228,3 +228,16 @@ def test_too_few_classes_and_overlaps(tmp_path, capsys):
     assert cli.main(['eval', 'pixel', '--data', str(tmp_path / 'nope'), '--store', str(tmp_path / 's'), *ARGS]) == 2
     assert 'no such folder' in capsys.readouterr().err
     assert not (tmp_path / 's').exists()
+
+
+def test_label_maps_of_another_aspect_ratio_are_refused_and_other_sizes_warned(tmp_path, capsys):
+    data = _bad(tmp_path, lambda r: np.save(r / 'train' / 'train_1.npy', np.zeros((17, 300), np.uint8)))
+    store = tmp_path / 'store'
+    assert cli.main(['eval', 'pixel', '--data', str(data), '--store', str(store), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert 'train_1.npy' in err and '17 x 300' in err and 'aspect ratio' in err and err.count('\n') == 1, err
+    assert not store.exists()
+    np.save(data / 'real' / 'train' / 'train_1.npy', np.zeros((1, 1), np.uint8))  # same aspect, another size: warned
+    np.save(data / 'real' / 'test' / 'test_1.npy', np.ones((S // 2 + 1, S // 2), np.uint8))  # a rounding: warned
+    with pytest.warns(UserWarning, match=r'2 label maps.*train_1.npy \(1 x 1 for a 32 x 32 image\)'):
+        assert len(load_pixel_dataset(data).train) == 2

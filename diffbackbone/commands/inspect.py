@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli_args import DTYPES, model_kwargs
     from ..data.extract import check_output, data_config, load_extractor
     from ..data.images import load_image, open_image, resize_image
-    from ..data.outputs import save_picture, write_json
+    from ..data.outputs import check_distinct_outputs, save_picture, write_json
     from ..data.pipeline import find_images
 
     images = find_images(args.images)
@@ -390,10 +390,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f'--out {out}: give a .png file name for the sheet.')
     sheets, index = sheet_paths(out, len(names), args.per_sheet)
     outputs = sheets + ([index] if index else []) + ([Path(args.json)] if args.json else [])
+    check_distinct_outputs([('--out', p) for p in sheets + [index]] + [('--json', args.json)])
     for p in outputs:
         check_output(p, images, args.overwrite)
-    if len(set(map(str, outputs))) != len(outputs):
-        raise InputError(f'--json {args.json} is also a sheet file: choose another name.')
 
     tap_names = [t.name for t in taps]
     model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights,

@@ -43,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli_args import DTYPES, check_size_fits, model_kwargs
     from ..correspondence import draw_matches, match_images
-    from ..data.outputs import check_file, write_json
+    from ..data.outputs import check_distinct_outputs, check_file, write_json
     from ..errors import InputError
 
     if args.out and Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise InputError(f'--out {args.out}: give a picture file name ending in .png or .jpg.')
+    check_distinct_outputs({'--out': args.out, '--json': getattr(args, 'json', None)})
     for option in ('out', 'json'):  # before any model loads: never an input, never a file of someone else
         if getattr(args, option, None):
             check_file(getattr(args, option), [args.src, args.trg], option=f'--{option}')

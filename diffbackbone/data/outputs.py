@@ -4,14 +4,18 @@ The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval
 / `pixel`, `export`, `bench`):
 
 * **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
-  symlinks and hard links count), an output folder may not be, or hold, an input file or folder, and an existing path
-  inside an input folder (the dataset, the training run) is part of the input.
+  symlinks and hard links count), an output folder may not be, or hold, an input file or folder, nor lie inside an
+  input folder (new or not: the dataset, the training run), and an existing path inside an input folder is part of
+  the input.
 * **Only diffbackbone's own outputs are replaced.** Each file a command writes carries a mark (safetensors metadata,
-  the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture);
+  the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture):
+  the command that wrote it, so that a folder replaced whole (`eval davis --masks`) is one of that command's;
   folders are recognised by their layout (a feature store's `index.json` and shards, an export's three files). A
   command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
   (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
   `bench --json`). Anything else is refused, `--overwrite` or not.
+* **The outputs of one command are distinct** (`check_distinct_outputs`, by real path): no file named twice, no
+  output inside another's folder, no output folders inside each other.
 * **Unwritable destinations are refused up front**, by creating (and removing) a probe file where the output goes.
 * **Concurrent writers into one feature store are safe** (`data.store`): writer-unique shard names, the index
   rebuilt under a lock; the store's own files (any writer's) count as ours here.
@@ -25,7 +29,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -34,8 +38,8 @@ from ..errors import DiffbackboneError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ['OutputError', 'check_file', 'check_folder', 'check_writable', 'is_ours', 'mark_metadata', 'save_picture',
-           'write_json', 'MARK']
+__all__ = ['OutputError', 'check_distinct_outputs', 'check_file', 'check_folder', 'check_writable', 'is_ours',
+           'mark_metadata', 'save_picture', 'write_json', 'MARK']
 
 MARK = 'diffbackbone'
 _SOFTWARE = 0x0131  # EXIF/TIFF "Software" tag
@@ -81,14 +85,15 @@ def _store_formats() -> tuple[str, ...]:
     return FORMAT, _OLD_FORMAT
 
 
-def _picture_is_ours(path: Path) -> bool:
+def _picture_writer(path: Path) -> Optional[str]:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return str(img.getexif().get(_SOFTWARE, '')).startswith(MARK)
+            tag = str(img.getexif().get(_SOFTWARE, ''))
     except Exception:  # not a picture PIL reads: not ours
-        return False
+        return None
+    return tag[len(MARK):].strip() if tag.startswith(MARK) else None
 
 
 def _safetensors_meta(path: Path) -> Optional[dict[str, str]]:
@@ -101,39 +106,52 @@ def _safetensors_meta(path: Path) -> Optional[dict[str, str]]:
         return None
 
 
-def is_ours(path: PathLike) -> bool:
-    """Whether diffbackbone wrote the file `path` (by its mark; see the module docstring)."""
-    path = Path(path)
+def _writer(path: Path) -> Optional[str]:
+    """The command whose mark the file `path` carries ('' for our files of unknown kind: store files, earlier
+    versions), None when diffbackbone did not write it."""
     if not path.is_file():
-        return False
+        return None
     suffix = path.suffix.lower()
     if suffix == '.safetensors':
         meta = _safetensors_meta(path)
         if meta is None:
-            return False
-        return (any(k == MARK or k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
+            return None
+        if MARK in meta:
+            return meta[MARK]
+        ours = (any(k.startswith(MARK + '.') for k in meta) or meta.get('format') in _store_formats()
                 or {'model', 'images', 'input_size'} <= set(meta))  # single-file features of earlier versions
+        return '' if ours else None
     if suffix == '.json':
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and (MARK in data or data.get('format') in _store_formats())
+            return None
+        if not isinstance(data, dict):
+            return None
+        return str(data[MARK]) if MARK in data else '' if data.get('format') in _store_formats() else None
     if suffix == '.npy':  # a depth map: ours when its picture (same stem) is, and it is that picture's size
         import numpy as np
 
         picture = path.with_suffix('.png')
-        if not _picture_is_ours(picture):
-            return False
+        writer = _picture_writer(picture)
+        if writer is None:
+            return None
         try:
             arr = np.load(path, mmap_mode='r', allow_pickle=False)
             from PIL import Image
 
             with Image.open(picture) as img:
-                return arr.dtype == np.float32 and arr.shape == (img.height, img.width)
+                return writer if arr.dtype == np.float32 and arr.shape == (img.height, img.width) else None
         except Exception:
-            return False
-    return _picture_is_ours(path)
+            return None
+    return _picture_writer(path)
+
+
+def is_ours(path: PathLike, command: Optional[str] = None) -> bool:
+    """Whether diffbackbone wrote the file `path` (by its mark; see the module docstring), and when `command` is given,
+    whether that command did (an output kind replaces only its own files)."""
+    writer = _writer(Path(path))
+    return writer is not None and (command is None or writer == command)
 
 
 # ---- path relations ------------------------------------------------------------------------------------------------
@@ -143,11 +161,14 @@ def _real_dir(folder: str) -> str:
 
 
 def _real(path: PathLike) -> str:
-    """Real path, resolving the parent folders through a cache (inputs share few folders) and the file if a link."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.islink(path):
+    """The path the kernel opens: the real path of the parent folder (resolved through a cache, inputs share few
+    folders), then the name, itself resolved if a link. `..` is never taken as text: after a linked folder it is the
+    link target's parent (`link/../x`)."""
+    path = os.path.join(os.getcwd(), os.path.expanduser(os.fspath(path)))  # absolute, `..` kept for the kernel
+    head, name = os.path.split(path.rstrip(os.sep) or os.sep)
+    if name in ('', '.', '..') or os.path.islink(path):
         return os.path.realpath(path)
-    return os.path.join(_real_dir(os.path.dirname(path)), os.path.basename(path))
+    return os.path.join(_real_dir(head), name)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -294,9 +315,9 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
         if _inside(rd, real):
             raise OutputError(f'{option} {path} {"is" if rd == real else "holds"} the input {d}: its files would be '
                               'mixed with or replaced by the output. Choose another output folder.')
-        if path.exists() and _inside(real, rd):
-            raise OutputError(f'{option} {path} is inside the input folder {d}: it is part of the input and is '
-                              'not replaced. Choose another output folder.')
+        if _inside(real, rd):  # new or not: a dataset's reader would take it for part of the data on the next run
+            raise OutputError(f'{option} {path} is inside the input folder {d}: it is part of the input'
+                              f'{"" if path.exists() else " once written"}. Choose another output folder.')
     if kind != 'folder':
         inside = next((f for f in files if _inside(_real(f), real)), None)
         if inside is not None:
@@ -311,3 +332,34 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
     check_writable(path / '.probe', option)
     return path
 
+
+
+Outputs = Union[Mapping[str, Optional[PathLike]], Iterable[tuple[str, Optional[PathLike]]]]
+
+
+def check_distinct_outputs(files: Outputs, folders: Outputs = ()) -> None:
+    """Check, before any work, that a command's outputs do not overwrite each other: no file named twice, no file
+    inside an output folder, no output folder inside another (all by real path, so links and `..` count).
+
+    Args:
+        files: (option, path) of each output file (a mapping or pairs; an option may name several files); None paths
+            are skipped.
+        folders: (option, path) of each output folder.
+    """
+    def real(outputs: Outputs) -> list[tuple[str, str, str]]:
+        pairs = outputs.items() if isinstance(outputs, Mapping) else outputs
+        return [(option, os.fspath(p), _real(Path(p).expanduser())) for option, p in pairs if p is not None]
+
+    files, folders = real(files), real(folders)
+    for i, (opt, path, r) in enumerate(files):
+        for opt2, path2, r2 in files[:i]:
+            if r == r2 or _same_file(r, r2):
+                raise OutputError(f'{opt2} {path2} and {opt} {path} are the same file: give each output its own path.')
+        for opt2, path2, r2 in folders:
+            if _inside(r, r2):
+                raise OutputError(f'{opt} {path} is inside {opt2} {path2}: the one would overwrite or lose the other. '
+                                  f'Give {opt} a path outside that folder.')
+    for i, (opt, path, r) in enumerate(folders):
+        for opt2, path2, r2 in folders[:i]:
+            if _inside(r, r2) or _inside(r2, r):
+                raise OutputError(f'{opt2} {path2} and {opt} {path} overlap: give them separate folders.')

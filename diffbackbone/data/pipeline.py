@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import InputError
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
 
-__all__ = ['find_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features', 'default_workers',
-           'DistInfo', 'dist_info', 'init_distributed']
+__all__ = ['find_images', 'folder_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features',
+           'default_workers', 'DistInfo', 'dist_info', 'init_distributed']
 
 
 def _is_image(path: str | Path) -> bool:
@@ -75,7 +75,9 @@ def _walk(folder: str, seen: set[str]) -> Iterator[tuple[str, bool]]:
         yield from _walk(entry.path, seen)
 
 
-def _folder_images(folder: str | Path, seen: Optional[set[str]] = None) -> list[str]:
+def folder_images(folder: str | Path, seen: Optional[set[str]] = None) -> list[str]:
+    """Image files under `folder` (by extension), walked as every command walks folders: following links, each real
+    folder once."""
     return [p for p, is_dir in _walk(str(folder), set() if seen is None else seen) if not is_dir and _is_image(p)]
 
 
@@ -100,14 +102,14 @@ def _glob_images(pattern: str) -> list[str]:
     if '**' not in parts:
         matches = sorted(glob.glob(pattern))
         images = [m for m in matches if os.path.isfile(m) and _is_image(m)]
-        return images + [i for m in matches if os.path.isdir(m) for i in _folder_images(m)]
+        return images + [i for m in matches if os.path.isdir(m) for i in folder_images(m)]
     cut = parts.index('**')
     prefix = os.sep.join(parts[:cut])
     bases = sorted(glob.glob(prefix)) if prefix else [os.sep if cut else os.curdir]
     images: list[str] = []
     for base in (b for b in bases if os.path.isdir(b)):
         if all(x == '**' for x in parts[cut:]):  # `base/**` matches `base/` itself, as in glob: all of it
-            images += _folder_images(base)
+            images += folder_images(base)
             continue
         matched_dirs: list[str] = []
         for path, is_dir in _walk(base, set()):
@@ -164,7 +166,7 @@ def find_images(inputs: Sequence[str]) -> list[str]:
                 continue
             path = Path(item)
             if path.is_dir():
-                images = _folder_images(item)
+                images = folder_images(item)
                 if not images:
                     raise InputError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under the folder {item}.')
                 add(images)

@@ -3,13 +3,12 @@ the feature cache's configuration and the check of the outputs (`data.outputs`, 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from ..data.outputs import OutputError, check_file, check_folder
+from ..data.outputs import check_distinct_outputs, check_file, check_folder
 from ..errors import InputError
 from .feature_cache import FeatureCache, weights_fingerprint
 
@@ -94,16 +93,11 @@ def check_outputs(args: argparse.Namespace, inputs: list[Optional[str]]) -> None
     never a file diffbackbone did not write; our own earlier `--json` is replaced."""
     inputs = [p for p in inputs if p]
     cache, masks = getattr(args, 'cache', None), getattr(args, 'masks', None)
+    check_distinct_outputs({'--json': args.json}, {'--store': getattr(args, 'store', None), '--cache': cache,
+                                                   '--masks': masks})
     if cache:
         check_folder(cache, 'folder', inputs, option='--cache')
     if masks:
         check_folder(masks, 'folder', inputs, option='--masks')
-        if cache and _overlap(masks, cache):
-            raise OutputError(f'--masks {masks} and --cache {cache} overlap: give them separate folders.')
     if args.json:
         check_file(args.json, inputs + [p for p in (cache, masks) if p], option='--json')
-
-
-def _overlap(a: str, b: str) -> bool:
-    ra, rb = os.path.realpath(a), os.path.realpath(b)
-    return ra == rb or ra.startswith(os.path.join(rb, '')) or rb.startswith(os.path.join(ra, ''))

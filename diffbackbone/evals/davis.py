@@ -188,7 +188,7 @@ def _palette(path: Path) -> list[int]:
 
 
 def _check_mask_folder(folder: Path) -> None:
-    """A sequence's `--masks` folder is replaced whole: only when it holds nothing but masks diffbackbone wrote."""
+    """A sequence's `--masks` folder is replaced whole: only when it holds nothing but masks `eval davis` wrote."""
     from ..data.outputs import OutputError, is_ours
 
     if not folder.exists() and not folder.is_symlink():
@@ -196,11 +196,11 @@ def _check_mask_folder(folder: Path) -> None:
     if not folder.is_dir() or folder.is_symlink():
         raise OutputError(f'--masks: {folder} exists and is not a folder of masks diffbackbone wrote; it is never '
                           'replaced. Move it away or choose another --masks folder.')
-    foreign = sorted(p.name for p in folder.iterdir() if not (p.suffix == '.png' and is_ours(p)))
+    foreign = sorted(p.name for p in folder.iterdir() if not (p.suffix == '.png' and is_ours(p, 'eval davis')))
     if foreign:
-        raise OutputError(f'--masks: {folder} holds {", ".join(foreign[:3])}, not written by diffbackbone; the '
-                          "sequence's folder is replaced whole, so it is refused. Move it away or choose another "
-                          '--masks folder.')
+        raise OutputError(f'--masks: {folder} holds {", ".join(foreign[:3])}, not written by diffbackbone eval '
+                          "davis; the sequence's folder is replaced whole, so it is refused. Move it away or choose "
+                          'another --masks folder.')
 
 
 def _write_masks(folder: Path, seq: DavisSequence, labels: list[np.ndarray]) -> None:

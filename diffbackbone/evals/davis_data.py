@@ -8,6 +8,7 @@ Every problem raises `DavisError` naming the file.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -103,6 +104,10 @@ def load_davis(root: str | Path, split: str = 'val', sequences: Optional[Sequenc
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     if not names:
         raise DavisError(f'{listing}: lists no sequence.')
+    odd = next((n for n in names if n in ('.', '..') or '/' in n or os.sep in n), None)
+    if odd is not None:
+        raise DavisError(f'{listing}: {odd!r} is not a sequence name (a folder name of JPEGImages/{resolution}, '
+                         'without / or ..). Fix the line.')
     if sequences:
         unknown = [s for s in sequences if s not in names]
         if unknown:

@@ -6,10 +6,13 @@ al.'s `scarce_segmentation/` reads them)::
 
 `--data` may name the dataset folder (holding `real/`) or `real/` itself. Images are listed as theirs: recursively,
 extensions jpg/jpeg/png/gif, sorted by path; each label is the image's path with the extension replaced by `.npy`.
-Label 255 is ignored. Everything is checked here, before any model is built.
+Label 255 is ignored. A label map has its image's size, or its aspect ratio (another size is resized by nearest
+neighbour, with a warning; another aspect ratio is refused, never stretched). Everything is checked here, before any
+model is built.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -85,14 +88,24 @@ def load_label(path: Path, size: Optional[int] = None) -> np.ndarray:
     return label
 
 
-def _check_label(path: Path) -> int:
-    """The largest class in a label file (IGNORE excluded; -1 when all ignored), after checking it."""
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether the size `a` is `b` scaled, each side rounded (within a pixel)."""
+    return max((a[0] - 1) / b[0], (a[1] - 1) / b[1]) < min((a[0] + 1) / b[0], (a[1] + 1) / b[1])
+
+
+def _check_label(path: Path, image: Path, image_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """(the largest class in a label file (IGNORE excluded; -1 when all ignored), its (H, W)), after checking it
+    against its image of size `image_hw`."""
     try:
         label = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise PixelDataError(f'{path} cannot be read as a .npy label map ({e}).') from e
     if label.ndim != 2 or min(label.shape) < 1:
         raise PixelDataError(f'{path} has shape {label.shape}; a label map is 2-D (H, W) with one class per pixel.')
+    if not _same_aspect(label.shape, image_hw):
+        raise PixelDataError(f'{path} is {label.shape[0]} x {label.shape[1]} (H x W) but its image {image.name} is '
+                             f'{image_hw[0]} x {image_hw[1]}: another aspect ratio, it would be stretched. Give each '
+                             'image a label map of its size (or its aspect ratio).')
     if label.dtype.kind not in 'iub' and not (label.dtype.kind == 'f' and np.all(label == np.round(label))):
         raise PixelDataError(f'{path} holds {label.dtype} values; labels are integer class indices (255: ignore).')
     values = np.unique(label)
@@ -100,7 +113,7 @@ def _check_label(path: Path) -> int:
         raise PixelDataError(f'{path} has labels outside 0..255 ({values.min()}..{values.max()}); classes are 0..N-1 '
                              'and 255 marks ignored pixels.')
     kept = values[values != IGNORE]
-    return int(kept.max()) if kept.size else -1
+    return int(kept.max()) if kept.size else -1, label.shape
 
 
 def load_pixel_dataset(data: str | Path, classes: Optional[int] = None) -> PixelDataset:
@@ -110,7 +123,7 @@ def load_pixel_dataset(data: str | Path, classes: Optional[int] = None) -> Pixel
 
     root, name = _root(Path(data))
     splits: dict[str, list[PixelItem]] = {}
-    largest = -1
+    largest, resized = -1, []
     for split in ('train', 'test'):
         folder = root / split
         if not folder.is_dir():
@@ -125,12 +138,20 @@ def load_pixel_dataset(data: str | Path, classes: Optional[int] = None) -> Pixel
             if not label.is_file():
                 raise PixelDataError(f'{image} has no label map {label.name} beside it; every image needs one.')
             try:
-                image_size(image)
+                w, h = image_size(image)
             except ImageError as e:
                 raise PixelDataError(f'{image} cannot be read: {e}') from e
-            largest = max(largest, _check_label(label))
+            top, shape = _check_label(label, image, (h, w))
+            largest = max(largest, top)
+            if shape != (h, w):
+                resized.append(f'{label.name} ({shape[0]} x {shape[1]} for a {h} x {w} image)')
             items.append(PixelItem(image, label, split))
         splits[split] = items
+    if resized:
+        warnings.warn(f'{len(resized)} label map{"s differ" if len(resized) > 1 else " differs"} in size from '
+                      f'{"their images" if len(resized) > 1 else "its image"} ({", ".join(resized[:3])}'
+                      f'{", ..." if len(resized) > 3 else ""}): the same aspect ratio, resized by nearest neighbour.',
+                      stacklevel=2)
     if largest < 0:
         raise PixelDataError(f'{root}: every label is 255 (ignored); nothing to learn.')
     if classes is None:

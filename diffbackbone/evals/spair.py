@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..correspondence import UpsampledTarget, normalised_map, point_features, sample_points, similarity_argmax
-from ..data.outputs import check_file, check_folder, write_json
+from ..data.outputs import check_distinct_outputs, check_file, check_folder, write_json
 from ..errors import InputError
 from .common import lora_fingerprint
 from .feature_cache import FeatureCache, weights_fingerprint
@@ -231,6 +231,7 @@ def run_spair(args: argparse.Namespace) -> int:
             raise InputError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
                              f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
     check_size_fits(args.size, args.batch_size, args.device)
+    check_distinct_outputs({'--json': args.json}, {'--cache': args.cache})
     if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
         check_file(args.json, [args.data], option='--json')
     if args.cache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from ..data.images import IMAGE_EXTENSIONS, open_image
+from ..data.pipeline import folder_images
 from ..errors import DiffbackboneError
 
 __all__ = [
@@ -38,11 +40,11 @@ class DataError(DiffbackboneError, ValueError):
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Image files under `root` (recursive, by extension, sorted)."""
+    """Image files under `root` (recursive, following linked folders, by extension, sorted)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f'Data folder {root} does not exist or is not a folder. Point --data at a folder of images.')
-    files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(Path(p) for p in folder_images(root) if os.path.isfile(p))  # the walk of every command: links too
     if not files:
         raise DataError(f'No images found under {root} (searched recursively for {", ".join(IMAGE_EXTENSIONS)}). '
                         'Point --data at a folder of images.')

@@ -77,7 +77,10 @@ def fuse_lora(unet: nn.Module, spec: str, scale: float = 1.0, sdxl: bool = False
         state_dict, alphas, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name,
                                                               local_files_only=True, return_lora_metadata=True)
     except Exception as e:  # diffusers raises a mix of types for unreadable files
-        raise LoraError(f'Could not read the LoRA {spec!r} ({path}): {e}') from e
+        from ...hub import broken_safetensors
+
+        raise LoraError(broken_safetensors(path, f'the LoRA {spec!r}', e)
+                        or f'Could not read the LoRA {spec!r} ({path}): {e}') from e
     if not state_dict or not all('lora' in k for k in state_dict):
         raise LoraError(f'{spec!r} is not a LoRA file (its tensor names hold no "lora"). Give a diffusers or kohya '
                         'LoRA .safetensors.')
