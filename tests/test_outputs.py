@@ -491,7 +491,7 @@ def _linked_data(tmp_path):
 
 
 def test_an_input_is_never_an_output_through_a_linked_folder_and_dotdot(tmp_path, capsys, monkeypatch):
-    import diffbackbone.commands.features as features
+    import diffbackbone.data.extract as features
     import diffbackbone.correspondence as corr
 
     for module, name in ((corr, 'match_images'), (features, 'load_extractor')):
@@ -547,7 +547,7 @@ def test_outputs_of_one_command_are_distinct(tmp_path):
 
 
 def test_one_file_named_twice_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import diffbackbone.commands.features as features
+    import diffbackbone.data.extract as features
     import diffbackbone.correspondence as corr
     from test_pixel import ARGS, _write_dataset
 
