@@ -170,7 +170,7 @@ def test_flux_call_at_1024_px_has_our_noise_level(flux_pipe, hub_cache):
         timesteps, sigmas = model.schedule(*latent)
         torch.testing.assert_close(call['timestep'], timesteps[:1] / 1000)
         assert call['timestep'].item() == pytest.approx(sigmas[0].item())  # flow matching: t / 1000 is the sigma
-        assert model._noise_scales(torch.zeros(1, 16, *latent)) == pytest.approx((1 - sigmas[0].item(),
+        assert model.noise_level(torch.zeros(1, 16, *latent)) == pytest.approx((1 - sigmas[0].item(),
                                                                                   sigmas[0].item()))
 
 

@@ -6,6 +6,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models._builder import load_weights
 from diffbackbone.models._base import VAE_SD, VAE_TEST
 
 
@@ -86,7 +87,7 @@ def test_clean_taps_equal_cleandift_extractor_full_sd21_with_caption(hub_cache, 
         model.timestep.fill_(273.5)
     sd = model.state_dict()
     del sd['prompt_embeds']  # as in CleanDIFT's UNet-only file: the caption's embedding is computed while loading
-    model.load_state_dict(du.checkpoint_filter_fn(sd, model))
+    load_weights(model, sd, du.checkpoint_filter_fn)  # the builder's completion computes the caption's embedding
     unet, vae = _reference_models(model, VAE_SD)
     pipe = StableDiffusionPipeline(
         vae=vae, unet=unet, text_encoder=CLIPTextModel.from_pretrained(tmp_path / 'text_encoder').eval(),

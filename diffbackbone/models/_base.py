@@ -53,6 +53,14 @@ class DiffusionBackbone(nn.Module, ABC):
         self._tap_sink: Optional[Callable[[str, torch.Tensor], None]] = None
         self.vae = None if vae_cfg is None else VAEEncoder(in_chans=inputs.in_chans, **vae_cfg)
 
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> 'DiffusionBackbone':
+        """The model built from flat keyword arguments (`timestep=`, `prompt=`, ...), as `timm.create_model` passes
+        them; random weights (load a checkpoint with `_builder.load_weights`)."""
+        from ._builder import group_kwargs
+
+        return cls(**group_kwargs(cls, kwargs))
+
     # --- what a family provides ---------------------------------------------------------------------------------------
     @property
     @abstractmethod

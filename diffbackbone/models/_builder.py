@@ -27,7 +27,8 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ..errors import InputError
 from ._options import Options
 
-__all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys']
+__all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
+           'load_weights']
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
@@ -102,6 +103,17 @@ def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
             f'Checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:5]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(resized)} of other shapes {resized[:3]}. Is '
             'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_fn: FilterFn) -> nn.Module:
+    """Load a checkpoint into a built model as `build_diffusion_model` does: map its keys, complete the model from its
+    base repo, check every key, load, finish (a LoRA is fused)."""
+    state_dict = filter_fn(state_dict, model)
+    state_dict = {**state_dict, **model.complete_weights(state_dict)}
+    check_keys(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
+    model.finish_loading()
+    return model
 
 
 def _load_step(filter_fn: FilterFn) -> FilterFn:

@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
+from ._base import DiffusionBackbone
 from ._builder import build_diffusion_model
 from ._options import (
     HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, UNetNoiseConfig, UNetSourceConfig,
@@ -117,6 +118,8 @@ class DeepFloydIF(DiffusionUNet):
         if any(s % _REDUCTION or s < _REDUCTION for s in size):
             raise InputError(f'Image sides must be multiples of {_REDUCTION} px (three resamplings in pixel space), '
                              f'got {tuple(size)}. Resize the images (IF-I works at 64 x 64).')
+
+    encode_prompts = DiffusionBackbone.encode_prompts  # one T5 call per prompt, not the UNet's batched CLIP
 
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         """`prompt_embeds` (1, 77, 4096) of `prompt` as `IFPipeline.encode_prompt` computes it (IF's preprocessing,

@@ -75,6 +75,7 @@ def load_clean_model(path: str | Path, **kwargs):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ..models._builder import load_weights
     from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 
     path = Path(path)
@@ -89,7 +90,6 @@ def load_clean_model(path: str | Path, **kwargs):
                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     vae_cfg = json.loads(meta['diffbackbone.vae_cfg'])
     vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
-    model = DiffusionUNet(json.loads(meta['diffbackbone.unet_cfg']), vae_cfg, clean=True,
-                          base_repo=meta.get('diffbackbone.base_repo') or None, **kwargs)
-    model.load_state_dict(checkpoint_filter_fn(load_file(path), model), strict=True)
-    return model.eval()
+    model = DiffusionUNet.from_kwargs(unet_cfg=json.loads(meta['diffbackbone.unet_cfg']), vae_cfg=vae_cfg, clean=True,
+                                      base_repo=meta.get('diffbackbone.base_repo') or None, **kwargs)
+    return load_weights(model, load_file(path), checkpoint_filter_fn).eval()

@@ -21,7 +21,6 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from ..data.images import IMAGE_EXTENSIONS, open_image
-from ..data.pipeline import folder_images
 from ..errors import DiffbackboneError
 
 __all__ = [
@@ -44,6 +43,8 @@ def find_images(root: str | Path) -> list[Path]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f'Data folder {root} does not exist or is not a folder. Point --data at a folder of images.')
+    from ..data.pipeline import folder_images  # deferred: `--help` imports no handler library
+
     files = sorted(Path(p) for p in folder_images(root) if os.path.isfile(p))  # the walk of every command: links too
     if not files:
         raise DataError(f'No images found under {root} (searched recursively for {", ".join(IMAGE_EXTENSIONS)}). '

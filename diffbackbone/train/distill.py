@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import DiffbackboneError
 from ..models._base import SCHEDULER_SD
+from ..models._builder import load_weights
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
@@ -97,14 +98,14 @@ def _diffusers_folder(folder: Path, pretrained: bool, base_repo: str | None = No
                                        'scaling_factor') if k in vae_all}
     vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
     kwargs = dict(unet_cfg=unet_cfg, vae_cfg=vae_cfg, base_repo=base_repo or str(folder))
-    teacher = DiffusionUNet(clean=False, **kwargs)
-    student = DiffusionUNet(clean=True, **kwargs)
+    teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
+    student = DiffusionUNet.from_kwargs(clean=True, **kwargs)
     if pretrained:
         weights = folder / 'unet' / 'diffusion_pytorch_model.safetensors'
         if not weights.is_file():
             raise TrainError(f'{weights} is missing: save the UNet with safe_serialization=True (safetensors).')
         from safetensors.torch import load_file
-        teacher.load_state_dict(checkpoint_filter_fn(load_file(weights), teacher), strict=True)
+        load_weights(teacher, load_file(weights), checkpoint_filter_fn)
     _copy_weights(teacher, student)
     scheduler = DDPMScheduler(**SCHEDULER_SD)
     if (folder / 'scheduler' / 'scheduler_config.json').is_file():
