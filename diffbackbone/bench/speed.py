@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import ctypes
 import datetime
-import os
 import statistics
 import threading
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from timm.models._features import FeatureGetterNet
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import check_json_arg
 from ..errors import InputError
 from ..models.diffusion_unet import DiffusionUNet
 from ..models.fast import COMPILE_MODES, compile_model, optimize
@@ -368,15 +368,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size < 64 or args.batch < 1 or args.iters < 1 or args.warmup < 0 or args.noisy_ensemble < 0:
         p.error('need --size >= 64, --batch >= 1, --iters >= 1, --warmup >= 0, --noisy-ensemble >= 0')
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f'--json {args.json}: its folder does not exist; create it first')
-    if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
-        from ..data.outputs import OutputError, check_file
-
-        try:
-            check_file(args.json, option='--json')
-        except OutputError as e:
-            p.error(str(e))
+    check_json_arg(p, args.json)
     return args
 
 

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import check_json_arg
+
 __all__ = ['main', 'run', 'make_images', 'measure_command', 'model_only_throughput', 'RunStats']
 
 _SUMMARY = re.compile(r'(\d+) images stored \((\d+) new\), (\d+) failed, ([0-9.]+) s, ([0-9.]+) img/s')
@@ -252,15 +254,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.small >= args.large:
         p.error(f'--small ({args.small}) must be smaller than --large ({args.large})')
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        p.error(f'--json {args.json}: its folder does not exist')
-    if args.json:  # before the run: writable, not someone else's file (see diffbackbone.outputs)
-        from ..data.outputs import OutputError, check_file
-
-        try:
-            check_file(args.json, option='--json')
-        except OutputError as e:
-            p.error(str(e))
+    check_json_arg(p, args.json)
     return args
 
 

@@ -24,10 +24,31 @@ class DiTBackbone(DiffusionBackbone):
     transformer: nn.Module
     reduction: int
     noise_scales: tuple[float, float]
+    block_list: str = 'transformer_blocks'  # the transformer's ModuleList of blocks
+    stem: str = 'pos_embed'  # regex of the transformer's modules before the blocks
 
     def __init__(self, vae_cfg: dict, noise_cfg: NoiseConfig, prompt_cfg: PromptConfig,
                  source_cfg: SourceConfig, input_cfg: InputConfig):
+        """
+        Args:
+            vae_cfg: `VAEEncoder` arguments.
+            noise_cfg: `timestep` is Meng et al.'s t (default 50). The families that run an image-to-image pipeline
+                (`Img2ImgNoiseConfig`) cut a schedule of `num_inference_steps` by the strength t / 1000; the one
+                transformer call runs at the first step kept.
+            prompt_cfg, source_cfg, input_cfg: the shared options (`_options.py`); `head_cfg` (the family's) too.
+        """
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg, clean=False, latent='sample')
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=rf'^vae|^transformer\.({self.stem})', blocks=rf'^transformer\.{self.block_list}\.(\d+)')
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
+        def keep(deepest: int) -> None:
+            blocks = getattr(self.transformer, self.block_list)
+            setattr(self.transformer, self.block_list, nn.ModuleList(list(blocks)[:deepest + 1]))
+        return self._prune_blocks(indices, prune_head, keep)
 
     @property
     def denoiser(self) -> nn.Module:

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 from diffusers import DDPMScheduler, HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from timm.models import generate_default_cfgs, register_model
@@ -75,6 +74,9 @@ def hunyuan_taps(transformer: HunyuanDiT2DModel, reduction: int, prefix: str = '
 class HunyuanDiTBackbone(DiTBackbone):
     """VAE encoder + HunyuanDiT transformer as a backbone: every block's activations are taps, all at stride 16."""
 
+    block_list = 'blocks'
+    stem = 'pos_embed|time_extra_emb|text_embedder|text_embedding_padding'
+
     def __init__(
             self,
             transformer_cfg: dict,
@@ -92,9 +94,7 @@ class HunyuanDiTBackbone(DiTBackbone):
             transformer_cfg: diffusers `HunyuanDiT2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `DDPMScheduler` config of the base repo.
-            noise_cfg: `timestep` is Meng et al.'s t: the image-to-image strength is t / 1000 (default 50) of
-                `num_inference_steps` (the pipeline's 50); the one transformer call runs at the first step kept.
-            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
+            noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: as `DiTBackbone`.
             cond_size: (height, width) of the image-size conditioning (`image_meta_size`).
         """
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
@@ -123,17 +123,6 @@ class HunyuanDiTBackbone(DiTBackbone):
         self.register_buffer('prompt_mask_t5', torch.zeros(1, cfg.text_len_t5))
 
         self._init_block_taps(hunyuan_taps(tr, self.reduction), head_cfg)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^vae|^transformer\.(pos_embed|time_extra_emb|text_embedder|text_embedding_padding)',
-                    blocks=r'^transformer\.blocks\.(\d+)')
-
-    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
-        def keep(deepest: int) -> None:
-            self.transformer.blocks = nn.ModuleList(list(self.transformer.blocks)[:deepest + 1])
-        return self._prune_blocks(indices, prune_head, keep)
 
     # --- forward ------------------------------------------------------------------------------------------------------
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
@@ -53,6 +52,8 @@ _HEAD_KEYS = ('proj_out.', 'scale_shift_table')
 
 class PixArtBackbone(DiTBackbone):
     """VAE encoder + PixArt transformer as a backbone: every block's activations are taps, all at stride 16."""
+
+    stem = 'pos_embed|adaln_single|caption_projection'
 
     def __init__(
             self,
@@ -94,17 +95,6 @@ class PixArtBackbone(DiTBackbone):
         table = _TableBuilder('', tokens=max_tokens)
         table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
         self._init_block_taps(table.taps, head_cfg, attn_maps)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^vae|^transformer\.(pos_embed|adaln_single|caption_projection)',
-                    blocks=r'^transformer\.transformer_blocks\.(\d+)')
-
-    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
-        def keep(deepest: int) -> None:
-            self.transformer.transformer_blocks = nn.ModuleList(list(self.transformer.transformer_blocks)[:deepest + 1])
-        return self._prune_blocks(indices, prune_head, keep)
 
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.transformer_features(z, taps)

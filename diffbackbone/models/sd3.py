@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from timm.models import generate_default_cfgs, register_model
 
@@ -82,6 +81,8 @@ def sd3_taps(transformer: SD3Transformer2DModel, reduction: int, tokens: int, pr
 class SD3Backbone(DiTBackbone):
     """VAE encoder + SD3 MMDiT transformer as a backbone: every block's activations are taps, all at stride 16."""
 
+    stem = 'pos_embed|time_text_embed|context_embedder'
+
     def __init__(
             self,
             transformer_cfg: dict,
@@ -99,9 +100,7 @@ class SD3Backbone(DiTBackbone):
             transformer_cfg: diffusers `SD3Transformer2DModel` config.
             vae_cfg: `VAEEncoder` arguments.
             scheduler_cfg: diffusers `FlowMatchEulerDiscreteScheduler` config of the base repo.
-            noise_cfg: `timestep` is Meng et al.'s t: the image-to-image strength is t / 1000 (default 50) of
-                `num_inference_steps` (the pipeline's 50); the one transformer call runs at the first step kept.
-            prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
+            noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: as `DiTBackbone`.
             max_tokens: T5 sequence length (the pipeline's 256); the context is 77 CLIP tokens + these.
         """
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
@@ -124,17 +123,6 @@ class SD3Backbone(DiTBackbone):
         self.register_buffer('pooled_prompt_embeds', torch.zeros(1, tr.config.pooled_projection_dim))
 
         self._init_block_taps(sd3_taps(tr, self.reduction, 77 + max_tokens), head_cfg)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^vae|^transformer\.(pos_embed|time_text_embed|context_embedder)',
-                    blocks=r'^transformer\.transformer_blocks\.(\d+)')
-
-    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""
-        def keep(deepest: int) -> None:
-            self.transformer.transformer_blocks = nn.ModuleList(list(self.transformer.transformer_blocks)[:deepest + 1])
-        return self._prune_blocks(indices, prune_head, keep)
 
     def _check_size(self, size: torch.Size) -> None:
         super()._check_size(size)
