@@ -1,7 +1,9 @@
 """Argument types and shared options of the command lines (`diffbackbone`, `python -m diffbackbone.bench...`).
 
-Bad values end in argparse's `error: ...` line and exit 2 before anything runs. Below every command: `cli.py`,
-`train/cli.py` and the benchmarks import from here, and this module imports none of them.
+Bad values end in argparse's `error: ...` line and exit 2 before anything runs. `--prompt` is declared here
+(`add_prompt_arg`) and resolved here (`model_kwargs`) for every command that builds a model. Below every command:
+`cli.py`, the command modules, the evaluations and the benchmarks import from here, and this module imports none of
+them.
 """
 from __future__ import annotations
 

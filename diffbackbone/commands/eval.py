@@ -40,10 +40,8 @@ def _add_spair(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
     p.add_argument('--prompt-template', help='caption per image, e.g. "a photo of a {category}" (DIFT); '
                                              "default: the model's own (empty) prompt")
-    p.add_argument('--json', help='write the figures (percent) to this JSON file')
-    p.add_argument('--cache', help='folder caching each image\'s features, so an interrupted run resumes')
-    p.add_argument('--limit', type=positive_int, help='only the first N pairs (by file name)')
-    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    _add_run_options(p, 'write the figures (percent) to this JSON file', "image's features",
+                     'only the first N pairs (by file name)')
     p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
                    help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
     add_model_args(p, batch_size=8)
@@ -92,18 +90,13 @@ def _add_hpatches(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--data', required=True, help='hpatches-sequences-release folder (i_*/ and v_*/ sequences)')
     p.add_argument('--keypoints', help="DIFT's superpoint-1k folder (<sequence>-<k>.kp); default: the 1000 strongest "
                                        'Shi-Tomasi corners by OpenCV (not SuperPoint: other figures)')
-    p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
-    p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
-    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 0, DIFT's); clean and "
-                                                'fused models keep their own unless given')
+    _add_dift_model(p, timestep=0)
     p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
     p.add_argument('--metric', choices=('cosine', 'l2'), default='cosine', help='descriptor distance (default: cosine)')
     p.add_argument('--method', choices=('lmeds', 'ransac'), default='lmeds', help='cv2.findHomography method '
                                                                                   '(default: lmeds)')
-    p.add_argument('--json', help='write the figures (percent) and every pair\'s corner error to this JSON file')
-    p.add_argument('--cache', help="folder caching each image's descriptors, so an interrupted run resumes")
-    p.add_argument('--limit', type=positive_int, help='only the first N sequences (by name)')
-    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    _add_run_options(p, "write the figures (percent) and every pair's corner error to this JSON file",
+                     "image's descriptors", 'only the first N sequences (by name)')
     add_model_args(p, batch_size=6)
     return p
 
@@ -116,10 +109,7 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--data', required=True, help='DAVIS folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)')
     p.add_argument('--split', default='val', help='ImageSets/2017/<split>.txt (default: val)')
     p.add_argument('--sequences', nargs='+', help='only these sequences of the split')
-    p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
-    p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
-    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 51, DIFT's); clean and "
-                                                'fused models keep their own unless given')
+    _add_dift_model(p, timestep=51)
     p.add_argument('--short-side', type=positive_int, default=480,
                    help='frames resized to this short side, the long side floored to a multiple of 32 (default: 480)')
     p.add_argument('--temperature', type=float, default=0.2, help='affinity temperature (default: 0.2)')
@@ -129,9 +119,23 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--neighborhood', type=int, default=15,
                    help='sources within this many feature cells of the target (default: 15; 0: all)')
     p.add_argument('--masks', help='also write the predicted masks as indexed PNGs, <MASKS>/<sequence>/<frame>.png')
-    p.add_argument('--json', help='write J&F (percent), per sequence and object, to this JSON file')
-    p.add_argument('--cache', help="folder caching each frame's features, so an interrupted run resumes")
-    p.add_argument('--limit', type=positive_int, help='only the first N sequences of the split')
-    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    _add_run_options(p, 'write J&F (percent), per sequence and object, to this JSON file', "frame's features",
+                     'only the first N sequences of the split')
     add_model_args(p, batch_size=8)
     return p
+
+
+def _add_dift_model(p: argparse.ArgumentParser, timestep: int) -> None:
+    """`--model`, `--taps` and `--timestep` of the DIFT protocols (hpatches, davis)."""
+    p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
+    p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
+    p.add_argument('--timestep', type=int, help=f"noise timestep of a noisy model (default: {timestep}, DIFT's); "
+                                                'clean and fused models keep their own unless given')
+
+
+def _add_run_options(p: argparse.ArgumentParser, json_help: str, cached: str, limit_help: str) -> None:
+    """`--json`, `--cache` (of each `cached`), `--limit` and `--seed` of the evaluations that cache features."""
+    p.add_argument('--json', help=json_help)
+    p.add_argument('--cache', help=f'folder caching each {cached}, so an interrupted run resumes')
+    p.add_argument('--limit', type=positive_int, help=limit_help)
+    p.add_argument('--seed', type=int, default=0, help='seed of --random-weights')

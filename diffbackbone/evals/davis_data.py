@@ -101,7 +101,10 @@ def load_davis(root: str | Path, split: str = 'val', sequences: Optional[Sequenc
                              'https://davischallenge.org/davis2017/code.html, unpacked).')
     if not listing.is_file():
         raise DavisError(f'{listing}: no such file; --split names ImageSets/2017/<split>.txt (val, train).')
-    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:  # e.g. permission denied: the user's to fix, one error line
+        raise DavisError(f'{listing}: cannot read the sequence list ({e}).') from e
     if not names:
         raise DavisError(f'{listing}: lists no sequence.')
     odd = next((n for n in names if n in ('.', '..') or '/' in n or os.sep in n), None)
