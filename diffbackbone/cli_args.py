@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 from typing import Optional, Sequence
 
@@ -17,8 +18,9 @@ import torch
 
 from .errors import InputError
 
-__all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'json_object', 'point',
-           'add_model_args', 'add_prompt_arg', 'check_prompt', 'model_kwargs', 'check_size_fits', 'fmt_bytes']
+__all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'finite_float', 'positive_float',
+           'non_negative_float', 'json_object', 'point', 'add_model_args', 'add_prompt_arg', 'check_prompt',
+           'model_kwargs', 'check_size_fits', 'fmt_bytes']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # `--dtype` values
 
@@ -88,6 +90,31 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {n}.')
     return n
+
+
+def finite_float(value: str) -> float:
+    """A number, not nan or inf (the type of every float option)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number.') from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f'{value!r} is not a finite number.')
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = finite_float(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f'must be positive, got {x:g}.')
+    return x
+
+
+def non_negative_float(value: str) -> float:
+    x = finite_float(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {x:g}.')
+    return x
 
 
 def json_object(value: str) -> dict:

@@ -194,3 +194,32 @@ def test_weights_of_another_architecture_are_one_error_line(tmp_path, capsys):
     with pytest.raises(HubError, match='other shapes'):  # a RuntimeError, as timm raises for bad checkpoints
         timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(reshaped)))
     assert not out.exists()
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['eval', 'pixel', '--data', 'd', '--store', 's', '--model', 'test_dift', '--memory-gb', 'inf'],
+     "argument --memory-gb: 'inf' is not a finite number"),
+    (['eval', 'pixel', '--data', 'd', '--store', 's', '--model', 'test_dift', '--memory-gb', 'nan'],
+     "argument --memory-gb: 'nan' is not a finite number"),
+    (['eval', 'pixel', '--data', 'd', '--store', 's', '--model', 'test_dift', '--memory-gb', '0'],
+     'argument --memory-gb: must be positive, got 0'),
+    (['eval', 'davis', '--data', 'd', '--temperature=-inf'], "argument --temperature: '-inf' is not a finite"),
+    (['clean-train', '--data', 'd', '--out', 'o', '--lr', 'nan'], "argument --lr: 'nan' is not a finite number"),
+    (['clean-train', '--data', 'd', '--out', 'o', '--weight-decay', '-1'], 'argument --weight-decay: must be 0 or'),
+    (['clean-train', '--data', 'd', '--out', 'o', '--crop-scale', 'nan', '1'], "argument --crop-scale: 'nan' is"),
+    (['clean-train', '--data', 'd', '--out', 'o', '--clip-grad', 'inf'], "argument --clip-grad: 'inf' is not"),
+    (['bench', '--peak-tflops', 'x'], "argument --peak-tflops: 'x' is not a number"),
+    (['bench', '--timestep', 'inf'], "argument --timestep: 'inf' is not a finite number"),
+])
+def test_float_options_are_finite_numbers(argv, expected, capsys):
+    line = _parse_error(argv, capsys)
+    assert 'error: ' in line and expected in line, line
+
+
+def test_every_float_option_has_a_checked_type():
+    import pathlib
+    import re
+
+    loose = [f'{p}: {line.strip()}' for p in pathlib.Path('diffbackbone').rglob('*.py')
+             for line in p.read_text().splitlines() if re.search(r'type=float\b', line)]
+    assert not loose, loose

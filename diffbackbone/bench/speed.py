@@ -341,7 +341,7 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from ..cli_args import device, diffusion_model_name
+    from ..cli_args import device, diffusion_model_name, finite_float, positive_float
 
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='cleandift_sd21', type=diffusion_model_name,
@@ -354,13 +354,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES, default=None,
                    help='torch.compile ours in this mode (default: default) and the reference as CleanDIFT does')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format for ours')
-    p.add_argument('--peak-tflops', type=float, default=None, help='device peak for MFU (default 790 on CUDA: H100 bf16)')
+    p.add_argument('--peak-tflops', type=positive_float, default=None,
+                   help='device peak for MFU (default 790 on CUDA: H100 bf16)')
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--noisy-ensemble', type=int, default=0, metavar='E',
                    help='also time the noisy model with this ensemble against DIFT (0: skip)')
-    p.add_argument('--timestep', type=float, default=261.0, help='clean models: the timestep they run at')
+    p.add_argument('--timestep', type=finite_float, default=261.0, help='clean models: the timestep they run at')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--profile', action='store_true',
                    help='also print where time goes: eager per-block times of both, and the top operators of each')

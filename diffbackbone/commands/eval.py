@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ..cli_args import add_model_args, add_prompt_arg, model_name, positive_int
+from ..cli_args import add_model_args, add_prompt_arg, model_name, positive_float, positive_int
 
 __all__ = ['HANDLERS', 'add_parser', 'run']
 
@@ -73,8 +73,8 @@ def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--pixel-batch', type=positive_int, default=64, help='pixels per MLP batch (default: 64)')
     p.add_argument('--max-train', type=positive_int, default=50, help='at most N training images (default: 50)')
     p.add_argument('--max-test', type=positive_int, default=650, help='at most N test images (default: 650)')
-    p.add_argument('--memory-gb', type=float, default=4.0, help='training maps held at once (native size, float16); '
-                   'beyond it an epoch visits the images in groups (default: 4)')
+    p.add_argument('--memory-gb', type=positive_float, default=4.0, help='training maps held at once (native size, '
+                   'float16); beyond it an epoch visits the images in groups (default: 4)')
     p.add_argument('--workers', type=int, help='image decoding processes of the extraction')
     p.add_argument('--json', help='write mIoU (percent) per split and class to this JSON file')
     p.add_argument('--seed', type=int, default=0, help='seed of split k is SEED + k (default: 0)')
@@ -112,7 +112,7 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_dift_model(p, timestep=51)
     p.add_argument('--short-side', type=positive_int, default=480,
                    help='frames resized to this short side, the long side floored to a multiple of 32 (default: 480)')
-    p.add_argument('--temperature', type=float, default=0.2, help='affinity temperature (default: 0.2)')
+    p.add_argument('--temperature', type=positive_float, default=0.2, help='affinity temperature (default: 0.2)')
     p.add_argument('--topk', type=positive_int, default=15, help='source positions kept per target (default: 15)')
     p.add_argument('--n-last-frames', type=positive_int, default=28,
                    help='preceding frames in the context besides the first (default: 28)')

@@ -16,6 +16,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
+from ..cli_args import non_negative_float
 from ..errors import InputError
 from .checks import check_config, check_head_channels
 
@@ -161,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--out', help='folder to save predictions for offline evaluation')
     p.add_argument('--show', action='store_true', help='show predictions')
     p.add_argument('--show-dir', help='folder to save painted predictions (under work_dir/timestamp)')
-    p.add_argument('--wait-time', type=float, default=2, help='seconds between shown images')
+    p.add_argument('--wait-time', type=non_negative_float, default=2, help='seconds between shown images')
     p.add_argument('--tta', action='store_true', help='test-time augmentation (the config\'s tta_pipeline)')
     return parser
 

@@ -9,7 +9,7 @@ __all__ = ['add_parser', 'run', 'add_clean_train_parser', 'run_clean_train']
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `clean-train` subcommand to `diffbackbone`'s subparsers."""
-    from ..cli_args import device, positive_int
+    from ..cli_args import device, finite_float, non_negative_float, positive_float, positive_int
 
     p = subparsers.add_parser(
         'clean-train', help='make a diffusion UNet clean (CleanDIFT recipe) on a folder of images',
@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument('--steps', type=positive_int, default=5000, help='optimizer steps (default: 5000)')
     p.add_argument('--batch-size', type=positive_int, default=8, help='images per GPU per micro-batch (default: 8)')
     p.add_argument('--grad-accum', type=positive_int, default=1, help='micro-batches per optimizer step (default: 1)')
-    p.add_argument('--lr', type=float, default=1e-5, help='AdamW learning rate (default: 1e-5)')
-    p.add_argument('--weight-decay', type=float, default=0.0, help='AdamW weight decay (default: 0, as CleanDIFT)')
+    p.add_argument('--lr', type=positive_float, default=1e-5, help='AdamW learning rate (default: 1e-5)')
+    p.add_argument('--weight-decay', type=non_negative_float, default=0.0,
+                   help='AdamW weight decay (default: 0, as CleanDIFT)')
     p.add_argument('--warmup', type=int, default=2000, help='linear warm-up steps (default: 2000)')
     p.add_argument('--bins', type=int, default=3, help='timestep bins, one teacher timestep per bin (default: 3)')
     p.add_argument('--t-min', type=int, default=1, help='smallest teacher timestep (default: 1)')
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument('--taps', nargs='+', default=['cleandift'],
                    help="taps matched by heads: names or a preset (default: cleandift = us1..us10 and mid)")
     p.add_argument('--size', type=positive_int, help='crop size in pixels (default: the model input size, 768 for SD2.1)')
-    p.add_argument('--crop-scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
+    p.add_argument('--crop-scale', type=finite_float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
                    help='area range of the random resized crops (default: 0.5 1.0)')
     p.add_argument('--captions', action='store_true',
                    help='condition on sidecar captions (<image>.txt, or .json with "caption"); loads the base\'s text '
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
                    help='bf16 autocast (teacher weights in bf16) or fp32; auto: bf16 on GPUs that have it')
     p.add_argument('--grad-checkpointing', action='store_true', help='recompute student activations in backward')
-    p.add_argument('--clip-grad', type=float, help='clip the gradient norm to this value')
+    p.add_argument('--clip-grad', type=positive_float, help='clip the gradient norm to this value')
     p.add_argument('--workers', type=int, default=4, help='data loader processes per GPU (default: 4)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--save-every', type=int, default=500, help='checkpoint every N steps (default: 500)')
