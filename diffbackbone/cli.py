@@ -24,8 +24,8 @@ import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from .cli_args import (add_model_args, diffusion_model_name, json_object, model_name, point, positive_float,
-                       positive_int)
+from .cli_args import (add_model_args, diffusion_model_name, finite_float, json_object, model_name, point,
+                       positive_float, positive_int)
 
 __all__ = ['main', 'build_parser']
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 'fused models keep their own unless given')
     p.add_argument('--short-side', type=positive_int, default=480,
                    help='frames resized to this short side, the long side floored to a multiple of 32 (default: 480)')
-    p.add_argument('--temperature', type=positive_float, default=0.2, help='affinity temperature (default: 0.2)')
+    p.add_argument('--temperature', type=finite_float, default=0.2, help='affinity temperature (default: 0.2)')
     p.add_argument('--topk', type=positive_int, default=15, help='source positions kept per target (default: 15)')
     p.add_argument('--n-last-frames', type=positive_int, default=28,
                    help='preceding frames in the context besides the first (default: 28)')
