@@ -225,12 +225,18 @@ def test_read_tensor_local_folder(tmp_path):
 
 
 # ---- offline (HF_HUB_OFFLINE is read at import: a fresh interpreter) ------------------------------------------------
-# hub.py is loaded on its own: the package __init__ imports timm and diffusers, seconds we need not spend here.
+# hub.py (and errors.py) are loaded on their own: the package __init__ imports timm and diffusers, seconds we need
+# not spend here.
 _IMPORT_HUB = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location('hub', 'diffbackbone/hub.py')
-hub = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(hub)
+import importlib.util, sys, types
+package = types.ModuleType('diffbackbone')
+package.__path__ = ['diffbackbone']  # its modules without its __init__
+sys.modules['diffbackbone'] = package
+for name in ('errors', 'hub'):
+    spec = importlib.util.spec_from_file_location(f'diffbackbone.{name}', f'diffbackbone/{name}.py')
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+hub = module
 """
 
 
