@@ -156,9 +156,10 @@ class FusionConfig(Options):
 class FusedBackbone(nn.Module):
     """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
 
-    Taps (`feature_info`, fine to coarse): `fused` (the fused map on the finest SD tap's grid), `dino` (raw DINOv2
-    tokens of `dino_layer` on the same grid), then the raw SD taps by their names. Each source runs once per batch,
-    and only when a selected tap needs it.
+    Taps (`feature_info`, fine to coarse; all of them by default with `features_only`): `fused` (the fused map on the
+    finest SD tap's grid), `dino` (raw DINOv2 tokens of `dino_layer` on the same grid), then the raw SD taps by their
+    names. Each source runs once per batch, and only when a selected tap needs it. The classifier head (timm's, with
+    `num_classes`) reads the fused map.
     """
 
     def __init__(
@@ -271,6 +272,10 @@ class FusedBackbone(nn.Module):
                 for k, i in enumerate(self.feature_info)]
 
     taps = all_taps
+
+    @property
+    def presets(self) -> dict[str, tuple[str, ...]]:
+        return {RAW_PRESET: tuple(self.tap_names()[1:])}
 
     def _resolve(self, indices) -> list[Tap]:
         taps = self.all_taps
@@ -419,10 +424,8 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
     `pretrained_cfg_overlay` and any argument the fused model does not know go to the diffusion model."""
     import inspect
 
-    out_indices = kwargs.pop('out_indices', None)
-    if out_indices is None:
-        out_indices = (FUSED_TAP,)
-    elif isinstance(out_indices, list):
+    out_indices = kwargs.pop('out_indices', None)  # None: every tap (fused, dino, the SD taps), as timm's levels
+    if isinstance(out_indices, list):
         out_indices = tuple(out_indices)
     known = set(inspect.signature(FusedBackbone.__init__).parameters) - {'self', 'load_weights'}
     known |= set(FusionConfig.field_names())
