@@ -28,7 +28,15 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._builder import build_diffusion_model
-from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
+from ._options import (
+    HeadConfig,
+    Img2ImgNoiseConfig,
+    InputConfig,
+    NoiseConfig,
+    PromptConfig,
+    SourceConfig,
+    check_timestep,
+)
 from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
 from .flux import _cfg as _flux_cfg
 from ._taps import Tap

@@ -39,9 +39,10 @@ from ._options import Options, finite_number
 from ._taps import Tap, TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
-           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET']
+           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET', 'PLAIN_TIMM_MODELS']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
+PLAIN_TIMM_MODELS = ('test_dinov2',)  # registered here, but a plain timm ViT (the DINOv2 part of the tiny fused model)
 RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
 # Their SD levels (ODISE output blocks 8, 5, 2), fine to coarse, and PCA dims per level.
 _TALE_TAPS = ('us8', 'us5', 'us2')
@@ -131,7 +132,7 @@ def is_fused_model(name: str) -> bool:
     from timm.models import is_model, model_entrypoint
 
     arch = name.partition('.')[0]
-    return is_model(arch) and model_entrypoint(arch).__module__ == __name__
+    return is_model(arch) and model_entrypoint(arch).__module__ == __name__ and arch not in PLAIN_TIMM_MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,8 +436,8 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
         if k not in known and k not in timm_args:
             diff_kwargs[k] = kwargs.pop(k)
     return build_model_with_cfg(
-        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False, diffusion_kwargs=diff_kwargs, load_weights=pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False,
+        diffusion_kwargs=diff_kwargs, load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
