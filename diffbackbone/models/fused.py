@@ -35,7 +35,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
 from ._builder import group_kwargs
-from ._options import Options, finite_number
+from ._options import Options, finite_number, whole_number
 from ._taps import Tap, TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
@@ -257,7 +257,8 @@ class FusedBackbone(nn.Module):
         self.feature_info += [dict(num_chs=c, reduction=s, module=f'diffusion.{t}', name=t)
                               for t, c, s in zip(self.sd_taps, chans, strides)]
         self.num_features = self.head_hidden_size = fused_chs
-        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.num_classes = whole_number('num_classes', num_classes, minimum=0)
+        self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
         self.head = ClassifierHead(fused_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         if num_classes:  # the head reads the fused map: drop the SD blocks after its deepest tap (every parameter
             self.diffusion.prune_intermediate_layers(self.sd_taps)  # then gets a gradient)
