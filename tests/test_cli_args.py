@@ -74,6 +74,9 @@ def test_good_values_are_parsed():
     # timm's own names, pretrained tags and Hub repos pass through
     for name in ('resnet18', 'cleandift_sd21.compvis', 'hf-hub:org/name'):
         assert cli_args.model_name(name) == name
+    # features: our models (fused ones too) and exported ones; plain timm models are refused (see above)
+    for name in ('test_cleandift_dinov2', 'cleandift_sd21.compvis', 'hf-hub:org/name', 'local-dir:/x'):
+        assert cli_args.feature_model_name(name) == name
 
 
 def test_taps_command(capsys):
