@@ -260,8 +260,10 @@ class FusedBackbone(nn.Module):
         self.num_classes = whole_number('num_classes', num_classes, minimum=0)
         self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
         self.head = ClassifierHead(fused_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        if num_classes:  # the head reads the fused map: drop the SD blocks after its deepest tap (every parameter
-            self.diffusion.prune_intermediate_layers(self.sd_taps)  # then gets a gradient)
+        if num_classes:
+            # A classifier reads the fused map only: drop the SD blocks after its deepest SD tap, as the builder prunes
+            # a diffusion model's classifier, so that every parameter gets a gradient.
+            self.diffusion.prune_intermediate_layers(self.sd_taps)
 
     # ---- taps ----------------------------------------------------------------------------------------------------
     def tap_names(self, all: bool = False) -> list[str]:
@@ -438,7 +440,8 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
             diff_kwargs[k] = kwargs.pop(k)
     return build_model_with_cfg(
         lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False,
-        diffusion_kwargs=diff_kwargs, load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+        diffusion_kwargs=diff_kwargs, load_weights=pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
