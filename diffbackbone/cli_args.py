@@ -18,21 +18,23 @@ import torch
 
 from .errors import InputError
 
-__all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'device', 'positive_int', 'finite_float', 'positive_float',
-           'non_negative_float', 'json_object', 'point', 'add_model_args', 'add_prompt_arg', 'check_prompt',
-           'model_kwargs', 'check_size_fits', 'fmt_bytes']
+__all__ = ['DTYPES', 'model_name', 'diffusion_model_name', 'feature_model_name', 'device', 'positive_int', 'finite_float',
+           'positive_float', 'non_negative_float', 'json_object', 'point', 'add_model_args', 'add_prompt_arg',
+           'check_prompt', 'model_kwargs', 'check_size_fits', 'fmt_bytes']
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # `--dtype` values
 
 
 def _diffusion_models() -> list[str]:
-    """The models diffbackbone registers with timm (importing `diffbackbone.models` registers them)."""
+    """The models diffbackbone registers with timm (importing `diffbackbone.models` registers them), but the plain
+    timm ones (the tiny DINOv2 of the tests): every model here with taps."""
     import timm
     from timm.models import model_entrypoint
 
-    from . import models  # noqa: F401
+    from .models.fused import PLAIN_TIMM_MODELS
 
-    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')
+            and n not in PLAIN_TIMM_MODELS]
 
 
 def _unknown_model(value: str, candidates: Sequence[str]) -> argparse.ArgumentTypeError:
@@ -64,6 +66,14 @@ def diffusion_model_name(value: str) -> str:
         raise argparse.ArgumentTypeError(f'{value!r} is a timm model but not a diffusion model of diffbackbone: '
                                          f'choose one of {", ".join(sorted(ours))}.')
     raise _unknown_model(value, ours)
+
+
+def feature_model_name(value: str) -> str:
+    """A model whose taps can be extracted: one of diffbackbone's, or one exported from it (`hf-hub:org/name`,
+    `local-dir:PATH`). Other timm models are refused: their stages are not taps."""
+    if value.startswith(('hf-hub:', 'local-dir:')):
+        return value
+    return diffusion_model_name(value)
 
 
 def device(value: str) -> str:

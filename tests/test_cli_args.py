@@ -36,6 +36,10 @@ def _features(*extra: str) -> list[str]:
     (['export', 'run', '--out', 'x', '--model', 'cleandift_sd12'], 'argument --model: unknown model'),
     (['export', 'run', '--out', 'x', '--model-kwargs', '"x"'], 'argument --model-kwargs: must be a JSON object'),
     (['bench', '--model', 'resnet50'], 'argument --model:'),
+    (_features('--model', 'resnet18'), "'resnet18' is a timm model but not a diffusion model of diffbackbone"),
+    (_features('--model', 'test_dinov2'), "'test_dinov2' is a timm model but not a diffusion model of diffbackbone"),
+    (['inspect', SAMPLE, '--model', 'test_dinov2'], "'test_dinov2' is a timm model but not a diffusion model"),
+    (['taps', 'test_dinov2'], "'test_dinov2' is a timm model but not a diffusion model of diffbackbone"),
     (['bench', '--device', 'gpu0'], "argument --device: invalid device 'gpu0'"),
     (['clean-train', '--data', 'd', '--out', 'o', '--batch-size', '0'], 'argument --batch-size: must be at least 1'),
     (['clean-train', '--data', 'd', '--out', 'o', '--size', '-1'], 'argument --size: must be at least 1'),
@@ -70,6 +74,9 @@ def test_good_values_are_parsed():
     # timm's own names, pretrained tags and Hub repos pass through
     for name in ('resnet18', 'cleandift_sd21.compvis', 'hf-hub:org/name'):
         assert cli_args.model_name(name) == name
+    # features: our models (fused ones too) and exported ones; plain timm models are refused (see above)
+    for name in ('test_cleandift_dinov2', 'cleandift_sd21.compvis', 'hf-hub:org/name', 'local-dir:/x'):
+        assert cli_args.feature_model_name(name) == name
 
 
 def test_taps_command(capsys):

@@ -67,8 +67,10 @@ def test_modulated_taps_equal_their_method(channels):
 
 def test_preset_pruning_and_discard_matters():
     torch.manual_seed(0)
-    m = timm.create_model('test_ditf_flux', features_only=True)  # default: the `ditf` preset
-    assert m.feature_info.get_dicts()[0]['name'] == 'vit-block4-in-mod'
+    m = timm.create_model('test_ditf_flux', features_only=True)  # default: every modulated block (3 levels, as timm)
+    assert m.feature_info.get('name') == ['vit-block2-in-mod', 'vit-block3-in-mod', 'vit-block4-in-mod']
+    assert timm.create_model('test_ditf_flux', features_only=True, out_indices='ditf').feature_info.get('name') == \
+        ['vit-block4-in-mod']
     assert len(m.model.transformer.single_transformer_blocks) == 3  # block 4 is the last one: its AdaLN is needed
     pruned = timm.create_model('test_ditf_flux', features_only=True, out_indices=('vit-block3-in-mod',))
     assert len(pruned.model.transformer.single_transformer_blocks) == 2

@@ -92,7 +92,8 @@ def test_pretrained_downloads_both_parts(published, hub_cache):
     torch.testing.assert_close(net.diffusion.unet.conv_in.weight, published['unet'].conv_in.weight)
     torch.testing.assert_close(net.dino.patch_embed.proj.weight, published['dino'].patch_embed.proj.weight)
     assert len(net.dino.blocks) == 3  # pruned after the last block, which is used
-    assert m.feature_info.channels() == [32 + 32 + 32 + 24] and m.feature_info.reduction() == [16]
+    assert m.feature_info.get('name') == ['fused', 'dino', 'us8', 'us5', 'us2']  # every tap, as timm's levels
+    assert m.feature_info.channels()[0] == 32 + 32 + 32 + 24 and m.feature_info.reduction() == [16, 16, 16, 32, 64]
 
 
 def test_fused_map_equals_recipe_recomputed(published, hub_cache):
@@ -114,7 +115,7 @@ def test_weights_layer_and_other_dino(published, hub_cache):
     m = timm.create_model('test_cleandift_dinov2', pretrained=True, sd_weight=0.5, dino_weight=2.0,
                           dino_layer=1).eval()
     with torch.no_grad():
-        fused = m(x)
+        fused = m.forward_features(x)
     ref = _reference_raw(x, layer=1)
     want = _tale_fuse(ref['us8'], ref['us5'], ref['us2'], ref['dino'])
     want[:, :96] *= 0.5
@@ -154,7 +155,7 @@ def test_fixed_projection_fitted_on_a_pair_is_their_co_pca(published, hub_cache)
         m(x)
     m.fit_projection(x)
     with torch.no_grad():
-        fused = m(x)
+        fused = m.forward_features(x)
     ref = _reference_raw(x)
     fa, fb = co_pca_fuse({k: v[0] for k, v in ref.items()}, {k: v[1] for k, v in ref.items()},
                          ['us8', 'us5', 'us2'], (6, 5, 4))
@@ -164,13 +165,13 @@ def test_fixed_projection_fitted_on_a_pair_is_their_co_pca(published, hub_cache)
     m2 = timm.create_model('test_cleandift_dinov2', sd_dims=(6, 5, 4)).eval()
     m2.load_state_dict(m.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(m2(x), fused)
+        torch.testing.assert_close(m2.forward_features(x), fused)
 
 
 def test_general_form_and_errors(published, hub_cache):
     m = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_dinov2', sd_taps=('us6', 'us3'),
                           features_only=True)
-    assert m.feature_info.channels() == [32 + 32 + 24]
+    assert m.feature_info.channels() == [32 + 32 + 24, 24, 32, 32]
     with torch.no_grad():
         assert m(_images(1))[0].shape == (1, 88, 8, 8)
     with pytest.raises(ValueError, match='needs diffusion='):

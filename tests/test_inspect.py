@@ -68,6 +68,7 @@ def _tile_cells(sheet: np.ndarray, k: int, i: int, cols: int, n: int, tile: int,
     ('test_cleandift', ['down-level0-repeat0-vit-block0-self-map', 'us9', 'up-level1-repeat1-vit-block0-cross-q']),
     ('test_pixart', ['vit-block0-self-k', 'vit-block1-ffn-inner']),
     ('test_flux', ['vit-block0-attn-out', 'vit-block2-q']),
+    ('test_cleandift_dinov2', ['fused', 'dino', 'us5']),  # a fused model: its feature_info entries are its taps
 ])
 def test_tiles_are_the_joint_pca_of_each_tap(model_name, taps, images, tmp_path):
     out = tmp_path / 'sheet.png'

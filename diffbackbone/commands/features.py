@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_args import add_model_args, add_prompt_arg, model_name, positive_int
+from ..cli_args import add_model_args, add_prompt_arg, feature_model_name, positive_int
 
 __all__ = ['add_parser', 'run']
 
@@ -15,8 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser('features', help='extract features of images into a feature store folder or a '
                                                 'safetensors file')
     p.add_argument('images', nargs='+', help='image files, folders (recursive), quoted globs, @list.txt')
-    p.add_argument('--model', type=model_name, default='cleandift_sd21',
-                   help='timm model name (default: cleandift_sd21)')
+    p.add_argument('--model', type=feature_model_name, default='cleandift_sd21',
+                   help="one of diffbackbone's models, or an exported one (hf-hub:ORG/NAME) (default: cleandift_sd21)")
     p.add_argument('--taps', nargs='+', help='tap names, indices or a preset (default: the stride 8/16/32/64 pyramid)')
     p.add_argument('--out', required=True, help='feature store folder (resumable), or a .safetensors file for a few '
                    'images (one (N, C, H, W) tensor per tap)')

@@ -13,7 +13,9 @@ Their extraction (`src/flux/feat_flux.py`, `model.forward_feat`, `eval_spair.py`
   layer-normalised (no affine, eps 1e-6) and modulated: (1 + scale) * x + shift.
 
 Here that is the tap `vit-block{k}-in-mod` of `ditf_flux` (FLUX.1 [dev] weights, every other tap of `flux` too);
-the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24).
+the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24). `features_only` gives the
+`pyramid` preset, as every family (timm's models give at least three levels): here the modulated taps of blocks 20, 24
+and 28, so the pass stops at their SPair block.
 """
 from __future__ import annotations
 
@@ -26,7 +28,15 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._builder import build_diffusion_model
-from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
+from ._options import (
+    HeadConfig,
+    Img2ImgNoiseConfig,
+    InputConfig,
+    NoiseConfig,
+    PromptConfig,
+    SourceConfig,
+    check_timestep,
+)
 from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FLUX, FluxBackbone, checkpoint_filter_fn
 from .flux import _cfg as _flux_cfg
 from ._taps import Tap
@@ -100,9 +110,11 @@ class DiTFFlux(FluxBackbone):
         self.all_taps = self.all_taps + extra
         self._mod_source = {t.name: by_name[f'vit-block{t.order - 1}-out'] for t in extra}
         if n_blocks > 28:
-            self.presets.update(ditf=('vit-block28-in-mod',), ditf_davis=('vit-block24-in-mod',))
-        else:  # tiny test layouts: the last block
-            self.presets.update(ditf=(extra[-1].name,), ditf_davis=(extra[0].name,))
+            self.presets.update(ditf=('vit-block28-in-mod',), ditf_davis=('vit-block24-in-mod',),
+                                pyramid=tuple(f'vit-block{k}-in-mod' for k in (20, 24, 28)))
+        else:  # tiny test layouts: the last block, the first, and every one
+            self.presets.update(ditf=(extra[-1].name,), ditf_davis=(extra[0].name,),
+                                pyramid=tuple(t.name for t in extra))
 
     def schedule(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass at sigma = t / 1000 (their `t = timestep / 1000`), no shift: (timesteps, sigmas)."""
@@ -155,7 +167,6 @@ class DiTFFlux(FluxBackbone):
 
 
 def _create_ditf(variant: str, pretrained: bool = False, **kwargs) -> DiTFFlux:
-    kwargs.setdefault('out_indices', 'ditf')
     return build_diffusion_model(DiTFFlux, variant, pretrained, checkpoint_filter_fn,
                           ('transformer_cfg', 'vae_cfg', 'scheduler_cfg'), **kwargs)
 
@@ -173,7 +184,8 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def ditf_flux(pretrained: bool = False, **kwargs) -> DiTFFlux:
-    """DiTF on FLUX.1 [dev]: t = 260, 8 draws, guidance 3.5, `ditf` preset = vit-block28-in-mod (SPair)."""
+    """DiTF on FLUX.1 [dev]: t = 260, 8 draws, guidance 3.5, `ditf` preset = vit-block28-in-mod (SPair);
+    `features_only` default: the modulated blocks 20, 24, 28."""
     model_args = dict(transformer_cfg=_FLUX_DEV, vae_cfg=_VAE_FLUX, scheduler_cfg=_SCHEDULER_DEV,
                       base_repo='black-forest-labs/FLUX.1-dev')
     return _create_ditf('ditf_flux', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -28,19 +28,21 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
 from ._builder import group_kwargs
-from ._options import Options, finite_number
-from ._taps import TapError
+from ._options import Options, finite_number, whole_number
+from ._taps import Tap, TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
-           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET']
+           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET', 'PLAIN_TIMM_MODELS', 'checkpoint_filter_fn']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
+PLAIN_TIMM_MODELS = ('test_dinov2',)  # registered here, but a plain timm ViT (the DINOv2 part of the tiny fused model)
 RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
 # Their SD levels (ODISE output blocks 8, 5, 2), fine to coarse, and PCA dims per level.
 _TALE_TAPS = ('us8', 'us5', 'us2')
@@ -130,7 +132,7 @@ def is_fused_model(name: str) -> bool:
     from timm.models import is_model, model_entrypoint
 
     arch = name.partition('.')[0]
-    return is_model(arch) and model_entrypoint(arch).__module__ == __name__
+    return is_model(arch) and model_entrypoint(arch).__module__ == __name__ and arch not in PLAIN_TIMM_MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +157,10 @@ class FusionConfig(Options):
 class FusedBackbone(nn.Module):
     """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
 
-    Taps (`feature_info`, fine to coarse): `fused` (the fused map on the finest SD tap's grid), `dino` (raw DINOv2
-    tokens of `dino_layer` on the same grid), then the raw SD taps by their names. Each source runs once per batch,
-    and only when a selected tap needs it.
+    Taps (`feature_info`, fine to coarse; all of them by default with `features_only`): `fused` (the fused map on the
+    finest SD tap's grid), `dino` (raw DINOv2 tokens of `dino_layer` on the same grid), then the raw SD taps by their
+    names. Each source runs once per batch, and only when a selected tap needs it. The classifier head (timm's, with
+    `num_classes`) reads the fused map.
     """
 
     def __init__(
@@ -171,6 +174,8 @@ class FusedBackbone(nn.Module):
             dino_kwargs: Optional[dict[str, Any]] = None,
             load_weights: bool = False,
             num_classes: int = 0,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
             in_chans: int = 3,
     ):
         """
@@ -183,14 +188,13 @@ class FusedBackbone(nn.Module):
             diffusion_kwargs: arguments of the diffusion model (prompt, timestep, ensemble, pretrained_cfg_overlay...).
             dino_kwargs: arguments of the timm DINOv2 (e.g. pretrained_cfg_overlay).
             load_weights: download and load both parts' pretrained weights (set by `pretrained=True`).
+            num_classes, global_pool, drop_rate: the timm classifier head on the fused map (0 classes: none).
         """
         super().__init__()
         import timm
 
         sd_weight, dino_weight = fusion_cfg.sd_weight, fusion_cfg.dino_weight
         sd_dims, dino_dims = fusion_cfg.sd_dims, fusion_cfg.dino_dims
-        if num_classes:
-            raise InputError('Fused backbones are feature extractors: use num_classes=0 (features_only=True).')
         if in_chans != 3:
             raise InputError(f'Fused backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
         self.sd_taps = list(sd_taps)
@@ -199,7 +203,7 @@ class FusedBackbone(nn.Module):
         if sd_dims is not None and len(sd_dims) != len(self.sd_taps):
             raise InputError(f'sd_dims needs one dimension per SD tap {self.sd_taps}, got {list(sd_dims)}.')
         self.sd_weight, self.dino_weight = float(sd_weight), float(dino_weight)
-        self.num_classes, self.in_chans = 0, in_chans
+        self.in_chans = in_chans
 
         self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
         if not hasattr(self.diffusion, 'forward_intermediates') or not hasattr(self.diffusion, 'taps'):
@@ -253,10 +257,39 @@ class FusedBackbone(nn.Module):
         self.feature_info += [dict(num_chs=c, reduction=s, module=f'diffusion.{t}', name=t)
                               for t, c, s in zip(self.sd_taps, chans, strides)]
         self.num_features = self.head_hidden_size = fused_chs
+        self.num_classes = whole_number('num_classes', num_classes, minimum=0)
+        self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
+        self.head = ClassifierHead(fused_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        if num_classes:
+            # A classifier reads the fused map only: drop the SD blocks after its deepest SD tap, as the builder prunes
+            # a diffusion model's classifier, so that every parameter gets a gradient.
+            self.diffusion.prune_intermediate_layers(self.sd_taps)
 
     # ---- taps ----------------------------------------------------------------------------------------------------
     def tap_names(self, all: bool = False) -> list[str]:
         return [i['name'] for i in self.feature_info]
+
+    @property
+    def all_taps(self) -> list[Tap]:
+        """The `feature_info` entries as taps (what `diffbackbone inspect` selects from), in their order."""
+        return [Tap(i['name'], i['name'], i['num_chs'], i['reduction'], i['module'], order=k, base=True, seq=k)
+                for k, i in enumerate(self.feature_info)]
+
+    taps = all_taps
+
+    @property
+    def presets(self) -> dict[str, tuple[str, ...]]:
+        return {RAW_PRESET: tuple(self.tap_names()[1:])}
+
+    def _resolve(self, indices) -> list[Tap]:
+        taps = self.all_taps
+        return [taps[i] for i in self._take(indices)]
+
+    def stream_taps(self, x: torch.Tensor, taps: Sequence[Tap], sink) -> None:
+        """`sink(name, map)` for each of `taps` (`DiffusionBackbone.stream_taps`; here the maps of one pass)."""
+        maps = self.forward_intermediates(x, [t.name for t in taps], intermediates_only=True)
+        for t, m in zip(taps, maps):
+            sink(t.name, m)
 
     def _take(self, indices: Union[None, int, str, Sequence[Union[int, str]]]) -> list[int]:
         """`feature_info` indices of a selection: None = every tap, an int n = the last n, names or indices."""
@@ -286,6 +319,8 @@ class FusedBackbone(nn.Module):
         sd_needed = self.sd_taps if FUSED_TAP in names else [n for n in names if n in self.sd_taps]
         if sd_needed:
             self.diffusion.prune_intermediate_layers(sd_needed)
+        if prune_head:
+            self.reset_classifier(0, '')
         return take
 
     # ---- forward -------------------------------------------------------------------------------------------------
@@ -364,11 +399,44 @@ class FusedBackbone(nn.Module):
             self.dino_pca_basis.copy_(basis)
         self.projection_fitted.fill_(True)
 
+    # ---- timm model API ------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.diffusion.set_grad_checkpointing(enable)
+        self.dino.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x, [FUSED_TAP], intermediates_only=True)[0]
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FusedBackbone) -> dict[str, torch.Tensor]:
+    """Map a checkpoint onto the fused model's keys (offline; the model is not changed): our own state dicts as they
+    are; a checkpoint of the diffusion part alone (its own keys, or its family's foreign layout) under `diffusion.`.
+
+    `pretrained=True` loads each part through its own loader; this serves a state dict given by hand."""
+    if any(k.startswith(('diffusion.', 'dino.')) for k in state_dict):
+        return dict(state_dict)
+    import importlib
+
+    from timm.models import model_entrypoint
+
+    net = model.diffusion
+    family = importlib.import_module(model_entrypoint(net.pretrained_cfg['architecture']).__module__)
+    return {'diffusion.' + k: v for k, v in family.checkpoint_filter_fn(state_dict, net).items()}
 
 
 def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBackbone:
@@ -376,25 +444,26 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
     `pretrained_cfg_overlay` and any argument the fused model does not know go to the diffusion model."""
     import inspect
 
-    out_indices = kwargs.pop('out_indices', None)
-    if out_indices is None:
-        out_indices = (FUSED_TAP,)
-    elif isinstance(out_indices, list):
+    out_indices = kwargs.pop('out_indices', None)  # None: every tap (fused, dino, the SD taps), as timm's levels
+    if isinstance(out_indices, list):
         out_indices = tuple(out_indices)
     known = set(inspect.signature(FusedBackbone.__init__).parameters) - {'self', 'load_weights'}
     known |= set(FusionConfig.field_names())
-    timm_args = {'features_only', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
+    timm_args = {'features_only', 'feature_cls', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
     diff_kwargs = dict(kwargs.pop('diffusion_kwargs', None) or {})
     for k in list(kwargs):
         if k not in known and k not in timm_args:
             diff_kwargs[k] = kwargs.pop(k)
     return build_model_with_cfg(
-        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False, diffusion_kwargs=diff_kwargs, load_weights=pretrained,
+        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False,
+        diffusion_kwargs=diff_kwargs, load_weights=pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter, **kwargs)
+    out_indices = kwargs.pop('out_indices', 3)  # as timm's own ViTs: the last 3 blocks
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
@@ -406,8 +475,9 @@ def _cfg(**kwargs) -> dict:
         'interpolation': 'bicubic',
         'mean': (0.5, 0.5, 0.5),  # [-1, 1] as Stable Diffusion expects; the DINOv2 part renormalises
         'std': (0.5, 0.5, 0.5),
+        'pool_size': (60, 60),  # the fused map: the finest SD tap's grid (stride 16)
         'first_conv': 'diffusion.vae.encoder.conv_in',
-        'classifier': '',
+        'classifier': 'head.fc',
         'paper_name': 'A Tale of Two Features: Stable Diffusion Complements DINO for Zero-Shot Semantic Correspondence',
         'paper_ids': 'arXiv:2305.15347',
         'origin_url': 'https://github.com/Junyi42/sd-dino',
@@ -421,7 +491,7 @@ default_cfgs = generate_default_cfgs({
     'sd15_dinov2.tale': _cfg(),
     'sd21_dinov2.tale': _cfg(),
     'diffusion_dinov2.tale': _cfg(),
-    'test_cleandift_dinov2.tiny': _cfg(input_size=(3, 128, 128)),
+    'test_cleandift_dinov2.tiny': _cfg(input_size=(3, 128, 128), pool_size=(8, 8)),
     'test_dinov2.tiny': {
         'hf_hub_id': 'diffbackbone/test-dinov2', 'num_classes': 0, 'input_size': (3, 56, 56), 'crop_pct': 1.0,
         'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225), 'first_conv': 'patch_embed.proj',
