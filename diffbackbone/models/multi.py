@@ -28,9 +28,10 @@ from ..errors import InputError
 from ._options import Options
 from ._taps import TapError
 
-__all__ = ['MultiBackbone', 'MemberConfig', 'MULTI_TAP', 'GDF_PROMPT', 'is_multi_model']
+__all__ = ['MultiBackbone', 'MemberConfig', 'MULTI_TAP', 'MEMBERS_PRESET', 'GDF_PROMPT', 'is_multi_model']
 
 MULTI_TAP = 'multi'
+MEMBERS_PRESET = 'members'  # selection: every member tap, unconcatenated (what a feature store keeps)
 UP_CROSS_STRIDES = (16, 8)  # their attention store keeps latent sides 32..64 at 512 px; listed in their order (up path)
 # Their fixed prompt of `AggregationNetwork` (the 18 SPair-71k categories).
 GDF_PROMPT = ('a highly realistic photo that may contain an aeroplane, a bicycle, a bird, a boat, a bottle, a bus, a '
@@ -189,7 +190,8 @@ class MultiBackbone(nn.Module):
         return [i['name'] for i in self.feature_info]
 
     def _names(self, indices) -> list[str]:
-        """Tap names of a selection: None = every tap, an int n = the last n, names or `feature_info` indices."""
+        """Tap names of a selection: None = every tap, an int n = the last n, names or `feature_info` indices, or
+        `members` (every member tap)."""
         names = self.tap_names()
         if indices is None:
             return names
@@ -197,7 +199,9 @@ class MultiBackbone(nn.Module):
             return names[len(names) - indices:]
         out = []
         for i in ([indices] if isinstance(indices, str) else indices):
-            if isinstance(i, str) and i in names:
+            if i == MEMBERS_PRESET:
+                out += [n for n in names if n in self.concat_names]
+            elif isinstance(i, str) and i in names:
                 out.append(i)
             elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
                 out.append(names[i])
