@@ -88,7 +88,7 @@ def corres_features(args: argparse.Namespace, pairs: list) -> tuple[object, list
     names = list(store.taps)
     dim = sum(int(store.config['shapes'][t][0]) for t in names)
     meta = dict(model=args.model, taps=names, dim=dim, multi=multi, model_kwargs=kwargs, weights=args.weights,
-                random_weights=args.random_weights and args.seed, size=args.size)
+                random_weights=bool(args.random_weights), size=args.size)
     return StoreMaps(store, Path(args.data), names, args.device), names, meta
 
 
@@ -96,8 +96,8 @@ def _check_outputs(args: argparse.Namespace, out: str | None, json_file: str | N
     from ..data.outputs import check_distinct_outputs, check_file, check_folder
 
     check_distinct_outputs({'--json': json_file}, {'--out': out, '--store': args.store})
-    inputs = [args.data] + [f for f in (getattr(args, 'train_split', None), args.val_split,
-                                        getattr(args, 'head', None)) if f]
+    inputs = [args.data] + [f for f in (getattr(args, 'train_split', None), getattr(args, 'val_split', None),
+                                        getattr(args, 'split', None), getattr(args, 'head', None)) if f and f != 'nn']
     check_folder(args.store, 'store', inputs, option='--store')
     if out:
         check_folder(out, 'folder', inputs + [args.store], option='--out')
@@ -161,6 +161,8 @@ def run_eval_head(args: argparse.Namespace) -> int:
     args.timestep, args.workers, args.val_split = None, None, args.split
     args.model_kwargs = dict(meta['model_kwargs']) if meta else args.model_kwargs
     args.prompt = None
+    if meta:
+        args.weights, args.random_weights = meta['weights'], meta['random_weights']
     maps, taps, got = corres_features(args, pairs)
     if head is None:
         head = CorresHead(got['dim'], None)
