@@ -80,3 +80,15 @@ def test_general_form_and_errors():
         timm.create_model('multi_diffusion', members=[dict(model='test_dift', taps=['nope'])])
     with pytest.raises(TapError, match='Unknown tap'):
         model.forward_intermediates(x, indices=['nope'])
+
+
+def test_ours_xl_t_has_their_channels():
+    """Built on the meta device: their config_sdxl (3840) + config_full_15 (3034: four taps and 2 x 77 cross-attention
+    maps) + config_full_pgv2 (1280) feature_len, 8154."""
+    with torch.device('meta'):
+        model = timm.create_model('ours_xl_t')
+    chans = {i['name']: i['num_chs'] for i in model.feature_info}
+    assert model.num_features == chans[MULTI_TAP] == 8154
+    assert sum(c for n, c in chans.items() if n.startswith('sdxl:')) == 3840
+    assert sum(c for n, c in chans.items() if n.startswith('sd15:')) == 3034
+    assert sum(c for n, c in chans.items() if n.startswith('pgv2:')) == 1280

@@ -15,6 +15,7 @@ SPLITS = dict(train='spair_71k_train.json', val='spair_71k_val-360.json', test='
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `train` and its subcommand `corres` to `diffbackbone`'s subcommands."""
     p = subparsers.add_parser('train', help='train task heads on diffusion features (corres: SPair-71k, Meng et al.)')
+    p.set_defaults(func=run)  # a group (a task is required); every parser's handler is this module's `run`
     tasks = p.add_subparsers(dest='task', required=True)
     c = tasks.add_parser(
         'corres', help="Meng et al.'s trained semantic correspondence (conv head or nearest neighbours)",
