@@ -227,3 +227,33 @@ def test_bad_inputs_one_error_line(tmp_path, capsys):
     assert cli.main(['eval', 'spair', '--data', str(data), '--model', 'test_dift', '--head', str(tmp_path / 'junk.pt'),
                      '--split', str(data / 'spair_71k_val-360.json'), '--store', str(tmp_path / 's2')]) == 2
     assert 'not a readable head checkpoint' in capsys.readouterr().err
+
+
+def _distracted(n_pairs, seed, c=16, k=4):
+    """Pairs whose keypoint codes (channels 0..k-1, weak) hide under strong per-image noise (the other channels):
+    nearest neighbours fail, a head that learns to drop the noise channels succeeds."""
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    feats, pairs = {}, []
+    for p in range(n_pairs):
+        names = (f's{seed}_{p}', f't{seed}_{p}')
+        pts = [rng.uniform(8, 120, (k, 2)), rng.uniform(8, 120, (k, 2))]
+        for name, pt in zip(names, pts):
+            f = torch.zeros(c, 128, 128)
+            f[k:] = torch.randn(c - k, 128, 128, generator=g) * 2
+            for j, (x, y) in enumerate(pt):
+                f[j, max(int(y) - 4, 0):int(y) + 5, max(int(x) - 4, 0):int(x) + 5] += 1.0
+            feats[name] = f
+        pairs.append(corres.CorresPair(*names, 'cat', (128, 128), (128, 128), pts[0], pts[1], (0, 0, 128, 128)))
+    return feats, pairs
+
+
+def test_training_lifts_pck_well_above_nn(tmp_path):
+    feats, train = _distracted(20, 0)
+    val_feats, val = _distracted(4, 1)
+    feats.update(val_feats)
+    nn = corres.validate(corres.CorresHead(16, None), feats.__getitem__, val)
+    torch.manual_seed(0)
+    head = corres.CorresHead(16, 16)
+    cfg = corres.CorresConfig(epochs=2, pairs_per_epoch=20, lr=2e-2, val_every=39, log_every=100)
+    best = corres.train_corres(head, feats.__getitem__, train, val, cfg, tmp_path, {}, progress=False)['best']
+    assert nn['pck_bbox'] < 20 and best['pck_bbox'] > 80, (nn, best)
