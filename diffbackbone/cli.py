@@ -31,7 +31,7 @@ __all__ = ['COMMANDS', 'main', 'build_parser']
 
 # The command modules, in the order `--help` lists them; each has `add_parser(subparsers)` and `run(args) -> int`.
 COMMANDS = ('commands.features', 'commands.depth', 'commands.taps', 'commands.inspect', 'commands.export',
-            'train.cli', 'commands.match', 'commands.eval', 'commands.bench')
+            'train.cli', 'commands.train', 'commands.match', 'commands.eval', 'commands.bench')
 
 
 def build_parser() -> argparse.ArgumentParser:

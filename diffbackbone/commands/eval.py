@@ -25,6 +25,10 @@ HANDLERS = {name: (f'diffbackbone.evals.{name}', f'run_{name}') for name in ('sp
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval NAME`: the protocol's own handler."""
+    if getattr(args, 'head', None):  # Meng et al.'s protocol of a trained correspondence head
+        from .train import run_eval_head
+
+        return run_eval_head(args)
     module, handler = HANDLERS[args.eval]
     return getattr(importlib.import_module(module), handler)(args)
 
@@ -44,6 +48,10 @@ def _add_spair(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      'only the first N pairs (by file name)')
     p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
                    help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
+    p.add_argument('--head', help="a head of `train corres` (or 'nn'): Meng et al.'s protocol on --split, --data the "
+                                  'JPEGImages folder; model settings from the checkpoint')
+    p.add_argument('--split', help="with --head: their split file, e.g. spair_71k_val-360.json")
+    p.add_argument('--store', help='with --head: feature store folder of the split\'s images')
     add_model_args(p, batch_size=8)
     return p
 

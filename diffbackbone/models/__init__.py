@@ -13,12 +13,13 @@ from .ditf import DiTFFlux
 from .flux import FluxBackbone
 from .fused import FusedBackbone, FusionConfig
 from .hunyuan import HunyuanDiTBackbone
+from .multi import MemberConfig, MultiBackbone
 from .pixart import PixArtBackbone
 from .sd3 import SD3Backbone
 
 __all__ = [
     'DiffusionBackbone', 'DeepFloydIF', 'DiffusionUNet', 'DiTFFlux', 'FluxBackbone', 'FusedBackbone',
-    'HunyuanDiTBackbone', 'PixArtBackbone', 'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError',
+    'HunyuanDiTBackbone', 'MultiBackbone', 'PixArtBackbone', 'SD3Backbone', 'VAEEncoder', 'MIN_INPUT_SIZE', 'PRESETS', 'Tap', 'TapError',
     'NoiseConfig', 'Img2ImgNoiseConfig', 'UNetNoiseConfig', 'PromptConfig', 'SourceConfig', 'UNetSourceConfig',
-    'HeadConfig', 'InputConfig', 'LoraConfig', 'ControlConfig', 'FusionConfig',
+    'HeadConfig', 'InputConfig', 'LoraConfig', 'ControlConfig', 'FusionConfig', 'MemberConfig',
 ]

@@ -1,0 +1,358 @@
+""" Multi-model backbones: several diffusion models run on one image, their taps resized to one grid and concatenated.
+
+Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features - https://arxiv.org/abs/2410.03558
+(Meng et al., NeurIPS 2024), code https://github.com/Darkbblue/generic-diffusion-feature (read for the recipe, written
+here from scratch). Their trained correspondence (`correspondence/aggregation_network.py`) runs one feature extractor
+per config, each on the image at its own size with its own taps, resizes every tap bilinearly to 128 x 128 and
+concatenates them all; their best row, Ours-XL-t, is SDXL (`config_xl_practical`), SD1.5 (`config_15_amalgamation`
+with the up-path cross-attention maps) and Playground v2 (`config_pg_amalgamation`), all at t = 50.
+
+`ours_xl_t` is that combination as one timm model. Its taps (`feature_info`): `multi`, the concatenated map on the
+common grid, then every member's taps by `<member>:<tap>`. A member's `up_cross` adds their VPD-style attention store:
+the up path's cross-attention maps (averaged over heads, as our `cross-map` taps) averaged over all layers of one map
+size, for the sizes their store keeps (latent sides 32 to 64 at 512 px: strides 8 and 16), as `<member>:up-cross-s8`
+and `<member>:up-cross-s16`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..errors import InputError
+from ._options import Options
+from ._taps import TapError
+
+__all__ = ['MultiBackbone', 'MemberConfig', 'MULTI_TAP', 'MEMBERS_PRESET', 'GDF_PROMPT', 'is_multi_model']
+
+MULTI_TAP = 'multi'
+MEMBERS_PRESET = 'members'  # selection: every member tap, unconcatenated (what a feature store keeps)
+UP_CROSS_STRIDES = (16, 8)  # their attention store keeps latent sides 32..64 at 512 px; listed in their order (up path)
+# Their fixed prompt of `AggregationNetwork` (the 18 SPair-71k categories).
+GDF_PROMPT = ('a highly realistic photo that may contain an aeroplane, a bicycle, a bird, a boat, a bottle, a bus, a '
+              'car, a cat, a chair, a cow, a dog, a horse, a motorbike, a person, a plant within a pot, a sheep, a '
+              'train, or a tv monitor.')
+
+
+def is_multi_model(name: str) -> bool:
+    """Whether a timm model name (optionally `.tag`) is one of the multi-model backbones registered here."""
+    from timm.models import is_model, model_entrypoint
+
+    arch = name.partition('.')[0]
+    return is_model(arch) and model_entrypoint(arch).__module__ == __name__
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberConfig(Options):
+    """One model of a multi-model backbone.
+
+    Args:
+        model: a model of this package (`sdxl`, `sd15`, `pgv2`, a fused model, ...).
+        taps: its taps (names or a preset such as `gdf_practical`).
+        size: square size its input is resized to (None: the multi model's input as it comes).
+        up_cross: add the up path's cross-attention maps averaged per map size (their `attention: ["up_cross"]`).
+        name: prefix of its tap names (default: the model name; `#2`, `#3` for repeats).
+        kwargs: its own model arguments (timestep, prompt, ...), over the multi model's shared ones.
+    """
+    model: str
+    taps: Union[str, Sequence[str]]
+    size: Optional[int] = None
+    up_cross: bool = False
+    name: Optional[str] = None
+    kwargs: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError(f'A member needs model=<name>, got {self.model!r}.')
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8):
+            raise InputError(f'A member size must be a whole number of pixels >= 8, got {self.size!r}.')
+
+
+def _member(spec: Union[MemberConfig, Mapping[str, Any]]) -> MemberConfig:
+    if isinstance(spec, MemberConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise InputError(f'members must be MemberConfig objects or dicts (model=, taps=, ...), got {spec!r}.')
+    unknown = sorted(set(spec) - set(MemberConfig.field_names()))
+    if unknown:
+        raise InputError(f'Unknown member field(s) {unknown}; fields: {list(MemberConfig.field_names())}.')
+    return MemberConfig(**spec)
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Their resize of every tap: `F.interpolate(f, size, mode='bilinear')` (align_corners False)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear')
+
+
+class MultiBackbone(nn.Module):
+    """Several backbones of this package run on one image; their taps bilinearly resized to `grid` and concatenated.
+
+    Each member runs once per batch (on the input resized to its `size`), and only when a selected tap needs it.
+    """
+
+    def __init__(
+            self,
+            members: Sequence[Union[MemberConfig, Mapping[str, Any]]],
+            grid: Sequence[int] = (128, 128),
+            img_size: int = 512,
+            member_kwargs: Optional[Mapping[str, Any]] = None,
+            load_weights: bool = False,
+            num_classes: int = 0,
+            in_chans: int = 3,
+    ):
+        """
+        Args:
+            members: the models (`MemberConfig` or dicts of its fields), in the order their maps are concatenated.
+            grid: (h, w) of the concatenated map (theirs: 128 x 128).
+            img_size: input size the `feature_info` strides refer to (the default cfg's input size).
+            member_kwargs: model arguments given to every member (prompt, timestep, ...) under its own `kwargs`.
+            load_weights: download and load every member's pretrained weights (set by `pretrained=True`).
+        """
+        super().__init__()
+        import timm
+
+        if num_classes:
+            raise InputError('Multi-model backbones are feature extractors: use num_classes=0 (features_only=True).')
+        if in_chans != 3:
+            raise InputError(f'Multi-model backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
+        self.members = [_member(m) for m in members]
+        if not self.members:
+            raise InputError('A multi-model backbone needs at least one member.')
+        try:
+            self.grid = (int(grid[0]), int(grid[1])) if not isinstance(grid, int) else (int(grid), int(grid))
+        except (TypeError, ValueError, IndexError):
+            raise InputError(f'grid must be (h, w), got {grid!r}.') from None
+        if min(self.grid) < 1:
+            raise InputError(f'grid must be positive, got {grid!r}.')
+        self.num_classes, self.in_chans, self.img_size = 0, in_chans, int(img_size)
+        self.models = nn.ModuleList()
+        self.prefixes: list[str] = []
+        self.member_taps: list[list[str]] = []  # per member: its own tap names, in order
+        self.up_cross: list[dict[int, list[str]]] = []  # per member: {stride: cross-map taps averaged}
+        infos: list[dict] = []
+        for m in self.members:
+            kwargs = {**(member_kwargs or {}), **(m.kwargs or {})}
+            model = timm.create_model(m.model, pretrained=load_weights, **kwargs)
+            if not hasattr(model, 'forward_intermediates') or not hasattr(model, 'tap_names'):
+                raise InputError(f'member {m.model!r} is not a backbone of diffbackbone.')
+            prefix = m.name or m.model
+            n = 2
+            while prefix in self.prefixes:
+                prefix, n = f'{m.name or m.model}#{n}', n + 1
+            scale = (m.size or self.img_size) / self.img_size
+            taps = self._member_infos(model, m.taps)
+            cross: dict[int, list[str]] = {}
+            if m.up_cross:
+                all_taps = getattr(model, 'all_taps', [])
+                for stride in UP_CROSS_STRIDES:
+                    group = [t.name for t in all_taps if t.name.startswith('up-') and t.name.endswith('-cross-map')
+                             and t.reduction == stride]
+                    if group:
+                        cross[stride] = group
+                        chans = next(t.num_chs for t in all_taps if t.name == group[0])
+                        taps.append(dict(num_chs=chans, reduction=stride, name=f'up-cross-s{stride}'))
+                if not cross:
+                    raise TapError(f'member {m.model!r} has no up-path cross-attention maps at strides 8 or 16.')
+            self.models.append(model)
+            self.prefixes.append(prefix)
+            self.member_taps.append([t['name'] for t in taps if not t['name'].startswith('up-cross-s')])
+            self.up_cross.append(cross)
+            for t in taps:
+                infos.append(dict(num_chs=t['num_chs'], reduction=max(1, round(t['reduction'] / scale)),
+                                  module=f'models.{len(self.models) - 1}', name=f'{prefix}:{t["name"]}'))
+        self.concat_names = [i['name'] for i in infos]
+        chans = sum(i['num_chs'] for i in infos)
+        stride = max(1, round(self.img_size / max(self.grid)))
+        self.feature_info = sorted([dict(num_chs=chans, reduction=stride, module='', name=MULTI_TAP), *infos],
+                                   key=lambda i: i['reduction'])
+        self.num_features = self.head_hidden_size = chans
+
+    @staticmethod
+    def _member_infos(model: nn.Module, taps: Union[str, Sequence[str]]) -> list[dict]:
+        """`feature_info` entries of a member's selection (names or a preset), in the order of the selection."""
+        sel = [taps] if isinstance(taps, str) else list(taps)
+        if hasattr(model, '_resolve'):  # a diffusion backbone: names, aliases and presets
+            return [t.info() for t in model._resolve(sel)]
+        names = model.tap_names()
+        infos = {i['name']: i for i in model.feature_info}
+        unknown = [t for t in sel if t not in infos]
+        if unknown:
+            raise TapError(f'Unknown taps {unknown} of {type(model).__name__}: choose among {names}.')
+        return [dict(infos[t]) for t in sel]
+
+    # ---- taps ----------------------------------------------------------------------------------------------------
+    def tap_names(self, all: bool = False) -> list[str]:
+        return [i['name'] for i in self.feature_info]
+
+    def _names(self, indices) -> list[str]:
+        """Tap names of a selection: None = every tap, an int n = the last n, names or `feature_info` indices, or
+        `members` (every member tap)."""
+        names = self.tap_names()
+        if indices is None:
+            return names
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            return names[len(names) - indices:]
+        out = []
+        for i in ([indices] if isinstance(indices, str) else indices):
+            if i == MEMBERS_PRESET:
+                out += [n for n in names if n in self.concat_names]
+            elif isinstance(i, str) and i in names:
+                out.append(i)
+            elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
+                out.append(names[i])
+            else:
+                raise TapError(f'Unknown tap {i!r} of a multi-model backbone: choose among {names} (or indices).')
+        return out
+
+    def _needed(self, names: Sequence[str]) -> list[list[str]]:
+        """Per member, its own taps that the selected names need (cross-attention groups expanded)."""
+        wanted = set(self.concat_names) if MULTI_TAP in names else set(names)
+        need: list[list[str]] = []
+        for prefix, own, cross in zip(self.prefixes, self.member_taps, self.up_cross):
+            taps = [t for t in own if f'{prefix}:{t}' in wanted]
+            for stride, group in cross.items():
+                if f'{prefix}:up-cross-s{stride}' in wanted:
+                    taps += [t for t in group if t not in taps]
+            need.append(taps)
+        return need
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Each member drops what comes after the deepest of its taps needed (a member not needed is kept whole)."""
+        names = self._names(indices)
+        for model, taps in zip(self.models, self._needed(names)):
+            if taps:
+                model.prune_intermediate_layers(taps)
+        return [self.tap_names().index(n) for n in names]
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def member_maps(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Maps of member taps by their `<member>:<tap>` names: one batched pass of each member that is needed."""
+        out: dict[str, torch.Tensor] = {}
+        for m, model, prefix, taps, cross in zip(self.members, self.models, self.prefixes, self._needed(names),
+                                                  self.up_cross):
+            if not taps:
+                continue
+            xi = x
+            if m.size is not None and tuple(x.shape[-2:]) != (m.size, m.size):
+                xi = F.interpolate(x.float(), size=(m.size, m.size), mode='bilinear', align_corners=False,
+                                   antialias=True).to(x.dtype)
+            maps = dict(zip(taps, model.forward_intermediates(xi, indices=taps, intermediates_only=True)))
+            for t in taps:
+                out[f'{prefix}:{t}'] = maps[t]
+            for stride, group in cross.items():
+                out[f'{prefix}:up-cross-s{stride}'] = torch.stack([maps[t] for t in group]).mean(0)
+        return out
+
+    def concat(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The `multi` map: every member tap resized bilinearly to the grid, concatenated in member order."""
+        first = maps[self.concat_names[0]]
+        return torch.cat([_resize(maps[n], self.grid).to(first.dtype) for n in self.concat_names], 1)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = True,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """Maps of the selected taps (names or `feature_info` indices) in the order asked for."""
+        if output_fmt != 'NCHW':
+            raise InputError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
+        names = self._names(indices)
+        raw = self.member_maps(x, names)
+        maps = [self.concat(raw) if n == MULTI_TAP else raw[n] for n in names]
+        if intermediates_only:
+            return maps
+        return (maps[names.index(MULTI_TAP)] if MULTI_TAP in names else maps[-1]), maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_intermediates(x, [MULTI_TAP], intermediates_only=True)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MultiBackbone) -> dict[str, torch.Tensor]:
+    """Keys only: a multi model's own state dict is already native (each member loads its weights itself)."""
+    return state_dict
+
+
+def _create_multi(variant: str, pretrained: bool = False, **kwargs) -> MultiBackbone:
+    """Every member loads its own weights through diffbackbone's loader; `members` and the shared member arguments
+    (prompt, timestep, ...) are the model's, anything the multi model does not know goes to every member."""
+    import inspect
+
+    out_indices = kwargs.pop('out_indices', None)
+    out_indices = (MULTI_TAP,) if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
+        else out_indices
+    known = set(inspect.signature(MultiBackbone.__init__).parameters) - {'self', 'load_weights'}
+    timm_args = {'features_only', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir',
+                 'pretrained_cfg_overlay'}
+    shared = dict(kwargs.pop('member_kwargs', None) or {})
+    for k in list(kwargs):
+        if k not in known and k not in timm_args:
+            shared[k] = kwargs.pop(k)
+    kwargs.pop('pretrained_cfg_overlay', None)
+    return build_model_with_cfg(
+        MultiBackbone, variant, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, member_kwargs=shared,
+        load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'num_classes': 0,
+        'input_size': (3, 1024, 1024),  # the largest member's size; SD1.5 sees it resized to 512
+        'min_input_size': (3, 64, 64),
+        'crop_pct': 1.0,
+        'interpolation': 'bilinear',
+        'mean': (0.5, 0.5, 0.5),  # [-1, 1] as the diffusion models expect
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': '',
+        'classifier': '',
+        'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
+        'paper_ids': 'arXiv:2410.03558',
+        'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'ours_xl_t.gdf': _cfg(),
+    'multi_diffusion.gdf': _cfg(),
+    'test_multi.tiny': _cfg(input_size=(3, 128, 128)),
+})
+
+# Their Ours-XL-t: config_sdxl (config_xl_practical, 1024 px), config_full_15 (config_15_amalgamation + up-path
+# cross-attention maps, 512 px), config_full_pgv2 (config_pg_amalgamation, 1024 px); t = 50 and their prompt for all.
+_SD15_AMALGAMATION = ('up-level1-repeat1-vit-block0-cross-q', 'up-level2-repeat1-vit-block0-cross-q',
+                      'up-level2-upsampler-out', 'up-level3-repeat0-vit-block0-self-k')
+_OURS_XL_T = (
+    dict(model='sdxl', taps='gdf_practical', size=1024),
+    dict(model='sd15', taps=_SD15_AMALGAMATION, size=512, up_cross=True),
+    dict(model='pgv2', taps=('up-level0-repeat0-vit-block3-out',), size=1024),
+)
+
+
+@register_model
+def ours_xl_t(pretrained: bool = False, **kwargs) -> MultiBackbone:
+    """Meng et al.'s Ours-XL-t: SDXL + SD1.5 + Playground v2 taps at t = 50, concatenated at 128 x 128 (8154 ch)."""
+    model_args = dict(members=_OURS_XL_T, grid=(128, 128), img_size=1024, timestep=50, prompt=GDF_PROMPT)
+    return _create_multi('ours_xl_t', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def multi_diffusion(pretrained: bool = False, **kwargs) -> MultiBackbone:
+    """General form: `members=[dict(model=..., taps=..., size=...), ...]`, `grid=(h, w)`, shared member arguments."""
+    if 'members' not in kwargs:
+        raise InputError("multi_diffusion needs members=[dict(model='sd15', taps='gdf_practical', size=512), ...].")
+    model_args = dict(grid=(128, 128), img_size=1024)
+    return _create_multi('multi_diffusion', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_multi(pretrained: bool = False, **kwargs) -> MultiBackbone:
+    """Tiny Ours-XL-t for tests: test_sdxl + test_dift (with cross-attention maps) at a 16 x 16 grid."""
+    members = (dict(model='test_sdxl', taps='gdf_practical', size=128),
+               dict(model='test_dift', taps=_SD15_AMALGAMATION, size=64, up_cross=True))
+    model_args = dict(members=members, grid=(16, 16), img_size=128, timestep=50)
+    return _create_multi('test_multi', pretrained=pretrained, **dict(model_args, **kwargs))

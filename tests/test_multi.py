@@ -1,0 +1,94 @@
+"""Multi-model backbones (`diffbackbone/models/multi.py`): Meng et al.'s concatenation of several models' taps, checked
+against the members run by hand, through timm's API (`features_only`, `forward_intermediates`)."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import diffbackbone  # noqa: F401 (registers the models)
+from diffbackbone.errors import InputError
+from diffbackbone.models._taps import TapError
+from diffbackbone.models.multi import MULTI_TAP, is_multi_model
+
+
+def _images(n=2, size=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _by_hand(x):
+    """Their AggregationNetwork.forward on our tiny members: each model on the image at its size, every tap
+    `F.interpolate(f, (16, 16), mode='bilinear')`, the up-path cross-attention maps averaged per size, concatenated."""
+    torch.manual_seed(0)
+    xl = timm.create_model('test_sdxl', timestep=50).eval()
+    sd = timm.create_model('test_dift', timestep=50).eval()
+    taps_sd = ['up-level1-repeat1-vit-block0-cross-q', 'up-level2-repeat1-vit-block0-cross-q', 'us9',
+               'up-level3-repeat0-vit-block0-self-k']
+    cross = {16: [f'up-level2-repeat{j}-vit-block0-cross-map' for j in range(3)],
+             8: [f'up-level3-repeat{j}-vit-block0-cross-map' for j in range(3)]}
+    with torch.no_grad():
+        a = xl.forward_intermediates(x, indices=['gdf_practical'], intermediates_only=True)
+        small = F.interpolate(x, size=(64, 64), mode='bilinear', align_corners=False, antialias=True)
+        b = sd.forward_intermediates(small, indices=taps_sd + cross[16] + cross[8], intermediates_only=True)
+    maps = a + b[:4] + [torch.stack(b[4:7]).mean(0), torch.stack(b[7:10]).mean(0)]
+    return torch.cat([F.interpolate(m, (16, 16), mode='bilinear') for m in maps], 1)
+
+
+def test_concatenation_equals_members_run_by_hand():
+    x = _images()
+    torch.manual_seed(0)
+    model = timm.create_model('test_multi').eval()
+    assert is_multi_model('test_multi') and is_multi_model('ours_xl_t') and not is_multi_model('test_dift')
+    with torch.no_grad():
+        out = model(x)
+    ref = _by_hand(x)
+    assert out.shape == ref.shape == (2, model.num_features, 16, 16)
+    torch.testing.assert_close(out, ref)
+
+
+def test_timm_feature_api():
+    x = _images(1)
+    torch.manual_seed(0)
+    feats = timm.create_model('test_multi', features_only=True,
+                              out_indices=(MULTI_TAP, 'test_dift:up-cross-s8', 'test_sdxl:up-level0-repeat0-vit-block5-out'))
+    info = feats.feature_info.get_dicts()
+    assert [i['name'] for i in info][0] == MULTI_TAP and feats.feature_info.channels()[1] == 77
+    reductions = [i['reduction'] for i in timm.create_model('test_multi').feature_info]
+    assert reductions == sorted(reductions)  # timm: strides never fall
+    with torch.no_grad():
+        maps = feats(x)
+    assert [tuple(m.shape[1:]) for m in maps] == [(info[0]['num_chs'], 16, 16), (77, 8, 8), (32, 4, 4)]
+    model = timm.create_model('test_multi').eval()
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[MULTI_TAP, 1])
+    assert final.shape == inter[0].shape and len(inter) == 2
+
+
+def test_general_form_and_errors():
+    x = _images(1, 64)
+    model = timm.create_model('multi_diffusion', members=[dict(model='test_dift', taps=['us6']),
+                                                         dict(model='test_dift', taps=['us9'], size=96)],
+                              grid=(8, 8), img_size=64).eval()
+    assert MULTI_TAP in model.tap_names() and 'test_dift#2:us9' in model.tap_names()
+    with torch.no_grad():
+        assert model(x).shape == (1, 64, 8, 8)
+    with pytest.raises(InputError, match='needs members'):
+        timm.create_model('multi_diffusion')
+    with pytest.raises(InputError, match='Unknown member field'):
+        timm.create_model('multi_diffusion', members=[dict(model='test_dift', tap='us6')])
+    with pytest.raises(TapError):
+        timm.create_model('multi_diffusion', members=[dict(model='test_dift', taps=['nope'])])
+    with pytest.raises(TapError, match='Unknown tap'):
+        model.forward_intermediates(x, indices=['nope'])
+
+
+def test_ours_xl_t_has_their_channels():
+    """Built on the meta device: their config_sdxl (3840) + config_full_15 (3034: four taps and 2 x 77 cross-attention
+    maps) + config_full_pgv2 (1280) feature_len, 8154."""
+    with torch.device('meta'):
+        model = timm.create_model('ours_xl_t')
+    chans = {i['name']: i['num_chs'] for i in model.feature_info}
+    assert model.num_features == chans[MULTI_TAP] == 8154
+    assert sum(c for n, c in chans.items() if n.startswith('sdxl:')) == 3840
+    assert sum(c for n, c in chans.items() if n.startswith('sd15:')) == 3034
+    assert sum(c for n, c in chans.items() if n.startswith('pgv2:')) == 1280
