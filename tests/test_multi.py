@@ -40,7 +40,7 @@ def test_concatenation_equals_members_run_by_hand():
     model = timm.create_model('test_multi').eval()
     assert is_multi_model('test_multi') and is_multi_model('ours_xl_t') and not is_multi_model('test_dift')
     with torch.no_grad():
-        out = model(x)
+        out = model.forward_features(x)
     ref = _by_hand(x)
     assert out.shape == ref.shape == (2, model.num_features, 16, 16)
     torch.testing.assert_close(out, ref)
@@ -71,7 +71,7 @@ def test_general_form_and_errors():
                               grid=(8, 8), img_size=64).eval()
     assert MULTI_TAP in model.tap_names() and 'test_dift#2:us9' in model.tap_names()
     with torch.no_grad():
-        assert model(x).shape == (1, 64, 8, 8)
+        assert model.forward_features(x).shape == (1, 64, 8, 8)
     with pytest.raises(InputError, match='needs members'):
         timm.create_model('multi_diffusion')
     with pytest.raises(InputError, match='Unknown member field'):

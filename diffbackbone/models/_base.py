@@ -12,9 +12,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import ClassifierHead
 
 from ..errors import InputError
+from ._head import ClassifierHeadMixin
 from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
 from ._taps import Tap, TapError, resolve_taps
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, vae_keys
@@ -25,7 +25,7 @@ __all__ = ['DiffusionBackbone', 'per_latent', 'check_timestep', 'VAEEncoder', 'v
 Indices = Union[None, int, str, Sequence[Union[int, str]]]
 
 
-class DiffusionBackbone(nn.Module, ABC):
+class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
     """Base of every diffusion backbone (timm model contract).
 
     The constructor of a family calls `super().__init__(...)` with its option objects (which builds the VAE encoder
@@ -104,10 +104,7 @@ class DiffusionBackbone(nn.Module, ABC):
         if tap not in taps:
             raise TapError(f'head_tap must be one of the default taps {self.tap_names()}, got {name!r}.')
         self.head_tap = taps.index(tap)
-        self.num_features = self.head_hidden_size = tap.num_chs
-        self.num_classes, self.drop_rate = head.num_classes, head.drop_rate
-        self.head = ClassifierHead(self.num_features, head.num_classes, pool_type=head.global_pool,
-                                   drop_rate=head.drop_rate)
+        self._init_head(tap.num_chs, head.num_classes, head.global_pool, head.drop_rate)
 
     def _add_to_feature_info(self, take: Sequence[Tap], key: Callable[[Tap], object]) -> None:
         """Selected taps that are not in `feature_info` yet join it, ordered by `key` (timm: strides never fall)."""
@@ -149,14 +146,6 @@ class DiffusionBackbone(nn.Module, ABC):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -184,12 +173,6 @@ class DiffusionBackbone(nn.Module, ABC):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         head = self.taps[self.head_tap]
         return self._extract(x, [head])[head.name]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     # --- latents --------------------------------------------------------------------------------------------------
     @torch.compiler.disable

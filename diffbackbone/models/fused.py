@@ -28,14 +28,14 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
 from ._builder import group_kwargs
-from ._options import Options, finite_number, whole_number
+from ._head import ClassifierHeadMixin
+from ._options import Options, finite_number
 from ._taps import Tap, TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
@@ -154,7 +154,7 @@ class FusionConfig(Options):
         finite_number('dino_weight', self.dino_weight)
 
 
-class FusedBackbone(nn.Module):
+class FusedBackbone(ClassifierHeadMixin, nn.Module):
     """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
 
     Taps (`feature_info`, fine to coarse; all of them by default with `features_only`): `fused` (the fused map on the
@@ -256,10 +256,7 @@ class FusedBackbone(nn.Module):
                              dict(num_chs=embed, reduction=stride, module='dino', name=DINO_TAP)]
         self.feature_info += [dict(num_chs=c, reduction=s, module=f'diffusion.{t}', name=t)
                               for t, c, s in zip(self.sd_taps, chans, strides)]
-        self.num_features = self.head_hidden_size = fused_chs
-        self.num_classes = whole_number('num_classes', num_classes, minimum=0)
-        self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
-        self.head = ClassifierHead(fused_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_head(fused_chs, num_classes, global_pool, drop_rate)
         if num_classes:
             # A classifier reads the fused map only: drop the SD blocks after its deepest SD tap, as the builder prunes
             # a diffusion model's classifier, so that every parameter gets a gradient.
@@ -405,22 +402,8 @@ class FusedBackbone(nn.Module):
         self.diffusion.set_grad_checkpointing(enable)
         self.dino.set_grad_checkpointing(enable)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x, [FUSED_TAP], intermediates_only=True)[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FusedBackbone) -> dict[str, torch.Tensor]:

@@ -12,6 +12,10 @@ common grid, then every member's taps by `<member>:<tap>`. A member's `up_cross`
 the up path's cross-attention maps (averaged over heads, as our `cross-map` taps) averaged over all layers of one map
 size, for the sizes their store keeps (latent sides 32 to 64 at 512 px: strides 8 and 16), as `<member>:up-cross-s8`
 and `<member>:up-cross-s16`.
+
+Every member's `size` and the grid are those of the default input (`img_size`, the cfg's input size): an input of
+another size scales both by the same factor per side, so the maps keep the strides `feature_info` states (timm's
+contract). The classifier head (timm's, with `num_classes`) reads the `multi` map.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..errors import InputError
+from ._head import ClassifierHeadMixin
 from ._options import Options
 from ._taps import TapError
 
@@ -84,15 +89,24 @@ def _member(spec: Union[MemberConfig, Mapping[str, Any]]) -> MemberConfig:
     return MemberConfig(**spec)
 
 
+def _scaled(size: Sequence[int], x: torch.Tensor, img_size: int) -> tuple[int, int]:
+    """(h, w) of a size given for an `img_size` input, scaled to the input `x` side by side (unchanged at img_size)."""
+    h, w = x.shape[-2:]
+    return max(1, round(size[0] * h / img_size)), max(1, round(size[1] * w / img_size))
+
+
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Their resize of every tap: `F.interpolate(f, size, mode='bilinear')` (align_corners False)."""
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear')
 
 
-class MultiBackbone(nn.Module):
+class MultiBackbone(ClassifierHeadMixin, nn.Module):
     """Several backbones of this package run on one image; their taps bilinearly resized to `grid` and concatenated.
 
     Each member runs once per batch (on the input resized to its `size`), and only when a selected tap needs it.
+    `size` and `grid` are for an `img_size` input and scale with the input's sides. Taps (`feature_info`, fine to
+    coarse; all of them by default with `features_only`): `multi` and every member tap. The classifier head (timm's,
+    with `num_classes`) reads the `multi` map.
     """
 
     def __init__(
@@ -103,21 +117,23 @@ class MultiBackbone(nn.Module):
             member_kwargs: Optional[Mapping[str, Any]] = None,
             load_weights: bool = False,
             num_classes: int = 0,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
             in_chans: int = 3,
     ):
         """
         Args:
             members: the models (`MemberConfig` or dicts of its fields), in the order their maps are concatenated.
-            grid: (h, w) of the concatenated map (theirs: 128 x 128).
-            img_size: input size the `feature_info` strides refer to (the default cfg's input size).
+            grid: (h, w) of the concatenated map for an `img_size` input (theirs: 128 x 128 at 1024 px).
+            img_size: input size that members' `size`, `grid` and the `feature_info` strides refer to (the default
+                cfg's input size); other inputs scale them.
             member_kwargs: model arguments given to every member (prompt, timestep, ...) under its own `kwargs`.
             load_weights: download and load every member's pretrained weights (set by `pretrained=True`).
+            num_classes, global_pool, drop_rate: the timm classifier head on the `multi` map (0 classes: none).
         """
         super().__init__()
         import timm
 
-        if num_classes:
-            raise InputError('Multi-model backbones are feature extractors: use num_classes=0 (features_only=True).')
         if in_chans != 3:
             raise InputError(f'Multi-model backbones take RGB images (in_chans=3), got in_chans={in_chans}.')
         self.members = [_member(m) for m in members]
@@ -129,7 +145,7 @@ class MultiBackbone(nn.Module):
             raise InputError(f'grid must be (h, w), got {grid!r}.') from None
         if min(self.grid) < 1:
             raise InputError(f'grid must be positive, got {grid!r}.')
-        self.num_classes, self.in_chans, self.img_size = 0, in_chans, int(img_size)
+        self.in_chans, self.img_size = in_chans, int(img_size)
         self.models = nn.ModuleList()
         self.prefixes: list[str] = []
         self.member_taps: list[list[str]] = []  # per member: its own tap names, in order
@@ -170,7 +186,39 @@ class MultiBackbone(nn.Module):
         stride = max(1, round(self.img_size / max(self.grid)))
         self.feature_info = sorted([dict(num_chs=chans, reduction=stride, module='', name=MULTI_TAP), *infos],
                                    key=lambda i: i['reduction'])
-        self.num_features = self.head_hidden_size = chans
+        self._init_head(chans, num_classes, global_pool, drop_rate)
+        if num_classes:
+            # A classifier reads the `multi` map only: each member drops the stages after the deepest of its taps, and
+            # what still runs in that stage after the tap is kept as buffers, so that every parameter gets a gradient.
+            self.prune_intermediate_layers([MULTI_TAP], prune_head=False)
+            self._freeze_unreached()
+
+    def _freeze_unreached(self, probe: int = 128) -> None:
+        """Member parameters the `multi` map does not depend on become buffers (same state-dict keys): the rest of a
+        stage after a member's deepest tap (a transformer's values, feed-forward, output projection), which pruning by
+        stage keeps. Found on the autograd graph of one small pass (`probe` px, no backward)."""
+        params = dict(self.models.named_parameters())
+        if not params or any(p.is_meta for p in params.values()):
+            return
+        first = next(iter(params.values()))
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            x = torch.zeros(1, 3, min(probe, self.img_size), min(probe, self.img_size), device=first.device)
+            out = self.forward_features(x.to(first.dtype))
+        reached, seen, todo = set(), set(), [out.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if hasattr(fn, 'variable'):
+                reached.add(id(fn.variable))
+            todo += [f for f, _ in fn.next_functions]
+        for name, p in params.items():
+            if id(p) not in reached and p.requires_grad:
+                module_name, _, attr = name.rpartition('.')
+                module = self.models.get_submodule(module_name)
+                delattr(module, attr)
+                module.register_buffer(attr, p.detach())
 
     @staticmethod
     def _member_infos(model: nn.Module, taps: Union[str, Sequence[str]]) -> list[dict]:
@@ -227,6 +275,8 @@ class MultiBackbone(nn.Module):
         for model, taps in zip(self.models, self._needed(names)):
             if taps:
                 model.prune_intermediate_layers(taps)
+        if prune_head:
+            self.reset_classifier(0, '')
         return [self.tap_names().index(n) for n in names]
 
     # ---- forward -------------------------------------------------------------------------------------------------
@@ -237,39 +287,46 @@ class MultiBackbone(nn.Module):
                                                   self.up_cross):
             if not taps:
                 continue
-            xi = x
-            if m.size is not None and tuple(x.shape[-2:]) != (m.size, m.size):
-                xi = F.interpolate(x.float(), size=(m.size, m.size), mode='bilinear', align_corners=False,
+            xi, size = x, None if m.size is None else _scaled((m.size, m.size), x, self.img_size)
+            if size is not None and tuple(x.shape[-2:]) != size:
+                xi = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False,
                                    antialias=True).to(x.dtype)
             maps = dict(zip(taps, model.forward_intermediates(xi, indices=taps, intermediates_only=True)))
             for t in taps:
                 out[f'{prefix}:{t}'] = maps[t]
             for stride, group in cross.items():
-                out[f'{prefix}:up-cross-s{stride}'] = torch.stack([maps[t] for t in group]).mean(0)
+                if all(t in maps for t in group):  # that size's average is selected
+                    out[f'{prefix}:up-cross-s{stride}'] = torch.stack([maps[t] for t in group]).mean(0)
         return out
 
-    def concat(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The `multi` map: every member tap resized bilinearly to the grid, concatenated in member order."""
+    def concat(self, maps: Mapping[str, torch.Tensor], grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The `multi` map: every member tap resized bilinearly to `grid` (default: the model's), concatenated in
+        member order."""
         first = maps[self.concat_names[0]]
-        return torch.cat([_resize(maps[n], self.grid).to(first.dtype) for n in self.concat_names], 1)
+        grid = self.grid if grid is None else grid
+        return torch.cat([_resize(maps[n], grid).to(first.dtype) for n in self.concat_names], 1)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = True,
                               output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Maps of the selected taps (names or `feature_info` indices) in the order asked for."""
+        """Maps of the selected taps (names or `feature_info` indices) in the order asked for; with
+        `intermediates_only=False` also the `multi` map (what `forward_features` returns)."""
         if output_fmt != 'NCHW':
             raise InputError(f"Only output_fmt='NCHW' is supported, got {output_fmt!r}.")
         names = self._names(indices)
-        raw = self.member_maps(x, names)
-        maps = [self.concat(raw) if n == MULTI_TAP else raw[n] for n in names]
-        if intermediates_only:
-            return maps
-        return (maps[names.index(MULTI_TAP)] if MULTI_TAP in names else maps[-1]), maps
+        raw = self.member_maps(x, names if intermediates_only else [*names, MULTI_TAP])
+        multi = self.concat(raw, _scaled(self.grid, x, self.img_size)) if MULTI_TAP in names or not \
+            intermediates_only else None
+        maps = [multi if n == MULTI_TAP else raw[n] for n in names]
+        return maps if intermediates_only else (multi, maps)
+
+    # ---- timm model API ------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for model in self.models:
+            model.set_grad_checkpointing(enable)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x, [MULTI_TAP], intermediates_only=True)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MultiBackbone) -> dict[str, torch.Tensor]:
@@ -282,11 +339,11 @@ def _create_multi(variant: str, pretrained: bool = False, **kwargs) -> MultiBack
     (prompt, timestep, ...) are the model's, anything the multi model does not know goes to every member."""
     import inspect
 
-    out_indices = kwargs.pop('out_indices', None)
-    out_indices = (MULTI_TAP,) if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
-        else out_indices
+    out_indices = kwargs.pop('out_indices', None)  # None: every tap (multi and the member taps), as timm's levels
+    if isinstance(out_indices, list):
+        out_indices = tuple(out_indices)
     known = set(inspect.signature(MultiBackbone.__init__).parameters) - {'self', 'load_weights'}
-    timm_args = {'features_only', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir',
+    timm_args = {'features_only', 'feature_cls', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir',
                  'pretrained_cfg_overlay'}
     shared = dict(kwargs.pop('member_kwargs', None) or {})
     for k in list(kwargs):
@@ -302,13 +359,14 @@ def _cfg(**kwargs) -> dict:
     return {
         'num_classes': 0,
         'input_size': (3, 1024, 1024),  # the largest member's size; SD1.5 sees it resized to 512
-        'min_input_size': (3, 64, 64),
+        'min_input_size': (3, 128, 128),  # SD1.5 sees half the input: at least 64 px
         'crop_pct': 1.0,
         'interpolation': 'bilinear',
         'mean': (0.5, 0.5, 0.5),  # [-1, 1] as the diffusion models expect
         'std': (0.5, 0.5, 0.5),
-        'first_conv': '',
-        'classifier': '',
+        'pool_size': (128, 128),  # the `multi` map: the grid
+        'first_conv': 'models.0.vae.encoder.conv_in',
+        'classifier': 'head.fc',
         'paper_name': 'Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features',
         'paper_ids': 'arXiv:2410.03558',
         'origin_url': 'https://github.com/Darkbblue/generic-diffusion-feature',
@@ -318,8 +376,8 @@ def _cfg(**kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs({
     'ours_xl_t.gdf': _cfg(),
-    'multi_diffusion.gdf': _cfg(),
-    'test_multi.tiny': _cfg(input_size=(3, 128, 128)),
+    'multi_diffusion.gdf': _cfg(min_input_size=(3, 64, 64)),
+    'test_multi.tiny': _cfg(input_size=(3, 128, 128), pool_size=(16, 16)),
 })
 
 # Their Ours-XL-t: config_sdxl (config_xl_practical, 1024 px), config_full_15 (config_15_amalgamation + up-path

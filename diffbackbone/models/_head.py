@@ -1,0 +1,45 @@
+"""`ClassifierHeadMixin`: timm's classifier head API over one map, shared by every backbone here.
+
+The diffusion families (`DiffusionBackbone`, on their head tap) and the compositions of them (`FusedBackbone` on the
+fused map, `MultiBackbone` on the concatenated map) hold a timm `ClassifierHead` as `head` and read it the same way.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead
+
+from ._options import finite_number, whole_number
+
+__all__ = ['ClassifierHeadMixin']
+
+
+class ClassifierHeadMixin:
+    """`get_classifier`, `reset_classifier`, `forward_head` and `forward` over `self.head`, the timm `ClassifierHead`
+    that `_init_head` builds on the map `forward_features` returns (0 classes: pooling only, or none with pool '')."""
+
+    head: ClassifierHead
+
+    def _init_head(self, num_features: int, num_classes: int = 0, global_pool: str = 'avg',
+                   drop_rate: float = 0.) -> None:
+        """The head on a map of `num_features` channels, `num_classes` and `drop_rate` checked as `HeadConfig` does."""
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = whole_number('num_classes', num_classes, minimum=0)
+        self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
+        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
