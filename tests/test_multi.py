@@ -92,3 +92,16 @@ def test_ours_xl_t_has_their_channels():
     assert sum(c for n, c in chans.items() if n.startswith('sdxl:')) == 3840
     assert sum(c for n, c in chans.items() if n.startswith('sd15:')) == 3034
     assert sum(c for n, c in chans.items() if n.startswith('pgv2:')) == 1280
+
+
+def test_sizes_and_grid_follow_the_input():
+    """Members' sizes and the grid are for the default input and scale with it: every map keeps its feature_info
+    stride (timm's check: at most ceil(side / reduction) + 1 positions); at the default size nothing changes."""
+    torch.manual_seed(0)
+    model = timm.create_model('test_multi').eval()
+    x = _images(1, 256)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    for info, m in zip(model.feature_info, maps):
+        assert m.shape[1] == info['num_chs'] and m.shape[2] <= -(-256 // info['reduction']) + 1, info['name']
+    assert maps[model.tap_names().index(MULTI_TAP)].shape[-2:] == (32, 32)

@@ -47,7 +47,8 @@ def _check_maps(maps, channels, reductions, x: torch.Tensor) -> None:
 
 
 def test_every_tiny_model_is_covered():
-    assert len(TINY) == 11 and {'test_cleandift', 'test_cleandift_dinov2', 'test_dinov2', 'test_ditf_flux'} <= set(TINY)
+    assert len(TINY) == 12
+    assert {'test_cleandift', 'test_cleandift_dinov2', 'test_dinov2', 'test_ditf_flux', 'test_multi'} <= set(TINY)
 
 
 @pytest.mark.parametrize('name', TINY)
