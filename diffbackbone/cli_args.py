@@ -222,11 +222,17 @@ def _free_memory(device: str) -> Optional[int]:
     return None
 
 
-def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size') -> None:
-    """Refuse a `--size` whose input batch alone (decoded as float32) would not fit in `device`'s free memory, before
-    any model is loaded (the model's own activations need many times more)."""
+def check_size_fits(size: Optional[int], batch_size: int, device: str, option: str = '--size',
+                    model: Optional[str] = None) -> None:
+    """The one size rule of every command, before any model loads: at least `model`'s smallest input side (its
+    pretrained cfg's `min_input_size`), and an input batch (decoded as float32) that fits in `device`'s free memory
+    (the model's own activations need many times more)."""
     if not size:
         return
+    low = _min_side(model) if model else None
+    if low and size < low:
+        raise InputError(f'{option} {size}: {model} takes images of at least {low} x {low} px. Use {option} {low} or '
+                         'more.')
     need = batch_size * 3 * size * size * 4
     free = _free_memory(device)
     if free is not None and need > free:
@@ -234,3 +240,15 @@ def check_size_fits(size: Optional[int], batch_size: int, device: str, option: s
                          f'({batch_size} x 3 x {size} x {size} float32), more than the {fmt_bytes(free)} free on '
                          f'{device}, and the model needs many times that. Use a smaller {option} (diffusion models '
                          'are trained at 512 to 1024 px).')
+
+
+def _min_side(model: str) -> Optional[int]:
+    """A registered model's smallest input side (None when its cfg does not say: exported `hf-hub:` models)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model)
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    side = cfg and (cfg.min_input_size or cfg.input_size)
+    return int(side[-1]) if side and cfg.min_input_size else None

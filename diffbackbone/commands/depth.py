@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if twice:
         raise DepthError(f'Several images are named {", ".join(twice)}: their outputs would overwrite each other; '
                          'run them in separate calls with different --out folders.')
-    check_size_fits(args.size, args.batch_size, args.device)
+    check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     out = check_folder(args.out, 'folder', paths)
     for p in paths:  # before any model loads: no output is an input (`depth a.png a_depth.png`), nor someone's file
         for name in (f'{p.stem}_depth.npy', f'{p.stem}_depth.png'):

@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone inspect`."""
     import timm
 
-    from ..cli_args import DTYPES, model_kwargs
+    from ..cli_args import DTYPES, check_size_fits, model_kwargs
     from ..data.extract import check_output, data_config, load_extractor
     from ..data.images import load_image, open_image, resize_image
     from ..data.outputs import check_distinct_outputs, save_picture, write_json
@@ -393,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
     check_distinct_outputs([('--out', p) for p in sheets + [index]] + [('--json', args.json)])
     for p in outputs:
         check_output(p, images, args.overwrite)
+    check_size_fits(args.size, len(images), args.device, model=args.model)
+    check_size_fits(args.tile, len(images) * min(len(names), args.per_sheet), 'cpu', '--tile')  # the sheet's tiles
 
     tap_names = [t.name for t in taps]
     model = load_extractor(args.model, tap_names, args.device, args.dtype, not args.random_weights, args.weights,

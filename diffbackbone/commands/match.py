@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     for option in ('out', 'json'):  # before any model loads: never an input, never a file of someone else
         if getattr(args, option, None):
             check_file(getattr(args, option), [args.src, args.trg], option=f'--{option}')
-    check_size_fits(args.size, 2, args.device)
+    check_size_fits(args.size, 2, args.device, model=args.model)
     kwargs = model_kwargs(args)
     prompt = kwargs.get('prompt') or ''
     matches, sims = match_images(

@@ -241,7 +241,7 @@ def extract_features(job: ExtractJob) -> None:
     else:
         check_store(out, images, job.overwrite)
         images = [os.path.abspath(p) for p in images]  # the store's keys: two working folders never collide
-    check_size_fits(job.size, job.batch_size, job.device)
+    check_size_fits(job.size, job.batch_size, job.device, model=job.model)
     if job.on_error == 'fail':
         check_images(images[info.rank::info.world])
     kwargs = dict(job.model_kwargs or {})

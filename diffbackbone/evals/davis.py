@@ -244,6 +244,7 @@ def _table(per_seq: dict[str, dict[str, float]], total: dict) -> str:
 def run_davis(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval davis`."""
     from ..data.outputs import write_json
+    from ..cli_args import check_size_fits
     from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
@@ -254,6 +255,7 @@ def run_davis(args: argparse.Namespace) -> int:
         raise InputError(f'--neighborhood must be 0 (no restriction) or more, got {args.neighborhood}.')
     tap = args.taps[0]
     check_outputs(args, [args.data])
+    check_size_fits(args.short_side, args.batch_size, args.device, '--short-side', model=args.model)
     sequences = load_davis(args.data, args.split, args.sequences, args.limit)  # checked before any model is built
     if args.masks:
         for seq in sequences:

@@ -165,12 +165,14 @@ def _table(scores: Scores) -> str:
 def run_hpatches(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval hpatches`."""
     from ..data.outputs import write_json
+    from ..cli_args import check_size_fits
     from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
 
     if args.taps is None or len(args.taps) != 1:
         raise InputError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
     tap = args.taps[0]
     check_outputs(args, [args.data, args.keypoints])
+    check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     sequences = load_hpatches(args.data, args.keypoints, args.limit)  # everything checked before any model is built
     kwargs = eval_model_kwargs(args, default_timestep=0)
     model_fn = model_builder(args, tap, kwargs)

@@ -286,6 +286,7 @@ def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> None:
 
 def _check_paths(args: argparse.Namespace) -> None:
     from ..data.outputs import check_folder
+    from ..cli_args import check_size_fits
     from .common import check_outputs
 
     store, data = Path(args.store).resolve(), Path(args.data).resolve()
@@ -293,6 +294,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise InputError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
     check_folder(args.store, 'store', [args.data], option='--store')  # a store of ours, resumed (as `features`)
     check_outputs(args, [args.data, args.store])
+    check_size_fits(args.size, args.batch_size, args.device, model=args.model)
+    check_size_fits(args.label_size, 1, 'cpu', '--label-size')  # labels and features of an image at N x N
 
 
 def run_pixel(args: argparse.Namespace) -> int:

@@ -230,7 +230,7 @@ def run_spair(args: argparse.Namespace) -> int:
         except (KeyError, IndexError, ValueError) as e:
             raise InputError(f'--prompt-template {args.prompt_template!r} must use only {{category}}, e.g. '
                              f'"a photo of a {{category}}" ({type(e).__name__}: {e}).') from None
-    check_size_fits(args.size, args.batch_size, args.device)
+    check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     check_distinct_outputs({'--json': args.json}, {'--cache': args.cache})
     if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
         check_file(args.json, [args.data], option='--json')
