@@ -359,26 +359,29 @@ def check_fits(nbytes: int, what: str, dtype: torch.dtype | None = None) -> None
                    f'available: {half}free some memory, or use a machine with more memory.')
 
 
-def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None = None,
+                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it.
 
     The tensors are memory-mapped from the file (no copy) unless `dtype` asks for another floating dtype than the
     file's: then the floating tensors of one or more dimensions are read one at a time and converted, so the file's
-    own copy is never held whole (scalars, such as a learned timestep, keep the file's dtype).
+    own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as stored.
     """
     path = Path(path)
+
+    def cast(key: str, kind: str, ndim: int) -> bool:
+        return dtype is not None and kind in _FLOAT_DTYPES and kind != _ST_DTYPES[dtype] and ndim > 0 and \
+            not key.startswith(keep)
+
     try:
         with _safe_open(path) as f:
-            cast = dtype is not None and any(
-                f.get_slice(k).get_dtype() in _FLOAT_DTYPES and f.get_slice(k).get_dtype() != _ST_DTYPES[dtype]
-                for k in f.keys())
-        if not cast:
-            return load_file(path)
+            if not any(cast(k, f.get_slice(k).get_dtype(), len(f.get_slice(k).get_shape())) for k in f.keys()):
+                return load_file(path)
         out = {}
         with _safe_open(path, backend='pread') as f:
             for k in f.keys():
                 t = f.get_tensor(k)
-                out[k] = t.to(dtype) if t.is_floating_point() and t.ndim and t.dtype != dtype else t
+                out[k] = t.to(dtype) if cast(k, _ST_DTYPES.get(t.dtype, ''), t.ndim) else t
         return out
     except FileNotFoundError as err:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
@@ -390,13 +393,13 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
 
 
 def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: torch.dtype | None = None,
-                             check_memory: bool = False) -> dict[str, torch.Tensor]:
+                             keep: tuple[str, ...] = (), check_memory: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint split into shards, as diffusers and transformers save big models: the index `index_file`
     (`*.safetensors.index.json`, whose `weight_map` maps every tensor to its shard file) and the shards it names,
     from `repo` (Hub or local folder, fetched with `download`), merged into one state dict.
 
     Each shard must hold exactly the tensors the index gives it; a broken cached index or shard is removed so that
-    the next call fetches it again. `dtype` as in `load_safetensors`; with `check_memory`, every shard is fetched
+    the next call fetches it again. `dtype` and `keep` as in `load_safetensors`; with `check_memory`, every shard is fetched
     first and weights that do not fit in memory are refused before any is read (`check_fits`).
     """
     path = download(repo, index_file, what=f'{what} (shard index {index_file})')
@@ -414,13 +417,14 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: to
         if '/' in shard or '\\' in shard or shard in ('', '.', '..'):
             raise HubError(f'Could not get {what}: the index {index_file} names the shard {shard!r} outside its '
                            'folder; shards must sit beside their index.')
-        name = f'{folder}/{shard}' if folder else shard
-        shards[shard] = name, download(repo, name, what=f'{what} (shard {name})')
+        shards[shard] = f'{folder}/{shard}' if folder else shard
+    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
+    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
     if check_memory:
-        check_fits(sum(safetensors_nbytes(path, dtype) for _, path in shards.values()), what, dtype)
+        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
     state: dict[str, torch.Tensor] = {}
-    for shard, (name, path) in shards.items():
-        part = load_safetensors(path, what=f'{what} (shard {name})', dtype=dtype)
+    for shard, name in shards.items():
+        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
         want = {k for k, v in weight_map.items() if v == shard}
         if part.keys() != want:
             missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)

@@ -33,6 +33,8 @@ from ._options import Options
 __all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
            'empty_weights', 'assign_weights', 'resolve_dtype']
 
+_KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
+
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
 
@@ -71,7 +73,9 @@ def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
     `.index.json` of a sharded one) or its Hub file (`hf_hub_id` + `hf_hub_filename`), read through `hub.py` so a
     truncated or corrupted cached file is removed and fetched again on the next call.
 
-    Files are read in `dtype` (`hub.load_safetensors`), after a check that they fit in the available memory.
+    Files are read in `dtype` (`hub.load_safetensors`), after a check that they fit in the available memory. A VAE
+    in the file (our own checkpoints) is left as stored: a family may keep it in float32 (SDXL's, in float16), and
+    `assign_weights` casts it once the model's dtypes are known.
     """
     from .. import hub
 
@@ -83,17 +87,19 @@ def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
             raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
                                '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
         if path.name.endswith('.index.json'):
-            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what, dtype=dtype, check_memory=True)
+            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what, dtype=dtype, keep=_KEEP,
+                                                 check_memory=True)
     elif cfg.get('hf_hub_id'):
         repo, filename = cfg['hf_hub_id'], cfg.get('hf_hub_filename') or 'model.safetensors'
         if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
-            return hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, check_memory=True)
+            return hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, keep=_KEEP,
+                                                 check_memory=True)
         path = hub.download(repo, filename, what=what)
     else:
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
     hub.check_fits(hub.safetensors_nbytes(path, dtype), what, dtype)
-    return hub.load_safetensors(path, what=what, dtype=dtype)
+    return hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP)
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
