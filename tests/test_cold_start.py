@@ -202,7 +202,7 @@ def test_empty_weights_and_assign():
 def test_benchmark_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, '-m', 'diffbackbone.bench.coldstart', 'test_cleandift', '--make-weights', str(tmp_path / 'w'),
-         '--runs', '1', '--size', '64'], capture_output=True, text=True, timeout=300,
+         '--runs', '1', '--warmup', '0', '--size', '64'], capture_output=True, text=True, timeout=300,
         cwd=Path(__file__).resolve().parents[1], env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
