@@ -219,7 +219,9 @@ def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int]:
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS': '1'})
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        raise RuntimeError(f'the {kind} run failed:\n{out.stderr[-3000:]}')
+        why = f'killed by signal {-out.returncode} (SIGKILL: out of memory?)' if out.returncode < 0 \
+            else f'exit status {out.returncode}'
+        raise RuntimeError(f'the {kind} run failed ({why}):\n{out.stderr[-3000:]}')
     return wall, json.loads(out.stdout.strip().splitlines()[-1])['peak_rss']
 
 
