@@ -170,12 +170,14 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
             module.reset_parameters()
 
 
-def _load_step(filter_fn: FilterFn) -> FilterFn:
-    """timm's `pretrained_filter_fn`: map the keys, complete the model from its base repo, check every key, assign the
-    tensors and finish loading; timm's own load of the returned state dict then puts each tensor onto itself."""
+def _load_step(filter_fn: FilterFn, checkpoint: list[dict[str, torch.Tensor]]) -> FilterFn:
+    """timm's `pretrained_filter_fn`: map the keys of the checkpoint (`checkpoint[0]`, taken once: timm is handed a
+    placeholder, since it deep-copies its pretrained cfg, twice with `features_only`), complete the model from its base
+    repo, check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts
+    each tensor onto itself."""
 
-    def load(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        state_dict = filter_fn(state_dict, model)
+    def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state_dict = filter_fn(checkpoint.pop(), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
         check_keys(state_dict, model)
         assign_weights(model, state_dict)
@@ -220,12 +222,14 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         with errors():
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                          pretrained_cfg_overlay=overlay).to_dict()
-            overlay = dict(overlay, state_dict=pretrained_state_dict(cfg, what, dtype or torch.float32), source=None)
+            checkpoint = [pretrained_state_dict(cfg, what, dtype or torch.float32)]
+            overlay = dict(overlay, state_dict={'checkpoint': torch.zeros(())}, source=None)  # see _load_step
     try:
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
                 _build(cls, internal, pretrained, dtype), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn), pretrained_cfg_overlay=overlay or None,
+                pretrained_filter_fn=_load_step(filter_fn, checkpoint) if pretrained else None,
+                pretrained_cfg_overlay=overlay or None,
                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given
         source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
@@ -233,7 +237,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
             raise
         raise type(e)(f'Could not use the weights {str(source)!r} for {variant}: {e}') from e
     net = getattr(model, 'model', model)  # the features_only wrapper holds the model
-    for m in (model, net):  # do not keep a second copy of the weights alive
+    for m in (model, net):  # the placeholder checkpoint (see _load_step) is no one's business
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None
