@@ -16,6 +16,7 @@ import difflib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -46,7 +47,7 @@ from .errors import DiffbackboneError, InputError
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
-    'read_tensor',
+    'read_tensor', 'safetensors_nbytes', 'available_memory', 'check_fits',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
 ]
 
@@ -302,11 +303,86 @@ def broken_safetensors(path: Path, what: str, err: BaseException) -> str | None:
     return f'Could not get {what}: {path} is truncated or corrupted, or not a safetensors file ({err}). {fix}'
 
 
-def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it."""
-    path = Path(path)
+_ST_DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16'}
+_FLOAT_DTYPES = ('F64', 'F32', 'F16', 'BF16', 'F8_E4M3', 'F8_E5M2')
+_ST_SIZES = {'F64': 8, 'I64': 8, 'U64': 8, 'F32': 4, 'I32': 4, 'U32': 4, 'F16': 2, 'BF16': 2, 'I16': 2, 'U16': 2}
+
+
+def _safe_open(path: Path, backend: str | None = None):
+    """`safe_open` for torch; `backend='pread'` (safetensors >= 0.8) reads each tensor into its own memory."""
+    if backend is not None:
+        with contextlib.suppress(TypeError):  # an older safetensors: memory-mapped only
+            return safe_open(path, 'pt', backend=backend)
+    return safe_open(path, 'pt')
+
+
+def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes the tensors of a safetensors file take once loaded, from its header alone; with `dtype`, its floating
+    tensors of one or more dimensions counted in that dtype (as `load_safetensors` converts them). 0 for a file that
+    cannot be read (loading it says why)."""
+    size = torch.finfo(dtype).bits // 8 if dtype is not None else None
+    total = 0
     try:
-        return load_file(path)
+        with _safe_open(Path(path)) as f:
+            for k in f.keys():
+                info = f.get_slice(k)
+                shape, kind = info.get_shape(), info.get_dtype()
+                cast = size is not None and kind in _FLOAT_DTYPES and len(shape) > 0
+                total += math.prod(shape) * (size if cast else _ST_SIZES.get(kind, 1))
+    except (SafetensorError, OSError):
+        return 0
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory new allocations can take without swapping (psutil's `available`; /proc/meminfo's
+    MemAvailable without psutil), or None where neither is there."""
+    try:
+        import psutil
+    except ImportError:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path('/proc/meminfo').read_text().splitlines():
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(nbytes: int, what: str, dtype: torch.dtype | None = None) -> None:
+    """Refuse, before reading them, weights of `nbytes` that do not fit in the available memory."""
+    free = available_memory()
+    if free is None or nbytes <= free:
+        return
+    name = str(dtype or torch.float32).removeprefix('torch.')
+    half = '' if name in ('float16', 'bfloat16') else "load them in bfloat16 (dtype='bfloat16', --dtype bfloat16), "
+    raise HubError(f'The {what} need {nbytes / 2**30:.1f} GiB in {name} but only {free / 2**30:.1f} GiB of memory is '
+                   f'available: {half}free some memory, or use a machine with more memory.')
+
+
+def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None = None,
+                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it.
+
+    The tensors are memory-mapped from the file (no copy) unless `dtype` asks for another floating dtype than the
+    file's: then the floating tensors of one or more dimensions are read one at a time and converted, so the file's
+    own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as stored.
+    """
+    path = Path(path)
+
+    def cast(key: str, kind: str, ndim: int) -> bool:
+        return dtype is not None and kind in _FLOAT_DTYPES and kind != _ST_DTYPES[dtype] and ndim > 0 and \
+            not key.startswith(keep)
+
+    try:
+        with _safe_open(path) as f:
+            if not any(cast(k, f.get_slice(k).get_dtype(), len(f.get_slice(k).get_shape())) for k in f.keys()):
+                return load_file(path)
+        out = {}
+        with _safe_open(path, backend='pread') as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = t.to(dtype) if cast(k, _ST_DTYPES.get(t.dtype, ''), t.ndim) else t
+        return out
     except FileNotFoundError as err:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
     except SafetensorError as err:
@@ -316,13 +392,15 @@ def load_safetensors(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         raise HubError(f'Could not get {what}: {path} {reason}. Give the path of a .safetensors file.') from err
 
 
-def load_sharded_safetensors(repo: str, index_file: str, *, what: str) -> dict[str, torch.Tensor]:
+def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: torch.dtype | None = None,
+                             keep: tuple[str, ...] = (), check_memory: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint split into shards, as diffusers and transformers save big models: the index `index_file`
     (`*.safetensors.index.json`, whose `weight_map` maps every tensor to its shard file) and the shards it names,
     from `repo` (Hub or local folder, fetched with `download`), merged into one state dict.
 
     Each shard must hold exactly the tensors the index gives it; a broken cached index or shard is removed so that
-    the next call fetches it again.
+    the next call fetches it again. `dtype` and `keep` as in `load_safetensors`; with `check_memory`, every shard is fetched
+    first and weights that do not fit in memory are refused before any is read (`check_fits`).
     """
     path = download(repo, index_file, what=f'{what} (shard index {index_file})')
     try:
@@ -334,13 +412,19 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str) -> dict[s
         raise HubError(f'Could not get {what}: {path} is not a sharded-checkpoint index (JSON whose "weight_map" maps '
                        f'tensor names to shard files): {type(err).__name__}: {err}. {fix}'.rstrip()) from err
     folder = index_file.rpartition('/')[0]
-    state: dict[str, torch.Tensor] = {}
+    shards = {}
     for shard in sorted(set(weight_map.values())):
         if '/' in shard or '\\' in shard or shard in ('', '.', '..'):
             raise HubError(f'Could not get {what}: the index {index_file} names the shard {shard!r} outside its '
                            'folder; shards must sit beside their index.')
-        name = f'{folder}/{shard}' if folder else shard
-        part = load_safetensors(download(repo, name, what=f'{what} (shard {name})'), what=f'{what} (shard {name})')
+        shards[shard] = f'{folder}/{shard}' if folder else shard
+    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
+    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
+    if check_memory:
+        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for shard, name in shards.items():
+        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
         want = {k for k, v in weight_map.items() if v == shard}
         if part.keys() != want:
             missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)

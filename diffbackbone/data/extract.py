@@ -76,8 +76,8 @@ def load_extractor(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights are the same in every run: a resumed store must not mix two models
         model = timm.create_model(model_name, pretrained=pretrained, features_only=True,
-                                  out_indices=tuple(taps) if taps else None, **kwargs)
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+                                  out_indices=tuple(taps) if taps else None, dtype=DTYPES[dtype], **kwargs)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()  # weights are loaded in `dtype`: casts nothing
 
 
 def data_config(model: nn.Module, size: Optional[int] = None) -> dict:

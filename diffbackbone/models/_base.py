@@ -19,7 +19,7 @@ from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, Source
 from ._taps import Tap, TapError, resolve_taps
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, vae_keys
 
-__all__ = ['DiffusionBackbone', 'per_latent', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
+__all__ = ['DiffusionBackbone', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
            'VAE_TEST', 'SCHEDULER_SD']
 
 Indices = Union[None, int, str, Sequence[Union[int, str]]]
@@ -304,15 +304,19 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
 
     # --- completing a denoiser-only checkpoint (`_builder`, after the keys are mapped) ----------------------------
     def complete_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors a denoiser-only checkpoint lacks, from `base_repo`: the VAE encoder and the prompt buffers."""
+        """The tensors a denoiser-only checkpoint lacks, from `base_repo`: the VAE encoder and the prompt buffers.
+
+        Called with the model's parameters still on the meta device (`_builder`): each part is read in the dtype of
+        the module it goes to (`weights_dtype`), and nothing may read a parameter's value.
+        """
         from .. import hub  # deferred: only weight loading needs the Hub client
 
         parts: dict[str, torch.Tensor] = {}
         if self.vae is not None and not any(k.startswith('vae.') for k in state_dict):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
-            parts.update(vae_keys(hub.load_safetensors(hub.download(self.base_repo, self.vae_file, what='VAE'),
-                                                       what='VAE')))
+            path = hub.download(self.base_repo, self.vae_file, what='VAE')
+            parts.update(vae_keys(hub.load_safetensors(path, what='VAE', dtype=weights_dtype(self.vae))))
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
@@ -321,6 +325,11 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
 
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""
+
+
+def weights_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module's weights are read in: its first floating parameter's (a meta one's too)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def per_latent(embeds: torch.Tensor, n: int) -> torch.Tensor:

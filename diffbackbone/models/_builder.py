@@ -3,12 +3,15 @@
 `build_diffusion_model` is the one place that builds, loads, completes and wraps. In order:
 1. flat keyword arguments (`timestep=`, `prompt=`, `lora=`, ...) are grouped into the option objects the family's
    constructor declares; unknown ones are refused by name;
-2. the checkpoint is read through `hub.py` (downloads, integrity, sharded files) and handed to timm's
-   `build_model_with_cfg` as the pretrained cfg's `state_dict`;
-3. timm calls our load step: the family's `checkpoint_filter_fn` maps keys (offline, no side effects), then the model
+2. the checkpoint is read through `hub.py` (downloads, integrity, sharded files; weights that cannot fit in memory
+   are refused before they are read), memory-mapped or converted tensor by tensor to the chosen `dtype`, and handed
+   to timm's `build_model_with_cfg` as the pretrained cfg's `state_dict`;
+3. with pretrained weights the model is built with its parameters on the meta device (`empty_weights`: no memory,
+   no random initialisation; buffers, which hold noise schedules and size ids no checkpoint has, are built as usual);
+4. timm calls our load step: the family's `checkpoint_filter_fn` maps keys (offline, no side effects), then the model
    is completed from its base repo (VAE encoder, prompt embeddings, ControlNet, depth estimator, learned timestep),
-   and every key is checked;
-4. timm loads the state dict strictly; once it is in, the model finishes loading (a UNet fuses its LoRA);
+   every key is checked, the tensors are assigned to the model (`load_state_dict(assign=True)`: no copy) and the model
+   finishes loading (a UNet fuses its LoRA); timm's own strict load then puts each tensor onto itself, a no-op;
 5. timm wraps the model for `features_only` (its 'getter' wrapper, which prunes the blocks no selected tap needs).
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +31,9 @@ from ..errors import InputError
 from ._options import Options
 
 __all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
-           'load_weights']
+           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights']
+
+_KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
@@ -63,10 +68,15 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
     return out
 
 
-def pretrained_state_dict(cfg: dict, what: str) -> dict[str, torch.Tensor]:
+def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """The checkpoint a pretrained cfg names: its `state_dict`, its local `file` (a `.safetensors`, or the
     `.index.json` of a sharded one) or its Hub file (`hf_hub_id` + `hf_hub_filename`), read through `hub.py` so a
-    truncated or corrupted cached file is removed and fetched again on the next call."""
+    truncated or corrupted cached file is removed and fetched again on the next call.
+
+    Files are read in `dtype` (`hub.load_safetensors`), after a check that they fit in the available memory. A VAE
+    in the file (our own checkpoints) is left as stored: a family may keep it in float32 (SDXL's, in float16), and
+    `assign_weights` casts it once the model's dtypes are known.
+    """
     from .. import hub
 
     if cfg.get('state_dict') is not None and cfg.get('source') != 'hf-hub':
@@ -77,15 +87,19 @@ def pretrained_state_dict(cfg: dict, what: str) -> dict[str, torch.Tensor]:
             raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
                                '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
         if path.name.endswith('.index.json'):
-            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what)
-        return hub.load_safetensors(path, what=what)
-    if cfg.get('hf_hub_id'):
+            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what, dtype=dtype, keep=_KEEP,
+                                                 check_memory=True)
+    elif cfg.get('hf_hub_id'):
         repo, filename = cfg['hf_hub_id'], cfg.get('hf_hub_filename') or 'model.safetensors'
         if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
-            return hub.load_sharded_safetensors(repo, filename, what=what)
-        return hub.load_safetensors(hub.download(repo, filename, what=what), what=what)
-    raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
-                       "dict(hf_hub_id='org/name'), or pretrained=False.")
+            return hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, keep=_KEEP,
+                                                 check_memory=True)
+        path = hub.download(repo, filename, what=what)
+    else:
+        raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
+                           "dict(hf_hub_id='org/name'), or pretrained=False.")
+    hub.check_fits(hub.safetensors_nbytes(path, dtype), what, dtype)
+    return hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP)
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -105,6 +119,57 @@ def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
             'it for another architecture (SD1.5 vs SD2.1)? Give weights of this model, or pick the model they are for.')
 
 
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """A model's `dtype=` argument: a floating torch dtype or its name ('float32', 'bfloat16', 'float16')."""
+    if dtype is None or dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix('torch.') in _DTYPES:
+        return _DTYPES[dtype.removeprefix('torch.')]
+    raise InputError(f"dtype must be one of {', '.join(_DTYPES)} (or the torch dtype), got {dtype!r}.")
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: no memory and no random initialisation (the
+    weights are assigned afterwards, `assign_weights`). Buffers are built as usual: the non-persistent ones (noise
+    schedule steps, SDXL's size ids, PixArt's position table) are computed by the constructor and in no checkpoint.
+
+    As accelerate's `init_empty_weights` (diffusers' `low_cpu_mem_usage`), `nn.Module.register_parameter` is
+    patched while the block runs, so do not build other modules in other threads meanwhile.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to('meta'), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Make `state_dict`'s tensors the model's own (`load_state_dict(assign=True)`, cast where the model's dtype
+    differs), then initialise what is still on the meta device as its constructor would (a new classifier)."""
+    own = model.state_dict()
+    state_dict = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype)
+                  for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    for name, module in model.named_modules():
+        if any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            if not hasattr(module, 'reset_parameters'):
+                raise RuntimeError(f'{name or type(model).__name__} has tensors that no checkpoint gives and no '
+                                   'reset_parameters to initialise them.')
+            module.to_empty(device='cpu', recurse=False)
+            module.reset_parameters()
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_fn: FilterFn) -> nn.Module:
     """Load a checkpoint into a built model as `build_diffusion_model` does: map its keys, complete the model from its
     base repo, check every key, load, finish (a LoRA is fused)."""
@@ -116,24 +181,35 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_f
     return model
 
 
-def _load_step(filter_fn: FilterFn) -> FilterFn:
-    """timm's `pretrained_filter_fn`: map the keys, complete the model from its base repo, check every key; and have
-    the model finish loading once timm has loaded the result."""
+def _load_step(filter_fn: FilterFn, checkpoint: list[dict[str, torch.Tensor]]) -> FilterFn:
+    """timm's `pretrained_filter_fn`: map the keys of the checkpoint (`checkpoint[0]`, taken once: timm is handed a
+    placeholder, since it deep-copies its pretrained cfg, twice with `features_only`), complete the model from its base
+    repo, check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts
+    each tensor onto itself."""
 
-    def load(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        state_dict = filter_fn(state_dict, model)
+    def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state_dict = filter_fn(checkpoint.pop(), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
         check_keys(state_dict, model)
-        handle = None
-
-        def finish(module: nn.Module, incompatible) -> None:
-            handle.remove()  # once: a later load_state_dict of the user's must not fuse again
-            module.finish_loading()
-
-        handle = model.register_load_state_dict_post_hook(finish)
-        return state_dict
+        assign_weights(model, state_dict)
+        model.finish_loading()
+        return model.state_dict()
 
     return load
+
+
+def _build(cls: type, internal: Sequence[str], pretrained: bool,
+           dtype: Optional[torch.dtype]) -> Callable[..., nn.Module]:
+    """The model constructor timm calls: with pretrained weights the parameters stay empty until they are assigned;
+    the model is cast to `dtype` (on the meta device, the cast costs nothing and tells the load step each tensor's
+    dtype: SDXL's VAE stays float32 in float16)."""
+
+    def build(**kwargs: Any) -> nn.Module:
+        with empty_weights() if pretrained else contextlib.nullcontext():
+            model = cls(**group_kwargs(cls, kwargs, internal))
+        return model if dtype is None else model.to(dtype)
+
+    return build
 
 
 def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: FilterFn,
@@ -141,10 +217,12 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     """timm's `build_model_with_cfg` for a diffusion family class (see the module docstring).
 
     `internal`: constructor parameters the entry points set (architecture configs), left out of the error that lists
-    the valid arguments. `features_only` defaults to the model's own 'pyramid' preset, not every tap.
+    the valid arguments. `features_only` defaults to the model's own 'pyramid' preset, not every tap. `dtype` (a
+    torch dtype or its name) loads the weights in that dtype; random weights are initialised in float32 and cast.
     """
     from .. import hub
 
+    dtype = resolve_dtype(kwargs.pop('dtype', None))
     out_indices = kwargs.pop('out_indices', None)
     out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
         else out_indices
@@ -155,12 +233,14 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         with errors():
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                          pretrained_cfg_overlay=overlay).to_dict()
-            overlay = dict(overlay, state_dict=pretrained_state_dict(cfg, what), source=None)
+            checkpoint = [pretrained_state_dict(cfg, what, dtype or torch.float32)]
+            overlay = dict(overlay, state_dict={'checkpoint': torch.zeros(())}, source=None)  # see _load_step
     try:
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
-                lambda **kw: cls(**group_kwargs(cls, kw, internal)), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn), pretrained_cfg_overlay=overlay or None,
+                _build(cls, internal, pretrained, dtype), variant, pretrained,
+                pretrained_filter_fn=_load_step(filter_fn, checkpoint) if pretrained else None,
+                pretrained_cfg_overlay=overlay or None,
                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given
         source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
@@ -168,7 +248,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
             raise
         raise type(e)(f'Could not use the weights {str(source)!r} for {variant}: {e}') from e
     net = getattr(model, 'model', model)  # the features_only wrapper holds the model
-    for m in (model, net):  # do not keep a second copy of the weights alive
+    for m in (model, net):  # the placeholder checkpoint (see _load_step) is no one's business
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
             cfg['state_dict'] = None

@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import DiffusionBackbone, per_latent
+from ._base import DiffusionBackbone, per_latent, weights_dtype
 from ._builder import build_diffusion_model
 from ._options import (
     ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
@@ -153,6 +153,7 @@ class DiffusionUNet(DiffusionBackbone):
         if clean:
             self.timestep = nn.Parameter(torch.tensor(float(261.0 if timestep is None else timestep)))
             self.timestep_fixed = timestep is not None  # user's value wins over the checkpoint's
+            self._timestep_given = float(261.0 if timestep is None else timestep)
         else:
             t = 261 if timestep is None else int(timestep)
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
@@ -421,14 +422,16 @@ class DiffusionUNet(DiffusionBackbone):
         parts = super().complete_weights(state_dict)
         if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
             what = f'ControlNet {self.control_repo!r}'
-            sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what)
+            sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what,
+                                      dtype=weights_dtype(self.controlnet))
             parts.update({'controlnet.' + k: v for k, v in sd.items()})
         if self.depth_estimator is not None and not any(k.startswith('depth_estimator.') for k in state_dict):
             what = f'depth estimator {self.depth_repo!r}'
-            sd = hub.load_safetensors(hub.download(self.depth_repo, DEPTH_FILE, what=what), what=what)
+            sd = hub.load_safetensors(hub.download(self.depth_repo, DEPTH_FILE, what=what), what=what,
+                                      dtype=weights_dtype(self.depth_estimator))
             parts.update({'depth_estimator.' + k: v for k, v in sd.items()})
         if self.clean and self.timestep_fixed:
-            parts['timestep'] = self.timestep.detach().clone()
+            parts['timestep'] = torch.tensor(self._timestep_given)  # the parameter may be on the meta device
         elif self.clean and 'timestep' not in state_dict:
             if not self.timestep_source:
                 raise hub.HubError('The checkpoint has no learned timestep and no timestep_source is set; pass '

@@ -1,0 +1,280 @@
+"""Cold start: time and peak memory from `import` to the first feature, ours against the reference loader, each run
+in a fresh process, paired (issue #29).
+
+    python -m diffbackbone.bench.coldstart cleandift_sd21 --make-weights /tmp/cold [--dtype bfloat16] [--runs 3]
+    HF_HUB_OFFLINE=1 python -m diffbackbone.bench.coldstart cleandift_sd21   # the weights in the Hub cache
+
+Ours: `timm.create_model(MODEL, pretrained=True, features_only=True, out_indices=TAPS, dtype=DTYPE)` and one forward
+of a batch of one image. The reference, for a clean model, loads as CleanDIFT's code does: the diffusers
+`UNet2DConditionModel` built from the base repo's config, `safetensors.torch.load_file` of the CleanDIFT UNet file and
+`load_state_dict`, `AutoencoderKL.from_pretrained` of the base repo's VAE, the CLIP text encoder for the empty prompt,
+then the cast to DTYPE and one UNet call at t = 261; for a noisy model, diffusers' `from_pretrained` of the base repo's
+UNet and VAE in DTYPE and the same text encoder. Both run one untimed warm-up first (page cache; our empty-prompt
+embedding is then read from our cache, as on every run after a user's first).
+
+`--make-weights DIR` writes random weights of the model's full size in the real repos' layout (once; later runs reuse
+them): a diffusers base repo (`DIR/base`: unet config (and weights for a noisy model), vae, text_encoder, tokenizer)
+and a CleanDIFT-style repo (`DIR/cleandift`: the float16 UNet-only file as CleanDIFT ships it, and a `_full` file
+holding only the learned timestep, which is all we read of the real one). Covers the Stable Diffusion 1.x / 2.x UNet
+models (one CLIP text encoder): `cleandift_sd21`, `cleandift_sd15`, `sd21`, `sd15` and the tiny `test_cleandift`,
+`test_dift`.
+
+Printed: the median wall time (process start to first feature, measured around the subprocess) and median peak RSS
+(`ru_maxrss` of the child) of each, their ratios ours / reference, and peak RSS over the weights' size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import InputError
+
+__all__ = ['main', 'make_weights']
+
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+_MODELS = ('cleandift_sd21', 'cleandift_sd15', 'sd21', 'sd15', 'test_cleandift', 'test_dift')
+# CLIP text encoders of the base repos, by the UNet's cross-attention width (transformers CLIPTextConfig values)
+_CLIP = {
+    1024: dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+               hidden_act='gelu', projection_dim=512, vocab_size=49408),  # SD2.x: OpenCLIP ViT-H/14
+    768: dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act='quick_gelu', projection_dim=768, vocab_size=49408),  # SD1.x: CLIP ViT-L/14
+}
+_TIMESTEP = 261.0
+
+
+# ---- random weights in the real repos' layout --------------------------------------------------------------------
+def _architecture(model_name: str) -> tuple[dict, dict, bool]:
+    """(diffusers UNet config, AutoencoderKL config, clean) of a registered UNet model, built on the meta device."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    if model_name not in _MODELS:
+        raise InputError(f'The cold-start benchmark covers {", ".join(_MODELS)}; got {model_name!r}.')
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    enc = model.vae.encoder
+    vae = dict(block_out_channels=[b.resnets[0].out_channels for b in enc.down_blocks],
+               layers_per_block=len(enc.down_blocks[0].resnets), latent_channels=model.vae.quant_conv.out_channels // 2,
+               norm_num_groups=enc.conv_norm_out.num_groups, scaling_factor=model.vae.scaling_factor,
+               down_block_types=['DownEncoderBlock2D'] * len(enc.down_blocks),
+               up_block_types=['UpDecoderBlock2D'] * len(enc.down_blocks), sample_size=768)
+    return {k: v for k, v in model.unet.config.items() if not k.startswith('_')}, vae, model.clean
+
+
+def _random(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """A random state dict of `module` (built on the meta device): N(0, 0.02), scales of norms 1."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in module.state_dict().items():
+        if v.ndim == 1 and k.endswith('weight'):
+            out[k] = torch.ones(v.shape, dtype=dtype)
+        else:
+            out[k] = torch.empty(v.shape, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(dtype)
+    return out
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer in the base repos' files (vocab.json, merges.txt; a small vocabulary: the empty prompt needs
+    only the special tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {'<|startoftext|>': 0, '<|endoftext|>': 1}
+    for ch in 'abcdefghijklmnopqrstuvwxyz':
+        vocab[ch], vocab[f'{ch}</w>'] = len(vocab), len(vocab) + 1
+    special = {'bos_token': '<|startoftext|>', 'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>',
+               'unk_token': '<|endoftext|>'}
+    (folder / 'vocab.json').write_text(json.dumps(vocab))
+    (folder / 'merges.txt').write_text('#version: 0.2\n')
+    (folder / 'special_tokens_map.json').write_text(json.dumps(special))
+    (folder / 'tokenizer_config.json').write_text(json.dumps(
+        {**special, 'model_max_length': 77, 'do_lower_case': True, 'tokenizer_class': 'CLIPTokenizer'}))
+
+
+def make_weights(model_name: str, folder: str | Path) -> dict:
+    """Write random weights of `model_name` in the real repos' layout under `folder` (once) and return where they
+    are: {'base': base repo folder, 'unet_file': the checkpoint our model loads, 'timestep_source', 'clean'}."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder).expanduser().absolute()
+    base, clean_dir = folder / 'base', folder / 'cleandift'
+    unet_cfg, vae_cfg, clean = _architecture(model_name)
+    spec = dict(base=str(base), clean=clean, timestep_source=f'{clean_dir}:{model_name}_full.safetensors' if clean
+                else None, unet_file=str(clean_dir / f'{model_name}_unet.safetensors') if clean
+                else str(base / 'unet' / 'diffusion_pytorch_model.safetensors'))
+    done = folder / f'.complete-{model_name}'
+    if done.is_file():
+        return spec
+    print(f'writing random {model_name} weights to {folder} (once) ...', file=sys.stderr, flush=True)
+    with torch.device('meta'):
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        dim = unet_cfg['cross_attention_dim']
+        clip = CLIPTextConfig(**_CLIP.get(dim, dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+                                                    num_attention_heads=2, projection_dim=dim, vocab_size=1000)),
+                              max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        text = CLIPTextModel(clip)
+    unet.save_config(base / 'unet')
+    if clean:
+        clean_dir.mkdir(parents=True, exist_ok=True)
+        save_file(_random(unet, torch.float16, 0), clean_dir / f'{model_name}_unet.safetensors')  # as CleanDIFT's
+        save_file({'timestep': torch.tensor(_TIMESTEP)}, clean_dir / f'{model_name}_full.safetensors')
+    else:
+        save_file(_random(unet, torch.float32, 0), base / 'unet' / 'diffusion_pytorch_model.safetensors')
+    vae.save_config(base / 'vae')
+    save_file(_random(vae, torch.float32, 1), base / 'vae' / 'diffusion_pytorch_model.safetensors')
+    clip.architectures = ['CLIPTextModel']
+    clip.save_pretrained(base / 'text_encoder')
+    save_file(_random(text, torch.float32, 2), base / 'text_encoder' / 'model.safetensors', metadata={'format': 'pt'})
+    _write_tokenizer(base / 'tokenizer')
+    (base / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
+    done.write_text(json.dumps(spec))
+    return spec
+
+
+def _hub_spec(model_name: str) -> dict:
+    """The files of the model's own Hub repos (from the Hub cache when HF_HUB_OFFLINE is set)."""
+    import timm
+
+    from .. import hub, models  # noqa: F401
+
+    _, _, clean = _architecture(model_name)
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    cfg = model.pretrained_cfg
+    unet_file = hub.download(cfg['hf_hub_id'], cfg['hf_hub_filename'], what=f'weights of {model_name}')
+    return dict(base=model.base_repo, clean=clean, timestep_source=None, unet_file=str(unet_file), hub=True)
+
+
+# ---- one run (in a child process) ----------------------------------------------------------------------------------
+def _image(size: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
+
+
+def _ours(model_name: str, spec: dict, taps: Sequence[str], size: int, dtype: torch.dtype) -> None:
+    import timm
+
+    import diffbackbone  # noqa: F401
+
+    kwargs = {} if spec.get('hub') else dict(base_repo=spec['base'], pretrained_cfg_overlay=dict(file=spec['unet_file']))
+    if spec.get('timestep_source'):
+        kwargs['timestep_source'] = spec['timestep_source']
+    model = timm.create_model(model_name, pretrained=True, features_only=True, out_indices=tuple(taps), dtype=dtype,
+                              **kwargs).eval()
+    with torch.inference_mode():
+        model(_image(size, dtype))
+
+
+def _reference(spec: dict, size: int, dtype: torch.dtype) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = spec['base']
+    if spec['clean']:  # CleanDIFT's way
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder='unet'))
+        unet.load_state_dict(load_file(spec['unet_file']), strict=True)
+        unet.to(dtype)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder='unet', torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(base, subfolder='vae', torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder='tokenizer')
+    encoder = CLIPTextModel.from_pretrained(base, subfolder='text_encoder')
+    with torch.inference_mode():
+        ids = tokenizer([''], padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors='pt').input_ids
+        ctx = encoder(ids)[0].to(dtype)
+        latent = vae.encode(_image(size, dtype)).latent_dist.mode() * vae.config.scaling_factor
+        unet(latent, _TIMESTEP, encoder_hidden_states=ctx)
+
+
+def _child(args: argparse.Namespace) -> None:
+    spec = json.loads(args.spec)
+    dtype = _DTYPES[args.dtype]
+    if args.child == 'ours':
+        _ours(args.model, spec, args.taps, args.size, dtype)
+    else:
+        _reference(spec, args.size, dtype)
+    print(json.dumps(dict(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
+
+
+def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one run of `kind` in a fresh process."""
+    cmd = [sys.executable, '-m', 'diffbackbone.bench.coldstart', args.model, '--child', kind, '--spec',
+           json.dumps(spec), '--dtype', args.dtype, '--size', str(args.size), '--taps', *args.taps]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS': '1'})
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        why = f'killed by signal {-out.returncode} (SIGKILL: out of memory?)' if out.returncode < 0 \
+            else f'exit status {out.returncode}'
+        raise RuntimeError(f'the {kind} run failed ({why}):\n{out.stderr[-3000:]}')
+    return wall, json.loads(out.stdout.strip().splitlines()[-1])['peak_rss']
+
+
+def _weights_bytes(model_name: str, dtype: torch.dtype) -> int:
+    """Bytes of the UNet and VAE encoder our model holds, in `dtype` (SDXL's VAE would stay float32)."""
+    import timm
+
+    from .. import models  # noqa: F401
+
+    with torch.device('meta'):
+        model = timm.create_model(model_name, dtype=dtype)
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k.startswith(('unet.', 'vae.')))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog='python -m diffbackbone.bench.coldstart', description=__doc__.split('\n')[0])
+    p.add_argument('model', help=f'one of {", ".join(_MODELS)}')
+    p.add_argument('--make-weights', metavar='DIR', help='write (once) and use random full-size weights in DIR')
+    p.add_argument('--dtype', choices=tuple(_DTYPES), default='float32')
+    p.add_argument('--runs', type=int, default=3, help='timed runs of each loader')
+    p.add_argument('--warmup', type=int, default=1, help='untimed runs of each loader first')
+    p.add_argument('--size', type=int, default=256, help='image side in pixels')
+    p.add_argument('--taps', nargs='+', default=['us6'], help='our out_indices')
+    p.add_argument('--child', choices=('ours', 'reference'), help=argparse.SUPPRESS)
+    p.add_argument('--spec', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return _child(args)
+    if args.runs < 1:
+        raise SystemExit('error: --runs must be at least 1.')
+    spec = make_weights(args.model, args.make_weights) if args.make_weights else _hub_spec(args.model)
+    for _ in range(args.warmup):  # page cache, our prompt-embedding cache
+        for kind in ('ours', 'reference'):
+            _run(kind, args, spec)
+    results: dict[str, list[tuple[float, int]]] = {'ours': [], 'reference': []}
+    for i in range(args.runs):  # paired, alternating which goes first
+        for kind in (('ours', 'reference') if i % 2 == 0 else ('reference', 'ours')):
+            results[kind].append(_run(kind, args, spec))
+    wall = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    rss = {k: statistics.median(r for _, r in v) for k, v in results.items()}
+    weights = _weights_bytes(args.model, _DTYPES[args.dtype])
+    print(f'cold start of {args.model}: {args.dtype}, {args.size} px, batch 1, CPU ({torch.get_num_threads()} threads), '
+          f'{args.runs} runs each in fresh processes, paired, after {args.warmup} warm-up run(s) each')
+    print(f'weights: UNet + VAE encoder {weights / 1e9:.2f} GB in {args.dtype} '
+          f'({"random, in " + str(Path(spec["base"]).parent) if args.make_weights else "from the Hub cache"})')
+    print(f'{"":22}{"wall to first feature":>24}{"peak RSS":>12}')
+    for kind in ('ours', 'reference'):
+        print(f'{kind:22}{wall[kind]:>22.2f} s{rss[kind] / 1e9:>9.2f} GB')
+    print(f'{"ours / reference":22}{"wall " + format(wall["ours"] / wall["reference"], ".2f"):>24}'
+          f'{"peak RSS " + format(rss["ours"] / rss["reference"], ".2f"):>22}')
+    print(f'{"peak RSS / weights":22}{"ours " + format(rss["ours"] / weights, ".2f"):>24}'
+          f'{"reference " + format(rss["reference"] / weights, ".2f"):>22}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,211 @@
+"""Cold start (issue #29): pretrained models are built with empty (meta) parameters and the checkpoint's tensors are
+assigned; features are bit-identical to building with random weights and loading into them; `dtype=` loads in that
+dtype; weights that cannot fit are refused before they are read; the benchmark runs end to end."""
+import itertools
+import os
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+import diffbackbone  # noqa: F401
+from diffbackbone import hub
+from diffbackbone.errors import InputError
+from diffbackbone.models import diffusion_unet as du
+from diffbackbone.models._builder import assign_weights, empty_weights
+from fakehub import publish_base_repo
+from golden_taps import fill_weights, images
+from test_pretrained import _tiny_vae
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+BASE, CLEAN = 'diffbackbone/cold-base', 'diffbackbone/cold-cleandift'  # repos of their own: other modules publish theirs
+TIMESTEP = 255.25
+# every diffusion family at its defaults (the fused model: below)
+FAMILIES = [('test_cleandift', 128), ('test_dift', 128), ('test_sdxl', 128), ('test_deepfloyd_if', 64),
+            ('test_pixart', 128), ('test_flux', 128), ('test_ditf_flux', 128), ('test_sd3', 128),
+            ('test_hunyuan_dit', 128)]
+
+
+def _meta(model: torch.nn.Module) -> list[str]:
+    return [k for k, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+
+
+def _save(model: torch.nn.Module, path) -> None:
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def _taps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return model.forward_intermediates(x, indices=model.tap_names(all=True), intermediates_only=True)
+
+
+@pytest.fixture(scope='module')
+def published(fake_hub, tmp_path_factory):
+    """A tiny base repo (VAE, text encoder) and a CleanDIFT-style repo: a float16 UNet-only file and `full` with the
+    learned timestep."""
+    torch.manual_seed(7)
+    tmp = tmp_path_factory.mktemp('cold_weights')
+    publish_base_repo(fake_hub, BASE, _tiny_vae().state_dict(), cross_attention_dim=32)
+    unet = {k: v.half() for k, v in UNet2DConditionModel(**du._UNET_TEST).state_dict().items()}
+    save_file(unet, tmp / 'unet.safetensors')
+    fake_hub.add_file(CLEAN, 'unet.safetensors', tmp / 'unet.safetensors')
+    save_file({'timestep': torch.tensor(TIMESTEP)}, tmp / 'full.safetensors')
+    fake_hub.add_file(CLEAN, 'full.safetensors', tmp / 'full.safetensors')
+    return dict(tmp=tmp, kwargs=dict(base_repo=BASE, timestep_source=f'{CLEAN}:full.safetensors',
+                                     pretrained_cfg_overlay=dict(hf_hub_id=CLEAN)))
+
+
+@pytest.mark.parametrize('name,side', FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_every_family_loads_bit_identically_with_no_meta_tensor_left(name, side, tmp_path):
+    old = timm.create_model(name).eval()  # random initialisation, as with pretrained=False
+    fill_weights(old)
+    _save(old, tmp_path / 'w.safetensors')
+    new = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
+    new.eval()
+    assert not _meta(new)
+    buffers = dict(new.named_buffers())  # the non-persistent ones too (noise-schedule steps, size ids, positions)
+    for key, value in old.named_buffers():
+        assert torch.equal(buffers[key], value), key
+    for key, value in old.state_dict().items():
+        assert torch.equal(new.state_dict()[key], value), key
+    for a, b in zip(_taps(old, images(side)), _taps(new, images(side))):
+        assert torch.equal(a, b)
+
+
+def test_fused_model_has_no_meta_tensor(tmp_path):
+    old = timm.create_model('test_cleandift_dinov2')
+    _save(old.diffusion, tmp_path / 'sd.safetensors')
+    _save(timm.create_model('test_dinov2'), tmp_path / 'dino.safetensors')  # whole: the fused model prunes its own
+    new = timm.create_model('test_cleandift_dinov2', pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / 'sd.safetensors')),
+                            dino_kwargs=dict(pretrained_cfg_overlay=dict(file=str(tmp_path / 'dino.safetensors'))))
+    assert not _meta(new)
+    assert torch.equal(new.dino_mean, old.dino_mean) and torch.equal(new.diffusion.unet.conv_in.weight,
+                                                                     old.diffusion.unet.conv_in.weight)
+
+
+def test_hub_load_equals_random_init_then_load_state_dict(published, hub_cache):
+    """The whole path (float16 UNet file, VAE and prompt from the base repo, timestep by range read) against the old
+    way: random initialisation, then `load_state_dict` of the same mapped and completed state dict."""
+    new = timm.create_model('test_cleandift', pretrained=True, **published['kwargs']).eval()
+    torch.manual_seed(0)
+    old = timm.create_model('test_cleandift', base_repo=BASE, timestep_source=f'{CLEAN}:full.safetensors').eval()
+    sd = du.checkpoint_filter_fn(load_file(published['tmp'] / 'unet.safetensors'), old)
+    old.load_state_dict({**sd, **old.complete_weights(sd)})
+    assert new.timestep.item() == TIMESTEP and new.timestep.dtype == torch.float32
+    assert new.unet.conv_in.weight.dtype == torch.float32 and not _meta(new)
+    for key, value in old.state_dict().items():
+        assert torch.equal(new.state_dict()[key], value), key
+    x = images(128)
+    for a, b in zip(_taps(old, x), _taps(new, x)):
+        assert torch.equal(a, b)
+    # features_only and a new classifier: the classifier is initialised, the rest loaded
+    feats = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us6',),
+                              **published['kwargs'])
+    assert torch.equal(feats(x)[0], new.forward_intermediates(x, indices=['us6'], intermediates_only=True)[0])
+    clf = timm.create_model('test_cleandift', pretrained=True, num_classes=3, **published['kwargs'])
+    assert not _meta(clf) and clf.head.fc.weight.abs().sum() > 0 and clf(x).shape == (2, 3)
+
+
+def test_dtype_at_load(published, hub_cache, monkeypatch):
+    read = []
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: read.append(k.get('dtype')) or load(*a, **k))
+    new = timm.create_model('test_cleandift', pretrained=True, dtype='bfloat16', **published['kwargs']).eval()
+    assert read and set(read) == {torch.bfloat16}  # UNet and VAE read in bfloat16: no float32 copy on the way
+    dtypes = {t.dtype for k, t in new.state_dict().items() if t.is_floating_point() and k != 'timestep'}
+    assert dtypes == {torch.bfloat16} and new.timestep.dtype == torch.float32 and new.timestep.item() == TIMESTEP
+    old = timm.create_model('test_cleandift', pretrained=True, **published['kwargs']).eval().to(torch.bfloat16)
+    x = images(128).bfloat16()
+    assert torch.equal(new.forward_features(x), old.forward_features(x))
+    assert timm.create_model('test_cleandift', dtype=torch.float16).unet.conv_in.weight.dtype == torch.float16
+    with pytest.raises(InputError, match='dtype must be one of'):
+        timm.create_model('test_cleandift', dtype='int8')
+
+
+def test_sdxl_vae_stays_float32_at_load(tmp_path):
+    old = timm.create_model('test_sdxl')
+    fill_weights(old)
+    _save(old, tmp_path / 'w.safetensors')
+    new = timm.create_model('test_sdxl', pretrained=True, dtype=torch.float16,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
+    assert new.unet.conv_in.weight.dtype == torch.float16
+    assert {p.dtype for p in new.vae.parameters()} == {torch.float32}
+    assert torch.equal(new.vae.encoder.conv_in.weight, old.vae.encoder.conv_in.weight)  # never rounded to float16
+    z = new.vae(images(64).half())
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+
+
+def test_extractor_loads_in_the_cli_dtype(tmp_path, monkeypatch):
+    from diffbackbone.data.extract import load_extractor
+
+    old = timm.create_model('test_cleandift')
+    _save(old, tmp_path / 'w.safetensors')
+    read = []
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: read.append(k.get('dtype')) or load(*a, **k))
+    model = load_extractor('test_cleandift', ['us6'], 'cpu', 'bfloat16', weights=str(tmp_path / 'w.safetensors'))
+    assert read == [torch.bfloat16] and model.model.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_weights_that_do_not_fit_are_refused_before_reading(tmp_path, monkeypatch, capsys):
+    old = timm.create_model('test_cleandift')
+    path = tmp_path / 'w.safetensors'
+    _save(old, path)
+    nbytes = hub.safetensors_nbytes(path)
+    assert nbytes == sum(t.numel() * t.element_size() for t in load_file(path).values())
+    scalars = sum(t.numel() * t.element_size() for t in load_file(path).values() if t.ndim == 0)
+    assert hub.safetensors_nbytes(path, torch.bfloat16) == (nbytes - scalars) // 2 + scalars
+    monkeypatch.setattr(hub, 'available_memory', lambda: nbytes - 1)
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    with pytest.raises(hub.HubError, match=r'need 0\.0 GiB in float32 but only .* available: load them in bfloat16'):
+        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    # a sharded checkpoint: every shard is counted before any is read
+    folder = tmp_path / 'sharded'
+    folder.mkdir()
+    sd = load_file(path)
+    keys = sorted(sd)
+    index = {'weight_map': {k: f'part-{i % 2}.safetensors' for i, k in enumerate(keys)}}
+    for i in range(2):
+        save_file({k: sd[k] for j, k in enumerate(keys) if j % 2 == i}, folder / f'part-{i}.safetensors')
+    (folder / 'w.safetensors.index.json').write_text(json.dumps(index))
+    with pytest.raises(hub.HubError, match='GiB of memory is available'):
+        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(
+            file=str(folder / 'w.safetensors.index.json')))
+    # the CLI prints it as one `error:` line
+    from diffbackbone.cli import main
+
+    assert main(['features', 'diffbackbone/assets/sample.jpg', '--model', 'test_cleandift', '--weights', str(path),
+                 '--out', str(tmp_path / 'f.safetensors')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error:') and 'GiB' in err and len(err.splitlines()) == 1
+
+
+def test_empty_weights_and_assign():
+    with empty_weights():
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+        m.register_buffer('steps', torch.arange(3))  # buffers are built as usual
+    assert all(p.is_meta for p in m.parameters()) and torch.equal(m.steps, torch.arange(3))
+    w = torch.randn(4, 3, dtype=torch.float16)
+    assign_weights(m, {'0.weight': w, '0.bias': torch.zeros(4)})
+    assert m[0].weight.dtype == torch.float32 and torch.equal(m[0].weight, w.float())
+    assert torch.equal(m[1].weight, torch.ones(4)) and not _meta(m)  # not in the state dict: initialised
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    out = subprocess.run(
+        [sys.executable, '-m', 'diffbackbone.bench.coldstart', 'test_cleandift', '--make-weights', str(tmp_path / 'w'),
+         '--runs', '1', '--warmup', '0', '--size', '64'], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith('ours ') for line in lines) and any(line.startswith('reference ') for line in lines)
+    ratio = [line for line in lines if line.startswith('ours / reference')]
+    assert len(ratio) == 1 and 'wall' in ratio[0] and 'peak RSS' in ratio[0], out.stdout
