@@ -104,7 +104,7 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         if tap not in taps:
             raise TapError(f'head_tap must be one of the default taps {self.tap_names()}, got {name!r}.')
         self.head_tap = taps.index(tap)
-        self._init_head(tap.num_chs, head.num_classes, head.global_pool, head.drop_rate)
+        self._init_head(tap.num_chs, head)
 
     def _add_to_feature_info(self, take: Sequence[Tap], key: Callable[[Tap], object]) -> None:
         """Selected taps that are not in `feature_info` yet join it, ordered by `key` (timm: strides never fall)."""

@@ -31,7 +31,7 @@ from ..errors import InputError
 from ._options import Options
 
 __all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
-           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights']
+           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
 
@@ -273,3 +273,28 @@ def _prompt_loaded(module: nn.Module, incompatible) -> None:
     """Post-hook of `load_state_dict`: a state dict holding `prompt_embeds` gives the pending prompt its embedding."""
     if not any(k.endswith('prompt_embeds') for k in incompatible.missing_keys):
         module._prompt_pending = False
+
+
+_TIMM_ARGS = {'features_only', 'feature_cls', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
+
+
+def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str, filter_fn: FilterFn,
+                    overlay_to_parts: bool = True, **kwargs: Any) -> nn.Module:
+    """timm's `build_model_with_cfg` for a model made of our models (fused, multi): each part loads its own weights
+    (`load_weights`), and the arguments the class does not know (with `pretrained_cfg_overlay` when
+    `overlay_to_parts`) go to its parts through the constructor argument `parts_kwargs`. `features_only` defaults to
+    every tap."""
+    out_indices = kwargs.pop('out_indices', None)
+    out_indices = tuple(out_indices) if isinstance(out_indices, list) else out_indices
+    params = set(inspect.signature(cls.__init__).parameters) - {'self', 'load_weights'}
+    known = params | {f for tp in option_params(cls).values() for f in tp.field_names()}
+    shared = dict(kwargs.pop(parts_kwargs, None) or {})
+    if not overlay_to_parts:
+        kwargs.pop('pretrained_cfg_overlay', None)
+    for k in list(kwargs):
+        if k not in known and k not in _TIMM_ARGS:
+            shared[k] = kwargs.pop(k)
+    return build_model_with_cfg(
+        lambda **kw: cls(**group_kwargs(cls, kw)), variant, pretrained=False, pretrained_filter_fn=filter_fn,
+        load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **{parts_kwargs: shared}, **kwargs)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
 
-from ._options import finite_number, whole_number
+from ._options import HeadConfig
 
 __all__ = ['ClassifierHeadMixin']
 
@@ -22,13 +22,12 @@ class ClassifierHeadMixin:
 
     head: ClassifierHead
 
-    def _init_head(self, num_features: int, num_classes: int = 0, global_pool: str = 'avg',
-                   drop_rate: float = 0.) -> None:
-        """The head on a map of `num_features` channels, `num_classes` and `drop_rate` checked as `HeadConfig` does."""
+    def _init_head(self, num_features: int, head: HeadConfig) -> None:
+        """The head on a map of `num_features` channels (`head.head_tap` is the caller's business)."""
         self.num_features = self.head_hidden_size = num_features
-        self.num_classes = whole_number('num_classes', num_classes, minimum=0)
-        self.drop_rate = finite_number('drop_rate', drop_rate, 0.0, 1.0)
-        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.num_classes, self.drop_rate = head.num_classes, head.drop_rate
+        self.head = ClassifierHead(num_features, head.num_classes, pool_type=head.global_pool,
+                                   drop_rate=head.drop_rate)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -33,9 +33,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
-from ._builder import group_kwargs
+from ._builder import build_composite
 from ._head import ClassifierHeadMixin
-from ._options import Options, finite_number
+from ._options import HeadConfig, Options, finite_number
 from ._taps import Tap, TapError
 
 __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
@@ -173,9 +173,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
             diffusion_kwargs: Optional[dict[str, Any]] = None,
             dino_kwargs: Optional[dict[str, Any]] = None,
             load_weights: bool = False,
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
+            head_cfg: HeadConfig = HeadConfig(),
             in_chans: int = 3,
     ):
         """
@@ -188,7 +186,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
             diffusion_kwargs: arguments of the diffusion model (prompt, timestep, ensemble, pretrained_cfg_overlay...).
             dino_kwargs: arguments of the timm DINOv2 (e.g. pretrained_cfg_overlay).
             load_weights: download and load both parts' pretrained weights (set by `pretrained=True`).
-            num_classes, global_pool, drop_rate: the timm classifier head on the fused map (0 classes: none).
+            head_cfg: the timm classifier head on the fused map (0 classes: none).
         """
         super().__init__()
         import timm
@@ -256,8 +254,8 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
                              dict(num_chs=embed, reduction=stride, module='dino', name=DINO_TAP)]
         self.feature_info += [dict(num_chs=c, reduction=s, module=f'diffusion.{t}', name=t)
                               for t, c, s in zip(self.sd_taps, chans, strides)]
-        self._init_head(fused_chs, num_classes, global_pool, drop_rate)
-        if num_classes:
+        self._init_head(fused_chs, head_cfg)
+        if head_cfg.num_classes:
             # A classifier reads the fused map only: drop the SD blocks after its deepest SD tap, as the builder prunes
             # a diffusion model's classifier, so that every parameter gets a gradient.
             self.diffusion.prune_intermediate_layers(self.sd_taps)
@@ -425,22 +423,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FusedBackbo
 def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBackbone:
     """Both parts load their own weights (the diffusion model through diffbackbone's loader, DINOv2 through timm's);
     `pretrained_cfg_overlay` and any argument the fused model does not know go to the diffusion model."""
-    import inspect
-
-    out_indices = kwargs.pop('out_indices', None)  # None: every tap (fused, dino, the SD taps), as timm's levels
-    if isinstance(out_indices, list):
-        out_indices = tuple(out_indices)
-    known = set(inspect.signature(FusedBackbone.__init__).parameters) - {'self', 'load_weights'}
-    known |= set(FusionConfig.field_names())
-    timm_args = {'features_only', 'feature_cls', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir'}
-    diff_kwargs = dict(kwargs.pop('diffusion_kwargs', None) or {})
-    for k in list(kwargs):
-        if k not in known and k not in timm_args:
-            diff_kwargs[k] = kwargs.pop(k)
-    return build_model_with_cfg(
-        lambda **kw: FusedBackbone(**group_kwargs(FusedBackbone, kw)), variant, pretrained=False,
-        diffusion_kwargs=diff_kwargs, load_weights=pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    return build_composite(FusedBackbone, variant, pretrained, 'diffusion_kwargs', checkpoint_filter_fn, **kwargs)
 
 
 def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:

@@ -26,11 +26,12 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
+from ._builder import build_composite
 from ._head import ClassifierHeadMixin
-from ._options import Options
+from ._options import HeadConfig, Options
 from ._taps import TapError
 
 __all__ = ['MultiBackbone', 'MemberConfig', 'MULTI_TAP', 'MEMBERS_PRESET', 'GDF_PROMPT', 'is_multi_model']
@@ -116,9 +117,7 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
             img_size: int = 512,
             member_kwargs: Optional[Mapping[str, Any]] = None,
             load_weights: bool = False,
-            num_classes: int = 0,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
+            head_cfg: HeadConfig = HeadConfig(),
             in_chans: int = 3,
     ):
         """
@@ -129,7 +128,7 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
                 cfg's input size); other inputs scale them.
             member_kwargs: model arguments given to every member (prompt, timestep, ...) under its own `kwargs`.
             load_weights: download and load every member's pretrained weights (set by `pretrained=True`).
-            num_classes, global_pool, drop_rate: the timm classifier head on the `multi` map (0 classes: none).
+            head_cfg: the timm classifier head on the `multi` map (0 classes: none).
         """
         super().__init__()
         import timm
@@ -186,8 +185,8 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
         stride = max(1, round(self.img_size / max(self.grid)))
         self.feature_info = sorted([dict(num_chs=chans, reduction=stride, module='', name=MULTI_TAP), *infos],
                                    key=lambda i: i['reduction'])
-        self._init_head(chans, num_classes, global_pool, drop_rate)
-        if num_classes:
+        self._init_head(chans, head_cfg)
+        if head_cfg.num_classes:
             # A classifier reads the `multi` map only: each member drops the stages after the deepest of its taps, and
             # what still runs in that stage after the tap is kept as buffers, so that every parameter gets a gradient.
             self.prune_intermediate_layers([MULTI_TAP], prune_head=False)
@@ -337,22 +336,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MultiBackbo
 def _create_multi(variant: str, pretrained: bool = False, **kwargs) -> MultiBackbone:
     """Every member loads its own weights through diffbackbone's loader; `members` and the shared member arguments
     (prompt, timestep, ...) are the model's, anything the multi model does not know goes to every member."""
-    import inspect
-
-    out_indices = kwargs.pop('out_indices', None)  # None: every tap (multi and the member taps), as timm's levels
-    if isinstance(out_indices, list):
-        out_indices = tuple(out_indices)
-    known = set(inspect.signature(MultiBackbone.__init__).parameters) - {'self', 'load_weights'}
-    timm_args = {'features_only', 'feature_cls', 'pretrained_cfg', 'feature_cfg', 'pretrained_strict', 'cache_dir',
-                 'pretrained_cfg_overlay'}
-    shared = dict(kwargs.pop('member_kwargs', None) or {})
-    for k in list(kwargs):
-        if k not in known and k not in timm_args:
-            shared[k] = kwargs.pop(k)
-    kwargs.pop('pretrained_cfg_overlay', None)
-    return build_model_with_cfg(
-        MultiBackbone, variant, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, member_kwargs=shared,
-        load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+    return build_composite(MultiBackbone, variant, pretrained, 'member_kwargs', checkpoint_filter_fn,
+                           overlay_to_parts=False, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
