@@ -7,9 +7,10 @@ Emergent Correspondence from Image Diffusion (DIFT) - https://arxiv.org/abs/2306
 The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded draw) followed by the diffusers
 `UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
 Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
-`ensemble` seeded draws in one batched pass and average the features. The UNet's output head and the VAE decoder are
-never built. The prompt's text embedding (empty by default) is a buffer computed once from the base repo's text
-encoder(s) and cached (`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
+`ensemble` seeded draws in one batched pass and average the features. The VAE decoder is never built; the UNet's
+output head is built (the `unet-out` tap, DDIM inversion) and pruned when no selected tap needs it. The prompt's text
+embedding (empty by default) is a buffer computed once from the base repo's text encoder(s) and cached
+(`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ._builder import build_diffusion_model
 from ._options import (
     ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
 )
-from ._taps import Tap, build_taps, point_name, presets_for, sort_key, unet_stages
+from ._taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST
 from .conditioning.control import (
     CONTROL_FILE, DEPTH_FILE, DEPTH_REPO, build_controlnet, build_depth_estimator, canny_image, check_controlnet,
@@ -46,8 +47,7 @@ _INTERNAL = ('unet_cfg', 'vae_cfg', 'clean')
 
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
-# UNet architectures (diffusers config values; the VAEs are in backbone.py). The output head is dropped after
-# construction.
+# UNet architectures (diffusers config values; the VAEs are in _vae.py).
 _UNET_SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
@@ -115,7 +115,6 @@ class DiffusionUNet(DiffusionBackbone):
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg, clean=clean,
                          latent='mode' if clean else 'sample')
         noise_cfg = self.noise_cfg
-        inverted = noise_cfg.inverted
         timestep = noise_cfg.timestep
         self.noise, self.inversion_steps = noise_cfg.noise, noise_cfg.inversion_steps
         self.lora, self.lora_scale = lora_cfg.lora, lora_cfg.lora_scale
@@ -134,9 +133,8 @@ class DiffusionUNet(DiffusionBackbone):
         self.depth_estimator, self._depth_processor = (
             build_depth_estimator(self.depth_repo) if self.depth_repo else (None, None))
         self._control_image: Optional[torch.Tensor] = None  # the control image of the pass under way
-        # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
-        if not inverted:
-            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        # The output head (back to noise space) is the `unet-out` tap and DDIM inversion's noise prediction; pruning
+        # drops it when neither needs it.
         # a UNet with `encoder_hid_proj` (IF: T5's 4096 -> cross_attention_dim) takes the text encoder's width
         ctx_dim = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
         self.register_buffer('prompt_embeds', torch.zeros(1, 77, ctx_dim), persistent=True)
@@ -219,6 +217,8 @@ class DiffusionUNet(DiffusionBackbone):
                     setattr(block, f'{path}samplers', None)
                 blocks.append(block)
             setattr(unet, f'{path}_blocks', nn.ModuleList(blocks))
+        if ('out', 0, 0) not in kept:
+            self._drop_output_head()
         mid_layers = sum(1 for p, _, _ in kept if p == 'mid')
         if mid_layers == 0:
             unet.mid_block = None
@@ -226,6 +226,9 @@ class DiffusionUNet(DiffusionBackbone):
             unet.mid_block.resnets = unet.mid_block.resnets[:mid_layers]
             unet.mid_block.attentions = unet.mid_block.attentions[:mid_layers - 1]
         return self._pruned(take, deepest, prune_head)
+
+    def _drop_output_head(self) -> None:
+        self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
 
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_size(self, size: torch.Size) -> None:
@@ -297,6 +300,10 @@ class DiffusionUNet(DiffusionBackbone):
         `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several levels.
         """
         by_loc = {t.location: t.name for t in taps}
+        if 'unet-out' in by_loc and self.unet.conv_out is None:
+            raise TapError('Tap unet-out needs the UNet\'s output head, which this model lacks (its checkpoint has no '
+                           'conv_out weights, or it was pruned): load a checkpoint with the head, or build the model '
+                           'with unet-out in out_indices.')
         feats: dict[str, torch.Tensor] = {}
         for loc, h in self._iter_unet(z, deepest=max(t.order for t in taps), timestep=timestep, record=taps):
             name = by_loc.get(loc)
@@ -365,6 +372,11 @@ class DiffusionUNet(DiffusionBackbone):
                     h = unet.conv_in(z)
                     skips.append(skip(h))
                     yield 'unet-after-conv-in', h
+                elif path == 'out':  # diffusers' post-process: norm and activation (when the UNet has a norm), conv
+                    if unet.conv_norm_out is not None:
+                        h = unet.conv_act(unet.conv_norm_out(h))
+                    h = self._run(unet.conv_out, h)
+                    yield 'unet-out', h
                 elif path == 'mid':
                     mid = unet.mid_block
                     if j > 0:
@@ -419,6 +431,9 @@ class DiffusionUNet(DiffusionBackbone):
         from .. import hub  # deferred: only weight loading needs the Hub client
 
         parts = super().complete_weights(state_dict)
+        if 'unet.conv_out.weight' not in state_dict and self.unet.conv_out is not None \
+                and self.noise != 'ddim_inversion':
+            self._drop_output_head()  # our state dicts saved before the head was kept: they load, without unet-out
         if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
             what = f'ControlNet {self.control_repo!r}'
             sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what)
@@ -466,7 +481,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
         if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
         if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
-            continue  # output head, not built (kept only for DDIM inversion)
+            continue  # output head, pruned
         out[k] = v
     return out
 
