@@ -127,7 +127,7 @@ def test_cli_end_to_end(run):
     rc, data, store, result = run
     assert rc == 0
     assert result['classes'] == 4 and result['ensemble'] == 3 and len(result['splits']) == 2
-    assert result['model_kwargs'] == {'timestep': 50}  # Meng et al.'s t for a noisy model
+    assert result['model_kwargs'] == {'meng_t': 50}  # Meng et al.'s t for a noisy model: UNet timestep 51
     assert result['channels'] == 16 + 32 + 32 + 32  # test_dift's gdf_practical taps
     assert [s['seed'] for s in result['splits']] == [0, 1]
     assert result['splits'][0]['train'] != result['splits'][1]['train']  # two random splits
@@ -139,7 +139,7 @@ def test_cli_end_to_end(run):
     assert result['miou_mean'] == pytest.approx(np.mean([s['miou'] for s in result['splits']]))
     assert result['miou_std'] == pytest.approx(np.std([s['miou'] for s in result['splits']]))
     st = FeatureStore(store)
-    assert len(st) == 8 and st.config['model_kwargs'] == {'timestep': 50}
+    assert len(st) == 8 and st.config['model_kwargs'] == {'meng_t': 50}
     assert st.config['input_size'] == [128, 128]  # the model's native size
 
 

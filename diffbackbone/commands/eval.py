@@ -61,7 +61,8 @@ def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--taps', nargs='+', default=['gdf_practical'], help="taps or a preset (default: gdf_practical, "
                                                                         "Meng et al.'s Ours)")
     add_prompt_arg(p, help='caption, e.g. "a photo of a horse" (theirs); default: empty')
-    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 50, Meng et al.'s)")
+    p.add_argument('--timestep', type=int, help="Meng et al.'s t of a noisy model (default: 50; the SD / SDXL UNets "
+                                                  "take it as meng_t: UNet timestep 51 on SD1.5)")
     p.add_argument('--size', type=positive_int, help="square input size (default: the model's, 512 sd15, 1024 sdxl)")
     p.add_argument('--classes', type=positive_int, help='number of classes (default: DDPM-segmentation\'s for a '
                                                         'known category such as horse_21, else the largest label + 1)')

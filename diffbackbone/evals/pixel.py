@@ -38,7 +38,7 @@ from .pixel_data import IGNORE, PixelDataError, PixelDataset, PixelItem, load_la
 
 __all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'MENG_CHANNELS', 'preset_channels',
            'split_items', 'train_labels', 'train_ensemble', 'predict_image', 'iou_scores', 'evaluate_split',
-           'run_pixel', 'PixelDataError']
+           'takes_meng_t', 'pixel_model_kwargs', 'run_pixel', 'PixelDataError']
 
 MIN_PIXELS = 20  # a class with fewer pixels in a training image is ignored there (theirs)
 # Meng et al.'s --feature_len of each setting (scarce_segmentation/README.md), by (our model, our preset).
@@ -274,6 +274,36 @@ def preset_channels(model: str, preset: str) -> int:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
+def takes_meng_t(name: str) -> bool:
+    """Whether a model takes `meng_t` (the noisy SD / SDXL UNets), built on the meta device (no weights)."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    if not timm.is_model(name):
+        return False
+    with torch.device('meta'):
+        model = timm.create_model(name, pretrained=False)
+    return getattr(model, 'meng_scheduler', None) is not None and not model.clean
+
+
+def pixel_model_kwargs(args: argparse.Namespace) -> dict:
+    """The model's kwargs: `--timestep` (default 50) is Meng et al.'s t, passed as `meng_t` to the SD / SDXL UNets
+    (their t = 50 is UNet timestep 51 on SD1.5); a "timestep" or "meng_t" in `--model-kwargs` is kept as given."""
+    from ..cli_args import model_kwargs
+    from .common import eval_model_kwargs
+
+    given = model_kwargs(args)
+    if 'meng_t' in given:
+        if args.timestep is not None:
+            raise InputError('Give the timestep once: --timestep or "meng_t" in --model-kwargs, not both.')
+        return given
+    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50, and --prompt
+    if 'timestep' in kwargs and 'timestep' not in given and takes_meng_t(args.model):
+        kwargs['meng_t'] = kwargs.pop('timestep')
+    return kwargs
+
+
 def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> None:
     """Run every image into the feature store (resumable; images stored already are skipped)."""
     from ..data.extract import ExtractJob, extract_features
@@ -301,8 +331,6 @@ def run_pixel(args: argparse.Namespace) -> int:
 
     from ..data.outputs import write_json
     from ..data.store import FeatureStore
-    from .common import eval_model_kwargs
-
     for name in ('splits', 'ensemble', 'epochs', 'pixel_batch', 'label_size'):
         if getattr(args, name) < 1:
             raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
@@ -310,7 +338,7 @@ def run_pixel(args: argparse.Namespace) -> int:
         raise InputError(f'--memory-gb must be positive, got {args.memory_gb}.')
     _check_paths(args)
     dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
-    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50, and --prompt
+    kwargs = pixel_model_kwargs(args)
     print(f'{dataset.name}: {len(dataset.train)} train + {len(dataset.test)} test images, {dataset.classes} classes')
     _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
     store = FeatureStore(args.store)

