@@ -51,8 +51,9 @@ def _add_spair(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = evals.add_parser('pixel', help="label-scarce segmentation mIoU (DDPM-segmentation's protocol, Meng et al.)",
                          description="Meng et al.'s scarce_segmentation (DDPM-segmentation's protocol): features of "
-                                     'real/train and real/test into a feature store, taps upsampled to the label size '
-                                     'and concatenated per pixel, an ensemble of 10 pixel MLPs, mIoU over the test '
+                                     'real/train and real/test into a feature store, taps resized as theirs (nearest '
+                                     'to the largest tap, then bilinear to the label size) and concatenated per '
+                                     'pixel, an ensemble of 10 pixel MLPs, mIoU over the test '
                                      'images; mean and std over random train/test splits.')
     p.add_argument('--data', required=True, help="dataset in DDPM-segmentation's layout (horse_21/ holding real/train "
                                                  'and real/test: images + same-named .npy label maps)')
