@@ -121,6 +121,8 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--neighborhood', type=int, default=15,
                    help='sources within this many feature cells of the target (default: 15; 0: all)')
     p.add_argument('--masks', help='also write the predicted masks as indexed PNGs, <MASKS>/<sequence>/<frame>.png')
+    p.add_argument('--same-noise', action='store_true', help='noisy models: one seeded noise draw for every frame '
+                   '(default: a seeded draw per frame, noise_seed + frame index, as DIFT draws fresh noise per frame)')
     _add_run_options(p, 'write J&F (percent), per sequence and object, to this JSON file', "frame's features",
                      'only the first N sequences of the split')
     add_model_args(p, batch_size=8)
