@@ -38,12 +38,19 @@ CASES: list[tuple[str, str, dict, int]] = [
 ]
 
 
-def fill_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Overwrite every floating-point entry of the state dict from one seeded generator, in sorted key order."""
+# Keys a model gained after its recording, filled after all the others so that the recorded taps keep their weights:
+# the UNet's output head, kept since the `unet-out` tap (a model that had it before, DDIM inversion's, fills it in
+# sorted order as it did).
+ADDED_LATER = ('unet.conv_norm_out.', 'unet.conv_out.')
+
+
+def fill_weights(model: torch.nn.Module, seed: int = 0, later: tuple[str, ...] = ()) -> None:
+    """Overwrite every floating-point entry of the state dict from one seeded generator, in sorted key order (keys
+    holding one of `later` after the others)."""
     gen = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
     new = {}
-    for k in sorted(sd):
+    for k in sorted(sd, key=lambda k: (any(p in k for p in later), k)):
         v = sd[k]
         if not v.is_floating_point() or v.ndim == 0:  # integer buffers; scalars such as a learned timestep
             continue
@@ -67,7 +74,7 @@ def run_case(model_name: str, kwargs: dict, side: int) -> dict[str, torch.Tensor
     import diffbackbone  # noqa: F401 (registers the models)
 
     model = timm.create_model(model_name, pretrained=False, **kwargs).eval()
-    fill_weights(model)
+    fill_weights(model, later=() if kwargs.get('noise') == 'ddim_inversion' else ADDED_LATER)
     names = model.tap_names(all=True)
     with torch.no_grad():
         maps = model.forward_intermediates(images(side), indices=names, intermediates_only=True)

@@ -297,3 +297,29 @@ def test_bad_options(dataset, tmp_path, capsys):
     with pytest.raises(DavisError, match='--limit'):
         load_davis(dataset, limit=0)
     assert math.isclose(load_davis(dataset)[1].num_objects, 1)
+
+
+def test_noise_is_drawn_per_frame_as_dift(dataset):
+    """DIFT's `SDFeaturizer.forward` draws fresh noise for every frame (issue #27.9): frame k gets the draw of seed
+    noise_seed + k (the model run alone on it with that seed); `--same-noise` keeps one draw for every frame. The
+    `still` sequence's frames are identical images, so only the noise tells them apart."""
+    import timm
+
+    from diffbackbone.evals.davis import FrameFeatures, input_size, load_frame
+    from diffbackbone.evals.davis_data import load_davis
+
+    torch.manual_seed(0)
+    model = timm.create_model('test_dift', features_only=True, out_indices=['us9']).eval()
+    seq = [s for s in load_davis(dataset) if s.name == 'still'][0]
+    per_frame = list(FrameFeatures(lambda: model, 64, batch_size=3, frame_noise=True)(seq))
+    same = list(FrameFeatures(lambda: model, 64, batch_size=3)(seq))
+    x = torch.stack([load_frame(f, input_size(seq.size, 64), (0.5,) * 3, (0.5,) * 3) for f in seq.frames])
+    assert torch.equal(x[0], x[3])
+    with torch.no_grad():
+        for k in range(len(seq.frames)):
+            model.model.noise_seed = k
+            torch.testing.assert_close(per_frame[k], model(x[k:k + 1])[0][0])
+        model.model.noise_seed = 0
+    assert not torch.allclose(per_frame[0], per_frame[3], atol=1e-3)
+    torch.testing.assert_close(same[0], same[3])  # in different batches: float round-off only
+    torch.testing.assert_close(per_frame[0], same[0])  # frame 0: seed noise_seed + 0

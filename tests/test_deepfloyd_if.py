@@ -48,7 +48,7 @@ def test_full_size_loads_diffusers_state_dict_strictly():
     assert model.meng_timestep == 50 and timm.create_model('test_deepfloyd_if').timestep.item() == 49
     assert timm.create_model('test_deepfloyd_if', timestep=261).timestep.item() == 260
     names = {n for t in model.all_taps for n in (t.name, *t.aliases)}  # Meng et al.'s names are all accepted
-    assert len(model.all_taps) == 162
+    assert len(model.all_taps) == 163  # unet-out included
     for name in ('unet-in', 'down-level0-downsampler-increment', 'down-level1-repeat2-vit-block0-cross-q',
                  'mid-vit-block0-cross-v', 'mid-vit-out', 'up-level0-upsampler-out', 'up-level3-repeat3-res-out'):
         assert name in names, name

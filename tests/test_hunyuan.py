@@ -59,8 +59,10 @@ def test_full_size_loads_diffusers_state_dict_strictly():
     assert len(model.taps) == 40 and {f['reduction'] for f in model.feature_info} == {16}
     assert model.prompt_embeds.shape == (1, 77, 1024) and model.prompt_embeds_t5.shape == (1, 256, 2048)
     names = model.tap_names(all=True)
-    assert len(names) == 40 * 6 and names[:6] == [f'vit-block0-{s}' for s in ('self-q', 'self-k', 'self-v', 'cross-q',
-                                                                             'ffn-inner', 'out')]
+    assert len(names) == 40 * 8 and names[:8] == [f'vit-block0-{s}' for s in (
+        'self-q', 'self-k', 'self-v', 'self-map', 'cross-q', 'cross-map', 'ffn-inner', 'out')]
+    info = {t.name: t for t in model.all_taps}
+    assert info['vit-block0-self-map'].num_chs == 16 and info['vit-block0-cross-map'].num_chs == 77 + 256
     assert timm.create_model('test_hunyuan_dit').timestep.item() == 21  # 50 leading steps cut to 2: t = 21, 1
     del sd['blocks.0.attn1.to_q.weight']
     with pytest.raises(RuntimeError, match='1 missing keys'):  # the builder's key check after the filter
@@ -168,3 +170,65 @@ def test_features_prompts_cached_and_errors(tiny_repo, hub_cache, monkeypatch):
         model(x)
     with pytest.raises(ValueError, match='leaves no denoising step'):
         timm.create_model('test_hunyuan_dit', timestep=10)
+
+
+class _TheirStoreProcessor:
+    """Meng et al.'s `HunyuanAttnStoreProcessor` (feature/components/attention.py), re-implemented: q and k normed,
+    the rotary embedding on q (and on k in self-attention), probabilities softmax(q k^T / sqrt(d)) kept whole."""
+
+    def __init__(self, store: dict, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        b = hidden_states.shape[0]
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        q, k, v = (x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb)
+            if not attn.is_cross_attention:
+                k = apply_rotary_emb(k, image_rotary_emb)
+        p = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        self.store[self.name] = p
+        out = (p @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.mark.parametrize('attn_maps', ['reduced', 'full'])
+def test_attention_maps_equal_their_store_processor(attn_maps):
+    """`-self-map` / `-cross-map` (issue #27.6) against their processor on diffusers' transformer: whole with
+    attn_maps='full', else reduced as PixArt's (self: mean over queries per head; cross: mean over heads)."""
+    from golden_taps import fill_weights
+
+    model = timm.create_model('test_hunyuan_dit', attn_maps=attn_maps).eval()
+    fill_weights(model, seed=4)
+    model.prompt_mask.copy_(torch.tensor([[1.0] * 5 + [0.0] * 3]))
+    model.prompt_mask_t5.copy_(torch.tensor([[1.0] * 6 + [0.0] * 2]))
+    ref = HunyuanDiT2DModel(**hy._HUNYUAN_TEST).eval()
+    missing, unexpected = ref.load_state_dict(
+        {k[12:]: v for k, v in model.state_dict().items() if k.startswith('transformer.')}, strict=False)
+    assert not unexpected and all(k.startswith(('norm_out', 'proj_out')) for k in missing)
+    store = {}
+    for k in (0, 3, 5):
+        for a, kind in (('attn1', 'self'), ('attn2', 'cross')):
+            getattr(ref.blocks[k], a).set_processor(_TheirStoreProcessor(store, f'vit-block{k}-{kind}-map'))
+    z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    grid = (4, 6)
+    n = 2
+    with torch.no_grad():
+        ref(z, model.timestep.expand(n), encoder_hidden_states=model.prompt_embeds.repeat(n, 1, 1),
+            text_embedding_mask=model.prompt_mask.repeat(n, 1),
+            encoder_hidden_states_t5=model.prompt_embeds_t5.repeat(n, 1, 1),
+            text_embedding_mask_t5=model.prompt_mask_t5.repeat(n, 1), image_meta_size=model.image_meta_size.repeat(n, 1),
+            style=torch.zeros(n, dtype=torch.long), image_rotary_emb=model.rotary(grid, z.device), return_dict=False)
+        ours = model.transformer_features(z, model._resolve(list(store)))
+    assert store['vit-block0-cross-map'].shape == (2, 2, 24, 16)  # CLIP's 8 tokens, then mT5's 8
+    for name, p in store.items():
+        want = p if attn_maps == 'full' else p.mean(1).transpose(1, 2) if 'cross' in name else p.mean(2)
+        if attn_maps != 'full':
+            want = want.unflatten(2, grid)
+        torch.testing.assert_close(ours[name], want, rtol=1e-4, atol=1e-6, msg=name)

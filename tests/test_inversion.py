@@ -90,8 +90,8 @@ def test_inversion_is_deterministic_keeps_the_whole_unet_and_checks_its_settings
                                    rtol=0, atol=0)
         torch.testing.assert_close(pruned(x)[0], a)
         noisy = timm.create_model('test_dift', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                  ensemble=1).eval()  # the same file loads into a DDPM model: output head dropped
-        assert noisy.unet.conv_out is None
+                                  ensemble=1).eval()  # the same file loads into a DDPM model, its output head kept
+        assert noisy.unet.conv_out is not None  # the unet-out tap (issue #27.5)
         assert not torch.allclose(noisy.forward_intermediates(x, indices=['us6'], intermediates_only=True)[0], a)
     for bad, match in [(dict(ensemble=4), 'ensemble must be 1'), (dict(inversion_steps=1), 'inversion_steps'),
                        (dict(noise='ddim'), 'noise must be one of')]:

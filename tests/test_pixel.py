@@ -59,6 +59,25 @@ def test_sampler_reads_what_interpolate_gives(shape, size):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('shapes,size', [([(5, 4, 4), (3, 8, 8), (2, 16, 16)], 32), ([(3, 7, 7), (2, 12, 12)], 16),
+                                         ([(4, 1, 1), (3, 3, 3), (2, 5, 5)], 64)])
+def test_sampler_resamples_as_their_aggregate_then_bilinear(shapes, size):
+    """Meng et al.'s path (issue #27.4): `extract_feature.py --aggregate_output` resizes every tap to the largest width
+    with `F.interpolate(v, largest)` (nearest), concatenates and saves it (float16 in their default run);
+    `task-pixel.py` loads it as float and resizes bilinearly to `dim`."""
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, *s, generator=gen).half() for s in shapes]  # a float16 store, as their fp16 .npy
+    largest = max(s[2] for s in shapes)
+    aggregated = torch.cat([F.interpolate(v, largest) for v in maps], dim=1).numpy()  # their saved .npy
+    ref = F.interpolate(torch.from_numpy(aggregated).type(torch.FloatTensor), (size, size), mode='bilinear')
+    sampler = pixel.PixelSampler(shapes, size, aggregate=largest)
+    n, pos = torch.randint(0, 2, (300,), generator=gen), torch.randint(0, size * size, (300,), generator=gen)
+    got = sampler([m.permute(0, 2, 3, 1) for m in maps], n, pos)
+    torch.testing.assert_close(got, ref[n, :, pos // size, pos % size], atol=1e-6, rtol=1e-6)
+    straight = torch.cat([F.interpolate(m.float(), (size, size), mode='bilinear') for m in maps], dim=1)
+    assert not torch.allclose(straight, ref)  # bilinear straight to the label size is not theirs
+
+
 def test_classifier_is_theirs():
     small, large = pixel.PixelClassifier(21, 100), pixel.PixelClassifier(34, 100)
     widths = [(m.in_features, m.out_features) for m in small.layers if isinstance(m, nn.Linear)]
@@ -127,7 +146,7 @@ def test_cli_end_to_end(run):
     rc, data, store, result = run
     assert rc == 0
     assert result['classes'] == 4 and result['ensemble'] == 3 and len(result['splits']) == 2
-    assert result['model_kwargs'] == {'timestep': 50}  # Meng et al.'s t for a noisy model
+    assert result['model_kwargs'] == {'meng_t': 50}  # Meng et al.'s t for a noisy model: UNet timestep 51
     assert result['channels'] == 16 + 32 + 32 + 32  # test_dift's gdf_practical taps
     assert [s['seed'] for s in result['splits']] == [0, 1]
     assert result['splits'][0]['train'] != result['splits'][1]['train']  # two random splits
@@ -139,7 +158,7 @@ def test_cli_end_to_end(run):
     assert result['miou_mean'] == pytest.approx(np.mean([s['miou'] for s in result['splits']]))
     assert result['miou_std'] == pytest.approx(np.std([s['miou'] for s in result['splits']]))
     st = FeatureStore(store)
-    assert len(st) == 8 and st.config['model_kwargs'] == {'timestep': 50}
+    assert len(st) == 8 and st.config['model_kwargs'] == {'meng_t': 50}
     assert st.config['input_size'] == [128, 128]  # the model's native size
 
 

@@ -59,8 +59,9 @@ def _add_spair(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = evals.add_parser('pixel', help="label-scarce segmentation mIoU (DDPM-segmentation's protocol, Meng et al.)",
                          description="Meng et al.'s scarce_segmentation (DDPM-segmentation's protocol): features of "
-                                     'real/train and real/test into a feature store, taps upsampled to the label size '
-                                     'and concatenated per pixel, an ensemble of 10 pixel MLPs, mIoU over the test '
+                                     'real/train and real/test into a feature store, taps resized as theirs (nearest '
+                                     'to the largest tap, then bilinear to the label size) and concatenated per '
+                                     'pixel, an ensemble of 10 pixel MLPs, mIoU over the test '
                                      'images; mean and std over random train/test splits.')
     p.add_argument('--data', required=True, help="dataset in DDPM-segmentation's layout (horse_21/ holding real/train "
                                                  'and real/test: images + same-named .npy label maps)')
@@ -69,7 +70,8 @@ def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--taps', nargs='+', default=['gdf_practical'], help="taps or a preset (default: gdf_practical, "
                                                                         "Meng et al.'s Ours)")
     add_prompt_arg(p, help='caption, e.g. "a photo of a horse" (theirs); default: empty')
-    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: 50, Meng et al.'s)")
+    p.add_argument('--timestep', type=int, help="Meng et al.'s t of a noisy model (default: 50; the SD / SDXL UNets "
+                                                  "take it as meng_t: UNet timestep 51 on SD1.5)")
     p.add_argument('--size', type=positive_int, help="square input size (default: the model's, 512 sd15, 1024 sdxl)")
     p.add_argument('--classes', type=positive_int, help='number of classes (default: DDPM-segmentation\'s for a '
                                                         'known category such as horse_21, else the largest label + 1)')
@@ -127,6 +129,8 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--neighborhood', type=int, default=15,
                    help='sources within this many feature cells of the target (default: 15; 0: all)')
     p.add_argument('--masks', help='also write the predicted masks as indexed PNGs, <MASKS>/<sequence>/<frame>.png')
+    p.add_argument('--same-noise', action='store_true', help='noisy models: one seeded noise draw for every frame '
+                   '(default: a seeded draw per frame, noise_seed + frame index, as DIFT draws fresh noise per frame)')
     _add_run_options(p, 'write J&F (percent), per sequence and object, to this JSON file', "frame's features",
                      'only the first N sequences of the split')
     add_model_args(p, batch_size=8)

@@ -10,6 +10,10 @@ k-th), normalised to sum 1; the frame's soft mask is the affinity-weighted sum o
 frame's ground truth, then the predictions) and joins the context. It is upsampled bilinearly by the tap's stride,
 each channel min-max normalised, the argmax taken and resized (nearest) to the frame size. J&F: `davis_metrics`.
 
+Noise: DIFT's forward draws fresh noise for every frame; a noisy model here gets a seeded draw per frame (its
+`noise_seed` + the frame's index in the sequence, frames then run one at a time), unless `--same-noise` (one seeded draw
+for every frame, batched).
+
 As DIFT, the `shooting` sequence uses at most 10 last frames (their out-of-memory workaround; kept so figures match).
 Our affinity is computed in chunks of target positions, so memory stays bounded without it.
 """
@@ -137,10 +141,29 @@ class FrameFeatures:
     """Features of a sequence's frames in order: from the cache when present, else computed in batches (and cached)."""
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], short_side: int = 480, batch_size: int = 8,
-                 cache: Optional[FeatureCache] = None, device: str | torch.device = 'cpu'):
+                 cache: Optional[FeatureCache] = None, device: str | torch.device = 'cpu', frame_noise: bool = False):
+        """`frame_noise`: a noisy model draws its noise with seed `noise_seed` + the frame's index (DIFT draws fresh
+        noise per frame), one frame per call; otherwise one draw for all frames, in batches."""
         self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
         self.short_side, self.batch_size, self.cache, self.device = short_side, batch_size, cache, device
+        self.frame_noise = frame_noise
         self.computed = 0
+
+    def _run(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The model on a batch of frames starting at `index`; with `frame_noise` each frame is its own call."""
+        net = getattr(self.model, 'model', self.model)  # the features_only wrapper holds the model
+        if not self.frame_noise or getattr(net, 'clean', True):
+            out = self.model(x)
+            return out[0] if isinstance(out, (list, tuple)) else out
+        seed, outs = net.noise_seed, []
+        try:
+            for k in range(x.shape[0]):
+                net.noise_seed = seed + index + k
+                out = self.model(x[k:k + 1])
+                outs.append(out[0] if isinstance(out, (list, tuple)) else out)
+        finally:
+            net.noise_seed = seed
+        return torch.cat(outs)
 
     @torch.inference_mode()
     def __call__(self, seq: DavisSequence) -> Iterator[torch.Tensor]:
@@ -155,8 +178,11 @@ class FrameFeatures:
                 cfg = self.model.pretrained_cfg
                 param = next(p for p in self.model.parameters() if p.ndim > 1)
                 x = torch.stack([load_frame(f, size, cfg['mean'], cfg['std']) for f in todo])
-                out = self.model(x.to(device=param.device, dtype=param.dtype))
-                out = out[0] if isinstance(out, (list, tuple)) else out
+                x = x.to(device=param.device, dtype=param.dtype)
+                if self.frame_noise:  # each frame's draw is seeded by its index in the sequence
+                    out = torch.cat([self._run(x[k:k + 1], seq.frames.index(f)) for k, f in enumerate(todo)])
+                else:
+                    out = self._run(x, 0)
                 for f, feat in zip(todo, out):
                     feat = feat.detach().cpu().clone()
                     if self.cache:
@@ -262,9 +288,10 @@ def run_davis(args: argparse.Namespace) -> int:
             _check_mask_folder(Path(args.masks) / seq.name)
     kwargs = eval_model_kwargs(args, default_timestep=51)
     model_fn = model_builder(args, tap, kwargs)
-    cache = feature_cache(args, tap, kwargs, short_side=args.short_side,
-                          protocol='davis-cv2-bilinear-short-side-floor32-[-1,1]', version=1)
-    feats = FrameFeatures(model_fn, args.short_side, args.batch_size, cache, args.device)
+    frame_noise = not getattr(args, 'same_noise', False)
+    cache = feature_cache(args, tap, kwargs, short_side=args.short_side, version=1,
+                          protocol='davis-cv2-bilinear-short-side-floor32-[-1,1]' + ('-noise-per-frame' * frame_noise))
+    feats = FrameFeatures(model_fn, args.short_side, args.batch_size, cache, args.device, frame_noise)
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     per_seq: dict[str, dict] = {}
     for i, seq in enumerate(sequences):
@@ -294,7 +321,8 @@ def run_davis(args: argparse.Namespace) -> int:
         result.update(per_sequence={k: {m: v for m, v in s.items() if m != 'per_object'} for k, s in per_seq.items()},
                       model=args.model, weights=args.weights, tap=tap, model_kwargs=kwargs,
                       short_side=args.short_side, temperature=args.temperature, topk=args.topk,
-                      n_last_frames=args.n_last_frames, neighborhood=args.neighborhood, split=args.split)
+                      n_last_frames=args.n_last_frames, neighborhood=args.neighborhood, split=args.split,
+                      noise='same seeded draw for every frame' if not frame_noise else 'seeded draw per frame')
         write_json(args.json, result, 'eval davis')
         print(f'wrote {args.json}')
     return 0

@@ -2,8 +2,10 @@
 `scarce_segmentation/task-pixel.py` runs it.
 
 The images of `real/train` and `real/test` are run once into a feature store (`diffbackbone features --out STORE`,
-at the model's input size); every tap map is upsampled bilinearly (`align_corners=False`) to the label size (256, their
-`dim`) and the taps are concatenated per pixel. Labels are resized by nearest neighbour; in training, a class covering
+at the model's input size); every tap map is resized as theirs: first to the largest tap's size by nearest neighbour
+(`extract_feature.py --aggregate_output`: `F.interpolate(map, largest)`, default mode), then bilinearly
+(`align_corners=False`) to the label size (256, their `dim`, `task-pixel.py`), and the taps are concatenated per
+pixel. Labels are resized by nearest neighbour; in training, a class covering
 fewer than 20 pixels of an image is set to 255 there, and pixels labelled 255 are dropped. A split pools train and
 test and shuffles them (`random.Random(seed).shuffle`, which is their `random.seed(seed); random.shuffle(...)`), the
 first len(train) images training. An ensemble of 10 pixel MLPs (theirs: Linear-ReLU-BatchNorm x2, widths 128/32 below
@@ -27,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from .pixel_data import IGNORE, PixelDataError, PixelDataset, PixelItem, load_la
 
 __all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'MENG_CHANNELS', 'preset_channels',
            'split_items', 'train_labels', 'train_ensemble', 'predict_image', 'iou_scores', 'evaluate_split',
-           'run_pixel', 'PixelDataError']
+           'takes_meng_t', 'pixel_model_kwargs', 'run_pixel', 'PixelDataError']
 
 MIN_PIXELS = 20  # a class with fewer pixels in a training image is ignored there (theirs)
 # Meng et al.'s --feature_len of each setting (scarce_segmentation/README.md), by (our model, our preset).
@@ -63,23 +65,40 @@ class PixelClassifier(nn.Module):
         return self.layers(x)
 
 
-def _axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(i0, i1, weight of i1) of `F.interpolate(mode='bilinear', align_corners=False)` along one axis."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    return i0, (i0 + 1).clamp_max(n_in - 1), (src - i0).float()
+def _nearest(n_in: int, n_out: int) -> torch.Tensor:
+    """Source index of each output position of `F.interpolate(mode='nearest')` along one axis (PyTorch's kernel:
+    floor(i * in / out) in float32, clamped)."""
+    if n_in == n_out:
+        return torch.arange(n_out)
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    return (torch.arange(n_out, dtype=torch.float32) * scale).floor().long().clamp_max(n_in - 1)
+
+
+def _axis(n_in: int, n_out: int, via: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i0, i1, weight of i1) of `F.interpolate(mode='bilinear', align_corners=False)` along one axis; with `via`,
+    of the bilinear resize of the map first resized to `via` by nearest neighbour (indices into the native map)."""
+    n_mid = n_in if via is None else via
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_mid / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_mid - 1)
+    i1, w = (i0 + 1).clamp_max(n_mid - 1), (src - i0).float()
+    if via is not None:
+        near = _nearest(n_in, via)
+        i0, i1 = near[i0], near[i1]
+    return i0, i1, w
 
 
 class PixelSampler:
     """Reads pixels of label-size maps from native-size tap maps: what `F.interpolate(map, (L, L), mode='bilinear')`
-    gives at those pixels, without making the (C, L, L) map.
+    gives at those pixels, without making the (C, L, L) map. With `aggregate` (Meng et al.'s
+    `extract_feature.py --aggregate_output`), each map is first resized to `aggregate` x `aggregate` by nearest
+    neighbour (their `F.interpolate(map, largest)`), then bilinearly to L.
 
     Maps are held channels-last, (N, h, w, C) per tap; a pixel is (image n, flat position y * L + x).
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], size: int):
+    def __init__(self, shapes: Sequence[Sequence[int]], size: int, aggregate: Optional[int] = None):
         self.size = size
-        self.axes = [(_axis(h, size), _axis(w, size)) for _, h, w in shapes]
+        self.axes = [(_axis(h, size, aggregate), _axis(w, size, aggregate)) for _, h, w in shapes]
         self.dim = sum(c for c, _, _ in shapes)
 
     def __call__(self, maps: Sequence[torch.Tensor], n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -274,6 +293,36 @@ def preset_channels(model: str, preset: str) -> int:
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
+def takes_meng_t(name: str) -> bool:
+    """Whether a model takes `meng_t` (the noisy SD / SDXL UNets), built on the meta device (no weights)."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    if not timm.is_model(name):
+        return False
+    with torch.device('meta'):
+        model = timm.create_model(name, pretrained=False)
+    return getattr(model, 'meng_scheduler', None) is not None and not model.clean
+
+
+def pixel_model_kwargs(args: argparse.Namespace) -> dict:
+    """The model's kwargs: `--timestep` (default 50) is Meng et al.'s t, passed as `meng_t` to the SD / SDXL UNets
+    (their t = 50 is UNet timestep 51 on SD1.5); a "timestep" or "meng_t" in `--model-kwargs` is kept as given."""
+    from ..cli_args import model_kwargs
+    from .common import eval_model_kwargs
+
+    given = model_kwargs(args)
+    if 'meng_t' in given:
+        if args.timestep is not None:
+            raise InputError('Give the timestep once: --timestep or "meng_t" in --model-kwargs, not both.')
+        return given
+    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50, and --prompt
+    if 'timestep' in kwargs and 'timestep' not in given and takes_meng_t(args.model):
+        kwargs['meng_t'] = kwargs.pop('timestep')
+    return kwargs
+
+
 def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> None:
     """Run every image into the feature store (resumable; images stored already are skipped)."""
     from ..data.extract import ExtractJob, extract_features
@@ -304,8 +353,6 @@ def run_pixel(args: argparse.Namespace) -> int:
 
     from ..data.outputs import write_json
     from ..data.store import FeatureStore
-    from .common import eval_model_kwargs
-
     for name in ('splits', 'ensemble', 'epochs', 'pixel_batch', 'label_size'):
         if getattr(args, name) < 1:
             raise InputError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}.')
@@ -313,13 +360,14 @@ def run_pixel(args: argparse.Namespace) -> int:
         raise InputError(f'--memory-gb must be positive, got {args.memory_gb}.')
     _check_paths(args)
     dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
-    kwargs = eval_model_kwargs(args, default_timestep=50)  # Meng et al.'s --t 50, and --prompt
+    kwargs = pixel_model_kwargs(args)
     print(f'{dataset.name}: {len(dataset.train)} train + {len(dataset.test)} test images, {dataset.classes} classes')
     _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
     store = FeatureStore(args.store)
     taps = store.taps
     shapes = [list(store.config['shapes'][t]) for t in taps]
-    sampler = PixelSampler(shapes, args.label_size)
+    # their --aggregate_output: every tap to the largest tap's width (square) by nearest neighbour, then bilinear
+    sampler = PixelSampler(shapes, args.label_size, aggregate=max(s[2] for s in shapes))
     maps = _Maps(store, taps, args.device)
     print(f'{len(taps)} taps, {sampler.dim} channels per pixel: ' + ', '.join(f'{t} {s}' for t, s in zip(taps, shapes)))
     meng = MENG_CHANNELS.get((args.model, args.taps[0])) if args.taps and len(args.taps) == 1 else None

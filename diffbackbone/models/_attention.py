@@ -6,7 +6,7 @@ processor is never replaced: diffusers keeps running its own (PyTorch SDPA by de
 nothing. A recorded activation is the module's own output tensor, turned into NCHW by a view (no copy). Attention maps,
 which SDPA never materialises, are computed from the recorded query and key only when asked for, in chunks of queries,
 with the attention's own mask (PixArt's prompt mask: padding tokens get zero probability), query/key norms and rotary
-embedding (FLUX), as the attention computes them.
+embedding (FLUX; HunyuanDiT: on the query, and on the key in self-attention), as the attention computes them.
 
 Map reductions (`MAP_REDUCTIONS`; `full=True` keeps the unreduced probabilities instead):
 
@@ -96,7 +96,8 @@ def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross: bool,
-                  mask: Optional[torch.Tensor] = None, full: bool = False) -> torch.Tensor:
+                  mask: Optional[torch.Tensor] = None, full: bool = False,
+                  rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Attention probabilities of a diffusers `Attention` (UNet, PixArt), reduced to a map over query positions.
 
     Args:
@@ -107,6 +108,8 @@ def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross
         mask: the `attention_mask` the module was called with: an additive bias (B, 1 | N, M) as diffusers'
             transformers pass it (PixArt: (1 - prompt mask) * -10000), applied as `Attention.get_attention_scores`.
         full: return the unreduced probabilities (B, heads, N, M).
+        rope: the `image_rotary_emb` (cos, sin) the module was called with (HunyuanDiT), applied after the norms as
+            `HunyuanAttnProcessor2_0` does: to the query, and to the key in self-attention.
 
     Returns:
         (B, heads, N, M) with `full`; else cross: (B, M, N), the attention of each query over the tokens averaged over
@@ -117,6 +120,12 @@ def attention_map(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, cross
         q = attn.norm_q(q)
     if getattr(attn, 'norm_k', None) is not None:
         k = attn.norm_k(k)
+    if rope is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q = apply_rotary_emb(q, rope)
+        if not cross:
+            k = apply_rotary_emb(k, rope)
     bias = None
     if mask is not None:
         if mask.ndim != 3 or mask.shape[-1] != k.shape[2]:
@@ -258,14 +267,15 @@ class ActivationRecorder:
         return m if self.full_maps else m.unflatten(2, tuple(self._sizes[transformer]))
 
     def _store_map(self, attn: str, wanted: dict[str, str]):
-        """UNet / PixArt attention: self- or cross-attention of the module's own query and key."""
+        """UNet / PixArt / HunyuanDiT attention: self- or cross-attention of the module's own query and key."""
         transformer = _transformer_of(attn)
 
         def hook(module, args, kwargs, out):
             q, k = self._qk.pop((attn, 'to_q')), self._qk.pop((attn, 'to_k'))
             mask = kwargs.get('attention_mask', args[2] if len(args) > 2 else None)
+            rope = kwargs.get('image_rotary_emb')
             for h, location in wanted.items():
-                m = attention_map(module, q, k, h == 'cross-map', mask, self.full_maps)
+                m = attention_map(module, q, k, h == 'cross-map', mask, self.full_maps, rope)
                 self._out[location] = self._as_map(m, transformer)
         return hook
 

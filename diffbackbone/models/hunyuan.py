@@ -5,10 +5,10 @@ Hunyuan-DiT (Tencent, arXiv:2405.08748; `Tencent-Hunyuan/HunyuanDiT-Diffusers` o
 half's outputs), self-attention with 2D rotary embeddings, cross-attention over a bilingual CLIP (a BERT) and mT5's
 token embeddings, conditioned on the timestep, mT5's pooled tokens, image size and style. Activations are named as
 PixArt's in "Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features" (Meng et al., NeurIPS
-2024, github Darkbblue/generic-diffusion-feature): `vit-block{k}-self-{q,k,v}`, `-cross-q`, `-ffn-inner`, `-out`
-(block k's output image tokens). Their code names Hunyuan's blocks the same way but, as its HunyuanDiT attention
-processor and block are not instrumented, records only `-ffn-inner` (their README: "integrated, not fully tested").
-Every map has stride 16. Attention maps are not taps (the rotary embedding would have to be re-applied).
+2024, github Darkbblue/generic-diffusion-feature): `vit-block{k}-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`,
+`-out` (block k's output image tokens). Their `HunyuanAttnStoreProcessor` records q/k/v and the attention probabilities
+(query and key normed, the rotary embedding on the query, and on the key in self-attention); the maps are reduced as
+PixArt's (`_attention.MAP_REDUCTIONS`) or kept whole with `attn_maps='full'`. Every map has stride 16.
 
 Noise as their patched `HunyuanDiTPipeline` (image-to-image, `strength = t / 1000`, t = 50, its default 50 steps of the
 repo's DDPM schedule, guidance 1) runs it: the image latent (a seeded posterior draw times the scaling factor) noised by
@@ -57,15 +57,19 @@ _BUFFERS = ('prompt_embeds', 'prompt_mask', 'prompt_embeds_t5', 'prompt_mask_t5'
 
 
 def hunyuan_taps(transformer: HunyuanDiT2DModel, reduction: int, prefix: str = 'transformer') -> list[Tap]:
-    """Every tap of a HunyuanDiT transformer in execution order, with Meng et al.'s names; block k is stage k."""
+    """Every tap of a HunyuanDiT transformer in execution order, with Meng et al.'s names; block k is stage k.
+    A cross-attention map has one channel per prompt token: CLIP's, then mT5's."""
     tb = _TableBuilder('', 0)
-    dim = transformer.inner_dim
+    dim, cfg = transformer.inner_dim, transformer.config
+    tokens = cfg.text_len + cfg.text_len_t5
     for k, block in enumerate(transformer.blocks):
         tb.stage = k
         b, m = f'vit-block{k}', f'{prefix}.blocks.{k}'
         for p in ('q', 'k', 'v'):
             tb.add(f'{b}-self-{p}', dim, reduction, f'{m}.attn1.to_{p}', p)
+        tb.add(f'{b}-self-map', block.attn1.heads, reduction, f'{m}.attn1', 'self-map')
         tb.add(f'{b}-cross-q', dim, reduction, f'{m}.attn2.to_q', 'q')
+        tb.add(f'{b}-cross-map', tokens, reduction, f'{m}.attn2', 'cross-map')
         tb.add(f'{b}-ffn-inner', _ffn_inner_chs(block.ff), reduction, f'{m}.ff.net.0', 'tokens')
         tb.add(f'{b}-out', dim, reduction, m, 'tokens')
     return tb.taps
@@ -88,6 +92,7 @@ class HunyuanDiTBackbone(DiTBackbone):
             head_cfg: HeadConfig = HeadConfig(),
             input_cfg: InputConfig = InputConfig(),
             cond_size: tuple[int, int] = (1024, 1024),
+            attn_maps: str = 'reduced',
     ):
         """
         Args:
@@ -96,6 +101,8 @@ class HunyuanDiTBackbone(DiTBackbone):
             scheduler_cfg: diffusers `DDPMScheduler` config of the base repo.
             noise_cfg, prompt_cfg, source_cfg, head_cfg, input_cfg: as `DiTBackbone`.
             cond_size: (height, width) of the image-size conditioning (`image_meta_size`).
+            attn_maps: 'reduced' (map taps as `_attention.MAP_REDUCTIONS` says) or 'full' (unreduced probabilities,
+                (B, heads, N, N) / (B, heads, N, tokens), as their processor records them).
         """
         super().__init__(vae_cfg, noise_cfg, prompt_cfg, source_cfg, input_cfg)
         # the patched pipeline's get_timesteps (SDXL img2img's): int(steps * strength) steps are kept
@@ -122,7 +129,7 @@ class HunyuanDiTBackbone(DiTBackbone):
         self.register_buffer('prompt_embeds_t5', torch.zeros(1, cfg.text_len_t5, cfg.cross_attention_dim_t5))
         self.register_buffer('prompt_mask_t5', torch.zeros(1, cfg.text_len_t5))
 
-        self._init_block_taps(hunyuan_taps(tr, self.reduction), head_cfg)
+        self._init_block_taps(hunyuan_taps(tr, self.reduction), head_cfg, attn_maps)
 
     # --- forward ------------------------------------------------------------------------------------------------------
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
@@ -159,7 +166,7 @@ class HunyuanDiTBackbone(DiTBackbone):
         by_loc = {t.location: t.name for t in taps}
         feats: dict[str, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
-        with ActivationRecorder(self, taps) as rec:
+        with ActivationRecorder(self, taps, full_maps=self.attn_maps == 'full') as rec:
             rec.set_size('transformer', grid)
             for k, block in enumerate(tr.blocks):
                 kw = dict(temb=temb, encoder_hidden_states=ctx, image_rotary_emb=rope)
