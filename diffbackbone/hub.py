@@ -41,7 +41,7 @@ from huggingface_hub.file_download import HfFileMetadata
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import DiffbackboneError, InputError
 
@@ -363,9 +363,12 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
                      keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it.
 
-    The tensors are memory-mapped from the file (no copy) unless `dtype` asks for another floating dtype than the
-    file's: then the floating tensors of one or more dimensions are read one at a time and converted, so the file's
-    own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as stored.
+    The tensors are read one at a time into memory of their own (not memory-mapped: a mapped tensor starts wherever
+    the file puts it, and CPU kernels pick their code path by alignment, which changes the last bits of the features;
+    the mapping's pages would also count in the process's memory beside the model's). Where `dtype` asks for another
+    floating dtype than the file's, the floating tensors of one or more dimensions are converted as they are read, so
+    the file's own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as
+    stored.
     """
     path = Path(path)
 
@@ -374,9 +377,6 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
             not key.startswith(keep)
 
     try:
-        with _safe_open(path) as f:
-            if not any(cast(k, f.get_slice(k).get_dtype(), len(f.get_slice(k).get_shape())) for k in f.keys()):
-                return load_file(path)
         out = {}
         with _safe_open(path, backend='pread') as f:
             for k in f.keys():
