@@ -53,7 +53,7 @@ def test_families_derive_from_the_contract_and_it_is_enforced():
         Incomplete(None, NoiseConfig(), None, None, None)
 
 
-@pytest.mark.parametrize('name', TINY + ['test_cleandift_dinov2'])
+@pytest.mark.parametrize('name', TINY + ['test_cleandift_dinov2', 'test_multi'])
 def test_checkpoint_filter_fn_only_maps_keys(name, hub_cache, monkeypatch):
     """Offline, with an empty cache: the filter returns the model's own state dict as it is and changes nothing."""
     from diffbackbone import hub
