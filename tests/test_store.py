@@ -2,6 +2,7 @@
 reader and its Dataset view, kill -9 and resume, torchrun, and the output checks made before any extraction."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -601,3 +602,16 @@ def test_recursive_globs_match_glob_and_end_on_loops(tmp_path, monkeypatch):
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=60)  # glob.glob('a/**/*.png', recursive=True) does not end here
     assert res.returncode == 0 and res.stdout.split() == ['3'], res.stderr[-2000:]
+
+
+def test_overwrite_refuses_a_store_another_run_is_filling(dataset, store, tmp_path, capsys):
+    """--overwrite never deletes the shards of a run that is still writing (#30, second sweep): it is refused."""
+    from diffbackbone.data.store import store_writer
+
+    copy = tmp_path / 'busy'
+    shutil.copytree(store, copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.iterdir()}
+    with store_writer(copy):  # another writer (its own open file: flock sees two writers)
+        _fails([str(dataset), *BASE, '--out', str(copy), '--overwrite'], capsys, 'another run is writing into')
+        assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # nothing deleted or touched
+    assert main(['features', str(dataset), *BASE, '--out', str(copy), '--overwrite', '--on-error', 'skip']) == 0

@@ -11,6 +11,7 @@ Everything that can be checked is checked before the model runs: image headers (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ from .store import (
     StoreWriter,
     prepare_store,
     scan_shards,
-    store_files,
+    store_writer,
     write_index,
 )
 
@@ -314,22 +315,29 @@ def _run_single(job: ExtractJob, out: Path, images: list[str], run: dict) -> Non
         print(f'wrote {pca_out}')
 
 
-def _prepare_store(job: ExtractJob, out: Path, config: dict, info: DistInfo) -> dict[str, ShardEntry]:
-    """Check an existing store against `config` (or clear it with --overwrite); return the images stored already."""
+def _prepare_store(job: ExtractJob, out: Path, config: dict, info: DistInfo,
+                   writers: contextlib.ExitStack) -> dict[str, ShardEntry]:
+    """Join the store's writers (`writers` holds that until the run ends) and check an existing store against `config`
+    (or clear it with --overwrite, when no other run is writing); return the images stored already."""
     stored = {}
     if info.main:
-        if job.overwrite:
-            for p in store_files(out):
-                p.unlink()
+        writers.enter_context(store_writer(out, clear=job.overwrite))
         stored = prepare_store(out, config)
     barrier(info)
+    if not info.main:  # after the main rank's --overwrite check, which they would otherwise block
+        writers.enter_context(store_writer(out))
     return stored if info.main else scan_shards(out, config)
 
 
 def _run_store(job: ExtractJob, out: Path, images: list[str], run: dict, config: dict, shapes: dict,
                info: DistInfo) -> None:
     start = time.perf_counter()
-    stored = _prepare_store(job, out, config, info)
+    with contextlib.ExitStack() as writers:
+        _fill_store(job, out, images, run, config, shapes, info, _prepare_store(job, out, config, info, writers), start)
+
+
+def _fill_store(job: ExtractJob, out: Path, images: list[str], run: dict, config: dict, shapes: dict, info: DistInfo,
+                stored: dict[str, ShardEntry], start: float) -> None:
     mine = images[info.rank::info.world]
     # an image counts as stored only as the same file: same absolute path, size and mtime (else it was replaced)
     todo = [p for p in mine if p not in stored or stored[p].source is None or stored[p].source != file_stamp(p)]

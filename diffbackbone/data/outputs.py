@@ -254,10 +254,10 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
 
 
 def _is_store_file(p: Path) -> bool:
-    """A file name of a feature store (`data.store`: index, lock, writer-unique shards, failure lists, temporaries)."""
-    from .store import _FAILED, _SHARD, INDEX, LOCK
+    """A file name of a feature store (`data.store`: index, locks, writer-unique shards, failure lists, temporaries)."""
+    from .store import _FAILED, _SHARD, INDEX, LOCK, WRITERS
 
-    return (p.name in (INDEX, LOCK) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
+    return (p.name in (INDEX, LOCK, WRITERS) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
             or bool(_STORE_TEMP.fullmatch(p.name)))
 
 

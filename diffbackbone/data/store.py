@@ -44,10 +44,11 @@ from ..errors import DiffbackboneError, InputError, InputTypeError
 from ..hub import save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'ShardEntry', 'INDEX', 'scan_shards',
-           'store_files', 'write_index', 'prepare_store', 'store_lock']
+           'store_files', 'write_index', 'prepare_store', 'store_lock', 'store_writer']
 
 INDEX = 'index.json'
 LOCK = '.lock'
+WRITERS = '.writers'  # every writer holds a shared flock on it for its whole run (`store_writer`)
 FORMAT = 'diffbackbone-feature-store-2'
 _OLD_FORMAT = 'diffbackbone-feature-store-1'  # keys as given, no sources: readable, not resumable
 _SHARD = re.compile(r'shard-r(\d+)-(?:([0-9a-f]{8})-)?(\d+)\.safetensors')
@@ -235,6 +236,29 @@ def write_index(root: Path, config: dict, failed: Optional[Mapping[str, str]] = 
     root = Path(root)
     with store_lock(root):
         return _write_index(root, config, failed)
+
+
+@contextlib.contextmanager
+def store_writer(root: Path, clear: bool = False) -> Iterator[None]:
+    """Be one of the store's writers for the block: a shared `flock` on `root/.writers`, which the kernel drops when the
+    process dies. `clear` (`--overwrite`) first removes the store's files, and only when no other writer is running:
+    another run filling the store is refused rather than having its shards deleted under it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / WRITERS, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if clear:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f'--overwrite: another run is writing into {root} right now; wait for it to end '
+                                 '(or stop it), or choose another --out.') from None
+            for p in store_files(root):
+                p.unlink()
+        fcntl.flock(fd, fcntl.LOCK_SH)  # from exclusive: converted in place
+        yield
+    finally:
+        os.close(fd)
 
 
 def prepare_store(root: Path, config: dict) -> dict[str, ShardEntry]:
