@@ -245,9 +245,9 @@ class LoraConfig(Options):
     lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        lora, scale = lora_spec(self.lora, self.lora_scale)
+        lora, scale = lora_spec(self.lora, self.lora_scale)  # the one check of a LoRA spec and its scale
         object.__setattr__(self, 'lora', lora)
-        object.__setattr__(self, 'lora_scale', finite_number('lora_scale', scale, -100.0, 100.0))
+        object.__setattr__(self, 'lora_scale', scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ file) is kept as the model's `lora_identity` and recorded with the features it m
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -121,6 +122,7 @@ def lora_spec(lora: Optional[str], lora_scale: float) -> tuple[Optional[str], fl
     """Checked `lora` / `lora_scale` model arguments."""
     if lora is not None and (not isinstance(lora, str) or not lora):
         raise LoraError(f"lora must be a Hub repo 'org/name[:file.safetensors]' or a .safetensors file, got {lora!r}.")
-    if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)):
-        raise LoraError(f'lora_scale must be a number, got {lora_scale!r}.')
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale) \
+            or abs(lora_scale) > 100:
+        raise LoraError(f'lora_scale must be a number (finite, in [-100, 100]), got {lora_scale!r}.')
     return lora, float(lora_scale)
