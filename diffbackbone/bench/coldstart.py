@@ -238,7 +238,7 @@ def _weights_bytes(model_name: str, dtype: torch.dtype) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog='python -m diffbackbone.bench.coldstart', description=__doc__.split('\n')[0])
-    p.add_argument('model', help=f'one of {", ".join(_MODELS)}')
+    p.add_argument('model', choices=tuple(_MODELS), metavar='MODEL', help=f'one of {", ".join(_MODELS)}')
     p.add_argument('--make-weights', metavar='DIR', help='write (once) and use random full-size weights in DIR')
     p.add_argument('--dtype', choices=tuple(_DTYPES), default='float32')
     p.add_argument('--runs', type=int, default=3, help='timed runs of each loader')
@@ -251,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.child:
         return _child(args)
     if args.runs < 1:
-        raise SystemExit('error: --runs must be at least 1.')
+        p.error('--runs must be at least 1')
     spec = make_weights(args.model, args.make_weights) if args.make_weights else _hub_spec(args.model)
     for _ in range(args.warmup):  # page cache, our prompt-embedding cache
         for kind in ('ours', 'reference'):
