@@ -5,6 +5,7 @@ features_only=True)``.
 """
 from .models import MIN_INPUT_SIZE, PRESETS, DiffusionUNet, TapError
 from .data.store import FeatureStore
+from .models.record import Recording, record
 
 __version__ = '0.1.0'
-__all__ = ['DiffusionUNet', 'TapError', 'PRESETS', 'MIN_INPUT_SIZE', 'FeatureStore', '__version__']
+__all__ = ['DiffusionUNet', 'TapError', 'PRESETS', 'MIN_INPUT_SIZE', 'FeatureStore', 'record', 'Recording', '__version__']

@@ -14,7 +14,7 @@ from ._base import DiffusionBackbone
 from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig
 from ._taps import Tap
 
-__all__ = ['DiTBackbone', 'filter_transformer_state_dict', 'dit_cfg']
+__all__ = ['DiTBackbone', 'block_taps', 'filter_transformer_state_dict', 'dit_cfg']
 
 
 class DiTBackbone(DiffusionBackbone):
@@ -69,10 +69,7 @@ class DiTBackbone(DiffusionBackbone):
         if attn_maps == 'full':
             all_taps = [dataclasses.replace(t, num_chs=self.get_submodule(t.module).heads) if t.hook in MAP_HOOKS
                         else t for t in all_taps]
-        taps = [t for t in all_taps if t.location == f'vit-block{t.order}-out']
-        n = len(taps)
-        levels = sorted({max(0, (n * (i + 1)) // 4 - 1) for i in range(4)})  # fewer than 4 blocks: each one once
-        presets = {'pyramid': tuple(taps[k].name for k in levels), 'blocks': tuple(t.name for t in taps)}
+        taps, presets = block_taps(all_taps)
         self._init_taps(all_taps, taps, presets, head_cfg)
 
     def _check_size(self, size: torch.Size) -> None:
@@ -88,6 +85,15 @@ class DiTBackbone(DiffusionBackbone):
         deepest = self._deepest_wanted(take, prune_head)
         keep(deepest)
         return self._pruned(take, deepest, prune_head)
+
+
+def block_taps(all_taps: Sequence[Tap]) -> tuple[list[Tap], dict[str, tuple[str, ...]]]:
+    """The `feature_info` taps of a transformer (the block outputs `vit-block{k}-out`, block k being stage k) and its
+    presets: `pyramid`, four evenly spaced block outputs (each block once for a model of fewer than four), `blocks`."""
+    taps = [t for t in all_taps if t.location == f'vit-block{t.order}-out']
+    n = len(taps)
+    levels = sorted({max(0, (n * (i + 1)) // 4 - 1) for i in range(4)})  # fewer than 4 blocks: each one once
+    return taps, {'pyramid': tuple(taps[k].name for k in levels), 'blocks': tuple(t.name for t in taps)}
 
 
 def filter_transformer_state_dict(state_dict: dict[str, torch.Tensor], buffers: Sequence[str],

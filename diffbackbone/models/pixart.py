@@ -33,7 +33,7 @@ from ._vae import VAE_SD, VAE_SDXL, VAE_TEST
 from ._taps import Tap, _TableBuilder
 from .conditioning.text import encode_t5_prompt
 
-__all__ = ['PixArtBackbone', 'checkpoint_filter_fn']
+__all__ = ['PixArtBackbone', 'checkpoint_filter_fn', 'pixart_taps']
 
 # transformer/config.json of the Hub repos.
 _PIXART_SIGMA = dict(
@@ -48,6 +48,14 @@ _PIXART_TEST = dict(_PIXART_SIGMA, sample_size=8, num_layers=4, num_attention_he
 # PixArt's training noise schedule (scheduler/scheduler_config.json).
 _SCHEDULER_PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear')
 _HEAD_KEYS = ('proj_out.', 'scale_shift_table')
+
+
+def pixart_taps(transformer: PixArtTransformer2DModel, reduction: int, tokens: int) -> list[Tap]:
+    """Every tap of a PixArt transformer (under `transformer.`) in execution order, with Meng et al.'s names; block k
+    is stage k. (Maps: `tokens` channels for `-cross-map`, heads for `-self-map`.)"""
+    table = _TableBuilder('', tokens=tokens)
+    table.transformer('vit', transformer, 'transformer', reduction, stage_per_block=True)
+    return table.taps
 
 
 class PixArtBackbone(DiTBackbone):
@@ -92,9 +100,7 @@ class PixArtBackbone(DiTBackbone):
             alphas_cumprod = DDPMScheduler(**_SCHEDULER_PIXART).alphas_cumprod
         self.noise_scales = (alphas_cumprod[t].sqrt().item(), (1 - alphas_cumprod[t]).sqrt().item())
 
-        table = _TableBuilder('', tokens=max_tokens)
-        table.transformer('vit', tr, 'transformer', self.reduction, stage_per_block=True)
-        self._init_block_taps(table.taps, head_cfg, attn_maps)
+        self._init_block_taps(pixart_taps(tr, self.reduction, max_tokens), head_cfg, attn_maps)
 
     def _denoiser_features(self, z: torch.Tensor, taps: Sequence[Tap]) -> dict[str, torch.Tensor]:
         return self.transformer_features(z, taps)
