@@ -14,6 +14,8 @@ Subcommands (one module each under `diffbackbone/commands/`, `clean-train` in `d
               `eval hpatches` (HPatches homography accuracy), `eval davis` (DAVIS-2017 label propagation J&F),
               `eval pixel` (label-scarce segmentation mIoU).
     bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
+    generate  images from a UNet model's own pipeline, stored with the taps of chosen denoiser calls (a synthetic
+              dataset; the recording is `diffbackbone.record`).
 
 Errors: the package's own (`diffbackbone.errors.DiffbackboneError`) end in one `error:` line and exit 2; Ctrl-C in one
 `interrupted:` line and exit 130; anything else is a bug and shows its traceback.
@@ -31,7 +33,8 @@ __all__ = ['COMMANDS', 'main', 'build_parser']
 
 # The command modules, in the order `--help` lists them; each has `add_parser(subparsers)` and `run(args) -> int`.
 COMMANDS = ('commands.features', 'commands.depth', 'commands.taps', 'commands.inspect', 'commands.export',
-            'train.cli', 'commands.train', 'commands.match', 'commands.eval', 'commands.bench')
+            'train.cli', 'commands.train', 'commands.match', 'commands.eval', 'commands.bench',
+            'commands.generate')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,9 +3,9 @@ background extraction, `generate_with_extraction.py`), checked against forward h
 pipelines (real diffusers `StableDiffusionPipeline` and `PixArtSigmaPipeline`), and `diffbackbone generate`."""
 from __future__ import annotations
 
-import json
-import sys
+import re
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -251,3 +251,76 @@ def test_unknown_pipeline_and_tap(sd_pipe):
         diffbackbone.record(object(), 'us6', calls=[1])
     with pytest.raises(diffbackbone.TapError, match='Unknown tap'):
         diffbackbone.record(sd_pipe, 'no-such-tap', calls=[1])
+
+
+# --- diffbackbone generate ----------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def base_repo(fake_hub, tmp_path_factory):
+    """The tiny SD base repo `test_dift` loads: its UNet, the whole VAE (decoder included), CLIP."""
+    from safetensors.torch import save_file
+
+    from fakehub import publish_base_repo
+
+    torch.manual_seed(0)
+    publish_base_repo(fake_hub, 'diffbackbone/test-base', _vae().state_dict(), cross_attention_dim=32)
+    unet = tmp_path_factory.mktemp('unet') / 'unet.safetensors'
+    save_file(UNet2DConditionModel(**du._UNET_TEST).state_dict(), unet)
+    fake_hub.add_file('diffbackbone/test-base', 'unet/diffusion_pytorch_model.safetensors', unet)
+
+
+def _generate(out, *extra) -> int:
+    from diffbackbone.cli import main
+
+    return main(['generate', '--model', 'test_dift', '--prompt', 'a cat', '--taps', 'us6', 'mid',
+                 'up-level1-repeat1-vit-block0-cross-map', '--steps', '2', '--size', '64', '--out', str(out),
+                 '--store-dtype', 'float32', *extra])
+
+
+def test_generate_writes_a_store_that_reads_back(base_repo, hub_cache, tmp_path, capsys):
+    from PIL import Image
+
+    from diffbackbone.models.record import build_pipeline
+
+    out = tmp_path / 'synthetic'
+    assert _generate(out, '--calls', '1', '3', '--images', '2') == 0
+    store = diffbackbone.FeatureStore(out)
+    paths = [str(out / 'images' / f'{i:05d}.png') for i in range(2)]
+    assert sorted(store.paths) == paths
+    assert store.taps == [f'{t}@{c}' for t in ('us6', 'mid', 'up-level1-repeat1-vit-block0-cross-map') for c in (1, 3)]
+    # what was stored is what recording the model's own pipeline gives, and the picture is that run's
+    model = timm.create_model('test_dift', pretrained=True)
+    pipe = build_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    cond = model.encode_prompts(['a cat', ''])
+    for i, path in enumerate(paths):
+        with diffbackbone.record(pipe, ['us6', 'mid', 'up-level1-repeat1-vit-block0-cross-map'], calls=[1, 3]) as rec:
+            image = pipe(prompt_embeds=cond['a cat']['prompt_embeds'], negative_prompt_embeds=cond['']['prompt_embeds'],
+                         num_inference_steps=2, height=64, width=64,
+                         generator=torch.Generator().manual_seed(i)).images[0]
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+        got = store[path]
+        for name, per_call in rec.features.items():
+            for call, m in per_call.items():
+                assert torch.equal(got[f'{name}@{call}'], m), (name, call)
+    assert got['us6@3'].shape == (2, 32, 4, 4)  # both guidance halves
+    # the PNDM scheduler calls the UNet once more than it has steps: 3 calls for 2 steps
+    assert '2 images with 6 maps each (2 new; 3 UNet calls per image)' in capsys.readouterr().out
+    # resumable, growable: a third picture is the only one generated
+    before = (out / 'images' / '00000.png').stat().st_mtime_ns
+    assert _generate(out, '--calls', '1', '3', '--images', '3') == 0
+    assert '3 images with 6 maps each (1 new;' in capsys.readouterr().out
+    assert (out / 'images' / '00000.png').stat().st_mtime_ns == before and len(diffbackbone.FeatureStore(out)) == 3
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--calls', '1', '4'], r'calls \[4\] are beyond the 3 denoiser calls.*PNDMScheduler, --steps 2: 3 UNet calls'),
+    (['--calls', '1', '--model', 'test_pixart'], 'generate builds the text-to-image pipeline of the latent UNet'),
+    (['--calls', '1', '--size', '72'], 'multiple of 64 px'),
+    (['--calls', '1', '--taps', 'nope'], "Unknown tap 'nope'"),
+])
+def test_generate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / 'synthetic'
+    assert _generate(out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and re.search(message, err), err
+    assert not out.exists()
