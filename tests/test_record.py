@@ -26,10 +26,10 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 STEPS, CALLS = 3, [1, 3]
 
 
-def _vae(latent_channels: int = 4) -> AutoencoderKL:
+def _vae(latent_channels: int = 4, **kwargs) -> AutoencoderKL:
     n = len(VAE_TEST['block_out_channels'])
     return AutoencoderKL(block_out_channels=VAE_TEST['block_out_channels'], layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4,
+                         latent_channels=latent_channels, norm_num_groups=4, **kwargs,
                          down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n).eval()
 
 
@@ -313,7 +313,7 @@ def test_generate_writes_a_store_that_reads_back(base_repo, hub_cache, tmp_path,
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--calls', '1', '4'], r'calls \[4\] are beyond the 3 denoiser calls.*PNDMScheduler, --steps 2: 3 UNet calls'),
+    (['--calls', '1', '4'], r'calls \[4\] are beyond the run.s 3 denoiser calls.*PNDMScheduler, --steps 2: 3 UNet calls'),
     (['--calls', '1', '--model', 'test_pixart'], 'generate builds the text-to-image pipeline of the latent UNet'),
     (['--calls', '1', '--size', '72'], 'multiple of 64 px'),
     (['--calls', '1', '--taps', 'nope'], "Unknown tap 'nope'"),
@@ -324,3 +324,33 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and re.search(message, err), err
     assert not out.exists()
+
+
+def test_flux_grid_from_position_ids(tmp_path):
+    """FLUX's transformer sees packed tokens and keyword arguments only: the token grid comes from its position ids."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from diffbackbone.models import flux
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**flux._FLUX_TEST).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**flux._SCHEDULER_DEV), vae=_vae(16, shift_factor=0.1159),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    hooks = HandHooks()
+    grid = (4, 6)  # a 64 x 96 picture: 8 x 12 latents, 2 x 2 packed
+    hooks.add('vit-block1-out', tr.transformer_blocks[1], lambda a, o: nchw(o[1], grid))
+    hooks.add('vit-block3-q', tr.single_transformer_blocks[1].attn.to_q, lambda a, o: nchw(o[:, -24:], grid))
+    g = torch.Generator().manual_seed(1)
+    run = lambda: pipe(prompt_embeds=torch.randn(1, 8, 32, generator=g), pooled_prompt_embeds=torch.randn(  # noqa: E731
+        1, 32, generator=g), num_inference_steps=STEPS, height=64, width=96, output_type='pt',
+        generator=torch.Generator().manual_seed(0)).images
+    try:
+        with diffbackbone.record(pipe, ['vit-block1-out', 'vit-block3-q'], calls=CALLS) as rec:
+            run()
+    finally:
+        hooks.remove()
+    for name in ('vit-block1-out', 'vit-block3-q'):
+        for call in CALLS:
+            got = rec.features[name][call]
+            assert got.shape == (1, 16, 4, 6) and torch.equal(got, hooks.maps[name][call - 1]), name  # no guidance

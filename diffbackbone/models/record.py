@@ -102,8 +102,9 @@ def _grid(den: nn.Module) -> Optional[Grid]:
     return patched
 
 
-def check_calls(calls: Any, steps: Optional[int] = None) -> tuple[int, ...]:
-    """The chosen denoiser calls, sorted: distinct whole numbers from 1 (Meng et al.'s count), at most `steps`."""
+def check_calls(calls: Any, limit: Optional[int] = None) -> tuple[int, ...]:
+    """The chosen denoiser calls, sorted: distinct whole numbers from 1 (Meng et al.'s count), at most `limit` (the
+    denoiser calls of the run)."""
     if isinstance(calls, int) and not isinstance(calls, bool):
         calls = (calls,)
     if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence) or not calls:
@@ -111,9 +112,9 @@ def check_calls(calls: Any, steps: Optional[int] = None) -> tuple[int, ...]:
     out = tuple(sorted(whole_number('calls', c, what='denoiser calls count from 1') for c in calls))
     if len(set(out)) != len(out):
         raise InputError(f'calls lists a call twice: {list(calls)}.')
-    if steps is not None and out[-1] > steps:
-        raise InputError(f'calls {[c for c in out if c > steps]} are beyond the {steps} denoiser calls of {steps} '
-                         f'steps: choose calls from 1 to {steps}, or run more steps.')
+    if limit is not None and out[-1] > limit:
+        raise InputError(f'calls {[c for c in out if c > limit]} are beyond the run\'s {limit} denoiser calls: choose '
+                         f'calls from 1 to {limit}, or run more steps.')
     return out
 
 
