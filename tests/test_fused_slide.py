@@ -133,6 +133,11 @@ def test_fused_descriptors_equal_their_sliding_window(model, size):
         torch.testing.assert_close(ours, theirs[name], rtol=1e-5, atol=1e-5)
     assert got[0].shape == want.shape == (2, 32 * 3 + 24, size[0] // 16, size[1] // 16)
     torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    if size == (240, 240):  # each part of their SD pass matters at this tolerance
+        for other in (dict(noise_seed=0), dict(latent='sample'), dict(timestep=99), dict(slide=False)):
+            with torch.no_grad():
+                moved = _tale_sd(**other).forward_intermediates(x, indices=['us8'], intermediates_only=True)[0]
+            assert moved.shape != theirs['s3'].shape or (moved - theirs['s3']).abs().max() > 1e-3, other
 
 
 def test_window_starts_are_their_clamped_grid():
