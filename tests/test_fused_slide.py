@@ -2,6 +2,7 @@
 here from sd-dino's ODISE (`FeatureExtractorBackbone.slide_forward` with `raw=True`, `LdmExtractor.forward` with
 `decoder_only=True`) on plain diffusers modules holding the same tiny weights."""
 import itertools
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -42,8 +43,8 @@ def _diffusers_parts(model: FusedBackbone) -> tuple[AutoencoderKL, UNet2DConditi
                                                strict=False)
     assert not unexpected and all(k.startswith(('conv_norm_out', 'conv_out')) for k in missing)
     n = len(VAE_TEST['block_out_channels'])
-    vae = AutoencoderKL(block_out_channels=VAE_TEST['block_out_channels'], layers_per_block=VAE_TEST['layers_per_block'],
-                        latent_channels=4, norm_num_groups=VAE_TEST['norm_num_groups'],
+    vae = AutoencoderKL(block_out_channels=VAE_TEST['block_out_channels'], latent_channels=4,
+                        layers_per_block=VAE_TEST['layers_per_block'], norm_num_groups=VAE_TEST['norm_num_groups'],
                         down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n).eval()
     missing, unexpected = vae.load_state_dict({k[4:]: v for k, v in net.state_dict().items() if k.startswith('vae.')},
                                               strict=False)
@@ -75,11 +76,15 @@ def _their_crop_features(vae, unet, context, crop: torch.Tensor, t: int = 100) -
     return got
 
 
-def _their_slide(x: torch.Tensor, crop_fn, strides: dict[str, int], crop: int = WINDOW) -> dict[str, torch.Tensor]:
-    """ODISE's `slide_forward` (slide_training=True, raw=True), step by step."""
+def _their_slide(x: torch.Tensor, crop_fn, strides: dict[str, int], crop: int = WINDOW,
+                 step: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """ODISE's `slide_forward` (slide_training=True, raw=True), step by step; `step` replaces their stride (the
+    window side) to check our `slide_stride`."""
     b, _, h_img, w_img = x.shape
     short_side = min(crop, min(x.shape[-2:]))
     h_crop = w_crop = h_stride = w_stride = short_side
+    if step is not None:
+        h_stride = w_stride = step
     out, count = {}, {}
     h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
@@ -117,15 +122,19 @@ def _images(h: int, w: int, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@pytest.mark.parametrize('size', [(240, 240), (192, 256)])
-def test_fused_descriptors_equal_their_sliding_window(model, size):
-    """Their 2 x 2 windows at offsets 0 and 112 (960 / 512 scaled: placed at offset // stride, overlaps averaged), and
-    a wide image (windows 0 / 64 down, 0 / 128 across); the posterior mean and their seed-42 noise in each window."""
+@pytest.mark.parametrize('size, step', [((240, 240), None), ((192, 256), None), ((256, 256), 64)])
+def test_fused_descriptors_equal_their_sliding_window(model, size, step):
+    """Their 2 x 2 windows at offsets 0 and 112 (960 / 512 scaled: placed at offset // stride, overlaps averaged), a
+    wide image (windows 0 / 64 down, 0 / 128 across), and our `slide_stride` (3 x 3 windows); the posterior mean and
+    their seed-42 noise in each window."""
     x = _images(*size)
+    if step is not None:
+        model = _tale_sd(slide_stride=step)
     vae, unet = _diffusers_parts(model)
     strides = dict(s3=16, s4=32, s5=64)
     with torch.no_grad():
-        theirs = _their_slide(x, lambda c: _their_crop_features(vae, unet, model.diffusion.prompt_embeds, c), strides)
+        theirs = _their_slide(x, lambda c: _their_crop_features(vae, unet, model.diffusion.prompt_embeds, c), strides,
+                              step=step)
         want = _their_fused(model, x, theirs)
         got = model.forward_intermediates(x, indices=['fused', *TAPS], intermediates_only=True)
     for name, ours in zip(('s3', 's4', 's5'), got[1:]):
@@ -187,7 +196,7 @@ def test_window_errors(model, tmp_path, capsys):
     with pytest.raises(InputError, match='does not tile'):  # 96 px windows cut the stride-64 map of us2
         with torch.no_grad():
             _tale_sd(slide_window=96).forward_features(_images(240, 240, n=1))
-    for bad in (dict(slide='yes'), dict(slide_window=0), dict(slide_stride=2.5)):
+    for bad in (dict(slide='yes'), dict(slide_window=0), dict(slide_stride=2.5), dict(slide_stride=513)):
         with pytest.raises(InputError, match=next(iter(bad))):
             fused.WindowConfig(**bad)
     from PIL import Image

@@ -9,9 +9,9 @@ Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODI
 - Stable Diffusion at 960 px by a sliding window: 512-px windows every 512 px, the last one per axis moved back inside
   the image (offsets 0 and 448), each window encoded to the VAE posterior mean and noised (SD1.5, t=100) with the same
   seeded draw (seed 42); each window's maps are added at offset // stride and averaged where windows overlap. Decoder
-  features of LDM output blocks 2, 5 and 8 as ODISE
-  records them (the input of the block without its skip: in diffusers terms `up_blocks[0]` resnet 1, `up_blocks[1]`
-  layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`, strides 64 / 32 / 16).
+  features of LDM output blocks 2, 5 and 8 as ODISE records them (the input of the block without its skip: in diffusers
+  terms `up_blocks[0]` resnet 1, `up_blocks[1]` layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`,
+  strides 64 / 32 / 16).
 - each SD level PCA-reduced to 256 channels, the PCA fitted jointly over the two images of a pair (co-PCA); coarse to
   fine, the stack is upsampled bilinearly to the next level and concatenated after it: [us8, us5, us2] at stride 16.
 - DINOv2 ViT-B/14 at 840 px (60 x 60 patches, the grid of the SD map): the token output of block 11 (the last), no
@@ -19,8 +19,8 @@ Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODI
 - each source L2-normalised over its channels, weighted (1 and 1) and concatenated.
 
 Here the sliding window is `WindowConfig` (on by default; `slide=False`: one pass over the whole image). The DINOv2
-part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's
-input resized to (grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
+part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's input resized to
+(grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
 (`fit_projection` fits a PCA per SD tap on images of your choice and keeps it in the state dict) or none (default);
 the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone match` and `eval spair` (`--co-pca`).
 """
@@ -168,8 +168,8 @@ class WindowConfig(Options):
         slide: run the diffusion model on square windows of the image and average its maps where windows overlap
             (theirs); False: one pass over the whole image.
         slide_window: window side in pixels (theirs: 512), shrunk to the image's short side.
-        slide_stride: step between windows (None: the window side, as theirs); the last window of each axis is moved
-            back inside the image.
+        slide_stride: step between windows, at most `slide_window` (None: the window side, as theirs); the last
+            window of each axis is moved back inside the image.
     """
     slide: bool = True
     slide_window: int = 512
@@ -180,7 +180,8 @@ class WindowConfig(Options):
             raise InputError(f'slide must be True (their sliding window) or False (one pass), got {self.slide!r}.')
         whole_number('slide_window', self.slide_window, what='side of the sliding window in pixels')
         if self.slide_stride is not None:
-            whole_number('slide_stride', self.slide_stride, what='step between sliding windows in pixels')
+            whole_number('slide_stride', self.slide_stride, maximum=self.slide_window,
+                         what='step between sliding windows in pixels, at most slide_window')
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
