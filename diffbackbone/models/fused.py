@@ -4,18 +4,23 @@ A Tale of Two Features: Stable Diffusion Complements DINO for Zero-Shot Semantic
 https://arxiv.org/abs/2305.15347 (Zhang et al., NeurIPS 2023), code https://github.com/Junyi42/sd-dino (no licence:
 read for the recipe, written here from scratch).
 
-Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODISE's `LdmExtractor`):
-- Stable Diffusion at 960 px, one noisy pass (SD1.5, t=100); decoder features of LDM output blocks 2, 5 and 8 as ODISE
-  records them (the input of the block without its skip: in diffusers terms `up_blocks[0]` resnet 1, `up_blocks[1]`
-  layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`, strides 64 / 32 / 16).
+Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODISE's `LdmExtractor` and the
+`FeatureExtractorBackbone` sd-dino builds with `slide_training=True`):
+- Stable Diffusion at 960 px by a sliding window: 512-px windows every 512 px, the last one per axis moved back inside
+  the image (offsets 0 and 448), each window encoded to the VAE posterior mean and noised (SD1.5, t=100) with the same
+  seeded draw (seed 42); each window's maps are added at offset // stride and averaged where windows overlap. Decoder
+  features of LDM output blocks 2, 5 and 8 as ODISE records them (the input of the block without its skip: in diffusers
+  terms `up_blocks[0]` resnet 1, `up_blocks[1]` layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`,
+  strides 64 / 32 / 16).
 - each SD level PCA-reduced to 256 channels, the PCA fitted jointly over the two images of a pair (co-PCA); coarse to
   fine, the stack is upsampled bilinearly to the next level and concatenated after it: [us8, us5, us2] at stride 16.
 - DINOv2 ViT-B/14 at 840 px (60 x 60 patches, the grid of the SD map): the token output of block 11 (the last), no
   final norm, class token dropped.
 - each source L2-normalised over its channels, weighted (1 and 1) and concatenated.
 
-Here the DINOv2 part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's
-input resized to (grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
+Here the sliding window is `WindowConfig` (on by default; `slide=False`: one pass over the whole image). The DINOv2
+part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's input resized to
+(grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
 (`fit_projection` fits a PCA per SD tap on images of your choice and keeps it in the state dict) or none (default);
 the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone match` and `eval spair` (`--co-pca`).
 """
@@ -35,11 +40,12 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 from ..errors import InputError
 from ._builder import build_composite
 from ._head import ClassifierHeadMixin
-from ._options import HeadConfig, Options, finite_number
+from ._options import HeadConfig, Options, finite_number, whole_number
 from ._taps import Tap, TapError
 
-__all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module', 'pair_co_pca', 'is_fused_model',
-           'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET', 'PLAIN_TIMM_MODELS', 'checkpoint_filter_fn']
+__all__ = ['FusedBackbone', 'WindowConfig', 'window_starts', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_module',
+           'pair_co_pca', 'is_fused_model', 'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET', 'PLAIN_TIMM_MODELS',
+           'checkpoint_filter_fn']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
 PLAIN_TIMM_MODELS = ('test_dinov2',)  # registered here, but a plain timm ViT (the DINOv2 part of the tiny fused model)
@@ -154,6 +160,37 @@ class FusionConfig(Options):
         finite_number('dino_weight', self.dino_weight)
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowConfig(Options):
+    """The sliding window of their SD pass (ODISE's `slide_forward`, as sd-dino builds it: `slide_training=True`).
+
+    Args:
+        slide: run the diffusion model on square windows of the image and average its maps where windows overlap
+            (theirs); False: one pass over the whole image.
+        slide_window: window side in pixels (theirs: 512), shrunk to the image's short side.
+        slide_stride: step between windows, at most `slide_window` (None: the window side, as theirs); the last
+            window of each axis is moved back inside the image.
+    """
+    slide: bool = True
+    slide_window: int = 512
+    slide_stride: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.slide, bool):
+            raise InputError(f'slide must be True (their sliding window) or False (one pass), got {self.slide!r}.')
+        whole_number('slide_window', self.slide_window, what='side of the sliding window in pixels')
+        if self.slide_stride is not None:
+            whole_number('slide_stride', self.slide_stride, maximum=self.slide_window,
+                         what='step between sliding windows in pixels, at most slide_window')
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """First pixel of each window along an axis of `size` pixels (`window` <= `size`): one every `stride` until the
+    axis is covered, the last one moved back so that it ends at the image's edge."""
+    count = 1 + -(-(size - window) // stride)  # the first window, then ceil(rest / stride)
+    return [min(i * stride, size - window) for i in range(count)]
+
+
 class FusedBackbone(ClassifierHeadMixin, nn.Module):
     """A diffusion backbone of this package and a timm DINOv2, fused as "A Tale of Two Features" does.
 
@@ -170,6 +207,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
             sd_taps: Sequence[str] = _TALE_TAPS,
             dino_layer: Optional[int] = None,
             fusion_cfg: FusionConfig = FusionConfig(),
+            window_cfg: WindowConfig = WindowConfig(),
             diffusion_kwargs: Optional[dict[str, Any]] = None,
             dino_kwargs: Optional[dict[str, Any]] = None,
             load_weights: bool = False,
@@ -183,6 +221,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
             sd_taps: SD taps fused, fine to coarse (default their levels: us8, us5, us2).
             dino_layer: DINOv2 block whose tokens are used (default: the last, as their 11 / 23 / 39 for B / L / G).
             fusion_cfg: the sources' weights and fixed PCA projections (`FusionConfig`).
+            window_cfg: their sliding window over the diffusion model, or one pass (`WindowConfig`).
             diffusion_kwargs: arguments of the diffusion model (prompt, timestep, ensemble, pretrained_cfg_overlay...).
             dino_kwargs: arguments of the timm DINOv2 (e.g. pretrained_cfg_overlay).
             load_weights: download and load both parts' pretrained weights (set by `pretrained=True`).
@@ -201,6 +240,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
         if sd_dims is not None and len(sd_dims) != len(self.sd_taps):
             raise InputError(f'sd_dims needs one dimension per SD tap {self.sd_taps}, got {list(sd_dims)}.')
         self.sd_weight, self.dino_weight = float(sd_weight), float(dino_weight)
+        self.window_cfg = window_cfg
         self.in_chans = in_chans
 
         self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
@@ -237,6 +277,7 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
         strides = [sd_info[t]['reduction'] for t in self.sd_taps]
         if strides != sorted(strides):
             raise InputError(f'sd_taps must be listed fine to coarse, got strides {strides} for {self.sd_taps}.')
+        self.sd_strides = dict(zip(self.sd_taps, strides))
         self.sd_dims = list(sd_dims) if sd_dims is not None else None
         self.dino_dims = dino_dims
         for i, (c, d) in enumerate(zip(chans, self.sd_dims or [None] * len(chans))):
@@ -329,20 +370,68 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
         return self.dino.forward_intermediates(img, indices=[self.dino_layer], norm=False, intermediates_only=True)[0]
 
     def raw_features(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Raw maps of SD taps and 'dino' by name: one batched pass of each source that is needed."""
+        """Raw maps of SD taps and 'dino' by name: one batched pass of each source that is needed (of the diffusion
+        model, one per window of the sliding window)."""
         out: dict[str, torch.Tensor] = {}
         sd = [n for n in self.sd_taps if n in names]
         if sd:
-            out.update(zip(sd, self.diffusion.forward_intermediates(x, indices=sd, intermediates_only=True)))
+            windows = self._windows(x)
+            if windows is None:
+                out.update(zip(sd, self.diffusion.forward_intermediates(x, indices=sd, intermediates_only=True)))
+            else:
+                out.update(self._slide(x, sd, *windows))
         if DINO_TAP in names:
             out[DINO_TAP] = self._dino_tokens(x, self._grid(x))
         return out
 
+    def _windows(self, x: torch.Tensor) -> Optional[tuple[int, list[int], list[int]]]:
+        """(window side, row starts, column starts) of the sliding window over images `x`; None for one pass (the
+        window off, or one window covering the whole image)."""
+        if not self.window_cfg.slide or x.ndim != 4:
+            return None
+        h, w = x.shape[-2:]
+        side = min(self.window_cfg.slide_window, h, w)  # theirs: the window shrinks to the short side
+        stride = min(self.window_cfg.slide_stride or side, side)
+        rows, cols = window_starts(h, side, stride), window_starts(w, side, stride)
+        return None if len(rows) == len(cols) == 1 else (side, rows, cols)
+
+    def _slide(self, x: torch.Tensor, taps: Sequence[str], side: int, rows: Sequence[int],
+               cols: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Maps of SD `taps` by the sliding window: each window's maps added where the window lies on the tap's grid
+        (its offset // stride; the grid is the image size // stride), divided by the number of windows over each
+        position."""
+        strides = {t: self.sd_strides[t] for t in taps}
+        misfit = sorted(t for t, s in strides.items() if side % s)
+        if misfit:
+            need = max(strides[t] for t in misfit)
+            raise InputError(f'A sliding window of {side} px does not tile the maps of {misfit} (stride up to {need}): '
+                             f'give images whose short side is at least slide_window={self.window_cfg.slide_window}, '
+                             f'a slide_window that is a multiple of {need}, or slide=False for one pass.')
+        h, w = x.shape[-2:]
+        sums: dict[str, torch.Tensor] = {}
+        counts = {s: x.new_zeros(h // s, w // s, dtype=torch.float32) for s in set(strides.values())}
+        dtype = x.dtype
+        for top in rows:
+            for left in cols:
+                maps = self.diffusion.forward_intermediates(x[:, :, top:top + side, left:left + side], indices=taps,
+                                                            intermediates_only=True)
+                for tap, m in zip(taps, maps):
+                    s, dtype = strides[tap], m.dtype
+                    if tap not in sums:  # accumulated in float32 (theirs: in the input's dtype, float32)
+                        sums[tap] = m.new_zeros(m.shape[0], m.shape[1], h // s, w // s, dtype=torch.float32)
+                    sums[tap][:, :, top // s:top // s + m.shape[-2], left // s:left // s + m.shape[-1]] += m.float()
+                for s, count in counts.items():
+                    count[top // s:(top + side) // s, left // s:(left + side) // s] += 1
+        return {t: (sums[t] / counts[strides[t]]).to(dtype) for t in taps}
+
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """(h, w) of the finest SD tap's map for an input: each stride-2 step of the VAE and UNet rounds up."""
+        """(h, w) of the finest SD tap's map for an input: in one pass each stride-2 step of the VAE and UNet rounds
+        up (diffusers' `upsample_size`); the sliding window's grid is the image size // stride, as theirs."""
         stride = self.feature_info[0]['reduction']
         h, w = x.shape[-2:]
-        return -(-h // stride), -(-w // stride)  # the UNet rounds odd sizes up (diffusers' upsample_size)
+        if self._windows(x) is not None:
+            return h // stride, w // stride
+        return -(-h // stride), -(-w // stride)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = True,
                               output_fmt: str = 'NCHW', intermediates_only: bool = False):
@@ -465,6 +554,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 _TALE = dict(sd_taps=_TALE_TAPS, sd_weight=1.0, dino_weight=1.0)
+# Their SD pass (ODISE's LdmExtractor as sd-dino runs it): t=100, one draw, the VAE posterior mean, and the noise one
+# draw of `torch.randn` from a CPU generator seeded 42 at the window's latent size, the same for every window and image
+# (ODISE's `shared_noise`): our `noise_seed=42` draws the same numbers.
+_TALE_SD_NOISE = dict(timestep=100, ensemble=1, latent='mode', noise_seed=42)
 
 
 @register_model
@@ -483,19 +576,17 @@ def cleandift_sd15_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
 
 @register_model
 def sd15_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
-    """The paper's setting: SD1.5 with noise at t=100, one draw, fused with DINOv2 ViT-B/14."""
-    model_args = dict(_TALE, diffusion='sd15', dino='vit_base_patch14_dinov2.lvd142m')
-    kwargs.setdefault('timestep', 100)
-    kwargs.setdefault('ensemble', 1)
+    """The paper's setting: SD1.5 noised at t=100 by their one seeded draw (posterior-mean latent, sliding window),
+    fused with DINOv2 ViT-B/14."""
+    model_args = dict(_TALE, **_TALE_SD_NOISE, diffusion='sd15', dino='vit_base_patch14_dinov2.lvd142m')
     return _create_fused('sd15_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def sd21_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
-    """Noisy SD2.1 (t=100, one draw, as the paper's SD setting) fused with DINOv2 ViT-B/14."""
-    model_args = dict(_TALE, diffusion='sd21', dino='vit_base_patch14_dinov2.lvd142m')
-    kwargs.setdefault('timestep', 100)
-    kwargs.setdefault('ensemble', 1)
+    """SD2.1 with the paper's SD pass (t=100, their seeded draw, posterior-mean latent, sliding window), fused with
+    DINOv2 ViT-B/14."""
+    model_args = dict(_TALE, **_TALE_SD_NOISE, diffusion='sd21', dino='vit_base_patch14_dinov2.lvd142m')
     return _create_fused('sd21_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
