@@ -208,3 +208,38 @@ def test_window_errors(model, tmp_path, capsys):
                    '{"slide_window": 0}'])
     err = capsys.readouterr().err
     assert rc == 2 and err.count('error:') == 1 and 'slide_window' in err
+
+
+def test_caches_and_stores_of_one_pass_fused_features_are_not_reused(tmp_path, capsys):
+    """The fused features changed (sliding window): an eval cache or a store made before is not read as theirs."""
+    import argparse
+    import json
+
+    from PIL import Image
+
+    from diffbackbone.evals.common import feature_cache
+    from diffbackbone.evals.feature_cache import FeatureCache
+
+    args = argparse.Namespace(cache=str(tmp_path / 'cache'), model='test_cleandift_dinov2', weights=None,
+                              random_weights=True, seed=0, dtype='float32')
+    cache = feature_cache(args, 'fused', {})
+    assert cache.config['features_revision'] == 2
+    before = FeatureCache(args.cache, {k: v for k, v in cache.config.items() if k != 'features_revision'})
+    assert before.folder != cache.folder
+    args.model = 'test_cleandift'  # other families keep their keys
+    assert 'features_revision' not in feature_cache(args, 'us6', {}).config
+
+    data = tmp_path / 'data'
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / 'a.png')
+    store = tmp_path / 'store'
+    run = ['features', str(data), '--model', 'test_cleandift_dinov2', '--random-weights', '--size', '128',
+           '--workers', '1', '--out', str(store)]
+    assert cli.main(run) == 0
+    index = json.loads((store / 'index.json').read_text())
+    assert index['config']['features_revision'] == 2
+    del index['config']['features_revision']  # as a store written before the sliding window
+    (store / 'index.json').write_text(json.dumps(index))
+    capsys.readouterr()
+    assert cli.main(run) == 2
+    assert 'features_revision: stored None, asked 2' in capsys.readouterr().err

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..cli_args import DTYPES, check_size_fits, fmt_bytes
 from ..errors import InputError
+from ..models._builder import features_revision
 from ..hub import save_safetensors
 from .images import ImageError, image_size
 from .outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
@@ -276,7 +277,8 @@ def extract_features(job: ExtractJob) -> None:
         prompt=kwargs.get('prompt'), lora=getattr(getattr(model, 'model', model), 'lora_identity', None),
         model_kwargs=kwargs, taps=names, shapes=shapes, dtype=job.dtype,
         store_dtype=job.store_dtype, input_size=list(size), resize=job.resize, mean=list(data_cfg['mean']),
-        std=list(data_cfg['std']), feature_pool=job.feature_pool, feature_size=job.feature_size)
+        std=list(data_cfg['std']), feature_pool=job.feature_pool, feature_size=job.feature_size,
+        **features_revision(job.model))
     _run_store(job, out, images, run, config, shapes, info)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..data.outputs import check_distinct_outputs, check_file, check_folder
 from ..errors import InputError
+from ..models._builder import features_revision
 from .feature_cache import FeatureCache, weights_fingerprint
 
 __all__ = ['noisy_model', 'eval_model_kwargs', 'model_builder', 'lora_fingerprint', 'feature_cache', 'check_outputs']
@@ -82,7 +83,8 @@ def feature_cache(args: argparse.Namespace, tap: str, kwargs: dict[str, Any], **
         return None
     cache = FeatureCache(args.cache, dict(
         model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
-        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **lora_fingerprint(kwargs), **protocol))
+        tap=tap, dtype=args.dtype, model_kwargs=kwargs, **lora_fingerprint(kwargs), **features_revision(args.model),
+        **protocol))
     print(f'feature cache: {cache.folder}')
     return cache
 

@@ -21,6 +21,7 @@ import torch
 from ..correspondence import UpsampledTarget, normalised_map, point_features, sample_points, similarity_argmax
 from ..data.outputs import check_distinct_outputs, check_file, check_folder, write_json
 from ..errors import InputError
+from ..models._builder import features_revision
 from .common import lora_fingerprint
 from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
@@ -202,7 +203,7 @@ def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict) -> Optional[Fe
     cache = FeatureCache(args.cache, dict(
         model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
         tap=tap, size=args.size, prompt_template=args.prompt_template, dtype=args.dtype, model_kwargs=kwargs,
-        protocol='stretch-[-1,1]', version=1, **lora_fingerprint(kwargs)))
+        protocol='stretch-[-1,1]', version=1, **lora_fingerprint(kwargs), **features_revision(args.model)))
     print(f'feature cache: {cache.folder}')
     return cache
 

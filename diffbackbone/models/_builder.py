@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ..errors import InputError
 from ._options import Options
 
-__all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
+__all__ = ['features_revision', 'build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
            'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
@@ -120,6 +120,21 @@ def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+# Bumped for a family when its features change, so that feature caches and stores made before are not reused.
+_FEATURES_REVISION = {'diffbackbone.models.fused': 2}  # 2: sd-dino's sliding window and posterior mean (#27)
+
+
+def features_revision(model_name: str) -> dict[str, int]:
+    """`{'features_revision': n}` for a cache or store key when the model's family changed its features since the
+    first release, else `{}` (so the keys of every other model stay as they were)."""
+    from timm.models import is_model, model_entrypoint
+
+    if not is_model(model_name):
+        return {}
+    revision = _FEATURES_REVISION.get(model_entrypoint(model_name).__module__, 1)
+    return {'features_revision': revision} if revision > 1 else {}
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
