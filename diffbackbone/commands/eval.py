@@ -112,25 +112,38 @@ def _add_hpatches(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = evals.add_parser('davis', help='DAVIS-2017 video label propagation, J&F (DIFT / DINO protocol)',
+    p = evals.add_parser('davis', help='DAVIS-2017 video label propagation, J&F (DIFT / DINO protocol, or DiTF\'s)',
                          description="DIFT's eval_davis.py (DINO's protocol): frames at 480 px short side, the first "
                                      'frame\'s masks propagated by feature affinity from the first and the last '
-                                     'frames; J&F as the DAVIS 2017 semi-supervised evaluation computes them.')
+                                     'frames; J&F as the DAVIS 2017 semi-supervised evaluation computes them. '
+                                     "--protocol ditf: DiTF's settings of the same steps.")
     p.add_argument('--data', required=True, help='DAVIS folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)')
     p.add_argument('--split', default='val', help='ImageSets/2017/<split>.txt (default: val)')
     p.add_argument('--sequences', nargs='+', help='only these sequences of the split')
-    _add_dift_model(p, timestep=51)
-    p.add_argument('--short-side', type=positive_int, default=480,
+    p.add_argument('--protocol', choices=('dift', 'ditf'), default='dift',
+                   help="whose settings are the defaults: dift (DIFT_sd: sd21 us9, t 51, temperature 0.2, top-k 15, "
+                        "28 frames, neighbourhood 15) or ditf (DiTF: ditf_flux ditf_davis, t 90, one draw, prompt "
+                        "\"a photo of a image\", temperature 0.1, top-k 5, 7 frames, neighbourhood 12); options given "
+                        'explicitly win (default: dift)')
+    p.add_argument('--model', type=model_name, help="timm model (default: the protocol's, sd21 or ditf_flux)")
+    p.add_argument('--taps', nargs='+', help="the tap (default: the protocol's, us9 = DIFT's up_ft_index=2, or "
+                                             'ditf_davis)')
+    p.add_argument('--timestep', type=int, help="noise timestep of a noisy model (default: the protocol's, 51 or 90); "
+                                                'clean and fused models keep their own unless given')
+    add_prompt_arg(p, help="caption the model is conditioned on (default: the protocol's: empty, or DiTF's "
+                           '"a photo of a image", left out with --random-weights)')
+    p.add_argument('--short-side', type=positive_int,
                    help='frames resized to this short side, the long side floored to a multiple of 32 (default: 480)')
-    p.add_argument('--temperature', type=positive_float, default=0.2, help='affinity temperature (default: 0.2)')
-    p.add_argument('--topk', type=positive_int, default=15, help='source positions kept per target (default: 15)')
-    p.add_argument('--n-last-frames', type=positive_int, default=28,
-                   help='preceding frames in the context besides the first (default: 28)')
-    p.add_argument('--neighborhood', type=int, default=15,
-                   help='sources within this many feature cells of the target (default: 15; 0: all)')
+    p.add_argument('--temperature', type=positive_float, help='affinity temperature (default: 0.2; ditf 0.1)')
+    p.add_argument('--topk', type=positive_int, help='source positions kept per target (default: 15; ditf 5)')
+    p.add_argument('--n-last-frames', type=positive_int,
+                   help='preceding frames in the context besides the first (default: 28; ditf 7)')
+    p.add_argument('--neighborhood', type=int,
+                   help='sources within this many feature cells of the target (default: 15; ditf 12; 0: all)')
     p.add_argument('--masks', help='also write the predicted masks as indexed PNGs, <MASKS>/<sequence>/<frame>.png')
     p.add_argument('--same-noise', action='store_true', help='noisy models: one seeded noise draw for every frame '
-                   '(default: a seeded draw per frame, noise_seed + frame index, as DIFT draws fresh noise per frame)')
+                   '(default: a seeded draw per frame, noise_seed + frame index, as DIFT and DiTF draw fresh noise per '
+                   'frame)')
     _add_run_options(p, 'write J&F (percent), per sequence and object, to this JSON file', "frame's features",
                      'only the first N sequences of the split')
     add_model_args(p, batch_size=8)
@@ -138,7 +151,7 @@ def _add_davis(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _add_dift_model(p: argparse.ArgumentParser, timestep: int) -> None:
-    """`--model`, `--taps` and `--timestep` of the DIFT protocols (hpatches, davis)."""
+    """`--model`, `--taps` and `--timestep` of DIFT's HPatches protocol."""
     p.add_argument('--model', type=model_name, default='sd21', help='timm model (default: sd21, DIFT_sd)')
     p.add_argument('--taps', nargs='+', default=['us9'], help="the tap (default: us9, DIFT's up_ft_index=2)")
     p.add_argument('--timestep', type=int, help=f"noise timestep of a noisy model (default: {timestep}, DIFT's); "
