@@ -7,7 +7,7 @@ import importlib
 
 from ..cli_args import add_model_args, add_prompt_arg, model_name, positive_float, positive_int
 
-__all__ = ['HANDLERS', 'add_parser', 'run']
+__all__ = ['HANDLERS', 'add_parser', 'run', 'spair_protocol']
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ HANDLERS = {name: (f'diffbackbone.evals.{name}', f'run_{name}') for name in ('sp
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval NAME`: the protocol's own handler."""
-    if getattr(args, 'head', None):  # Meng et al.'s protocol of a trained correspondence head
+    if args.eval == 'spair' and spair_protocol(args) == 'gdf':  # Meng et al.'s, of a trained head or 'nn'
         from .train import run_eval_head
 
         return run_eval_head(args)
@@ -33,25 +33,56 @@ def run(args: argparse.Namespace) -> int:
     return getattr(importlib.import_module(module), handler)(args)
 
 
+def spair_protocol(args: argparse.Namespace) -> str:
+    """`eval spair`'s protocol: `--protocol`, else gdf with `--head`, else dift; options of the other refused."""
+    from ..errors import InputError
+
+    protocol = args.protocol or ('gdf' if args.head else 'dift')
+    if protocol == 'dift':
+        given = [o for o, v in (('--head', args.head), ('--split', args.split), ('--store', args.store)) if v]
+        if given:
+            raise InputError(f'{", ".join(given)}: options of --protocol gdf (Meng et al.\'s scoring of a split file), '
+                             'not of --protocol dift.')
+        return protocol
+    given = [o for o, v in (('--captions', args.captions), ('--prompt-template', args.prompt_template),
+                            ('--co-pca', args.co_pca), ('--cache', args.cache)) if v]
+    if given:
+        raise InputError(f'{", ".join(given)}: options of --protocol dift, not of gdf (Meng et al.\'s scoring: their '
+                         'fixed prompt, features in --store).')
+    if not args.head:
+        args.head = 'nn'  # their nearest neighbours on the concatenated taps, no head
+    return protocol
+
+
 def _add_spair(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = evals.add_parser('spair', help='SPair-71k zero-shot PCK@0.1 (DIFT protocol)',
-                         description="DIFT's eval_spair.py protocol: PairAnnotation/test pairs, images resized to "
-                                     'size x size, features upsampled to the original size, cosine argmax; PCK@0.1 '
-                                     'of the target bbox and of the target image, per image and per point.')
-    p.add_argument('--data', required=True, help='SPair-71k folder (JPEGImages/, PairAnnotation/test/)')
+    p = evals.add_parser('spair', help="SPair-71k PCK@0.1 (DIFT's zero-shot protocol, or Meng et al.'s)",
+                         description="--protocol dift (default): DIFT's eval_spair.py, PairAnnotation/test pairs, "
+                                     'images resized to size x size, features upsampled to the original size, cosine '
+                                     'argmax; PCK@0.1 of the target bbox and of the target image, per image and per '
+                                     "point. --protocol gdf: Meng et al.'s task-corres.py validate on one of their "
+                                     'split files: taps at 128 x 128 concatenated, a trained --head or nearest '
+                                     'neighbours, points and maps at 512 x 512, PCK@0.1 pooled over the keypoints.')
+    p.add_argument('--data', required=True, help='SPair-71k folder (JPEGImages/, PairAnnotation/test/); gdf: its '
+                                                 'JPEGImages folder')
+    p.add_argument('--protocol', choices=('dift', 'gdf'),
+                   help='dift (default) or gdf (Meng et al.\'s scoring; the default with --head)')
     p.add_argument('--model', type=model_name, required=True, help='timm model, e.g. cleandift_sd21 or sd21 (DIFT)')
-    p.add_argument('--taps', nargs='+', default=['us6'], help='the tap to match with (default: us6)')
-    p.add_argument('--size', type=positive_int, default=768, help='square input size (default: 768, as DIFT)')
-    p.add_argument('--prompt-template', help='caption per image, e.g. "a photo of a {category}" (DIFT); '
+    p.add_argument('--taps', nargs='+', help='dift: the tap to match with (default: us6); gdf: taps or a preset '
+                                             '(default: gdf_practical; a head: its own)')
+    p.add_argument('--size', type=positive_int, help="square input size (dift default: 768, as DIFT; gdf: the "
+                                                     "model's)")
+    p.add_argument('--prompt-template', help='caption per category, e.g. "a photo of a {category}" (DIFT); '
                                              "default: the model's own (empty) prompt")
+    p.add_argument('--captions', help="caption per image: DiTF's spair_detailed_captions.json (a JSON object "
+                                      '{category + image file name: caption}); source and target each on their own')
     _add_run_options(p, 'write the figures (percent) to this JSON file', "image's features",
                      'only the first N pairs (by file name)')
     p.add_argument('--co-pca', nargs='+', type=positive_int, metavar='D',
                    help='fused models: co-PCA of each SD tap per pair to D dims ("A Tale of Two Features": 256)')
-    p.add_argument('--head', help="a head of `train corres` (or 'nn'): Meng et al.'s protocol on --split, --data the "
-                                  'JPEGImages folder; model settings from the checkpoint')
-    p.add_argument('--split', help="with --head: their split file, e.g. spair_71k_val-360.json")
-    p.add_argument('--store', help='with --head: feature store folder of the split\'s images')
+    p.add_argument('--head', help="gdf: a head of `train corres` (or 'nn', the default); model settings from the "
+                                  'checkpoint')
+    p.add_argument('--split', help="gdf: their split file, e.g. spair_71k_val-360.json")
+    p.add_argument('--store', help='gdf: feature store folder of the split\'s images')
     add_model_args(p, batch_size=8)
     return p
 
