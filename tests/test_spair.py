@@ -396,3 +396,6 @@ def test_captions_exclude_other_prompts(small, tmp_path, capsys):
     assert rc == 2 and 'drop --prompt-template and the prompt of --model-kwargs' in err
     rc, _, err = _run(base + ['--protocol', 'gdf', '--split', 'x.json', '--store', str(tmp_path / 's')], capsys)
     assert rc == 2 and '--captions: options of --protocol dift, not of gdf' in err
+    rc, _, err = _run(base + ['--random-weights', '--json', str(captions)], capsys)  # an input: never overwritten
+    assert rc == 2 and err.startswith('error: --json') and err.count('\n') == 1, err
+    assert json.loads(captions.read_text()) == CAPTIONS

@@ -286,9 +286,9 @@ def run_spair(args: argparse.Namespace) -> int:
     check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     check_distinct_outputs({'--json': args.json}, {'--cache': args.cache})
     if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
-        check_file(args.json, [args.data], option='--json')
+        check_file(args.json, [p for p in (args.data, args.captions) if p], option='--json')
     if args.cache:
-        check_folder(args.cache, 'folder', [args.data], option='--cache')
+        check_folder(args.cache, 'folder', [p for p in (args.data, args.captions) if p], option='--cache')
     pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
     kwargs = model_kwargs(args)
     captions = None
