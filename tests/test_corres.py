@@ -257,3 +257,45 @@ def test_training_lifts_pck_well_above_nn(tmp_path):
     cfg = corres.CorresConfig(epochs=2, pairs_per_epoch=20, lr=2e-2, val_every=39, log_every=100)
     best = corres.train_corres(head, feats.__getitem__, train, val, cfg, tmp_path, {}, progress=False)['best']
     assert nn['pck_bbox'] < 20 and best['pck_bbox'] > 80, (nn, best)
+
+
+def test_protocol_gdf_scores_as_their_validate(tmp_path, capsys):
+    """`eval spair --protocol gdf` (no head: their nearest neighbours) on the store's taps: PCK equals their validate
+    re-done here (taps bilinear to 128 x 128 and concatenated, points at 512 x 512, `find_nn_source_correspondences`,
+    back to the target size, `compute_pck` pooled over the keypoints)."""
+    from diffbackbone.data.store import FeatureStore
+
+    data = _dataset(tmp_path / 'JPEGImages')
+    store, res = tmp_path / 'store', tmp_path / 'r.json'
+    split = data / 'spair_71k_train.json'
+    assert cli.main(['eval', 'spair', '--protocol', 'gdf', '--data', str(data), '--split', str(split), '--store',
+                     str(store), '--json', str(res), *TINY[:-2]]) == 0, capsys.readouterr().err  # no --workers
+    capsys.readouterr()
+    got = json.loads(res.read_text())
+    assert (got['protocol'], got['head'], got['taps'], got['size']) == ('gdf', 'nn', ['us6', 'us9'], 64)
+    fs = FeatureStore(store)
+    by_img, by_bbox = [], []
+    for ann in json.loads(split.read_text()):
+        feats = []
+        for key in ('source_path', 'target_path'):
+            maps = fs.get(str((data / ann[key]).resolve()), ['us6', 'us9'])
+            feats.append(torch.cat([F.interpolate(maps[t][None].float(), (128, 128), mode='bilinear')
+                                    for t in ('us6', 'us9')], 1))
+        src_size, trg_size = (Image.open(data / ann[k]).size for k in ('source_path', 'target_path'))
+        src = _their_rescale(np.flip(np.array(ann['source_points'], float), 1), src_size, (512, 512))
+        trg = _their_rescale(np.flip(np.array(ann['target_points'], float), 1), trg_size, (512, 512))
+        pred = _their_rescale(_their_nn(feats[0], feats[1], src, (512, 512)), (512, 512), trg_size)
+        trg = _their_rescale(trg, (512, 512), trg_size)
+        by_img.append(_their_pck(pred, trg, trg_size))
+        by_bbox.append(_their_pck(pred, trg, trg_size, ann['target_bounding_box']))
+    assert got['pck_img'] == pytest.approx(100 * np.concatenate(by_img).mean())
+    assert got['pck_bbox'] == pytest.approx(100 * np.concatenate(by_bbox).mean())
+    assert got['points'] == 9 and 0 < got['pck_img']  # not a vacuous comparison
+    for extra, message in ((['--protocol', 'dift', '--head', 'nn'], '--head: options of --protocol gdf'),
+                           (['--protocol', 'gdf', '--cache', str(tmp_path / 'c')], '--cache: options of --protocol '
+                                                                                    'dift'),
+                           (['--protocol', 'gdf'], '--head needs --split FILE')):
+        assert cli.main(['eval', 'spair', '--data', str(data), '--model', 'test_dift', '--random-weights',
+                         *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err

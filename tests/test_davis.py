@@ -323,3 +323,111 @@ def test_noise_is_drawn_per_frame_as_dift(dataset):
     assert not torch.allclose(per_frame[0], per_frame[3], atol=1e-3)
     torch.testing.assert_close(same[0], same[3])  # in different batches: float round-off only
     torch.testing.assert_close(per_frame[0], same[0])  # frame 0: seed noise_seed + 0
+
+
+# ---- DiTF's protocol (Gan et al., eval_davis.py) --------------------------------------------------------------------
+def _ditf_video(feats, first_mask, scale_factor, temperature, topk, n_last_frames, size_mask_neighborhood):
+    """DiTF's eval_video_tracking_davis + label_propagation, step by step: frame features (C, h, w) in order, the first
+    frame's (H, W) labels; a queue of the n_last_frames previous (feature, soft mask) pairs besides the first frame;
+    upsampling by scale_factor, norm_mask, argmax, nearest resize to the frame size. Returns frames 1..'s labels."""
+    import queue
+
+    c, h, w = feats[0].shape
+    ori_h, ori_w = first_mask.shape
+    r = size_mask_neighborhood  # restrict_neighborhood, built once per video as theirs
+    mask = torch.zeros(h, w, h, w)
+    for i in range(h):
+        for j in range(w):
+            for p in range(2 * r + 1):
+                for q in range(2 * r + 1):
+                    if 0 <= i - r + p < h and 0 <= j - r + q < w:
+                        mask[i, j, i - r + p, j - r + q] = 1
+    mask = mask.reshape(h * w, h * w)
+    small = np.array(Image.fromarray(first_mask).resize((w, h), 0))
+    t = torch.from_numpy(small.copy()).long().view(-1, 1)
+    n_dims = int(t.max() + 1)
+    first_seg = torch.zeros(t.shape[0], n_dims).scatter_(1, t, 1).view(h, w, n_dims).permute(2, 0, 1)[None]
+    frame1_feat = feats[0].reshape(c, -1)  # extract_feature(...).T: dim x h*w
+    que = queue.Queue(n_last_frames)
+    out = []
+    for cnt in range(1, len(feats)):
+        used_feats = [frame1_feat] + [pair[0] for pair in list(que.queue)]
+        used_segs = [first_seg] + [pair[1] for pair in list(que.queue)]
+        feat_tar = feats[cnt].reshape(c, -1).T  # hw x dim; label_propagation from here (DINO's, line by line)
+        ncontext = len(used_feats)
+        tar = F.normalize(feat_tar, dim=1, p=2).unsqueeze(0).repeat(ncontext, 1, 1)
+        aff = torch.exp(torch.bmm(tar, F.normalize(torch.stack(used_feats), dim=1, p=2)) / temperature)
+        aff *= mask.unsqueeze(0)
+        aff = aff.float().transpose(2, 1).reshape(-1, h * w)
+        tk_val, _ = torch.topk(aff, dim=0, k=topk)
+        tk_val_min, _ = torch.min(tk_val, dim=0)
+        aff[aff < tk_val_min] = 0
+        aff = aff / torch.sum(aff, keepdim=True, axis=0)
+        segs = torch.cat(used_segs)
+        segs = segs.reshape(ncontext, segs.shape[1], -1).transpose(2, 1).reshape(-1, segs.shape[1]).T
+        seg = torch.mm(segs, aff).reshape(1, -1, h, w)
+        if que.qsize() == n_last_frames:
+            que.get()
+        que.put([feat_tar.T, seg.clone()])
+        up = F.interpolate(seg, scale_factor=scale_factor, mode='bilinear', align_corners=False,
+                           recompute_scale_factor=False)[0]
+        for k in range(up.shape[0]):  # norm_mask
+            if up[k].max() > 0:
+                m = up[k] - up[k].min()
+                up[k] = m / m.max()
+        lab = torch.max(up, dim=0)[1].squeeze().numpy().astype(np.uint8)
+        out.append(np.array(Image.fromarray(lab).resize((ori_w, ori_h), 0)))
+    return out
+
+
+def test_label_video_with_ditf_settings_equals_theirs():
+    """12 frames (the 7-frame queue fills and drops), a 10 x 28 map (the 12-cell neighbourhood restricts across), DiTF's
+    temperature 0.1 and top-k 5: our labels equal their loop's."""
+    proto = davis.PROTOCOLS['ditf']
+    assert (proto.temperature, proto.topk, proto.n_last_frames, proto.neighborhood) == (0.1, 5, 7, 12)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 10, 28, generator=g)
+    feats = [base + 0.7 * torch.randn(8, 10, 28, generator=g) for _ in range(12)]  # related frames, no ties
+    first = np.zeros((40, 112), np.uint8)
+    first[4:24, 8:50], first[20:38, 60:104] = 1, 2
+    got = list(davis.label_video(iter(feats), first, (112, 40), (112, 40), proto.temperature, proto.topk,
+                                 proto.n_last_frames, proto.neighborhood))
+    want = _ditf_video(feats, first, 4, proto.temperature, proto.topk, proto.n_last_frames, proto.neighborhood)
+    assert len(got) == len(want) == 11
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert len({int(v) for v in np.unique(np.stack(got))}) == 3  # every label survives: not a trivial comparison
+
+
+def test_ditf_protocol_settings(dataset, tmp_path, monkeypatch, capsys):
+    """--protocol ditf: DiTF's model, tap, model arguments (prompt included) and propagation settings reach the model
+    builder and the propagation; an explicit option wins; --random-weights leaves the protocol's prompt out."""
+    import diffbackbone.correspondence as corr
+
+    built, propagated = [], []
+    monkeypatch.setattr(corr, 'load_tap_model', lambda name, tap, **k: built.append((name, tap, k)) or ColourModel())
+    real = davis.label_video
+
+    def spy(features, first, size, model_size, *settings):
+        propagated.append(settings)
+        return real(features, first, size, model_size, *settings)
+
+    monkeypatch.setattr(davis, 'label_video', spy)
+    out = tmp_path / 'r.json'
+    base = ['eval', 'davis', '--data', str(dataset), '--protocol', 'ditf', '--short-side', '96', '--json', str(out)]
+    rc, _, err = _run(base, capsys)
+    assert rc == 0, err
+    name, tap, k = built[0]
+    assert (name, tap) == ('ditf_flux', 'ditf_davis')
+    assert k['model_kwargs'] == {'timestep': 90, 'ensemble': 1, 'prompt': 'a photo of a image'} and k['pretrained']
+    assert set(propagated) == {(0.1, 5, 7, 12)}
+    result = json.loads(out.read_text())
+    assert (result['protocol'], result['temperature'], result['topk'], result['n_last_frames'],
+            result['neighborhood']) == ('ditf', 0.1, 5, 7, 12)
+    built.clear(), propagated.clear()
+    rc, _, err = _run(base + ['--random-weights', '--topk', '3', '--timestep', '50'], capsys)
+    assert rc == 0, err
+    assert built[0][2]['model_kwargs'] == {'timestep': 50, 'ensemble': 1} and set(propagated) == {(0.1, 3, 7, 12)}
+    with pytest.raises(SystemExit) as info:  # argparse's usage error, before anything loads
+        cli.main(base + ['--random-weights', '--prompt', 'a dog'])
+    assert info.value.code == 2 and '--prompt needs pretrained weights' in capsys.readouterr().err

@@ -91,6 +91,9 @@ def test_full_size_settings_are_theirs():
     assert m.presets['ditf'] == ('vit-block28-in-mod',) and m.presets['ditf_davis'] == ('vit-block24-in-mod',)
     assert (m.massive_channels, m.guidance, m.ensemble, m.ditf_timestep) == ((154, 1446), 3.5, 8, 260)
     assert m.pretrained_cfg['input_size'] == (3, 640, 640)
+    from diffbackbone.models.ditf import PRESET_SETTINGS  # eval_spair.sh / eval_davis.sh + Featurizer4Eval's caption
+    assert PRESET_SETTINGS == {'ditf': dict(timestep=260, ensemble=8),
+                               'ditf_davis': dict(timestep=90, ensemble=1, prompt='a photo of a image')}
 
 
 def test_bad_arguments():

@@ -329,3 +329,73 @@ def test_bfloat16_run(small, tmp_path, capsys):
     assert rc == 0, err
     files = _features_files(cache)
     assert len(files) == 2 and all(load_file(f)['features'].dtype == torch.bfloat16 for f in files)
+
+
+# ---- DiTF's per-image captions (--captions) -------------------------------------------------------------------------
+CAPTIONS = {'cata.jpg': 'a cat', 'catb.jpg': 'a kit', 'dogc.jpg': 'a dog', 'dogd.jpg': 'a pup'}  # DiTF's keys:
+# category + image file name; short, so the tiny T5's 8-token window keeps them whole
+
+
+from test_flux import tiny_repo  # noqa: E402,F401  (the tiny FLUX repo on the fake Hub)
+
+
+def test_captions_condition_each_image_as_its_prompt(small, tiny_repo, hub_cache, tmp_path, capsys):  # noqa: F811
+    """`--captions`: each image's cached features equal the model built with prompt=its caption (source and target
+    each on their own), and differ from another caption's."""
+    import timm
+
+    from diffbackbone.correspondence import image_features
+    from diffbackbone.hub import load_safetensors
+
+    captions, cache, out = tmp_path / 'captions.json', tmp_path / 'cache', tmp_path / 'r.json'
+    captions.write_text(json.dumps(dict(CAPTIONS, **{'horsex.jpg': 'unused'})))
+    rc, _, err = _run(['eval', 'spair', '--data', str(small), '--model', 'test_ditf_flux', '--taps', 'ditf',
+                       '--size', '64', '--batch-size', '2', '--captions', str(captions), '--cache', str(cache),
+                       '--json', str(out)], capsys)
+    assert rc == 0, err
+    result = json.loads(out.read_text())
+    assert result['captions'] == str(captions) and len(result['captions_sha256']) == 64
+    (folder,) = {p.parent.parent for p in _features_files(cache)}
+    for key, cat, name in (('cata.jpg', 'cat', 'a.jpg'), ('dogd.jpg', 'dog', 'd.jpg')):
+        model = timm.create_model('test_ditf_flux', pretrained=True, features_only=True, out_indices='ditf',
+                                  prompt=CAPTIONS[key]).eval()
+        with torch.no_grad():
+            want = image_features(model, [small / 'JPEGImages' / cat / name], 64)[0]
+        got = load_safetensors(folder / cat / f'{name}.safetensors', what='test')['features']
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = load_safetensors(folder / 'dog' / 'c.jpg.safetensors', what='test')['features']
+    with torch.no_grad():
+        on_d = image_features(model, [small / 'JPEGImages' / 'dog' / 'c.jpg'], 64)[0]  # c.jpg on d.jpg's caption
+    assert not torch.allclose(other, on_d, atol=1e-4)
+
+
+@pytest.mark.parametrize('content, message', [
+    ('{"cata.jpg": ', 'not a readable JSON file'),
+    ('["a cat"]', 'holds a JSON list'),
+    (json.dumps(dict(CAPTIONS, **{'dogd.jpg': 3})), "the caption of 'dogd.jpg' is a int"),
+    (json.dumps({k: v for k, v in CAPTIONS.items() if k != 'dogc.jpg'}), "no caption for 1 of the 4 images, e.g. "
+                                                                          "c.jpg of dog (key 'dogc.jpg')"),
+])
+def test_bad_captions_one_error_line(small, tmp_path, capsys, content, message):
+    captions, cache = tmp_path / 'captions.json', tmp_path / 'cache'
+    captions.write_text(content)
+    rc, _, err = _run(['eval', 'spair', '--data', str(small), '--model', 'test_cleandift', '--random-weights',
+                       '--captions', str(captions), '--cache', str(cache)], capsys)
+    assert rc == 2 and err.startswith('error: --captions ') and err.count('\n') == 1, err
+    assert message in err
+    assert not cache.exists()  # checked before any model is built or anything cached
+
+
+def test_captions_exclude_other_prompts(small, tmp_path, capsys):
+    captions = tmp_path / 'captions.json'
+    captions.write_text(json.dumps(CAPTIONS))
+    base = ['eval', 'spair', '--data', str(small), '--model', 'test_cleandift', '--captions', str(captions)]
+    rc, _, err = _run(base + ['--random-weights', '--prompt-template', 'a photo of a {category}'], capsys)
+    assert rc == 2 and 'drop --prompt-template' in err and err.count('\n') == 1
+    rc, _, err = _run(base + ['--model-kwargs', '{"prompt": "a cat"}'], capsys)
+    assert rc == 2 and 'drop --prompt-template and the prompt of --model-kwargs' in err
+    rc, _, err = _run(base + ['--protocol', 'gdf', '--split', 'x.json', '--store', str(tmp_path / 's')], capsys)
+    assert rc == 2 and '--captions: options of --protocol dift, not of gdf' in err
+    rc, _, err = _run(base + ['--random-weights', '--json', str(captions)], capsys)  # an input: never overwritten
+    assert rc == 2 and err.startswith('error: --json') and err.count('\n') == 1, err
+    assert json.loads(captions.read_text()) == CAPTIONS

@@ -158,7 +158,8 @@ def run_eval_head(args: argparse.Namespace) -> int:
         if meta['model'] != args.model:
             raise CorresError(f'{args.head} is a head for {meta["model"]}, not --model {args.model}.')
     pairs = load_split(args.split, args.data, args.limit)
-    args.taps, args.size = (meta['taps'], meta['size']) if meta else (None, None)
+    if meta:  # a head: the taps and size it was trained on; nearest neighbours: --taps, --size as given
+        args.taps, args.size = meta['taps'], meta['size']
     args.timestep, args.workers, args.val_split = None, None, args.split
     args.model_kwargs = dict(meta['model_kwargs']) if meta else args.model_kwargs
     args.prompt = None
@@ -175,6 +176,7 @@ def run_eval_head(args: argparse.Namespace) -> int:
           f'({result["pairs"]} pairs, {result["points"]} points; {Path(args.split).name})')
     if args.json:
         write_json(args.json, dict(result, model=args.model, head=str(args.head), split=str(args.split),
-                                   protocol='gdf'), 'eval spair')
+                                   protocol='gdf', taps=taps, size=args.size, model_kwargs=got['model_kwargs']),
+                   'eval spair')
         print(f'wrote {args.json}')
     return 0

@@ -16,12 +16,18 @@ for every frame, batched).
 
 As DIFT, the `shooting` sequence uses at most 10 last frames (their out-of-memory workaround; kept so figures match).
 Our affinity is computed in chunks of target positions, so memory stays bounded without it.
+
+`--protocol` picks whose settings are the defaults (`PROTOCOLS`): `dift` (above: `sd21` `us9` at t = 51, temperature
+0.2, top-k 15, 28 previous frames, neighbourhood 15) or `ditf`, DiTF's `eval_davis.py` / `eval_davis.sh` (Gan et al.:
+the same DINO propagation with `ditf_flux` `ditf_davis` = block 24 at t = 90, one draw, the prompt "a photo of a image",
+temperature 0.1, top-k 5, 7 previous frames, neighbourhood 12, short side 480). An option given explicitly wins.
 """
 from __future__ import annotations
 
 import argparse
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,9 +41,37 @@ from .davis_metrics import evaluate_sequence, summarise
 from .feature_cache import FeatureCache
 
 __all__ = ['input_size', 'load_frame', 'propagate', 'one_hot', 'label_video', 'FrameFeatures', 'run_davis',
-           'DavisError', 'LAST_FRAMES_CAP']
+           'DavisError', 'LAST_FRAMES_CAP', 'DavisProtocol', 'PROTOCOLS']
 
-LAST_FRAMES_CAP = {'shooting': 10}  # DIFT's eval_davis.py
+LAST_FRAMES_CAP = {'shooting': 10}  # DIFT's eval_davis.py (DiTF's too; with its 7 frames it never applies)
+
+
+@dataclass(frozen=True)
+class DavisProtocol:
+    """The settings of a published DAVIS run: model, tap and model arguments (`timestep` for a noisy model), and the
+    propagation's."""
+    model: str
+    tap: str
+    model_kwargs: tuple[tuple[str, object], ...]
+    temperature: float
+    topk: int
+    n_last_frames: int
+    neighborhood: int
+    short_side: int = 480
+
+
+def _protocols() -> dict[str, DavisProtocol]:
+    from ..models.ditf import PRESET_SETTINGS
+
+    return {
+        'dift': DavisProtocol('sd21', 'us9', (('timestep', 51),), temperature=0.2, topk=15, n_last_frames=28,
+                              neighborhood=15),  # DIFT's eval_davis.py (DINO's defaults but the temperature)
+        'ditf': DavisProtocol('ditf_flux', 'ditf_davis', tuple(PRESET_SETTINGS['ditf_davis'].items()),
+                              temperature=0.1, topk=5, n_last_frames=7, neighborhood=12),  # DiTF's eval_davis.py
+    }
+
+
+PROTOCOLS = _protocols()
 _CHUNK_ELEMENTS = 2 ** 26  # affinity entries per chunk of target positions (256 MB in float32)
 
 
@@ -267,13 +301,39 @@ def _table(per_seq: dict[str, dict[str, float]], total: dict) -> str:
     return '\n'.join(rows)
 
 
+def _apply_protocol(args: argparse.Namespace) -> DavisProtocol:
+    """Fill every option left unset (None) with `--protocol`'s setting; return the protocol."""
+    proto = PROTOCOLS[args.protocol]
+    for name in ('model', 'temperature', 'topk', 'n_last_frames', 'neighborhood', 'short_side'):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(proto, name))
+    if args.taps is None:
+        args.taps = [proto.tap]
+    return proto
+
+
+def protocol_kwargs(args: argparse.Namespace, proto: DavisProtocol) -> dict:
+    """The model arguments: `--model-kwargs` / `--prompt` / `--timestep` as given, else the protocol's (its timestep
+    for a noisy model, `common.eval_model_kwargs`). The protocol's prompt is left out with `--random-weights` (its
+    embedding is computed while pretrained weights load)."""
+    from .common import eval_model_kwargs
+
+    defaults = dict(proto.model_kwargs)
+    kwargs = eval_model_kwargs(args, default_timestep=defaults.pop('timestep'))
+    for key, value in defaults.items():
+        if key not in kwargs and not (key == 'prompt' and args.random_weights):
+            kwargs[key] = value
+    return kwargs
+
+
 def run_davis(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval davis`."""
     from ..data.outputs import write_json
     from ..cli_args import check_size_fits
-    from .common import check_outputs, eval_model_kwargs, feature_cache, model_builder
+    from .common import check_outputs, feature_cache, model_builder
 
-    if args.taps is None or len(args.taps) != 1:
+    proto = _apply_protocol(args)
+    if len(args.taps) != 1:
         raise InputError(f'--taps takes exactly one tap (DIFT: us9, their up_ft_index=2), got {args.taps}.')
     if not args.temperature > 0:
         raise InputError(f'--temperature must be positive, got {args.temperature}.')
@@ -286,7 +346,7 @@ def run_davis(args: argparse.Namespace) -> int:
     if args.masks:
         for seq in sequences:
             _check_mask_folder(Path(args.masks) / seq.name)
-    kwargs = eval_model_kwargs(args, default_timestep=51)
+    kwargs = protocol_kwargs(args, proto)
     model_fn = model_builder(args, tap, kwargs)
     frame_noise = not getattr(args, 'same_noise', False)
     cache = feature_cache(args, tap, kwargs, short_side=args.short_side, version=1,
@@ -319,7 +379,7 @@ def run_davis(args: argparse.Namespace) -> int:
     if args.json:
         result = {k: v for k, v in total.items()}
         result.update(per_sequence={k: {m: v for m, v in s.items() if m != 'per_object'} for k, s in per_seq.items()},
-                      model=args.model, weights=args.weights, tap=tap, model_kwargs=kwargs,
+                      protocol=args.protocol, model=args.model, weights=args.weights, tap=tap, model_kwargs=kwargs,
                       short_side=args.short_side, temperature=args.temperature, topk=args.topk,
                       n_last_frames=args.n_last_frames, neighborhood=args.neighborhood, split=args.split,
                       noise='same seeded draw for every frame' if not frame_noise else 'seeded draw per frame')

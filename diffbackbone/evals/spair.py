@@ -5,13 +5,19 @@ disk); one tap's features are upsampled bilinearly to the original image size; t
 keypoint is matched by cosine argmax over the target; a keypoint is correct when the match lies within 0.1 x max side
 of the target bounding box (PCK@0.1 bbox) or of the target image (PCK@0.1 img, CleanDIFT's "alpha_img"). "Per image"
 averages the per-pair fractions, "per point" pools all keypoints.
+
+`--captions FILE` conditions each image on its own caption, as DiTF's `eval_spair.py` does with
+`spair_detailed_captions.json` (`load_captions`: a JSON object, key = category + image file name, value = caption):
+source and target each on their own, through `prompts.use_prompts`, so the model is built once.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,7 +33,7 @@ from .feature_cache import FeatureCache, weights_fingerprint
 from .spair_data import Pair, SpairError, load_pairs
 
 __all__ = ['ALPHA', 'PairScore', 'Scores', 'score_pair', 'score_pairs_fast', 'evaluate', 'ImageFeatures', 'run_spair',
-           'spair_cache', 'SpairError']
+           'spair_cache', 'SpairError', 'Captions', 'load_captions']
 
 ALPHA = 0.1
 # (category, image names) -> {image name: (C, h, w) features}, or {image name: {tap: map}} for a pair transform
@@ -139,13 +145,54 @@ def evaluate(pairs: Sequence[Pair], features: FeatureFn, device: str | torch.dev
     return scores
 
 
+@dataclass(frozen=True)
+class Captions:
+    """Per-image captions: `text[category + image name]` (DiTF's keys), and the sha256 of the file they came from."""
+    file: str
+    sha256: str
+    text: Mapping[str, str]
+
+    def of(self, category: str, name: str) -> str:
+        return self.text[category + name]
+
+
+def load_captions(file: str | Path, pairs: Sequence[Pair]) -> Captions:
+    """DiTF's per-image captions (their `spair_detailed_captions.json`): a JSON object whose keys are the category
+    followed by the image file name (`"car" + "2008_007466.jpg"`) and whose values are the captions. Every image of
+    `pairs` must have one; anything else raises `SpairError` saying what to fix."""
+    file = Path(file)
+    how = ('a JSON object {category + image file name: caption}, e.g. {"car2008_007466.jpg": "The image showcases '
+           'a ..."}, as DiTF\'s spair_detailed_captions.json')
+    try:
+        raw = file.read_bytes()
+        data = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise SpairError(f'--captions {file}: not a readable JSON file ({e}); give {how}.') from None
+    if not isinstance(data, dict):
+        raise SpairError(f'--captions {file}: holds a JSON {type(data).__name__}; give {how}.')
+    bad = next((k for k, v in data.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise SpairError(f'--captions {file}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string; '
+                         f'give {how}.')
+    images = dict.fromkeys((p.category, n) for p in pairs for n in (p.src, p.trg))
+    missing = [(c, n) for c, n in images if c + n not in data]
+    if missing:
+        c, n = missing[0]
+        raise SpairError(f'--captions {file}: no caption for {len(missing)} of the {len(images)} images, e.g. {n} of '
+                         f'{c} (key {c + n!r}); the keys are the category followed by the image file name, as in '
+                         "DiTF's spair_detailed_captions.json.")
+    return Captions(str(file), hashlib.sha256(raw).hexdigest(), data)
+
+
 class ImageFeatures:
     """Features of SPair images: from the cache when present, else computed in batches (and cached)."""
 
     def __init__(self, root: Path, model_fn: Callable[[], torch.nn.Module], size: Optional[int],
                  batch_size: int = 8, template: Optional[str] = None, cache: Optional[FeatureCache] = None,
-                 progress: bool = False, all_taps: bool = False):
+                 progress: bool = False, all_taps: bool = False, captions: Optional[Captions] = None):
+        """`template`: one caption per category (`{category}`); `captions`: one per image (`load_captions`)."""
         self.images = Path(root) / 'JPEGImages'
+        self.captions = captions
         self.model_fn, self.model = model_fn, None  # built only when a feature is missing from the cache
         self.size, self.batch_size, self.template = size, batch_size, template
         self.cache, self.progress, self.all_taps = cache, progress, all_taps
@@ -166,6 +213,8 @@ class ImageFeatures:
                 prompt = encode_prompts(self.model, [self.template.format(category=category)])
             batch = todo[start:start + self.batch_size]
             paths = [self.images / category / n for n in batch]
+            if self.captions:  # each image on its own caption (encoded once per caption, ever: `prompts`)
+                prompt = [self.captions.of(category, n) for n in batch]
             if self.all_taps:  # {tap: map} per image
                 feats = image_features(self.model, paths, self.size, prompts=prompt, all_taps=True)
                 names = [i['name'] for i in self.model.feature_info.get_dicts()]
@@ -195,15 +244,17 @@ def _table(scores: Scores) -> str:
     return '\n'.join(rows)
 
 
-def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict) -> Optional[FeatureCache]:
+def spair_cache(args: argparse.Namespace, tap: str, kwargs: dict, captions: Optional[Captions] = None
+                ) -> Optional[FeatureCache]:
     """The `--cache` folder of these features (None without `--cache`), keyed by all that shapes them, the LoRA's
-    identity included."""
+    identity and the captions file's content included."""
     if not args.cache:
         return None
     cache = FeatureCache(args.cache, dict(
         model=args.model, weights=weights_fingerprint(args.weights), random_weights=args.random_weights and args.seed,
         tap=tap, size=args.size, prompt_template=args.prompt_template, dtype=args.dtype, model_kwargs=kwargs,
-        protocol='stretch-[-1,1]', version=1, **lora_fingerprint(kwargs), **features_revision(args.model)))
+        protocol='stretch-[-1,1]', version=1, **lora_fingerprint(kwargs), **features_revision(args.model),
+        **({'captions_sha256': captions.sha256} if captions else {})))
     print(f'feature cache: {cache.folder}')
     return cache
 
@@ -221,10 +272,12 @@ def run_spair(args: argparse.Namespace) -> int:
             raise InputError(f'--co-pca needs a fused diffusion + DINOv2 model (e.g. cleandift_sd21_dinov2), not '
                              f'{args.model}.')
         tap = RAW_PRESET  # the raw maps of both sources; the pair's co-PCA fuses them
-    elif args.taps is None or len(args.taps) != 1:
+    elif args.taps is not None and len(args.taps) != 1:
         raise InputError(f'--taps takes exactly one tap (DIFT and CleanDIFT use us6), got {args.taps}.')
     else:
-        tap = args.taps[0]
+        tap = args.taps[0] if args.taps else 'us6'
+    if args.size is None:
+        args.size = 768  # DIFT's
     if args.prompt_template is not None:
         try:
             args.prompt_template.format(category='cat')
@@ -234,16 +287,22 @@ def run_spair(args: argparse.Namespace) -> int:
     check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     check_distinct_outputs({'--json': args.json}, {'--cache': args.cache})
     if args.json:  # outputs first: never a file of the dataset, never someone else's, writable
-        check_file(args.json, [args.data], option='--json')
+        check_file(args.json, [p for p in (args.data, args.captions) if p], option='--json')
     if args.cache:
-        check_folder(args.cache, 'folder', [args.data], option='--cache')
+        check_folder(args.cache, 'folder', [p for p in (args.data, args.captions) if p], option='--cache')
     pairs = load_pairs(args.data, limit=args.limit)  # every annotation checked before any model is built
     kwargs = model_kwargs(args)
+    captions = None
+    if args.captions:
+        if args.prompt_template is not None or 'prompt' in kwargs:
+            raise InputError('--captions gives every image its own caption: drop --prompt-template and the prompt of '
+                             '--model-kwargs.')
+        captions = load_captions(args.captions, pairs)
     weights = args.weights
     model_fn = model_builder(args, tap, kwargs)
-    cache = spair_cache(args, tap, kwargs)
+    cache = spair_cache(args, tap, kwargs, captions)
     feats = ImageFeatures(Path(args.data), model_fn, args.size, args.batch_size, args.prompt_template, cache,
-                          progress=True, all_taps=co_pca is not None)
+                          progress=True, all_taps=co_pca is not None, captions=captions)
     pair_fn = None
     if co_pca is not None:
         from ..models.fused import pair_co_pca
@@ -262,7 +321,8 @@ def run_spair(args: argparse.Namespace) -> int:
         result = {k: overall[k] for k in ('per_image_pck', 'per_point_pck', 'per_image_pck_img', 'per_point_pck_img')}
         result.update(per_category={c: scores.summary(c) for c in scores.categories()}, model=args.model,
                       weights=weights, tap=tap, co_pca=co_pca, size=args.size, prompt_template=args.prompt_template,
-                      num_pairs=overall['num_pairs'], num_points=overall['num_points'])
+                      num_pairs=overall['num_pairs'], num_points=overall['num_points'], protocol='dift',
+                      **({'captions': captions.file, 'captions_sha256': captions.sha256} if captions else {}))
         write_json(args.json, result, 'eval spair')
         print(f'wrote {args.json}')
     return 0

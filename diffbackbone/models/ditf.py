@@ -13,7 +13,10 @@ Their extraction (`src/flux/feat_flux.py`, `model.forward_feat`, `eval_spair.py`
   layer-normalised (no affine, eps 1e-6) and modulated: (1 + scale) * x + shift.
 
 Here that is the tap `vit-block{k}-in-mod` of `ditf_flux` (FLUX.1 [dev] weights, every other tap of `flux` too);
-the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24). `features_only` gives the
+the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24). `PRESET_SETTINGS` holds the model
+arguments their runs of each preset use: SPair t = 260, 8 draws, a caption per image (their
+`spair_detailed_captions.json`: `eval spair --captions`); DAVIS t = 90, one draw, the prompt "a photo of a image"
+(`Featurizer4Eval.forward`'s default caption; `eval davis --protocol ditf`). `features_only` gives the
 `pyramid` preset, as every family (timm's models give at least three levels): here the modulated taps of blocks 20, 24
 and 28, so the pass stops at their SPair block.
 """
@@ -41,9 +44,15 @@ from .flux import _FLUX_DEV, _FLUX_TEST, _SCHEDULER_DEV, _VAE_FLUX, _VAE_TEST_FL
 from .flux import _cfg as _flux_cfg
 from ._taps import Tap
 
-__all__ = ['DiTFFlux', 'ditf_modulate', 'MASSIVE_CHANNELS_FLUX_DEV']
+__all__ = ['DiTFFlux', 'ditf_modulate', 'MASSIVE_CHANNELS_FLUX_DEV', 'DAVIS_PROMPT', 'PRESET_SETTINGS']
 
 MASSIVE_CHANNELS_FLUX_DEV = (154, 1446)  # their eval_spair.py / eval_davis.py, for FLUX.1 [dev]
+DAVIS_PROMPT = 'a photo of a image'  # eval_davis.py calls Featurizer4Eval.forward without a caption: its default
+# Model arguments of their run of each preset (eval_spair.sh, eval_davis.sh); the SPair caption is per image.
+PRESET_SETTINGS = {
+    'ditf': dict(timestep=260, ensemble=8),
+    'ditf_davis': dict(timestep=90, ensemble=1, prompt=DAVIS_PROMPT),
+}
 
 
 def ditf_modulate(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
