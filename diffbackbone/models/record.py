@@ -1,23 +1,9 @@
-"""Taps recorded while a user's own diffusers pipeline generates: Meng et al.'s "background extraction".
+"""Taps recorded while a user's own diffusers pipeline generates (Meng et al.'s "background extraction"); see
+docs/tasks.md for the call numbering and docs/fidelity.md for how ours differs from theirs.
 
-Meng et al., "Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features" (NeurIPS 2024,
-github Darkbblue/generic-diffusion-feature, `generate_with_extraction.py`): `FeatureExtractor(..., external_model=pipe)`
-then `set_background_extraction([1, 10, 20, 30, 40])` keeps the chosen activations of a normal `pipe(prompt)` run at
-those denoiser calls. Their count is per tap, 1-based, one per denoiser forward (`FeatureStore.store`: `current_idx =
-count + 1`), and each kept map is the whole batch the denoiser saw: with classifier-free guidance the negative and the
-positive half, in the pipeline's order. Here:
-
-    with diffbackbone.record(pipe, taps=['us6', 'up-level1-repeat1-vit-block0-cross-q'], calls=[1, 10, 20]) as rec:
+    with diffbackbone.record(pipe, taps=['us6'], calls=[1, 10, 20]) as rec:
         image = pipe('a photo of a cat').images[0]
-    rec.features['us6'][10]  # (2, C, h, w): call 10's batch, the CFG halves as the pipeline ran them
-
-The taps are our backbones' (`models/_taps.py` and each family's table): same names, channels, strides and attention
-map reductions, recorded by the same `ActivationRecorder` on the pipeline's own denoiser (`pipe.unet` or
-`pipe.transformer`: SD 1.x / 2.x, SDXL, DeepFloyd IF, PixArt, FLUX, SD3, HunyuanDiT). Hooks are placed for the chosen
-calls only and removed after each; the other calls run untouched, and only the chosen calls' maps are kept.
-
-`build_pipeline` makes a diffusers pipeline of one of our UNet models (its weights, the base repo's full VAE, our cached
-prompt embeddings) for `diffbackbone generate`.
+    rec.features['us6'][10]  # (2, C, h, w): call 10's batch, both classifier-free guidance halves
 """
 from __future__ import annotations
 
