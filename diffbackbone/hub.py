@@ -308,11 +308,8 @@ _FLOAT_DTYPES = ('F64', 'F32', 'F16', 'BF16', 'F8_E4M3', 'F8_E5M2')
 _ST_SIZES = {'F64': 8, 'I64': 8, 'U64': 8, 'F32': 4, 'I32': 4, 'U32': 4, 'F16': 2, 'BF16': 2, 'I16': 2, 'U16': 2}
 
 
-def _safe_open(path: Path, backend: str | None = None):
-    """`safe_open` for torch; `backend='pread'` (safetensors >= 0.8) reads each tensor into its own memory."""
-    if backend is not None:
-        with contextlib.suppress(TypeError):  # an older safetensors: memory-mapped only
-            return safe_open(path, 'pt', backend=backend)
+def _safe_open(path: Path):
+    """`safe_open` for torch (it checks the header: a truncated or corrupted file raises `SafetensorError`)."""
     return safe_open(path, 'pt')
 
 
@@ -359,16 +356,50 @@ def check_fits(nbytes: int, what: str, dtype: torch.dtype | None = None) -> None
                    f'available: {half}free some memory, or use a machine with more memory.')
 
 
+# safetensors dtype names -> torch dtypes (those of this torch)
+_ST_TORCH = {name: getattr(torch, attr) for name, attr in (
+    ('F64', 'float64'), ('F32', 'float32'), ('F16', 'float16'), ('BF16', 'bfloat16'), ('I64', 'int64'),
+    ('I32', 'int32'), ('I16', 'int16'), ('I8', 'int8'), ('U8', 'uint8'), ('BOOL', 'bool'), ('U16', 'uint16'),
+    ('U32', 'uint32'), ('U64', 'uint64'), ('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'))
+    if hasattr(torch, attr)}
+_CHUNK = 16 << 20  # bytes read at a time for a tensor converted to another dtype
+
+
+class _Truncated(OSError):
+    """The file ended before a tensor its header lists."""
+
+
+def _read_exactly(f, offset: int, out: memoryview) -> None:
+    f.seek(offset)
+    done = 0
+    while done < len(out):
+        n = f.readinto(out[done:])
+        if not n:
+            raise _Truncated(f'the file ends {len(out) - done} bytes short of a tensor')
+        done += n
+
+
+def _header(f) -> tuple[dict[str, dict], int]:
+    """({name: {dtype, shape, data_offsets}}, start of the data) of an open safetensors file (checked by safe_open)."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(n))
+    header.pop('__metadata__', None)
+    return header, 8 + n
+
+
 def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None = None,
-                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                     keep: tuple[str, ...] = (), select: Callable[[str], bool] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it.
 
-    The tensors are read one at a time into memory of their own (not memory-mapped: a mapped tensor starts wherever
-    the file puts it, and CPU kernels pick their code path by alignment, which changes the last bits of the features;
-    the mapping's pages would also count in the process's memory beside the model's). Where `dtype` asks for another
-    floating dtype than the file's, the floating tensors of one or more dimensions are converted as they are read, so
-    the file's own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as
-    stored.
+    Each tensor is read straight into the tensor that is returned (allocated by torch, so 64-byte aligned; not
+    memory-mapped: a mapped tensor starts wherever the file puts it, and CPU kernels pick their code path by alignment,
+    which changes the last bits of the features; the mapping's pages would also count in the process's memory beside
+    the model's). Where `dtype` asks for another floating dtype than the file's, the floating tensors of one or more
+    dimensions are converted as they are read, through one small buffer: neither the file's copy nor a temporary is
+    ever held, and no freed memory is left behind. Scalars (a learned timestep) and keys starting with `keep` stay as
+    stored; with `select`, only the keys it accepts are read (a VAE's encoder, not its decoder).
     """
     path = Path(path)
 
@@ -377,15 +408,36 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
             not key.startswith(keep)
 
     try:
-        out = {}
-        with _safe_open(path, backend='pread') as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                out[k] = t.to(dtype) if cast(k, _ST_DTYPES.get(t.dtype, ''), t.ndim) else t
-        return out
+        with _safe_open(path) as st:  # checks the header and that the file holds every tensor it lists
+            keys = [k for k in st.keys() if select is None or select(k)]
+        out: dict[str, torch.Tensor] = {}
+        with open(path, 'rb', buffering=0) as f:
+            header, start = _header(f)
+            scratch = None
+            for k in sorted(keys, key=lambda k: header[k]['data_offsets'][0]):  # in file order
+                info = header[k]
+                kind, shape, (begin, end) = info['dtype'], info['shape'], info['data_offsets']
+                if kind not in _ST_TORCH:
+                    raise SafetensorError(f'tensor {k!r} has the dtype {kind}, which this torch does not have')
+                stored = _ST_TORCH[kind]
+                t = torch.empty(shape, dtype=dtype if cast(k, kind, len(shape)) else stored)
+                if t.dtype == stored:
+                    if end > begin:
+                        _read_exactly(f, start + begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                else:  # converted in chunks of whole elements (an element-wise cast: the same as `.to(dtype)`)
+                    if scratch is None:
+                        scratch = torch.empty(_CHUNK, dtype=torch.uint8)
+                    size, flat = stored.itemsize, t.view(-1)
+                    step = _CHUNK // size
+                    for i in range(0, flat.numel(), step):
+                        part = scratch[:min(step, flat.numel() - i) * size]
+                        _read_exactly(f, start + begin + i * size, memoryview(part.numpy()))
+                        flat[i:i + part.numel() // size].copy_(part.view(stored))
+                out[k] = t
+        return {k: out[k] for k in keys}
     except FileNotFoundError as err:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
-    except SafetensorError as err:
+    except (SafetensorError, _Truncated, ValueError, KeyError, TypeError) as err:
         raise HubError(broken_safetensors(path, what, err)) from err
     except OSError as err:  # a folder, a device, no permission
         reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'

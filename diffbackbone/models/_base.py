@@ -17,7 +17,7 @@ from ..errors import InputError
 from ._head import ClassifierHeadMixin
 from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
 from ._taps import Tap, TapError, resolve_taps
-from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, vae_keys
+from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, encoder_key, vae_keys
 
 __all__ = ['DiffusionBackbone', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
            'VAE_TEST', 'SCHEDULER_SD']
@@ -316,7 +316,8 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
             path = hub.download(self.base_repo, self.vae_file, what='VAE')
-            parts.update(vae_keys(hub.load_safetensors(path, what='VAE', dtype=weights_dtype(self.vae))))
+            parts.update(vae_keys(hub.load_safetensors(path, what='VAE', dtype=weights_dtype(self.vae),
+                                                       select=encoder_key)))  # the decoder is not read
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
