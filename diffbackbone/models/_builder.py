@@ -21,7 +21,7 @@ import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ from ..errors import InputError
 from ._options import Options
 
 __all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
-           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite']
+           'empty_weights', 'assign_weights', 'assigning_loads', 'resolve_dtype', 'load_weights', 'build_composite']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
 
@@ -131,6 +131,9 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]
     raise InputError(f"dtype must be one of {', '.join(_DTYPES)} (or the torch dtype), got {dtype!r}.")
 
 
+_REGISTER = nn.Module.register_parameter
+
+
 @contextlib.contextmanager
 def empty_weights() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device: no memory and no random initialisation (the
@@ -167,6 +170,39 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
     state_dict = {k: _aligned(v if v.dtype == own[k].dtype else v.to(own[k].dtype))
                   for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(state_dict, strict=False, assign=True)
+    _init_meta(model)
+
+
+@contextlib.contextmanager
+def assigning_loads() -> Iterator[None]:
+    """Inside, `load_state_dict` into a model with parameters on the meta device (built inside `empty_weights`) gives
+    it copies of the tensors in its own dtypes (not copies into nothing), and what no tensor came for is initialised
+    as its constructor would: how another library's loader (timm's `load_pretrained` of a DINOv2) loads a model built
+    without a random initialisation. Patches `nn.Module.load_state_dict` while the block runs, as `empty_weights`."""
+    load = nn.Module.load_state_dict
+
+    def assigning(module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if assign or not any(p.is_meta for p in module.parameters()):
+            return load(module, state_dict, strict=strict, assign=assign)
+        own = module.state_dict()
+        state_dict = {k: v.to(own[k].dtype if k in own else v.dtype, copy=True) for k, v in state_dict.items()}
+        patched, nn.Module.register_parameter = nn.Module.register_parameter, _REGISTER  # inside `empty_weights`
+        try:  # the assigned tensors must stay, not go to the meta device as new parameters do there
+            out = load(module, state_dict, strict=strict, assign=True)
+            _init_meta(module)
+        finally:
+            nn.Module.register_parameter = patched
+        return out
+
+    nn.Module.load_state_dict = assigning
+    try:
+        yield
+    finally:
+        nn.Module.load_state_dict = load
+
+
+def _init_meta(model: nn.Module) -> None:
+    """Initialise the modules whose tensors are still on the meta device (`reset_parameters`)."""
     for name, module in model.named_modules():
         if any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
             if not hasattr(module, 'reset_parameters'):
@@ -178,11 +214,15 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_fn: FilterFn) -> nn.Module:
     """Load a checkpoint into a built model as `build_diffusion_model` does: map its keys, complete the model from its
-    base repo, check every key, load, finish (a LoRA is fused)."""
+    base repo, check every key, load, finish (a LoRA is fused). A model built inside `empty_weights` gets the tensors
+    assigned (`assign_weights`: no random initialisation, no copy)."""
     state_dict = filter_fn(state_dict, model)
     state_dict = {**state_dict, **model.complete_weights(state_dict)}
     check_keys(state_dict, model)
-    model.load_state_dict(state_dict, strict=True)
+    if any(t.is_meta for t in model.parameters()):
+        assign_weights(model, state_dict)
+    else:
+        model.load_state_dict(state_dict, strict=True)
     model.finish_loading()
     return model
 
