@@ -47,7 +47,7 @@ from .errors import DiffbackboneError, InputError
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
-    'read_tensor', 'safetensors_nbytes', 'available_memory', 'check_fits',
+    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'sharded_safetensors_files', 'available_memory', 'check_fits',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
 ]
 
@@ -313,15 +313,36 @@ def _safe_open(path: Path):
     return safe_open(path, 'pt')
 
 
-def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+def safetensors_meta(*paths: str | Path, dtype: torch.dtype | None = None,
+                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files on the meta device, in the dtypes `load_safetensors` reads them in, from the
+    headers alone (names and shapes: enough to map keys). A file that cannot be read gives nothing (loading it says
+    why)."""
+    out = {}
+    for path in paths:
+        with contextlib.suppress(SafetensorError, OSError):
+            with _safe_open(Path(path)) as f:
+                for k in f.keys():
+                    info = f.get_slice(k)
+                    shape, kind = info.get_shape(), info.get_dtype()
+                    cast = dtype is not None and kind in _FLOAT_DTYPES and len(shape) > 0 and not k.startswith(keep)
+                    out[k] = torch.empty(shape, dtype=dtype if cast else _ST_TORCH.get(kind, torch.uint8),
+                                         device='meta')
+    return out
+
+
+def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None,
+                       select: Callable[[str], bool] | None = None) -> int:
     """Bytes the tensors of a safetensors file take once loaded, from its header alone; with `dtype`, its floating
-    tensors of one or more dimensions counted in that dtype (as `load_safetensors` converts them). 0 for a file that
-    cannot be read (loading it says why)."""
+    tensors of one or more dimensions counted in that dtype (as `load_safetensors` converts them); with `select`,
+    only the tensors it accepts. 0 for a file that cannot be read (loading it says why)."""
     size = torch.finfo(dtype).bits // 8 if dtype is not None else None
     total = 0
     try:
         with _safe_open(Path(path)) as f:
             for k in f.keys():
+                if select is not None and not select(k):
+                    continue
                 info = f.get_slice(k)
                 shape, kind = info.get_shape(), info.get_dtype()
                 cast = size is not None and kind in _FLOAT_DTYPES and len(shape) > 0
@@ -454,6 +475,32 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: to
     the next call fetches it again. `dtype` and `keep` as in `load_safetensors`; with `check_memory`, every shard is fetched
     first and weights that do not fit in memory are refused before any is read (`check_fits`).
     """
+    weight_map, shards = _shards(repo, index_file, what)
+    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
+    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
+    if check_memory:
+        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for shard, name in shards.items():
+        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
+        want = {k for k, v in weight_map.items() if v == shard}
+        if part.keys() != want:
+            missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)
+            raise HubError(f'Could not get {what}: the shard {name} does not hold the tensors its index lists '
+                           f'({len(missing)} missing {missing[:3]}, {len(extra)} not in the index {extra[:3]}). The '
+                           'index and the shards are from different saves: download both again.')
+        state.update(part)
+    return state
+
+
+def sharded_safetensors_files(repo: str, index_file: str, *, what: str) -> dict[str, Path]:
+    """{shard: local path} of a sharded checkpoint's index and shards, every one fetched (`download`), none read."""
+    return {shard: download(repo, name, what=f'{what} (shard {name})')
+            for shard, name in _shards(repo, index_file, what)[1].items()}
+
+
+def _shards(repo: str, index_file: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(weight_map, {shard: its name in `repo`}) of a sharded checkpoint, from its index (fetched)."""
     path = download(repo, index_file, what=f'{what} (shard index {index_file})')
     try:
         weight_map = json.loads(path.read_text())['weight_map']
@@ -470,21 +517,7 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: to
             raise HubError(f'Could not get {what}: the index {index_file} names the shard {shard!r} outside its '
                            'folder; shards must sit beside their index.')
         shards[shard] = f'{folder}/{shard}' if folder else shard
-    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
-    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
-    if check_memory:
-        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
-    state: dict[str, torch.Tensor] = {}
-    for shard, name in shards.items():
-        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
-        want = {k for k, v in weight_map.items() if v == shard}
-        if part.keys() != want:
-            missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)
-            raise HubError(f'Could not get {what}: the shard {name} does not hold the tensors its index lists '
-                           f'({len(missing)} missing {missing[:3]}, {len(extra)} not in the index {extra[:3]}). The '
-                           'index and the shards are from different saves: download both again.')
-        state.update(part)
-    return state
+    return weight_map, shards
 
 
 def _pid_alive(pid: int) -> bool:

@@ -241,3 +241,21 @@ def test_vae_decoder_is_not_read(published, hub_cache, monkeypatch):
     timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
     vae = [sd for sd in read if any(k.startswith('encoder.') for k in sd)]
     assert len(vae) == 1 and all(k.startswith(('encoder.', 'quant_conv.')) for k in vae[0])
+
+
+def test_memory_check_counts_the_vae_before_reading_anything(published, hub_cache, monkeypatch):
+    """One check before any read: the UNet file in float32 and the base repo's VAE encoder (not its decoder)."""
+    from diffbackbone.models._vae import encoder_key
+
+    unet = hub.safetensors_nbytes(published['tmp'] / 'unet.safetensors', torch.float32)
+    vae = hub.download(BASE, 'vae/diffusion_pytorch_model.safetensors', what='VAE')
+    encoder = hub.safetensors_nbytes(vae, torch.float32, encoder_key)
+    assert 0 < encoder < hub.safetensors_nbytes(vae, torch.float32)
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder - 1)
+    with pytest.raises(hub.HubError, match='weights of test_cleandift with VAE need'):
+        timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
+    monkeypatch.setattr(hub, 'load_safetensors', load)
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder)
+    timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
