@@ -47,7 +47,7 @@ from .errors import DiffbackboneError, InputError
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
-    'read_tensor', 'safetensors_nbytes', 'available_memory', 'check_fits',
+    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'sharded_safetensors_files', 'available_memory', 'check_fits',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
 ]
 
@@ -308,23 +308,41 @@ _FLOAT_DTYPES = ('F64', 'F32', 'F16', 'BF16', 'F8_E4M3', 'F8_E5M2')
 _ST_SIZES = {'F64': 8, 'I64': 8, 'U64': 8, 'F32': 4, 'I32': 4, 'U32': 4, 'F16': 2, 'BF16': 2, 'I16': 2, 'U16': 2}
 
 
-def _safe_open(path: Path, backend: str | None = None):
-    """`safe_open` for torch; `backend='pread'` (safetensors >= 0.8) reads each tensor into its own memory."""
-    if backend is not None:
-        with contextlib.suppress(TypeError):  # an older safetensors: memory-mapped only
-            return safe_open(path, 'pt', backend=backend)
+def _safe_open(path: Path):
+    """`safe_open` for torch (it checks the header: a truncated or corrupted file raises `SafetensorError`)."""
     return safe_open(path, 'pt')
 
 
-def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None) -> int:
+def safetensors_meta(*paths: str | Path, dtype: torch.dtype | None = None,
+                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files on the meta device, in the dtypes `load_safetensors` reads them in, from the
+    headers alone (names and shapes: enough to map keys). A file that cannot be read gives nothing (loading it says
+    why)."""
+    out = {}
+    for path in paths:
+        with contextlib.suppress(SafetensorError, OSError):
+            with _safe_open(Path(path)) as f:
+                for k in f.keys():
+                    info = f.get_slice(k)
+                    shape, kind = info.get_shape(), info.get_dtype()
+                    cast = dtype is not None and kind in _FLOAT_DTYPES and len(shape) > 0 and not k.startswith(keep)
+                    out[k] = torch.empty(shape, dtype=dtype if cast else _ST_TORCH.get(kind, torch.uint8),
+                                         device='meta')
+    return out
+
+
+def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None,
+                       select: Callable[[str], bool] | None = None) -> int:
     """Bytes the tensors of a safetensors file take once loaded, from its header alone; with `dtype`, its floating
-    tensors of one or more dimensions counted in that dtype (as `load_safetensors` converts them). 0 for a file that
-    cannot be read (loading it says why)."""
+    tensors of one or more dimensions counted in that dtype (as `load_safetensors` converts them); with `select`,
+    only the tensors it accepts. 0 for a file that cannot be read (loading it says why)."""
     size = torch.finfo(dtype).bits // 8 if dtype is not None else None
     total = 0
     try:
         with _safe_open(Path(path)) as f:
             for k in f.keys():
+                if select is not None and not select(k):
+                    continue
                 info = f.get_slice(k)
                 shape, kind = info.get_shape(), info.get_dtype()
                 cast = size is not None and kind in _FLOAT_DTYPES and len(shape) > 0
@@ -359,16 +377,50 @@ def check_fits(nbytes: int, what: str, dtype: torch.dtype | None = None) -> None
                    f'available: {half}free some memory, or use a machine with more memory.')
 
 
+# safetensors dtype names -> torch dtypes (those of this torch)
+_ST_TORCH = {name: getattr(torch, attr) for name, attr in (
+    ('F64', 'float64'), ('F32', 'float32'), ('F16', 'float16'), ('BF16', 'bfloat16'), ('I64', 'int64'),
+    ('I32', 'int32'), ('I16', 'int16'), ('I8', 'int8'), ('U8', 'uint8'), ('BOOL', 'bool'), ('U16', 'uint16'),
+    ('U32', 'uint32'), ('U64', 'uint64'), ('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'))
+    if hasattr(torch, attr)}
+_CHUNK = 16 << 20  # bytes read at a time for a tensor converted to another dtype
+
+
+class _Truncated(OSError):
+    """The file ended before a tensor its header lists."""
+
+
+def _read_exactly(f, offset: int, out: memoryview) -> None:
+    f.seek(offset)
+    done = 0
+    while done < len(out):
+        n = f.readinto(out[done:])
+        if not n:
+            raise _Truncated(f'the file ends {len(out) - done} bytes short of a tensor')
+        done += n
+
+
+def _header(f) -> tuple[dict[str, dict], int]:
+    """({name: {dtype, shape, data_offsets}}, start of the data) of an open safetensors file (checked by safe_open)."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(n))
+    header.pop('__metadata__', None)
+    return header, 8 + n
+
+
 def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None = None,
-                     keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                     keep: tuple[str, ...] = (), select: Callable[[str], bool] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`; a truncated or corrupted cached file is deleted so the next call fetches it.
 
-    The tensors are read one at a time into memory of their own (not memory-mapped: a mapped tensor starts wherever
-    the file puts it, and CPU kernels pick their code path by alignment, which changes the last bits of the features;
-    the mapping's pages would also count in the process's memory beside the model's). Where `dtype` asks for another
-    floating dtype than the file's, the floating tensors of one or more dimensions are converted as they are read, so
-    the file's own copy is never held whole. Scalars (a learned timestep) and keys starting with `keep` stay as
-    stored.
+    Each tensor is read straight into the tensor that is returned (allocated by torch, so 64-byte aligned; not
+    memory-mapped: a mapped tensor starts wherever the file puts it, and CPU kernels pick their code path by alignment,
+    which changes the last bits of the features; the mapping's pages would also count in the process's memory beside
+    the model's). Where `dtype` asks for another floating dtype than the file's, the floating tensors of one or more
+    dimensions are converted as they are read, through one small buffer: neither the file's copy nor a temporary is
+    ever held, and no freed memory is left behind. Scalars (a learned timestep) and keys starting with `keep` stay as
+    stored; with `select`, only the keys it accepts are read (a VAE's encoder, not its decoder).
     """
     path = Path(path)
 
@@ -377,15 +429,36 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
             not key.startswith(keep)
 
     try:
-        out = {}
-        with _safe_open(path, backend='pread') as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                out[k] = t.to(dtype) if cast(k, _ST_DTYPES.get(t.dtype, ''), t.ndim) else t
-        return out
+        with _safe_open(path) as st:  # checks the header and that the file holds every tensor it lists
+            keys = [k for k in st.keys() if select is None or select(k)]
+        out: dict[str, torch.Tensor] = {}
+        with open(path, 'rb', buffering=0) as f:
+            header, start = _header(f)
+            scratch = None
+            for k in sorted(keys, key=lambda k: header[k]['data_offsets'][0]):  # in file order
+                info = header[k]
+                kind, shape, (begin, end) = info['dtype'], info['shape'], info['data_offsets']
+                if kind not in _ST_TORCH:
+                    raise SafetensorError(f'tensor {k!r} has the dtype {kind}, which this torch does not have')
+                stored = _ST_TORCH[kind]
+                t = torch.empty(shape, dtype=dtype if cast(k, kind, len(shape)) else stored)
+                if t.dtype == stored:
+                    if end > begin:
+                        _read_exactly(f, start + begin, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                else:  # converted in chunks of whole elements (an element-wise cast: the same as `.to(dtype)`)
+                    if scratch is None:
+                        scratch = torch.empty(_CHUNK, dtype=torch.uint8)
+                    size, flat = stored.itemsize, t.view(-1)
+                    step = _CHUNK // size
+                    for i in range(0, flat.numel(), step):
+                        part = scratch[:min(step, flat.numel() - i) * size]
+                        _read_exactly(f, start + begin + i * size, memoryview(part.numpy()))
+                        flat[i:i + part.numel() // size].copy_(part.view(stored))
+                out[k] = t
+        return {k: out[k] for k in keys}
     except FileNotFoundError as err:
         raise HubError(f'Could not get {what}: {path} does not exist.') from err
-    except SafetensorError as err:
+    except (SafetensorError, _Truncated, ValueError, KeyError, TypeError) as err:
         raise HubError(broken_safetensors(path, what, err)) from err
     except OSError as err:  # a folder, a device, no permission
         reason = 'is a folder' if path.is_dir() else f'cannot be read ({err.strerror or err})'
@@ -402,6 +475,32 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: to
     the next call fetches it again. `dtype` and `keep` as in `load_safetensors`; with `check_memory`, every shard is fetched
     first and weights that do not fit in memory are refused before any is read (`check_fits`).
     """
+    weight_map, shards = _shards(repo, index_file, what)
+    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
+    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
+    if check_memory:
+        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for shard, name in shards.items():
+        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
+        want = {k for k, v in weight_map.items() if v == shard}
+        if part.keys() != want:
+            missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)
+            raise HubError(f'Could not get {what}: the shard {name} does not hold the tensors its index lists '
+                           f'({len(missing)} missing {missing[:3]}, {len(extra)} not in the index {extra[:3]}). The '
+                           'index and the shards are from different saves: download both again.')
+        state.update(part)
+    return state
+
+
+def sharded_safetensors_files(repo: str, index_file: str, *, what: str) -> dict[str, Path]:
+    """{shard: local path} of a sharded checkpoint's index and shards, every one fetched (`download`), none read."""
+    return {shard: download(repo, name, what=f'{what} (shard {name})')
+            for shard, name in _shards(repo, index_file, what)[1].items()}
+
+
+def _shards(repo: str, index_file: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(weight_map, {shard: its name in `repo`}) of a sharded checkpoint, from its index (fetched)."""
     path = download(repo, index_file, what=f'{what} (shard index {index_file})')
     try:
         weight_map = json.loads(path.read_text())['weight_map']
@@ -418,21 +517,7 @@ def load_sharded_safetensors(repo: str, index_file: str, *, what: str, dtype: to
             raise HubError(f'Could not get {what}: the index {index_file} names the shard {shard!r} outside its '
                            'folder; shards must sit beside their index.')
         shards[shard] = f'{folder}/{shard}' if folder else shard
-    fetch = lambda name: download(repo, name, what=f'{what} (shard {name})')  # noqa: E731
-    paths = {shard: fetch(name) for shard, name in shards.items()} if check_memory else {}
-    if check_memory:
-        check_fits(sum(safetensors_nbytes(path, dtype) for path in paths.values()), what, dtype)
-    state: dict[str, torch.Tensor] = {}
-    for shard, name in shards.items():
-        part = load_safetensors(paths.get(shard) or fetch(name), what=f'{what} (shard {name})', dtype=dtype, keep=keep)
-        want = {k for k, v in weight_map.items() if v == shard}
-        if part.keys() != want:
-            missing, extra = sorted(want - part.keys()), sorted(part.keys() - want)
-            raise HubError(f'Could not get {what}: the shard {name} does not hold the tensors its index lists '
-                           f'({len(missing)} missing {missing[:3]}, {len(extra)} not in the index {extra[:3]}). The '
-                           'index and the shards are from different saves: download both again.')
-        state.update(part)
-    return state
+    return weight_map, shards
 
 
 def _pid_alive(pid: int) -> bool:

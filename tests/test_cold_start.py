@@ -209,3 +209,53 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert any(line.startswith('ours ') for line in lines) and any(line.startswith('reference ') for line in lines)
     ratio = [line for line in lines if line.startswith('ours / reference')]
     assert len(ratio) == 1 and 'wall' in ratio[0] and 'peak RSS' in ratio[0], out.stdout
+
+
+def test_reader_equals_load_file_then_cast(tmp_path, monkeypatch):
+    """`load_safetensors` reads every tensor into memory of its own (64-byte aligned), converted as `.to(dtype)`
+    would, in chunks that need not hold whole tensors; `keep`, scalars and integers stay as stored; `select` reads
+    only what it accepts."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {'a.w': torch.randn(7, 5, generator=gen).half(), 'b.w': torch.randn(33, generator=gen).bfloat16(),
+          'c.w': torch.randn(3, 4, generator=gen), 'keep.w': torch.randn(6, generator=gen).half(),
+          'steps': torch.arange(9), 'mask': torch.tensor([True, False, True]), 't': torch.tensor(261.5),
+          'empty': torch.zeros(0, 3)}
+    path = tmp_path / 'w.safetensors'
+    save_file(sd, path)
+    monkeypatch.setattr(hub, '_CHUNK', 10)  # 5 float16 or 2 float32 elements at a time
+    for dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+        got = hub.load_safetensors(path, what='w', dtype=dtype, keep=('keep.',))
+        assert got.keys() == load_file(path).keys()
+        for k, v in load_file(path).items():
+            want = v.to(dtype) if dtype and v.is_floating_point() and v.ndim and not k.startswith('keep.') else v
+            assert got[k].dtype == want.dtype and torch.equal(got[k], want), (dtype, k)
+            assert got[k].data_ptr() % 64 == 0 or not got[k].numel()
+    assert hub.load_safetensors(path, what='w', select=lambda k: k.endswith('.w')).keys() == \
+        {'a.w', 'b.w', 'c.w', 'keep.w'}
+
+
+def test_vae_decoder_is_not_read(published, hub_cache, monkeypatch):
+    read = []
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: read.append(out := load(*a, **k)) or out)
+    timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
+    vae = [sd for sd in read if any(k.startswith('encoder.') for k in sd)]
+    assert len(vae) == 1 and all(k.startswith(('encoder.', 'quant_conv.')) for k in vae[0])
+
+
+def test_memory_check_counts_the_vae_before_reading_anything(published, hub_cache, monkeypatch):
+    """One check before any read: the UNet file in float32 and the base repo's VAE encoder (not its decoder)."""
+    from diffbackbone.models._vae import encoder_key
+
+    unet = hub.safetensors_nbytes(published['tmp'] / 'unet.safetensors', torch.float32)
+    vae = hub.download(BASE, 'vae/diffusion_pytorch_model.safetensors', what='VAE')
+    encoder = hub.safetensors_nbytes(vae, torch.float32, encoder_key)
+    assert 0 < encoder < hub.safetensors_nbytes(vae, torch.float32)
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder - 1)
+    with pytest.raises(hub.HubError, match='weights of test_cleandift with VAE need'):
+        timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
+    monkeypatch.setattr(hub, 'load_safetensors', load)
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder)
+    timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])

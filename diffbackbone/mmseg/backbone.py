@@ -106,8 +106,9 @@ class DiffusionBackbone(BaseModule):
             pretrained = True
         if isinstance(out_indices, list):
             out_indices = tuple(out_indices)
-        getter = timm.create_model(
-            model_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **kwargs)
+        getter = timm.create_model(  # weights read in `dtype`: no float32 copy first
+            model_name, pretrained=pretrained, features_only=True, out_indices=out_indices, dtype=_DTYPES[dtype],
+            **kwargs)
         # Unwrap timm's feature getter so parameters are named backbone.model.unet.* / backbone.model.vae.*.
         self.model: DiffusionUNet = getter.model
         self.out_indices: list[int] = list(getter.out_indices)
@@ -121,8 +122,6 @@ class DiffusionBackbone(BaseModule):
         self.dtype = _DTYPES[dtype]
         self.model.set_grad_checkpointing(with_cp)
 
-        if self.dtype != torch.float32:
-            self.model.to(self.dtype)  # DiffusionUNet keeps its learned timestep in float32
         # The learned timestep of clean models keeps its trained value; segmentation fine-tunes the weights.
         if isinstance(getattr(self.model, 'timestep', None), nn.Parameter):  # FLUX has a sigma, no timestep
             self.model.timestep.requires_grad_(False)

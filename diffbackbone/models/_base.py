@@ -7,7 +7,8 @@ taps (the abstract members below); the base turns images into latents, runs the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Optional, Sequence, Union
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -17,9 +18,9 @@ from ..errors import InputError
 from ._head import ClassifierHeadMixin
 from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, check_timestep
 from ._taps import Tap, TapError, resolve_taps
-from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, vae_keys
+from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, encoder_key, vae_keys
 
-__all__ = ['DiffusionBackbone', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
+__all__ = ['DiffusionBackbone', 'WeightFile', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
            'VAE_TEST', 'SCHEDULER_SD']
 
 Indices = Union[None, int, str, Sequence[Union[int, str]]]
@@ -303,8 +304,21 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
                 self._emit(feats, by_loc[loc], m)
 
     # --- completing a denoiser-only checkpoint (`_builder`, after the keys are mapped) ----------------------------
+    def completion_files(self, state_dict: dict[str, torch.Tensor]) -> list[WeightFile]:
+        """The weight files `complete_weights` reads for a checkpoint with `state_dict`'s keys (values may be on the
+        meta device), fetched but not read: the VAE when the checkpoint has none. `_builder` checks that they fit in
+        memory with the checkpoint before reading any."""
+        from .. import hub  # deferred: only weight loading needs the Hub client
+
+        if self.vae is None or any(k.startswith('vae.') for k in state_dict):
+            return []
+        if not self.base_repo:
+            raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
+        path = hub.download(self.base_repo, self.vae_file, what='VAE')
+        return [WeightFile('VAE', path, weights_dtype(self.vae), vae_keys, encoder_key)]  # the decoder is not read
+
     def complete_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors a denoiser-only checkpoint lacks, from `base_repo`: the VAE encoder and the prompt buffers.
+        """The tensors a denoiser-only checkpoint lacks: those of `completion_files` and the prompt buffers.
 
         Called with the model's parameters still on the meta device (`_builder`): each part is read in the dtype of
         the module it goes to (`weights_dtype`), and nothing may read a parameter's value.
@@ -312,11 +326,8 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         from .. import hub  # deferred: only weight loading needs the Hub client
 
         parts: dict[str, torch.Tensor] = {}
-        if self.vae is not None and not any(k.startswith('vae.') for k in state_dict):
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no VAE and the model has no base_repo to take it from.')
-            path = hub.download(self.base_repo, self.vae_file, what='VAE')
-            parts.update(vae_keys(hub.load_safetensors(path, what='VAE', dtype=weights_dtype(self.vae))))
+        for f in self.completion_files(state_dict):
+            parts.update(f.keys(hub.load_safetensors(f.path, what=f.what, dtype=f.dtype, select=f.select)))
         if 'prompt_embeds' not in state_dict:
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
@@ -325,6 +336,16 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
 
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""
+
+
+class WeightFile(NamedTuple):
+    """A weights file the completion step reads: what it is, its local path, the dtype it is read in, the mapping of
+    its keys onto the model's, and the keys read (None: all)."""
+    what: str
+    path: Path
+    dtype: torch.dtype
+    keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    select: Optional[Callable[[str], bool]] = None
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype:

@@ -21,7 +21,7 @@ import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -30,8 +30,9 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ..errors import InputError
 from ._options import Options
 
-__all__ = ['features_revision', 'build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
-           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite']
+__all__ = ['features_revision', 'build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_checkpoint',
+           'Checkpoint', 'check_keys', 'empty_weights', 'assign_weights', 'assigning_loads', 'resolve_dtype',
+           'load_weights', 'build_composite']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
 
@@ -68,38 +69,54 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
     return out
 
 
-def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+@dataclasses.dataclass
+class Checkpoint:
+    """The checkpoint a pretrained cfg names, fetched but not read yet: its tensors on the meta device (names, shapes,
+    dtypes from the file's header: what the key mapping and the completion step need), the bytes it takes once read
+    in `dtype`, and `read()`."""
+    meta: dict[str, torch.Tensor]
+    nbytes: int
+    read: Callable[[], dict[str, torch.Tensor]]
+
+
+def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = None) -> Checkpoint:
     """The checkpoint a pretrained cfg names: its `state_dict`, its local `file` (a `.safetensors`, or the
     `.index.json` of a sharded one) or its Hub file (`hf_hub_id` + `hf_hub_filename`), read through `hub.py` so a
     truncated or corrupted cached file is removed and fetched again on the next call.
 
-    Files are read in `dtype` (`hub.load_safetensors`), after a check that they fit in the available memory. A VAE
-    in the file (our own checkpoints) is left as stored: a family may keep it in float32 (SDXL's, in float16), and
-    `assign_weights` casts it once the model's dtypes are known.
+    Files are read in `dtype` (`hub.load_safetensors`), in the load step, after the check that they and the files
+    the completion reads fit in memory (`_load_step`). A VAE in the file (our own checkpoints) is left as stored: a
+    family may keep it in float32 (SDXL's, in float16), and `assign_weights` casts it once the model's dtypes are known.
     """
     from .. import hub
 
     if cfg.get('state_dict') is not None and cfg.get('source') != 'hf-hub':
-        return cfg['state_dict']
+        sd = cfg['state_dict']
+        return Checkpoint({k: v.to('meta') for k, v in sd.items()}, 0, lambda: sd)
     if cfg.get('file') and cfg.get('source') != 'hf-hub':
         path = Path(cfg['file']).expanduser()
         if not path.is_file():
             raise hub.HubError(f'Could not get {what}: {path} does not exist or is not a file. Give the path of a '
                                '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
         if path.name.endswith('.index.json'):
-            return hub.load_sharded_safetensors(str(path.parent), path.name, what=what, dtype=dtype, keep=_KEEP,
-                                                 check_memory=True)
+            paths = hub.sharded_safetensors_files(str(path.parent), path.name, what=what)
+            return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
+                              sum(hub.safetensors_nbytes(p, dtype) for p in paths.values()),
+                              lambda: hub.load_sharded_safetensors(str(path.parent), path.name, what=what,
+                                                                   dtype=dtype, keep=_KEEP))
     elif cfg.get('hf_hub_id'):
         repo, filename = cfg['hf_hub_id'], cfg.get('hf_hub_filename') or 'model.safetensors'
         if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
-            return hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, keep=_KEEP,
-                                                 check_memory=True)
+            paths = hub.sharded_safetensors_files(repo, filename, what=what)
+            return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
+                              sum(hub.safetensors_nbytes(p, dtype) for p in paths.values()),
+                              lambda: hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, keep=_KEEP))
         path = hub.download(repo, filename, what=what)
     else:
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
-    hub.check_fits(hub.safetensors_nbytes(path, dtype), what, dtype)
-    return hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP)
+    return Checkpoint(hub.safetensors_meta(path, dtype=dtype, keep=_KEEP), hub.safetensors_nbytes(path, dtype),
+                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP))
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -146,6 +163,9 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]
     raise InputError(f"dtype must be one of {', '.join(_DTYPES)} (or the torch dtype), got {dtype!r}.")
 
 
+_REGISTER = nn.Module.register_parameter
+
+
 @contextlib.contextmanager
 def empty_weights() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device: no memory and no random initialisation (the
@@ -182,6 +202,39 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
     state_dict = {k: _aligned(v if v.dtype == own[k].dtype else v.to(own[k].dtype))
                   for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(state_dict, strict=False, assign=True)
+    _init_meta(model)
+
+
+@contextlib.contextmanager
+def assigning_loads() -> Iterator[None]:
+    """Inside, `load_state_dict` into a model with parameters on the meta device (built inside `empty_weights`) gives
+    it copies of the tensors in its own dtypes (not copies into nothing), and what no tensor came for is initialised
+    as its constructor would: how another library's loader (timm's `load_pretrained` of a DINOv2) loads a model built
+    without a random initialisation. Patches `nn.Module.load_state_dict` while the block runs, as `empty_weights`."""
+    load = nn.Module.load_state_dict
+
+    def assigning(module: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if assign or not any(p.is_meta for p in module.parameters()):
+            return load(module, state_dict, strict=strict, assign=assign)
+        own = module.state_dict()
+        state_dict = {k: v.to(own[k].dtype if k in own else v.dtype, copy=True) for k, v in state_dict.items()}
+        patched, nn.Module.register_parameter = nn.Module.register_parameter, _REGISTER  # inside `empty_weights`
+        try:  # the assigned tensors must stay, not go to the meta device as new parameters do there
+            out = load(module, state_dict, strict=strict, assign=True)
+            _init_meta(module)
+        finally:
+            nn.Module.register_parameter = patched
+        return out
+
+    nn.Module.load_state_dict = assigning
+    try:
+        yield
+    finally:
+        nn.Module.load_state_dict = load
+
+
+def _init_meta(model: nn.Module) -> None:
+    """Initialise the modules whose tensors are still on the meta device (`reset_parameters`)."""
     for name, module in model.named_modules():
         if any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
             if not hasattr(module, 'reset_parameters'):
@@ -193,23 +246,34 @@ def assign_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_fn: FilterFn) -> nn.Module:
     """Load a checkpoint into a built model as `build_diffusion_model` does: map its keys, complete the model from its
-    base repo, check every key, load, finish (a LoRA is fused)."""
+    base repo, check every key, load, finish (a LoRA is fused). A model built inside `empty_weights` gets the tensors
+    assigned (`assign_weights`: no random initialisation, no copy)."""
     state_dict = filter_fn(state_dict, model)
     state_dict = {**state_dict, **model.complete_weights(state_dict)}
     check_keys(state_dict, model)
-    model.load_state_dict(state_dict, strict=True)
+    if any(t.is_meta for t in model.parameters()):
+        assign_weights(model, state_dict)
+    else:
+        model.load_state_dict(state_dict, strict=True)
     model.finish_loading()
     return model
 
 
-def _load_step(filter_fn: FilterFn, checkpoint: list[dict[str, torch.Tensor]]) -> FilterFn:
-    """timm's `pretrained_filter_fn`: map the keys of the checkpoint (`checkpoint[0]`, taken once: timm is handed a
-    placeholder, since it deep-copies its pretrained cfg, twice with `features_only`), complete the model from its base
-    repo, check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts
-    each tensor onto itself."""
+def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str,
+               dtype: Optional[torch.dtype]) -> FilterFn:
+    """timm's `pretrained_filter_fn`: check that the checkpoint (`checkpoint[0]`, taken once: timm is handed a
+    placeholder, since it deep-copies its pretrained cfg, twice with `features_only`) and every file the completion
+    will read fit in memory, before any is read; read and map the checkpoint, complete the model from its base repo,
+    check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts each
+    tensor onto itself."""
+    from .. import hub
 
     def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        state_dict = filter_fn(checkpoint.pop(), model)
+        source = checkpoint.pop()
+        files = model.completion_files(filter_fn(source.meta, model))
+        hub.check_fits(source.nbytes + sum(hub.safetensors_nbytes(f.path, f.dtype, f.select) for f in files),
+                       what + (f' with {", ".join(dict.fromkeys(f.what for f in files))}' if files else ''), dtype)
+        state_dict = filter_fn(source.read(), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
         check_keys(state_dict, model)
         assign_weights(model, state_dict)
@@ -254,13 +318,13 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         with errors():
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                          pretrained_cfg_overlay=overlay).to_dict()
-            checkpoint = [pretrained_state_dict(cfg, what, dtype or torch.float32)]
+            checkpoint = [pretrained_checkpoint(cfg, what, dtype or torch.float32)]  # read in the load step
             overlay = dict(overlay, state_dict={'checkpoint': torch.zeros(())}, source=None)  # see _load_step
     try:
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
                 _build(cls, internal, pretrained, dtype), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn, checkpoint) if pretrained else None,
+                pretrained_filter_fn=_load_step(filter_fn, checkpoint, what, dtype) if pretrained else None,
                 pretrained_cfg_overlay=overlay or None,
                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Encoder
 
-__all__ = ['VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL', 'VAE_TEST', 'SCHEDULER_SD']
+__all__ = ['VAEEncoder', 'vae_keys', 'encoder_key', 'VAE_SD', 'VAE_SDXL', 'VAE_TEST', 'SCHEDULER_SD']
 
 # VAE architectures (diffusers AutoencoderKL config values; the decoder is never built).
 VAE_SD = dict(
@@ -78,12 +78,17 @@ class VAEEncoder(nn.Module):
         return (z - self.shift_factor) * self.scaling_factor if self.shift_factor else z * self.scaling_factor
 
 
+def encoder_key(key: str) -> bool:
+    """Whether a key of a diffusers AutoencoderKL state dict is of the encoder half (the decoder is not built)."""
+    return key.startswith(('encoder.', 'quant_conv.'))
+
+
 def vae_keys(vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Encoder half of a diffusers AutoencoderKL state dict under `vae.`; old attention names are renamed."""
     renames = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.', '.proj_attn.': '.to_out.0.'}
     out = {}
     for k, v in vae_sd.items():
-        if not k.startswith(('encoder.', 'quant_conv.')):
+        if not encoder_key(k):
             continue  # decoder and post_quant_conv: not built
         for old, new in renames.items():
             k = k.replace(old, new)

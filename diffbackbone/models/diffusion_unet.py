@@ -26,7 +26,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..errors import InputError
 from ._attention import ActivationRecorder
-from ._base import DiffusionBackbone, per_latent, weights_dtype
+from ._base import DiffusionBackbone, WeightFile, per_latent, weights_dtype
 from ._builder import build_diffusion_model
 from ._options import (
     ControlConfig, HeadConfig, InputConfig, LoraConfig, PromptConfig, UNetNoiseConfig, UNetSourceConfig,
@@ -461,25 +461,29 @@ class DiffusionUNet(DiffusionBackbone):
         """`prompt_tensors` of each distinct prompt, the text encoders loaded once (cached on disk per prompt)."""
         return encode_cached(self.base_repo, list(dict.fromkeys(prompts)), self.sdxl)
 
+    def completion_files(self, state_dict: dict[str, torch.Tensor]) -> list[WeightFile]:
+        """Besides the VAE: the ControlNet and the depth estimator from their repos."""
+        from .. import hub  # deferred: only weight loading needs the Hub client
+
+        files = super().completion_files(state_dict)
+        for part, prefix, repo, filename, kind in (
+                (self.controlnet, 'controlnet.', self.control_repo, CONTROL_FILE, 'ControlNet'),
+                (self.depth_estimator, 'depth_estimator.', self.depth_repo, DEPTH_FILE, 'depth estimator')):
+            if part is not None and not any(k.startswith(prefix) for k in state_dict):
+                what = f'{kind} {repo!r}'
+                files.append(WeightFile(what, hub.download(repo, filename, what=what), weights_dtype(part),
+                                        lambda sd, p=prefix: {p + k: v for k, v in sd.items()}))
+        return files
+
     def complete_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Besides the VAE and the prompt: the ControlNet and depth estimator from their repos, and the learned
-        timestep of a clean model from `timestep_source` (a `timestep` given by the user wins)."""
+        """Besides the VAE, ControlNet, depth estimator and prompt: the learned timestep of a clean model from
+        `timestep_source` (a `timestep` given by the user wins)."""
         from .. import hub  # deferred: only weight loading needs the Hub client
 
         parts = super().complete_weights(state_dict)
         if 'unet.conv_out.weight' not in state_dict and self.unet.conv_out is not None \
                 and self.noise != 'ddim_inversion':
             self._drop_output_head()  # our state dicts saved before the head was kept: they load, without unet-out
-        if self.controlnet is not None and not any(k.startswith('controlnet.') for k in state_dict):
-            what = f'ControlNet {self.control_repo!r}'
-            sd = hub.load_safetensors(hub.download(self.control_repo, CONTROL_FILE, what=what), what=what,
-                                      dtype=weights_dtype(self.controlnet))
-            parts.update({'controlnet.' + k: v for k, v in sd.items()})
-        if self.depth_estimator is not None and not any(k.startswith('depth_estimator.') for k in state_dict):
-            what = f'depth estimator {self.depth_repo!r}'
-            sd = hub.load_safetensors(hub.download(self.depth_repo, DEPTH_FILE, what=what), what=what,
-                                      dtype=weights_dtype(self.depth_estimator))
-            parts.update({'depth_estimator.' + k: v for k, v in sd.items()})
         if self.clean and self.timestep_fixed:
             parts['timestep'] = torch.tensor(self._timestep_given)  # the parameter may be on the meta device
         elif self.clean and 'timestep' not in state_dict:

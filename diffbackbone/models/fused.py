@@ -26,6 +26,7 @@ the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone matc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -38,7 +39,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 
 from ..errors import InputError
-from ._builder import build_composite
+from ._builder import assigning_loads, build_composite, empty_weights
 from ._head import ClassifierHeadMixin
 from ._options import HeadConfig, Options, finite_number, whole_number
 from ._taps import Tap, TapError
@@ -256,8 +257,10 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
         if not is_model(arch) or model_entrypoint(arch).__module__ not in ('timm.models.vision_transformer', __name__):
             raise InputError(f'dino={dino!r} is not a timm VisionTransformer: use a DINOv2 such as '
                              "'vit_base_patch14_dinov2.lvd142m' (timm.list_models('*dinov2*')).")
-        self.dino = timm.create_model(dino, pretrained=load_weights, num_classes=0, dynamic_img_size=True,
-                                      **(dino_kwargs or {}))
+        with (empty_weights() if load_weights else contextlib.nullcontext()), assigning_loads():
+            # timm's own loader reads the DINOv2 weights into a model built without a random initialisation
+            self.dino = timm.create_model(dino, pretrained=load_weights, num_classes=0, dynamic_img_size=True,
+                                          **(dino_kwargs or {}))
         if not isinstance(self.dino, VisionTransformer):
             raise InputError(f'dino={dino!r} is not a timm VisionTransformer (use a vit_*_dinov2 model).')
         depth = len(self.dino.blocks)

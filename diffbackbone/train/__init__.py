@@ -73,9 +73,9 @@ def load_clean_model(path: str | Path, **kwargs):
     """
     import timm
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    from ..models._builder import load_weights
+    from .. import hub
+    from ..models._builder import empty_weights, load_weights
     from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 
     path = Path(path)
@@ -90,6 +90,8 @@ def load_clean_model(path: str | Path, **kwargs):
                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     vae_cfg = json.loads(meta['diffbackbone.vae_cfg'])
     vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
-    model = DiffusionUNet.from_kwargs(unet_cfg=json.loads(meta['diffbackbone.unet_cfg']), vae_cfg=vae_cfg, clean=True,
-                                      base_repo=meta.get('diffbackbone.base_repo') or None, **kwargs)
-    return load_weights(model, load_file(path), checkpoint_filter_fn).eval()
+    with empty_weights():  # the file's tensors are assigned: no random initialisation first
+        model = DiffusionUNet.from_kwargs(unet_cfg=json.loads(meta['diffbackbone.unet_cfg']), vae_cfg=vae_cfg,
+                                          clean=True, base_repo=meta.get('diffbackbone.base_repo') or None, **kwargs)
+    return load_weights(model, hub.load_safetensors(path, what=f'the clean-train output {path}'),
+                        checkpoint_filter_fn).eval()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import DiffbackboneError
 from ..models._base import SCHEDULER_SD
-from ..models._builder import load_weights
+from ..models._builder import assign_weights, empty_weights, load_weights
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
@@ -64,9 +64,15 @@ class BaseModels:
 
 
 def _copy_weights(teacher: DiffusionUNet, student: DiffusionUNet) -> None:
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or set(missing) - {'timestep'}:
+    """Give a student built inside `empty_weights` copies of the teacher's weights (its learned timestep: its own
+    initial value), without initialising it at random first."""
+    own, given = student.state_dict(), teacher.state_dict()
+    missing, unexpected = sorted(own.keys() - given.keys() - {'timestep'}), sorted(given.keys() - own.keys())
+    if missing or unexpected:
         raise TrainError(f'Teacher and student differ: missing {missing[:5]}, unexpected {unexpected[:5]}.')
+    weights = {k: v.detach().clone() for k, v in given.items()}
+    weights['timestep'] = torch.tensor(student._timestep_given)
+    assign_weights(student, weights)
 
 
 # Files of a diffusers Stable Diffusion repo that training needs.
@@ -98,14 +104,19 @@ def _diffusers_folder(folder: Path, pretrained: bool, base_repo: str | None = No
                                        'scaling_factor') if k in vae_all}
     vae_cfg['block_out_channels'] = tuple(vae_cfg['block_out_channels'])
     kwargs = dict(unet_cfg=unet_cfg, vae_cfg=vae_cfg, base_repo=base_repo or str(folder))
-    teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
-    student = DiffusionUNet.from_kwargs(clean=True, **kwargs)
     if pretrained:
         weights = folder / 'unet' / 'diffusion_pytorch_model.safetensors'
         if not weights.is_file():
             raise TrainError(f'{weights} is missing: save the UNet with safe_serialization=True (safetensors).')
-        from safetensors.torch import load_file
-        load_weights(teacher, load_file(weights), checkpoint_filter_fn)
+        from .. import hub
+
+        with empty_weights():  # the checkpoint's tensors are assigned: no random initialisation first
+            teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
+        load_weights(teacher, hub.load_safetensors(weights, what=f'the base UNet {weights}'), checkpoint_filter_fn)
+    else:
+        teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
+    with empty_weights():
+        student = DiffusionUNet.from_kwargs(clean=True, **kwargs)
     _copy_weights(teacher, student)
     scheduler = DDPMScheduler(**SCHEDULER_SD)
     if (folder / 'scheduler' / 'scheduler_config.json').is_file():
@@ -135,7 +146,8 @@ def build_models(base: str, pretrained: bool = True) -> BaseModels:
                          f'{", ".join(_ALIASES)}), an existing local diffusers folder, or a Hub repo "org/name".')
     noisy, clean = BASES[key]
     teacher = timm.create_model(noisy, pretrained=pretrained, ensemble=1)
-    student = timm.create_model(clean, pretrained=False)
+    with empty_weights():  # the teacher's weights are copied in
+        student = timm.create_model(clean, pretrained=False)
     _copy_weights(teacher, student)
     return BaseModels(teacher, student, teacher.base_repo, clean, dict(teacher.unet.config), {})
 
