@@ -166,7 +166,7 @@ def test_cli_end_to_end(run):
 def test_cli_writes_uncertainty_and_pictures(run):
     """`--pictures`: per split, every test image's colour map, classes and uncertainty; the classes give back the
     split's IoU; the JSON holds each test image's uncertainty score and their mean per split."""
-    rc, data, _, result = run
+    _, data, _, result = run
     pics = Path(result['pictures'])
     assert sorted(p.name for p in pics.iterdir()) == ['seed0', 'seed1']
     for s in result['splits']:

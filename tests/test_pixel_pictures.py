@@ -96,7 +96,7 @@ def test_pictures_are_their_save_predictions(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 21, (40, 40)).astype(np.uint8)
     unc = (rng.random((40, 40)) * np.log(21)).astype(np.float32)
-    name, flat = palette(None, 'horse_21', 21)
+    _, flat = palette(None, 'horse_21', 21)
     with SplitPictures(tmp_path / 'pics', 3, 21, flat) as out:
         out.add(tmp_path / 'img_7.a.png', labels, unc)
         out.commit()
@@ -121,10 +121,9 @@ def test_pictures_are_their_save_predictions(tmp_path):
 def test_pictures_are_never_half_written_and_replace_only_ours(tmp_path):
     folder = tmp_path / 'pics'
     labels, unc = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32)
-    with pytest.raises(RuntimeError):
-        with SplitPictures(folder, 0, 4, palette(None, 'x', 4)[1]) as out:
-            out.add(tmp_path / 'a.png', labels, unc)
-            raise RuntimeError('training failed')
+    with pytest.raises(RuntimeError), SplitPictures(folder, 0, 4, palette(None, 'x', 4)[1]) as out:
+        out.add(tmp_path / 'a.png', labels, unc)
+        raise RuntimeError('training failed')
     assert list(folder.iterdir()) == []  # no split folder, no temporary
     with SplitPictures(folder, 0, 4, palette(None, 'x', 4)[1]) as out:
         out.add(tmp_path / 'a.png', labels, unc)
