@@ -393,15 +393,15 @@ def _check_paths(args: argparse.Namespace) -> None:
     check_size_fits(args.label_size, 1, 'cpu', '--label-size')  # labels and features of an image at N x N
 
 
-def _pictures(args: argparse.Namespace, dataset: PixelDataset) -> Optional[list[int]]:
-    """With `--pictures`: the flat palette, after checking the picture names and each split's folder (before any
-    work); sets `args.palette_name`."""
+def _pictures(args: argparse.Namespace, dataset: PixelDataset) -> Optional[tuple[str, list[int]]]:
+    """With `--pictures`: (name, flat RGB list) of the palette, after checking the picture names and each split's
+    folder (before any work)."""
     if not args.pictures:
         return None
-    args.palette_name, flat = palette(args.palette, dataset.name, dataset.classes)
+    chosen = palette(args.palette, dataset.name, dataset.classes)
     check_pictures(args.pictures, [args.seed + k for k in range(args.splits)],
                    [it.image for it in dataset.train + dataset.test])
-    return flat
+    return chosen
 
 
 def run_pixel(args: argparse.Namespace) -> int:
@@ -441,7 +441,7 @@ def run_pixel(args: argparse.Namespace) -> int:
         if pictures is None:
             r = evaluate_split(maps, sampler, train, test, cfg, seed, progress=True)
         else:
-            with SplitPictures(args.pictures, seed, dataset.classes, pictures) as out:
+            with SplitPictures(args.pictures, seed, dataset.classes, pictures[1]) as out:
                 r = evaluate_split(maps, sampler, train, test, cfg, seed, True,
                                    lambda it, pred: out.add(it.image, pred.labels, pred.uncertainty))
                 out.commit()
@@ -454,7 +454,7 @@ def run_pixel(args: argparse.Namespace) -> int:
           f'{mious.std():.2f} over {len(results)} split(s) (peak RSS {rss:.0f} MB)')
     if pictures is not None:
         print(f'wrote pictures to {args.pictures} (seed<S>/visualizations, predictions, uncertainty; palette '
-              f'{args.palette_name})')
+              f'{pictures[0]})')
     if args.json:
         write_json(args.json, dict(
             dataset=dataset.name, classes=dataset.classes, model=args.model, weights=args.weights, taps=taps,
