@@ -35,6 +35,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyrami
 
 from .errors import InputError, InputTypeError
 from .models._base import DiffusionBackbone
+from .models.multi import MULTI_TAP, MultiBackbone, is_multi_model
 
 __all__ = ['DiffusionFPN', 'SimpleFeaturePyramid', 'fpn_backbone']
 
@@ -44,15 +45,17 @@ NECKS = ('auto', 'fpn', 'simple')
 
 def _trainable_blocks(model: nn.Module) -> list[nn.Module]:
     """The denoiser's blocks that still run after pruning, in execution order: a UNet's down blocks, mid block and up
-    blocks; a transformer's blocks (FLUX: double-stream, then single-stream)."""
+    blocks; a transformer's blocks (FLUX: double-stream, then single-stream); none for a model without either."""
     unet = getattr(model, 'unet', None)
     if unet is not None:
         blocks = list(unet.down_blocks)
         if unet.mid_block is not None:
             blocks.append(unet.mid_block)
         return blocks + list(unet.up_blocks)
-    tr = model.transformer
+    tr = getattr(model, 'transformer', None)
     blocks: list[nn.Module] = []
+    if tr is None:
+        return blocks
     for name in ('transformer_blocks', 'single_transformer_blocks', 'blocks'):
         blocks += list(getattr(tr, name, None) or ())
     return blocks
@@ -127,19 +130,23 @@ class DiffusionFPN(nn.Module):
         """
         super().__init__()
         model = body.model if hasattr(body, 'model') else body
-        if not isinstance(model, DiffusionBackbone):
+        if not isinstance(model, (DiffusionBackbone, MultiBackbone)):
             raise InputTypeError(f'fpn_backbone needs a diffbackbone diffusion model, got {type(model).__name__}.')
         if neck not in NECKS:
             raise InputError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
-        blocks = _trainable_blocks(model)
-        if isinstance(trainable, bool) or not isinstance(trainable, int) or not 0 <= trainable <= len(blocks):
+        # A multi-model backbone: every member trains its own last `trainable` blocks.
+        parts = [_trainable_blocks(m) for m in (model.models if isinstance(model, MultiBackbone) else [model])]
+        most = min(len(blocks) for blocks in parts)
+        if isinstance(trainable, bool) or not isinstance(trainable, int) or not 0 <= trainable <= most:
+            each = ' of each member' if len(parts) > 1 else ''
             raise InputError(f'trainable must be an int from 0 (frozen backbone, only the pyramid trains) to '
-                             f'{len(blocks)} (every denoiser block that runs for these taps), got {trainable!r}.')
+                             f'{most} (every denoiser block{each} that runs for these taps), got {trainable!r}.')
         # torchvision's trainable_layers convention: freeze all, then unfreeze the last `trainable` blocks. The VAE
         # encoder, the time embedding and the learned timestep stay frozen.
         body.requires_grad_(False)
-        for block in blocks[len(blocks) - trainable:]:
-            block.requires_grad_(True)
+        for blocks in parts:
+            for block in blocks[len(blocks) - trainable:]:
+                block.requires_grad_(True)
         self.trainable = trainable
         self.body = body
         info = body.feature_info
@@ -196,12 +203,13 @@ def fpn_backbone(
         model_name: a diffbackbone timm model (`cleandift_sd21`, `sd15`, `pixart_sigma_512`, `flux`, ...).
         pretrained: load the weights from the Hub (see the README for overrides).
         taps: taps to feed the pyramid (names, indices or a preset). Default: the model's 'pyramid' preset for
-            the FPN; for a diffusion transformer the deepest of them, its last block (ViTDet's choice). Several taps
-            of one stride are concatenated along channels before the simple pyramid.
+            the FPN; for a diffusion transformer the deepest of them, its last block (ViTDet's choice); for a
+            multi-model backbone (`ours_xl_t`, `multi_diffusion`) its `multi` map, through the simple pyramid.
+            Several taps of one stride are concatenated along channels before the simple pyramid.
         out_channels: channels of the pyramid maps.
         trainable: denoiser blocks trained (UNet blocks, transformer blocks), counted back from the deepest block
             that runs (0: backbone frozen, the default; the VAE encoder is always frozen), as torchvision's
-            `trainable_layers`.
+            `trainable_layers`; in a multi-model backbone, in every member.
         extra_blocks: extra block after the pyramid (default `LastLevelMaxPool`, the 'pool' map).
         norm_layer: FPN normalisation layer (torchvision's FPN only).
         neck: 'auto' (taps of several strides: torchvision's FPN; of one stride: ViTDet's simple pyramid), 'fpn' or
@@ -210,6 +218,8 @@ def fpn_backbone(
     """
     if neck not in NECKS:
         raise InputError(f"neck must be one of {', '.join(map(repr, NECKS))}, got {neck!r}.")
+    if taps is None and is_multi_model(model_name):
+        taps = (MULTI_TAP,)  # the concatenation; its members' taps are many, at repeated strides
     body = timm.create_model(model_name, pretrained=pretrained, features_only=True, out_indices=taps, **model_kwargs)
     inputs = None
     if taps is None and neck != 'fpn' and len(set(body.feature_info.reduction())) == 1:

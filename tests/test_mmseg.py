@@ -297,3 +297,43 @@ param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, 
         for ln in first + second + test_log:
             if any(k in ln for k in keep):
                 print(ln)
+
+
+def test_multi_model_is_a_backbone():
+    """A multi-model backbone (`test_multi`: test_sdxl + test_dift): listed, its `multi` map by default (or any of its
+    taps), the maps timm's features_only gives; every member's VAE frozen and in eval mode, their UNets trained; a
+    linear head on the `multi` map takes a training step."""
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    from diffbackbone.mmseg.backbone import diffusion_model_names
+
+    assert {'test_multi', 'ours_xl_t', 'multi_diffusion'} <= set(diffusion_model_names())
+    torch.manual_seed(0)
+    bb = DiffusionBackbone('test_multi', pretrained=False)
+    torch.manual_seed(0)
+    ref = timm.create_model('test_multi', features_only=True, out_indices=('multi',)).eval()
+    assert bb.tap_names == ['multi'] and bb.out_channels == ref.feature_info.channels() and bb.strides == [8]
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    bb.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x)[0], ref(x)[0])
+    assert DiffusionBackbone('test_multi', pretrained=False, out_indices=('multi', 'test_dift:us9')).strides == [8, 16]
+
+    cfg = Config.fromfile(str(REPO / 'configs_mmseg/linear_probe/linear_cleandift-sd21-frozen-us6_4xb4-20k_voc12aug'
+                                     '-512x512.py'))
+    ch = bb.out_channels[0]
+    cfg.model.backbone.update(model_name='test_multi', pretrained=False, out_indices=None, frozen=False)
+    cfg.model.decode_head.update(in_channels=ch, channels=ch, num_classes=3)
+    seg = MODELS.build(cfg.model)
+    seg.train()
+    members = seg.backbone.model.models
+    assert all(not m.vae.training and m.unet.training for m in members)
+    sample = SegDataSample(metainfo=dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128)))
+    sample.gt_sem_seg = PixelData(data=torch.randint(0, 3, (1, 128, 128)))
+    loss, _ = seg.parse_losses(seg.loss(x, [sample]))
+    loss.backward()
+    for m in members:
+        assert all(p.grad is None for p in m.vae.parameters())
+        assert sum(p.grad is not None for p in m.unet.parameters()) > len(list(m.unet.parameters())) // 2

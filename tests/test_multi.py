@@ -105,3 +105,22 @@ def test_sizes_and_grid_follow_the_input():
     for info, m in zip(model.feature_info, maps):
         assert m.shape[1] == info['num_chs'] and m.shape[2] <= -(-256 // info['reduction']) + 1, info['name']
     assert maps[model.tap_names().index(MULTI_TAP)].shape[-2:] == (32, 32)
+
+
+def test_features_only_default_is_every_tap():
+    """`timm.create_model('test_multi', features_only=True)`: every tap, in feature_info's order, the maps the plain
+    model gives (the `multi` map its forward_features)."""
+    x = _images(1)
+    torch.manual_seed(0)
+    feats = timm.create_model('test_multi', features_only=True).eval()
+    torch.manual_seed(0)
+    model = timm.create_model('test_multi').eval()
+    assert feats.feature_info.get('name') == model.tap_names() and len(model.tap_names()) == 11
+    with torch.no_grad():
+        got, want = feats(x), model.forward_intermediates(x, intermediates_only=True)
+        multi = model.forward_features(x)
+    assert len(got) == len(want) == 11
+    for g, w, info in zip(got, want, feats.feature_info.get_dicts()):
+        torch.testing.assert_close(g, w)
+        assert g.shape[1] == info['num_chs'] and g.shape[-1] == 128 // info['reduction'], info['name']
+    torch.testing.assert_close(got[model.tap_names().index(MULTI_TAP)], multi)

@@ -135,7 +135,8 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp('pixel')
     data = _write_dataset(base / 'blocks_3')
     out = base / 'res.json'
-    rc = cli.main(['eval', 'pixel', '--data', str(data), '--store', str(base / 'store'), '--json', str(out), *ARGS])
+    rc = cli.main(['eval', 'pixel', '--data', str(data), '--store', str(base / 'store'), '--json', str(out),
+                   '--pictures', str(base / 'pics'), *ARGS])
     return rc, data, base / 'store', json.loads(out.read_text()) if out.is_file() else None
 
 
@@ -160,6 +161,32 @@ def test_cli_end_to_end(run):
     st = FeatureStore(store)
     assert len(st) == 8 and st.config['model_kwargs'] == {'meng_t': 50}
     assert st.config['input_size'] == [128, 128]  # the model's native size
+
+
+def test_cli_writes_uncertainty_and_pictures(run):
+    """`--pictures`: per split, every test image's colour map, classes and uncertainty; the classes give back the
+    split's IoU; the JSON holds each test image's uncertainty score and their mean per split."""
+    _, data, _, result = run
+    pics = Path(result['pictures'])
+    assert sorted(p.name for p in pics.iterdir()) == ['seed0', 'seed1']
+    for s in result['splits']:
+        assert len(s['uncertainty']) == len(s['test']) and all(u >= -1e-6 for u in s['uncertainty'])
+        assert s['mean_uncertainty'] == pytest.approx(np.mean(s['uncertainty']))
+        folder = pics / f"seed{s['seed']}"
+        inter, union = np.zeros(4), np.zeros(4)
+        for name in s['test']:
+            stem = name.split('.')[0]
+            with Image.open(folder / 'predictions' / f'{stem}.png') as img:
+                pred = np.array(img)
+            gt = np.load(next(data.rglob(f'{stem}.npy')))
+            inter += [((pred == c) & (gt == c)).sum() for c in range(4)]
+            union += [((pred == c) | (gt == c)).sum() for c in range(4)]
+            with Image.open(folder / 'visualizations' / f'{stem}.jpg') as img:
+                assert img.size == (S, S) and img.mode == 'RGB'
+            with Image.open(folder / 'uncertainty' / f'{stem}.png') as img:
+                assert img.size == (S, S) and img.mode == 'L'
+        assert s['iou'] == pytest.approx(list(100 * inter / (1e-8 + union)))
+    assert result['uncertainty_mean'] == pytest.approx(np.mean([s['mean_uncertainty'] for s in result['splits']]))
 
 
 @pytest.fixture(scope='module')

@@ -159,3 +159,33 @@ def test_unet_takes_the_simple_pyramid_on_one_tap():
     with torch.no_grad():
         out = backbone.eval()(torch.rand(1, 3, SIZE, SIZE) * 2 - 1)
     assert [v.shape[-1] for v in out.values()] == [SIZE // s for s in (4, 8, 16, 32, 64)]
+
+
+def test_multi_model_backbone():
+    """A multi-model backbone (`test_multi`): by default its `multi` map (one stride, 8) through ViTDet's simple
+    pyramid, equal to the model's own map; `trainable` trains the last blocks of every member; a FasterRCNN step."""
+    import timm
+
+    from diffbackbone.models.multi import MULTI_TAP
+
+    torch.manual_seed(0)
+    backbone = fpn_backbone('test_multi', out_channels=16).eval()
+    assert backbone.neck == 'simple' and backbone.body.feature_info.get('name') == [MULTI_TAP]
+    x = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    torch.manual_seed(0)
+    ref = timm.create_model('test_multi').eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.body(x)[0], ref.forward_features(x))
+        out = backbone(x)
+    assert list(out) == ['0', '1', '2', '3', 'pool']
+    assert [v.shape[-1] for v in out.values()] == [SIZE // s for s in (4, 8, 16, 32, 64)]
+    with pytest.raises(ValueError, match='of each member'):
+        fpn_backbone('test_multi', trainable=99)
+    detector = _detector(FasterRCNN, fpn_backbone('test_multi', out_channels=16, trainable=1))
+    names = {n for n, p in detector.backbone.named_parameters() if p.requires_grad}
+    assert {n.split('.')[3] for n in names if n.startswith('body.model.models.')} == {'0', '1'}  # both members
+    assert not any('.vae.' in n for n in names)
+    detector.train()
+    losses = detector([torch.rand(3, SIZE, SIZE)], _targets(1))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -117,10 +117,19 @@ def _add_pixel(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--memory-gb', type=positive_float, default=4.0, help='training maps held at once (native size, '
                    'float16); beyond it an epoch visits the images in groups (default: 4)')
     p.add_argument('--workers', type=int, help='image decoding processes of the extraction')
-    p.add_argument('--json', help='write mIoU (percent) per split and class to this JSON file')
+    p.add_argument('--json', help='write mIoU (percent) per split and class, and the uncertainty per test image, to '
+                                  'this JSON file')
+    p.add_argument('--pictures', metavar='DIR', help="write DDPM-segmentation's pictures of every test image to "
+                   'DIR/seed<S>/: visualizations/ (their colour maps), predictions/ (classes), uncertainty/')
+    p.add_argument('--palette', choices=_PIXEL_PALETTES, help="colours of --pictures (default: DDPM-segmentation's of "
+                   "the dataset's category, e.g. horse_21, else voc)")
     p.add_argument('--seed', type=int, default=0, help='seed of split k is SEED + k (default: 0)')
     add_model_args(p, batch_size=4)
     return p
+
+
+# DDPM-segmentation's palettes (evals/pixel_pictures.PALETTES, imported only when `eval pixel` runs) and VOC's
+_PIXEL_PALETTES = ('ffhq_34', 'bedroom_28', 'cat_15', 'horse_21', 'ade_bedroom_30', 'celeba_19', 'voc')
 
 
 def _add_hpatches(evals: argparse._SubParsersAction) -> argparse.ArgumentParser:

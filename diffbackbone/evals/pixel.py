@@ -16,6 +16,11 @@ majority (`torch.mode`) of the members' argmax; IoU per class sums intersections
 and mIoU is the mean over all classes (an absent class counts 0, as theirs). Mean and spread (std, ddof=0) over
 `--splits` random splits (seed, seed + 1, ...), as their README's average of five random runs.
 
+The uncertainty is their `predict_labels`': per pixel, the entropy of the members' mean softmax less the mean of the
+members' entropies (`Categorical`), and per image the mean of its highest tenth of pixels (their `top_k`); a split's
+is the mean over its test images (their "Mean uncertainty"). `--pictures DIR` writes their colour maps
+(`save_predictions`) and the uncertainty maps (`pixel_pictures`).
+
 Unlike theirs, memory stays bounded: pixels are never held at label size. The training images' maps are kept at their
 native size (float16) and each batch reads its 64 pixels by the same bilinear weights (`PixelSampler`); a test image
 is classified in chunks of pixels. When the training maps exceed `--memory-gb`, an epoch visits the images in random
@@ -29,17 +34,20 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributions import Categorical
 
 from ..errors import InputError
 from .pixel_data import IGNORE, PixelDataError, PixelDataset, PixelItem, load_label, load_pixel_dataset
+from .pixel_pictures import SplitPictures, check_pictures, palette
 
-__all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'MENG_CHANNELS', 'preset_channels',
-           'split_items', 'train_labels', 'train_ensemble', 'predict_image', 'iou_scores', 'evaluate_split',
+__all__ = ['PixelClassifier', 'PixelSampler', 'TrainConfig', 'SplitResult', 'Prediction', 'MENG_CHANNELS',
+           'preset_channels', 'split_items', 'train_labels', 'train_ensemble', 'predict_image', 'top_tenth_mean',
+           'iou_scores', 'evaluate_split',
            'takes_meng_t', 'pixel_model_kwargs', 'run_pixel', 'PixelDataError']
 
 MIN_PIXELS = 20  # a class with fewer pixels in a training image is ignored there (theirs)
@@ -138,6 +146,20 @@ class SplitResult:
     iou: list[float]
     epochs: list[int] = field(default_factory=list)  # epochs each member trained (early stop)
     seconds: float = 0.0
+    uncertainty: list[float] = field(default_factory=list)  # their top_k score of each test image
+
+    @property
+    def mean_uncertainty(self) -> float:
+        """Their "Mean uncertainty": the mean of the test images' scores."""
+        return sum(self.uncertainty) / len(self.uncertainty) if self.uncertainty else float('nan')
+
+
+@dataclass
+class Prediction:
+    """One test image's prediction (label size)."""
+    labels: np.ndarray  # (L, L) uint8: the members' majority vote
+    uncertainty: np.ndarray  # (L, L) float32: entropy of the mean softmax less the mean of the members' entropies
+    score: float  # their top_k: the mean of the highest tenth of `uncertainty`
 
 
 class _Maps:
@@ -242,19 +264,34 @@ def maps_shapes(maps: _Maps) -> list[list[int]]:
     return [list(shapes[t]) for t in maps.taps]
 
 
+def top_tenth_mean(values: torch.Tensor) -> torch.Tensor:
+    """Their per-image score: `values.sort()[0][-int(n / 10):].mean()` (all values when n < 10, as `[-0:]` is)."""
+    return values.sort()[0][-int(values.shape[0] / 10):].mean()
+
+
 @torch.no_grad()
 def predict_image(members: Sequence[nn.Module], image_maps: list[torch.Tensor], sampler: PixelSampler,
-                  chunk: int = 8192) -> np.ndarray:
-    """(L, L) uint8 prediction of one image: the most frequent argmax of the members (`torch.mode`), in chunks."""
+                  chunk: int = 8192) -> Prediction:
+    """One image's prediction, as their `predict_labels`, in chunks of pixels: the most frequent argmax of the
+    members (`torch.mode`) and the uncertainty (entropy of the members' mean softmax less their mean entropy)."""
     size = sampler.size
     device = image_maps[0].device
-    out = torch.empty(size * size, dtype=torch.long)
+    labels = torch.empty(size * size, dtype=torch.long)
+    uncertainty = torch.empty(size * size, dtype=torch.float32)
     for start in range(0, size * size, chunk):
         pos = torch.arange(start, min(start + chunk, size * size), device=device)
         x = sampler(image_maps, torch.zeros_like(pos), pos)
-        votes = torch.stack([m(x).argmax(dim=1) for m in members], dim=-1)
-        out[start:start + len(pos)] = torch.mode(votes.cpu(), dim=-1)[0]
-    return out.view(size, size).numpy().astype(np.uint8)
+        logits = [m(x) for m in members]
+        mean = logits[0].softmax(dim=1)
+        for z in logits[1:]:
+            mean += z.softmax(dim=1)
+        mean = mean / len(logits)
+        entropy = torch.stack([Categorical(logits=z).entropy() for z in logits]).mean(0)
+        uncertainty[start:start + len(pos)] = (Categorical(mean).entropy() - entropy).float().cpu()
+        votes = torch.stack([torch.max(z.log_softmax(dim=1), dim=1)[1] for z in logits], dim=-1)  # their oht_to_scalar
+        labels[start:start + len(pos)] = torch.mode(votes.cpu(), dim=-1)[0]
+    return Prediction(labels.view(size, size).numpy().astype(np.uint8), uncertainty.view(size, size).numpy(),
+                      float(top_tenth_mean(uncertainty)))
 
 
 def iou_scores(intersections: np.ndarray, unions: np.ndarray) -> tuple[float, list[float]]:
@@ -264,21 +301,27 @@ def iou_scores(intersections: np.ndarray, unions: np.ndarray) -> tuple[float, li
 
 
 def evaluate_split(maps: _Maps, sampler: PixelSampler, train: Sequence[PixelItem], test: Sequence[PixelItem],
-                   cfg: TrainConfig, seed: int, progress: bool = False) -> SplitResult:
-    """Train the ensemble on `train`, then mIoU over `test`."""
+                   cfg: TrainConfig, seed: int, progress: bool = False,
+                   on_image: Optional[Callable[[PixelItem, Prediction], None]] = None) -> SplitResult:
+    """Train the ensemble on `train`, then mIoU and uncertainty over `test`; `on_image` gets each test image's
+    prediction (the pictures)."""
     start = time.perf_counter()
     members, epochs = train_ensemble(maps, sampler, train, cfg, seed, progress)
     inter, union = np.zeros(cfg.classes), np.zeros(cfg.classes)
+    scores = []
     for it in test:
-        pred = predict_image(members, maps.load([str(it.image)]), sampler)
-        gt = load_label(it.label, cfg.label_size)
+        prediction = predict_image(members, maps.load([str(it.image)]), sampler)
+        if on_image is not None:
+            on_image(it, prediction)
+        pred, gt = prediction.labels, load_label(it.label, cfg.label_size)
+        scores.append(prediction.score)
         for c in range(cfg.classes):
             p, g = pred == c, gt == c
             inter[c] += (p & g).sum()
             union[c] += (p | g).sum()
     miou, iou = iou_scores(inter, union)
     return SplitResult(seed, [it.image.name for it in train], [it.image.name for it in test], miou, iou, epochs,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, scores)
 
 
 def preset_channels(model: str, preset: str) -> int:
@@ -334,7 +377,7 @@ def _extract(args: argparse.Namespace, images: list[str], kwargs: dict) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from ..data.outputs import check_folder
+    from ..data.outputs import check_distinct_outputs, check_folder
     from ..cli_args import check_size_fits
     from .common import check_outputs
 
@@ -343,8 +386,22 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise InputError(f'--store {store} overlaps --data {data}: keep the feature store outside the dataset.')
     check_folder(args.store, 'store', [args.data], option='--store')  # a store of ours, resumed (as `features`)
     check_outputs(args, [args.data, args.store])
+    if args.pictures:
+        check_distinct_outputs({'--json': args.json}, {'--store': args.store, '--pictures': args.pictures})
+        check_folder(args.pictures, 'folder', [args.data, args.store], option='--pictures')
     check_size_fits(args.size, args.batch_size, args.device, model=args.model)
     check_size_fits(args.label_size, 1, 'cpu', '--label-size')  # labels and features of an image at N x N
+
+
+def _pictures(args: argparse.Namespace, dataset: PixelDataset) -> Optional[tuple[str, list[int]]]:
+    """With `--pictures`: (name, flat RGB list) of the palette, after checking the picture names and each split's
+    folder (before any work)."""
+    if not args.pictures:
+        return None
+    chosen = palette(args.palette, dataset.name, dataset.classes)
+    check_pictures(args.pictures, [args.seed + k for k in range(args.splits)],
+                   [it.image for it in dataset.train + dataset.test])
+    return chosen
 
 
 def run_pixel(args: argparse.Namespace) -> int:
@@ -360,6 +417,7 @@ def run_pixel(args: argparse.Namespace) -> int:
         raise InputError(f'--memory-gb must be positive, got {args.memory_gb}.')
     _check_paths(args)
     dataset = load_pixel_dataset(args.data, args.classes)  # checked before any model is built
+    pictures = _pictures(args, dataset)
     kwargs = pixel_model_kwargs(args)
     print(f'{dataset.name}: {len(dataset.train)} train + {len(dataset.test)} test images, {dataset.classes} classes')
     _extract(args, [str(it.image.resolve()) for it in dataset.train + dataset.test], kwargs)
@@ -380,21 +438,33 @@ def run_pixel(args: argparse.Namespace) -> int:
     for k in range(args.splits):
         seed = args.seed + k
         train, test = split_items(dataset, seed, not args.keep_split, args.max_train, args.max_test)
-        r = evaluate_split(maps, sampler, train, test, cfg, seed, progress=True)
+        if pictures is None:
+            r = evaluate_split(maps, sampler, train, test, cfg, seed, progress=True)
+        else:
+            with SplitPictures(args.pictures, seed, dataset.classes, pictures[1]) as out:
+                r = evaluate_split(maps, sampler, train, test, cfg, seed, True,
+                                   lambda it, pred: out.add(it.image, pred.labels, pred.uncertainty))
+                out.commit()
         results.append(r)
-        print(f'split {k + 1}/{args.splits} (seed {seed}): mIoU {100 * r.miou:.2f} ({len(train)} train, {len(test)} '
-              f'test; epochs {r.epochs}; {r.seconds:.1f} s)')
+        print(f'split {k + 1}/{args.splits} (seed {seed}): mIoU {100 * r.miou:.2f}, mean uncertainty '
+              f'{r.mean_uncertainty:.4f} ({len(train)} train, {len(test)} test; epochs {r.epochs}; {r.seconds:.1f} s)')
     mious = np.array([r.miou for r in results]) * 100
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f'{args.model} {taps if len(taps) < 5 else args.taps} on {dataset.name}: mIoU {mious.mean():.2f} +- '
           f'{mious.std():.2f} over {len(results)} split(s) (peak RSS {rss:.0f} MB)')
+    if pictures is not None:
+        print(f'wrote pictures to {args.pictures} (seed<S>/visualizations, predictions, uncertainty; palette '
+              f'{pictures[0]})')
     if args.json:
         write_json(args.json, dict(
             dataset=dataset.name, classes=dataset.classes, model=args.model, weights=args.weights, taps=taps,
             channels=sampler.dim, model_kwargs=kwargs, label_size=args.label_size, ensemble=args.ensemble,
             epochs=args.epochs, pixel_batch=args.pixel_batch, shuffle=not args.keep_split, store=str(args.store),
             miou_mean=float(mious.mean()), miou_std=float(mious.std()),
+            uncertainty_mean=float(np.mean([r.mean_uncertainty for r in results])),
+            pictures=str(args.pictures) if pictures is not None else None,
             splits=[dict(seed=r.seed, miou=100 * r.miou, iou=[100 * v for v in r.iou], train=r.train, test=r.test,
-                         epochs=r.epochs, seconds=r.seconds) for r in results]), 'eval pixel')
+                         epochs=r.epochs, seconds=r.seconds, mean_uncertainty=r.mean_uncertainty,
+                         uncertainty=r.uncertainty) for r in results]), 'eval pixel')
         print(f'wrote {args.json}')
     return 0

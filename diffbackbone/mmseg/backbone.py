@@ -3,7 +3,8 @@
 mmseg's own `TIMMBackbone` builds any timm model with `features_only=True`, but cannot freeze parts of it, run it in
 another dtype or pick taps by name; `DiffusionBackbone` adds those. The wrapped `DiffusionUNet` sits at
 `backbone.model`, so its UNet parameters are named `backbone.model.unet.*` and an lr multiplier is one line:
-`paramwise_cfg=dict(custom_keys={'backbone.model.unet': dict(lr_mult=0.1)})`.
+`paramwise_cfg=dict(custom_keys={'backbone.model.unet': dict(lr_mult=0.1)})`. A multi-model backbone (`ours_xl_t`,
+`multi_diffusion`) is taken too: its members sit at `backbone.model.models.<i>`, each VAE frozen as a single model's.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
 from ..errors import InputError
-from ..models import MIN_INPUT_SIZE, DiffusionUNet
+from ..models import MIN_INPUT_SIZE
+from ..models.multi import MULTI_TAP, MultiBackbone, is_multi_model
 from .checks import ConfigError, _pair, check_head_channels
 
 __all__ = ['DiffusionBackbone', 'DiffusionEncoderDecoder']
@@ -67,7 +69,7 @@ class DiffusionBackbone(BaseModule):
             self,
             model_name: str,
             pretrained: Union[bool, str] = True,
-            out_indices: Union[str, int, Sequence[Union[int, str]]] = 'pyramid',
+            out_indices: Union[None, str, int, Sequence[Union[int, str]]] = None,
             frozen: bool = False,
             freeze_vae: bool = True,
             dtype: str = 'float32',
@@ -81,6 +83,7 @@ class DiffusionBackbone(BaseModule):
                 `diffusion_model_names()`).
             pretrained: load the model's published weights; a path loads that checkpoint file instead.
             out_indices: taps to return: names ('us6'), a preset ('pyramid', 'cleandift'), indices, or a mix.
+                Default: 'pyramid'; for a multi-model backbone its concatenated map ('multi').
             frozen: freeze the whole backbone: no gradients, eval mode even in training, forward under no_grad.
             freeze_vae: keep the VAE encoder frozen while the UNet is fine-tuned.
             dtype: dtype of the backbone's weights and compute: 'float32', 'bfloat16' or 'float16'.
@@ -104,13 +107,15 @@ class DiffusionBackbone(BaseModule):
             overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, file=pretrained)
             kwargs['pretrained_cfg_overlay'] = overlay
             pretrained = True
+        if out_indices is None:
+            out_indices = (MULTI_TAP,) if is_multi_model(model_name) else 'pyramid'
         if isinstance(out_indices, list):
             out_indices = tuple(out_indices)
         getter = timm.create_model(  # weights read in `dtype`: no float32 copy first
             model_name, pretrained=pretrained, features_only=True, out_indices=out_indices, dtype=_DTYPES[dtype],
             **kwargs)
         # Unwrap timm's feature getter so parameters are named backbone.model.unet.* / backbone.model.vae.*.
-        self.model: DiffusionUNet = getter.model
+        self.model: nn.Module = getter.model
         self.out_indices: list[int] = list(getter.out_indices)
         self.feature_info = getter.feature_info
         self.out_channels: list[int] = self.feature_info.channels()
@@ -123,10 +128,11 @@ class DiffusionBackbone(BaseModule):
         self.model.set_grad_checkpointing(with_cp)
 
         # The learned timestep of clean models keeps its trained value; segmentation fine-tunes the weights.
-        if isinstance(getattr(self.model, 'timestep', None), nn.Parameter):  # FLUX has a sigma, no timestep
-            self.model.timestep.requires_grad_(False)
-        if self.freeze_vae and self.model.vae is not None:  # DeepFloyd IF works in pixel space: no VAE
-            self.model.vae.requires_grad_(False)
+        for part in self._parts():
+            if isinstance(getattr(part, 'timestep', None), nn.Parameter):  # FLUX has a sigma, no timestep
+                part.timestep.requires_grad_(False)
+        for vae in self._vaes():
+            vae.requires_grad_(False)
         if frozen:
             self.model.requires_grad_(False)
         elif self.dtype != torch.float32:
@@ -136,12 +142,23 @@ class DiffusionBackbone(BaseModule):
                 logger='current', level=logging.WARNING)
         self.train()
 
+    def _parts(self) -> list[nn.Module]:
+        """The diffusion models inside: a multi-model backbone's members, else the model itself."""
+        return list(self.model.models) if isinstance(self.model, MultiBackbone) else [self.model]
+
+    def _vaes(self) -> list[nn.Module]:
+        """The VAE encoders kept frozen (none with `freeze_vae=False`; DeepFloyd IF works in pixel space: no VAE)."""
+        if not self.freeze_vae:
+            return []
+        return [part.vae for part in self._parts() if getattr(part, 'vae', None) is not None]
+
     def train(self, mode: bool = True) -> 'DiffusionBackbone':
         super().train(mode)
         if self.frozen:
             self.model.eval()
-        elif self.freeze_vae and self.model.vae is not None:
-            self.model.vae.eval()
+        else:
+            for vae in self._vaes():
+                vae.eval()
         return self
 
     def init_weights(self) -> None:
