@@ -78,6 +78,27 @@ def test_sampler_resamples_as_their_aggregate_then_bilinear(shapes, size):
     assert not torch.allclose(straight, ref)  # bilinear straight to the label size is not theirs
 
 
+def test_multi_model_taps_aggregate_per_model_as_theirs():
+    """Ours-XL-t in their code is one `extract_feature.py --aggregate_output` run per model (each to its own largest
+    tap), the saved features then concatenated and resized bilinearly by `task-pixel.py`."""
+    taps = ['sdxl:a', 'sdxl:b', 'sd15:a', 'sd15:b', 'sd15:c']
+    shapes = [(3, 32, 32), (2, 16, 16), (4, 8, 8), (2, 64, 64), (1, 16, 16)]
+    assert pixel.aggregate_sides(taps, shapes) == [32, 32, 64, 64, 64]
+    assert pixel.aggregate_sides(['us6', 'mid'], [(4, 8, 8), (4, 4, 4)]) == [8, 8]
+    gen = torch.Generator().manual_seed(1)
+    maps = [torch.randn(2, *s, generator=gen) for s in shapes]
+    per_model = [torch.cat([F.interpolate(v, 32) for v in maps[:2]], 1),
+                 torch.cat([F.interpolate(v, 64) for v in maps[2:]], 1)]
+    size = 48
+    ref = torch.cat([F.interpolate(v, (size, size), mode='bilinear') for v in per_model], 1)
+    sampler = pixel.PixelSampler(shapes, size, aggregate=pixel.aggregate_sides(taps, shapes))
+    n, pos = torch.randint(0, 2, (300,), generator=gen), torch.randint(0, size * size, (300,), generator=gen)
+    got = sampler([m.permute(0, 2, 3, 1) for m in maps], n, pos)
+    torch.testing.assert_close(got, ref[n, :, pos // size, pos % size], atol=5e-5, rtol=1e-5)  # float32 round-off
+    one = pixel.PixelSampler(shapes, size, aggregate=64)([m.permute(0, 2, 3, 1) for m in maps], n, pos)
+    assert not torch.allclose(one, got)  # one largest size across the models is not theirs
+
+
 def test_classifier_is_theirs():
     small, large = pixel.PixelClassifier(21, 100), pixel.PixelClassifier(34, 100)
     widths = [(m.in_features, m.out_features) for m in small.layers if isinstance(m, nn.Linear)]

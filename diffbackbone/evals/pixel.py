@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -104,9 +104,11 @@ class PixelSampler:
     Maps are held channels-last, (N, h, w, C) per tap; a pixel is (image n, flat position y * L + x).
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]], size: int, aggregate: Optional[int] = None):
+    def __init__(self, shapes: Sequence[Sequence[int]], size: int,
+                 aggregate: Union[None, int, Sequence[Optional[int]]] = None):
         self.size = size
-        self.axes = [(_axis(h, size, aggregate), _axis(w, size, aggregate)) for _, h, w in shapes]
+        sides = aggregate if isinstance(aggregate, Sequence) else [aggregate] * len(shapes)
+        self.axes = [(_axis(h, size, a), _axis(w, size, a)) for (_, h, w), a in zip(shapes, sides, strict=True)]
         self.dim = sum(c for c, _, _ in shapes)
 
     def __call__(self, maps: Sequence[torch.Tensor], n: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -404,6 +406,16 @@ def _pictures(args: argparse.Namespace, dataset: PixelDataset) -> Optional[tuple
     return chosen
 
 
+def aggregate_sides(taps: Sequence[str], shapes: Sequence[Sequence[int]]) -> list[int]:
+    """Their `--aggregate_output` side for each tap: the width of the largest tap of its model (each model of a
+    multi-model backbone, `member:tap`, is extracted on its own in their code), every tap resized to it first."""
+    largest: dict[str, int] = {}
+    for tap, shape in zip(taps, shapes):
+        model = tap.rpartition(':')[0]
+        largest[model] = max(largest.get(model, 0), shape[2])
+    return [largest[tap.rpartition(':')[0]] for tap in taps]
+
+
 def run_pixel(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval pixel`."""
     import resource
@@ -424,8 +436,7 @@ def run_pixel(args: argparse.Namespace) -> int:
     store = FeatureStore(args.store)
     taps = store.taps
     shapes = [list(store.config['shapes'][t]) for t in taps]
-    # their --aggregate_output: every tap to the largest tap's width (square) by nearest neighbour, then bilinear
-    sampler = PixelSampler(shapes, args.label_size, aggregate=max(s[2] for s in shapes))
+    sampler = PixelSampler(shapes, args.label_size, aggregate=aggregate_sides(taps, shapes))
     maps = _Maps(store, taps, args.device)
     print(f'{len(taps)} taps, {sampler.dim} channels per pixel: ' + ', '.join(f'{t} {s}' for t, s in zip(taps, shapes)))
     meng = MENG_CHANNELS.get((args.model, args.taps[0])) if args.taps and len(args.taps) == 1 else None
