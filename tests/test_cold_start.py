@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import diffbackbone  # noqa: F401
 from diffbackbone import hub
+from diffbackbone.bench import coldstart
 from diffbackbone.errors import InputError
 from diffbackbone.models import diffusion_unet as du
 from diffbackbone.models._builder import assign_weights, empty_weights
@@ -208,7 +209,19 @@ def test_benchmark_runs_end_to_end(tmp_path):
     lines = out.stdout.splitlines()
     assert any(line.startswith('ours ') for line in lines) and any(line.startswith('reference ') for line in lines)
     ratio = [line for line in lines if line.startswith('ours / reference')]
-    assert len(ratio) == 1 and 'wall' in ratio[0] and 'peak RSS' in ratio[0], out.stdout
+    assert len(ratio) == 2 and 'wall' in ratio[0] and 'peak RSS' in ratio[0] and 'load' in ratio[1], out.stdout
+    phases = [line for line in lines if line.startswith(('ours  ', 'reference ')) and 'imports' in line]
+    assert len(phases) == 2 and all('load' in line and 'feature' in line for line in phases), out.stdout
+    # the reference run imports nothing of ours (nor timm): each side pays its own imports only
+    spec = coldstart.make_weights('test_cleandift', tmp_path / 'w')
+    child = Path(coldstart.__file__).with_name('coldstart_child.py')
+    ref = subprocess.run([sys.executable, '-X', 'importtime', str(child), 'reference', json.dumps(spec), 'float32',
+                          '64', '261', 'test_cleandift', 'us6'], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    imported = {line.split('|')[-1].strip().split('.')[0] for line in ref.stderr.splitlines() if '|' in line}
+    assert 'diffusers' in imported and not imported & {'diffbackbone', 'timm'}
+    assert json.loads(ref.stdout.splitlines()[-1])['feature'] > 0
 
 
 def test_reader_equals_load_file_then_cast(tmp_path, monkeypatch):

@@ -20,14 +20,15 @@ models (one CLIP text encoder): `cleandift_sd21`, `cleandift_sd15`, `sd21`, `sd1
 `test_dift`.
 
 Printed: the median wall time (process start to first feature, measured around the subprocess) and median peak RSS
-(`ru_maxrss` of the child) of each, their ratios ours / reference, and peak RSS over the weights' size.
+(`ru_maxrss` of the child) of each, their ratios ours / reference, peak RSS over the weights' size, and the median
+seconds of each phase (start + imports, load, first feature). Each run is `coldstart_child.py` started by its path, so
+the reference imports nothing of ours.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,71 +159,27 @@ def _hub_spec(model_name: str) -> dict:
     return dict(base=model.base_repo, clean=clean, timestep_source=None, unet_file=str(unet_file), hub=True)
 
 
-# ---- one run (in a child process) ----------------------------------------------------------------------------------
-def _image(size: int, dtype: torch.dtype) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
+# ---- one run (in a fresh process) ---------------------------------------------------------------------------------
+
+_PHASES = ('imports', 'load', 'feature')
 
 
-def _ours(model_name: str, spec: dict, taps: Sequence[str], size: int, dtype: torch.dtype) -> None:
-    import timm
-
-    import diffbackbone  # noqa: F401
-
-    kwargs = {} if spec.get('hub') else dict(base_repo=spec['base'], pretrained_cfg_overlay=dict(file=spec['unet_file']))
-    if spec.get('timestep_source'):
-        kwargs['timestep_source'] = spec['timestep_source']
-    model = timm.create_model(model_name, pretrained=True, features_only=True, out_indices=tuple(taps), dtype=dtype,
-                              **kwargs).eval()
-    with torch.inference_mode():
-        model(_image(size, dtype))
-
-
-def _reference(spec: dict, size: int, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    base = spec['base']
-    if spec['clean']:  # CleanDIFT's way
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder='unet'))
-        unet.load_state_dict(load_file(spec['unet_file']), strict=True)
-        unet.to(dtype)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder='unet', torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(base, subfolder='vae', torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder='tokenizer')
-    encoder = CLIPTextModel.from_pretrained(base, subfolder='text_encoder')
-    with torch.inference_mode():
-        ids = tokenizer([''], padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors='pt').input_ids
-        ctx = encoder(ids)[0].to(dtype)
-        latent = vae.encode(_image(size, dtype)).latent_dist.mode() * vae.config.scaling_factor
-        unet(latent, _TIMESTEP, encoder_hidden_states=ctx)
-
-
-def _child(args: argparse.Namespace) -> None:
-    spec = json.loads(args.spec)
-    dtype = _DTYPES[args.dtype]
-    if args.child == 'ours':
-        _ours(args.model, spec, args.taps, args.size, dtype)
-    else:
-        _reference(spec, args.size, dtype)
-    print(json.dumps(dict(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
-
-
-def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one run of `kind` in a fresh process."""
-    cmd = [sys.executable, '-m', 'diffbackbone.bench.coldstart', args.model, '--child', kind, '--spec',
-           json.dumps(spec), '--dtype', args.dtype, '--size', str(args.size), '--taps', *args.taps]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS': '1'})
+def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int, dict[str, float]]:
+    """(wall seconds, peak RSS bytes, seconds per phase) of one run of `kind` in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).with_name('coldstart_child.py')), kind, json.dumps(spec), args.dtype,
+           str(args.size), str(_TIMESTEP), args.model, *args.taps]
+    env = {**os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS': '1',
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get('PYTHONPATH')]))}
+    start, t0 = time.perf_counter(), time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         why = f'killed by signal {-out.returncode} (SIGKILL: out of memory?)' if out.returncode < 0 \
             else f'exit status {out.returncode}'
         raise RuntimeError(f'the {kind} run failed ({why}):\n{out.stderr[-3000:]}')
-    return wall, json.loads(out.stdout.strip().splitlines()[-1])['peak_rss']
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    marks = [t0, *(report[p] for p in _PHASES)]
+    return wall, report['peak_rss'], {p: b - a for p, a, b in zip(_PHASES, marks, marks[1:])}
 
 
 def _weights_bytes(model_name: str, dtype: torch.dtype) -> int:
@@ -245,23 +202,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--warmup', type=int, default=1, help='untimed runs of each loader first')
     p.add_argument('--size', type=int, default=256, help='image side in pixels')
     p.add_argument('--taps', nargs='+', default=['us6'], help='our out_indices')
-    p.add_argument('--child', choices=('ours', 'reference'), help=argparse.SUPPRESS)
-    p.add_argument('--spec', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return _child(args)
     if args.runs < 1:
         p.error('--runs must be at least 1')
     spec = make_weights(args.model, args.make_weights) if args.make_weights else _hub_spec(args.model)
     for _ in range(args.warmup):  # page cache, our prompt-embedding cache
         for kind in ('ours', 'reference'):
             _run(kind, args, spec)
-    results: dict[str, list[tuple[float, int]]] = {'ours': [], 'reference': []}
+    results: dict[str, list[tuple[float, int, dict[str, float]]]] = {'ours': [], 'reference': []}
     for i in range(args.runs):  # paired, alternating which goes first
         for kind in (('ours', 'reference') if i % 2 == 0 else ('reference', 'ours')):
             results[kind].append(_run(kind, args, spec))
-    wall = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
-    rss = {k: statistics.median(r for _, r in v) for k, v in results.items()}
+    wall = {k: statistics.median(w for w, _, _ in v) for k, v in results.items()}
+    rss = {k: statistics.median(r for _, r, _ in v) for k, v in results.items()}
+    phase = {k: {p: statistics.median(t[p] for _, _, t in v) for p in _PHASES} for k, v in results.items()}
     weights = _weights_bytes(args.model, _DTYPES[args.dtype])
     print(f'cold start of {args.model}: {args.dtype}, {args.size} px, batch 1, CPU ({torch.get_num_threads()} threads), '
           f'{args.runs} runs each in fresh processes, paired, after {args.warmup} warm-up run(s) each')
@@ -274,6 +228,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f'{"peak RSS " + format(rss["ours"] / rss["reference"], ".2f"):>22}')
     print(f'{"peak RSS / weights":22}{"ours " + format(rss["ours"] / weights, ".2f"):>24}'
           f'{"reference " + format(rss["reference"] / weights, ".2f"):>22}')
+    print('median seconds per phase: start + imports, load (build + weights), first feature')
+    for kind in ('ours', 'reference'):
+        print(f'{kind:22}' + ''.join(f'{p} {phase[kind][p]:.2f}  ' for p in _PHASES))
+    load = {k: phase[k]['load'] for k in phase}
+    print(f'{"ours / reference":22}load {load["ours"] / load["reference"]:.2f}  '
+          f'(after imports: {(wall["ours"] - phase["ours"]["imports"]) / (wall["reference"] - phase["reference"]["imports"]):.2f})')
 
 
 if __name__ == '__main__':
