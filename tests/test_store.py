@@ -275,6 +275,23 @@ def _reference(paths, size=64):
         return _model()(torch.stack([load_image(p, size) for p in paths]))
 
 
+def _finish(procs: list, timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of every process, waiting at most `timeout` s in all; on a timeout every process still running
+    is killed and the test fails with their output (never a hang)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f'still running after {timeout:.0f} s: ' + ' | '.join(p.communicate()[1][-1500:] for p in procs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
     halves = {'a': [tmp_path / 'data' / 'a' / f'{i}.png' for i in range(5)],
               'b': [tmp_path / 'data' / 'b' / f'{i}.png' for i in range(5)]}
@@ -283,12 +300,17 @@ def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
             _save(f, 100 * k + i)
     (tmp_path / 'data' / 'b' / 'z_broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     out = tmp_path / 'store'
-    # Each writer stops before its first image until both have set up their writers: the runs truly overlap.
+    # Each writer stops before its first image until both have set up their writers: the runs truly overlap. A writer
+    # never waits for `go` longer than 300 s, and the test waits for them with timeouts and kills them on failure:
+    # one writer failing early must fail the test, not leave it (or the other writer) waiting forever.
     code = ('import sys, time\nfrom pathlib import Path\nimport diffbackbone.data.pipeline as p\n'
             'get = p.ImageFiles.__getitem__\n'
             'def wait_then_get(self, i):\n'
             '    Path(sys.argv[1]).touch()\n'
+            '    give_up = time.monotonic() + 300\n'
             '    while not Path(sys.argv[2]).exists():\n'
+            '        if time.monotonic() > give_up:\n'
+            '            sys.exit("no go after 300 s")\n'
             '        time.sleep(0.02)\n'
             '    return get(self, i)\n'
             'p.ImageFiles.__getitem__ = wait_then_get\n'
@@ -301,10 +323,13 @@ def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
              for half in halves]
     deadline = time.monotonic() + 240
     while not all((tmp_path / f'ready-{h}').exists() for h in halves) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        if any(p.poll() is not None for p in procs):  # one ended before its first image: show why, kill the other
+            go.touch()
+            results = _finish(procs, 60)
+            pytest.fail('a writer ended early: ' + ' | '.join(err[-2000:] for _, err in results))
         time.sleep(0.05)
     go.touch()
-    results = [p.communicate(timeout=300) for p in procs]
+    results = _finish(procs, 300)
     for proc, (stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr[-3000:]
     fs = FeatureStore(out)
@@ -615,3 +640,19 @@ def test_overwrite_refuses_a_store_another_run_is_filling(dataset, store, tmp_pa
         _fails([str(dataset), *BASE, '--out', str(copy), '--overwrite'], capsys, 'another run is writing into')
         assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # nothing deleted or touched
     assert main(['features', str(dataset), *BASE, '--out', str(copy), '--overwrite', '--on-error', 'skip']) == 0
+
+
+def test_a_store_that_other_runs_are_creating_is_not_a_foreign_folder(tmp_path):
+    """Three runs start into one new --out: the first has created the folder (locks, an index being written), the
+    second is probing it for writability at this instant; the third's check must take it for a store."""
+    from diffbackbone.data.extract import check_store
+    from diffbackbone.data.outputs import OutputError
+
+    out = tmp_path / 'store'
+    out.mkdir()
+    for name in ('.writers', '.lock', '.index.json.4242.0a1b2c3d.tmp', '.diffbackbone-probe-k2j_x9aa'):
+        (out / name).touch()
+    check_store(out, [])
+    (out / 'notes.txt').touch()
+    with pytest.raises(OutputError, match='notes.txt'):
+        check_store(out, [])
