@@ -557,6 +557,45 @@ def test_ctrl_c_is_one_line_and_the_store_resumes(dataset, store, tmp_path, caps
         torch.testing.assert_close(resumed[path]['us6'], full[path]['us6'], atol=1e-3, rtol=1e-3)
 
 
+def test_a_second_ctrl_c_while_the_run_winds_down_is_one_line_and_the_store_is_whole(dataset, store, tmp_path):
+    """Ctrl-C after 3 images, then Ctrl-C again while the loader workers stop and while the final shard is written:
+    still one `interrupted:` line and exit 130 (no traceback, no 'Exception ignored'), and the 3 images are in the
+    shard and the index, so the run resumes."""
+    out = tmp_path / 'twice'
+    code = ('import os, signal, sys\nimport diffbackbone.hub as hub\nimport diffbackbone.data.store as st\n'
+            'from torch.utils.data import dataloader as dl\n'
+            'state = dict(added=0, interrupted=False)\n'
+            'add = st.StoreWriter.add\n'
+            'def add_then_ctrl_c(self, *a, **k):\n'
+            '    add(self, *a, **k)\n'
+            '    state["added"] += 1\n'
+            '    if state["added"] == 3:\n'
+            '        state["interrupted"] = True\n'
+            '        os.kill(os.getpid(), signal.SIGINT)\n'
+            'st.StoreWriter.add = add_then_ctrl_c\n'
+            'def again(real):\n'
+            '    def wrapper(*a, **k):\n'
+            '        if state["interrupted"]:\n'
+            '            os.kill(os.getpid(), signal.SIGINT)\n'
+            '        return real(*a, **k)\n'
+            '    return wrapper\n'
+            'hub.save_file = again(hub.save_file)\n'
+            'it = dl._MultiProcessingDataLoaderIter\n'
+            'it._shutdown_workers = again(it._shutdown_workers)\n'
+            'from diffbackbone.cli import main\nsys.exit(main(sys.argv[1:]))\n')
+    args = ['features', str(dataset), *BASE, '--batch-size', '1', '--shard-size', '100', '--out', str(out)]
+    res = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr and 'Exception ignored' not in res.stderr, res.stderr[-3000:]
+    last = [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith('interrupted:') and 'run the same command again' in last
+    indexed = FeatureStore(out)
+    assert len(indexed) == 3 and sorted(FeatureStore(out, rescan=True).paths) == sorted(indexed.paths)
+    assert main(args) == 0
+    assert sorted(FeatureStore(out).paths) == sorted(FeatureStore(store).paths)
+
+
 def test_disk_full_while_writing_a_shard(dataset, store, tmp_path, capsys, monkeypatch):
     import errno
 
