@@ -48,6 +48,7 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         self.grad_checkpointing = False
         self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # prompts.use_prompts
         self._prompt_pending = False  # a prompt given without the weights that compute its embedding (_builder)
+        self.checkpoint_prompt: Optional[str] = None  # the prompt the checkpoint records for its embedding (_builder)
         self._noise_cache: dict = {}
         self._resolved: dict = {}
         self._tap_sink: Optional[Callable[[str, torch.Tensor], None]] = None
@@ -321,7 +322,37 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
             parts.update(self.prompt_tensors(self.prompt))
+        elif self.prompt_cfg.prompt is None:  # no prompt asked: the checkpoint's embedding, under its own name
+            self.prompt = self.checkpoint_prompt or self.prompt
+        elif self.checkpoint_prompt != self.prompt:
+            parts.update(self._asked_prompt(state_dict))
         return parts
+
+    def _asked_prompt(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prompt buffers of the asked prompt over a checkpoint that holds an embedding it does not record as that
+        prompt's: the asked prompt is encoded (cached) and wins; the checkpoint's are kept only when they are its."""
+        import warnings
+
+        from ..errors import DiffbackboneError
+
+        recorded = 'records no prompt' if self.checkpoint_prompt is None else \
+            f'was made for the prompt {self.checkpoint_prompt!r}'
+        try:
+            if not self.base_repo:
+                raise InputError('the model has no base_repo')
+            asked = self.prompt_tensors(self.prompt)
+        except DiffbackboneError as e:
+            raise InputError(
+                f'The weights hold a prompt embedding that {recorded}, and prompt={self.prompt!r} was asked: it must be '
+                f'encoded with the text encoder of base_repo {self.base_repo!r}, which failed ({e}). Drop the prompt '
+                'to use the weights\' own embedding, or give a base_repo whose text encoder can be loaded.') from e
+        if all(k in state_dict and state_dict[k].shape == v.shape
+               and torch.allclose(state_dict[k].float(), v.float(), rtol=1e-2, atol=1e-2) for k, v in asked.items()):
+            return {}  # the checkpoint's embedding is the asked prompt's: kept as stored
+        warnings.warn(f'The weights hold the embedding of another prompt (it {recorded}); prompt={self.prompt!r} was '
+                      f'encoded with the text encoder of {self.base_repo!r} and is used instead.', UserWarning,
+                      stacklevel=2)
+        return asked
 
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""

@@ -31,9 +31,10 @@ from ..errors import InputError
 from ._options import Options
 
 __all__ = ['build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_state_dict', 'check_keys',
-           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite']
+           'empty_weights', 'assign_weights', 'resolve_dtype', 'load_weights', 'build_composite', 'PROMPT_KEY']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
+PROMPT_KEY = 'diffbackbone.prompt'  # safetensors metadata: the prompt of the file's `prompt_embeds` (our writers)
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
@@ -68,14 +69,16 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
     return out
 
 
-def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = None,
+                          metadata: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
     """The checkpoint a pretrained cfg names: its `state_dict`, its local `file` (a `.safetensors`, or the
     `.index.json` of a sharded one) or its Hub file (`hf_hub_id` + `hf_hub_filename`), read through `hub.py` so a
     truncated or corrupted cached file is removed and fetched again on the next call.
 
     Files are read in `dtype` (`hub.load_safetensors`), after a check that they fit in the available memory. A VAE
     in the file (our own checkpoints) is left as stored: a family may keep it in float32 (SDXL's, in float16), and
-    `assign_weights` casts it once the model's dtypes are known.
+    `assign_weights` casts it once the model's dtypes are known. A single file's header metadata is put into
+    `metadata` when given.
     """
     from .. import hub
 
@@ -99,7 +102,13 @@ def pretrained_state_dict(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
     hub.check_fits(hub.safetensors_nbytes(path, dtype), what, dtype)
-    return hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP)
+    state_dict = hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP)
+    if metadata is not None:
+        from safetensors import safe_open
+
+        with safe_open(path, 'pt') as f:  # read whole just now: a damaged file raised above
+            metadata.update(f.metadata() or {})
+    return state_dict
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -187,13 +196,15 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_f
     return model
 
 
-def _load_step(filter_fn: FilterFn, checkpoint: list[dict[str, torch.Tensor]]) -> FilterFn:
+def _load_step(filter_fn: FilterFn, checkpoint: list[dict[str, torch.Tensor]],
+               prompt: Optional[str] = None) -> FilterFn:
     """timm's `pretrained_filter_fn`: map the keys of the checkpoint (`checkpoint[0]`, taken once: timm is handed a
     placeholder, since it deep-copies its pretrained cfg, twice with `features_only`), complete the model from its base
     repo, check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts
-    each tensor onto itself."""
+    each tensor onto itself. `prompt`: the prompt the checkpoint records for its embedding (`PROMPT_KEY`)."""
 
     def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        model.checkpoint_prompt = prompt
         state_dict = filter_fn(checkpoint.pop(), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
         check_keys(state_dict, model)
@@ -239,13 +250,14 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         with errors():
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                          pretrained_cfg_overlay=overlay).to_dict()
-            checkpoint = [pretrained_state_dict(cfg, what, dtype or torch.float32)]
+            metadata: dict[str, str] = {}
+            checkpoint = [pretrained_state_dict(cfg, what, dtype or torch.float32, metadata)]
             overlay = dict(overlay, state_dict={'checkpoint': torch.zeros(())}, source=None)  # see _load_step
     try:
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
                 _build(cls, internal, pretrained, dtype), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn, checkpoint) if pretrained else None,
+                pretrained_filter_fn=_load_step(filter_fn, checkpoint, metadata.get(PROMPT_KEY)) if pretrained else None,
                 pretrained_cfg_overlay=overlay or None,
                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given
