@@ -244,7 +244,7 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         if x.dtype != w.dtype and not upcast and not torch.is_autocast_enabled(x.device.type):
             raise InputError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
                              f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        if not torch.compiler.is_compiling() and x.device.type != 'meta' and not bool(torch.isfinite(x).all()):
             raise InputError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
     def _check_prompt_count(self, x: torch.Tensor) -> None:

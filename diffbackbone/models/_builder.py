@@ -45,6 +45,10 @@ def option_params(cls: type) -> dict[str, type[Options]]:
     return {name: tp for name, tp in hints.items() if isinstance(tp, type) and issubclass(tp, Options)}
 
 
+class UnknownArgumentError(InputError, TypeError):
+    """A model argument no constructor takes: a `TypeError`, as timm's factory contract (and Python) has it."""
+
+
 def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()) -> dict[str, Any]:
     """Constructor arguments of `cls` from flat keyword arguments: option fields are grouped into their objects (an
     option object may also be given whole, by its parameter name); anything else must be a constructor parameter."""
@@ -55,7 +59,8 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
     unknown = sorted(set(kwargs) - plain - fields - set(options))
     if unknown:
         valid = sorted((plain - set(internal)) | fields)
-        raise InputError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: {", ".join(valid)}.')
+        raise UnknownArgumentError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+                                   f'{", ".join(valid)}.')
     out = {k: v for k, v in kwargs.items() if k in plain}
     params = inspect.signature(cls.__init__).parameters
     for name, tp in options.items():
@@ -240,6 +245,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     from .. import hub
 
     dtype = resolve_dtype(kwargs.pop('dtype', None))
+    device = kwargs.pop('device', None)  # timm's factory argument: the model is built, then moved there
     out_indices = kwargs.pop('out_indices', None)
     out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
         else out_indices
@@ -278,7 +284,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     if not kwargs.get('features_only', False) and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
         net.prune_intermediate_layers([net.head_tap], prune_head=False)
-    return model
+    return model if device is None else model.to(device)
 
 
 def _prompt_loaded(module: nn.Module, incompatible) -> None:
@@ -298,6 +304,7 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     every tap."""
     out_indices = kwargs.pop('out_indices', None)
     out_indices = tuple(out_indices) if isinstance(out_indices, list) else out_indices
+    device = kwargs.pop('device', None)
     params = set(inspect.signature(cls.__init__).parameters) - {'self', 'load_weights'}
     known = params | {f for tp in option_params(cls).values() for f in tp.field_names()}
     shared = dict(kwargs.pop(parts_kwargs, None) or {})
@@ -306,7 +313,8 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     for k in list(kwargs):
         if k not in known and k not in _TIMM_ARGS:
             shared[k] = kwargs.pop(k)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         lambda **kw: cls(**group_kwargs(cls, kw)), variant, pretrained=False, pretrained_filter_fn=filter_fn,
         load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **{parts_kwargs: shared}, **kwargs)
+    return model if device is None else model.to(device)

@@ -111,8 +111,8 @@ class DeepFloydIF(DiffusionUNet):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^unet\.(conv_in|time_|encoder_hid_proj|add_embedding)',
-                    blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
+        return dict(stem=r'^unet\.(?:conv_in|time_|encoder_hid_proj|add_embedding)', down=r'^unet\.down_blocks\.(\d+)',
+                    mid=r'^unet\.mid_block\.', up=r'^unet\.up_blocks\.(\d+)')
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % _REDUCTION or s < _REDUCTION for s in size):
