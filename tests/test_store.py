@@ -695,3 +695,20 @@ def test_a_store_that_other_runs_are_creating_is_not_a_foreign_folder(tmp_path):
     (out / 'notes.txt').touch()
     with pytest.raises(OutputError, match='notes.txt'):
         check_store(out, [])
+
+
+def test_an_error_mid_run_leaves_inference_mode_off(dataset, tmp_path, monkeypatch):
+    """The batches are made under torch.inference_mode: a run that stops on an error must leave it off in the caller's
+    thread even while the error (and its traceback) is kept, or the caller's next models get inference tensors."""
+    import diffbackbone.data.extract as ex
+    from diffbackbone.data.store import StoreError
+
+    def fail(self, *args, **kwargs):
+        raise StoreError('disk gone')
+
+    monkeypatch.setattr(ex.StoreWriter, 'add', fail)
+    job = ex.ExtractJob([str(dataset)], tmp_path / 'store', model='test_cleandift', random_weights=True, size=64,
+                        taps=['mid'], workers=0)
+    with pytest.raises(StoreError) as kept:
+        ex.extract_features(job)
+    assert kept.value is not None and not torch.is_inference_mode_enabled()

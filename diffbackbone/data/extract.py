@@ -366,6 +366,9 @@ def _fill_store(job: ExtractJob, out: Path, images: list[str], run: dict, config
                 write_index(out, config)
         raise
     finally:
+        # stopped now, on any error too: the generator is suspended inside torch.inference_mode, which would otherwise
+        # stay on in this thread for as long as the error's traceback keeps it alive
+        batches.close()
         writer.flush()  # whole shards only: what was extracted before an error is kept for the resume
     writer.write_failed()
     barrier(info)

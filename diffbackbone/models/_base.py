@@ -19,8 +19,8 @@ from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, Source
 from ._taps import Tap, TapError, resolve_taps
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, vae_keys
 
-__all__ = ['DiffusionBackbone', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
-           'VAE_TEST', 'SCHEDULER_SD']
+__all__ = ['DiffusionBackbone', 'PromptReencodedWarning', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder',
+           'vae_keys', 'VAE_SD', 'VAE_SDXL', 'VAE_TEST', 'SCHEDULER_SD']
 
 Indices = Union[None, int, str, Sequence[Union[int, str]]]
 
@@ -343,19 +343,23 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
             asked = self.prompt_tensors(self.prompt)
         except DiffbackboneError as e:
             raise InputError(
-                f'The weights hold a prompt embedding that {recorded}, and prompt={self.prompt!r} was asked: it must be '
-                f'encoded with the text encoder of base_repo {self.base_repo!r}, which failed ({e}). Drop the prompt '
-                'to use the weights\' own embedding, or give a base_repo whose text encoder can be loaded.') from e
+                f'The weights hold a prompt embedding that {recorded}, and prompt={self.prompt!r} was asked: it must '
+                f'be encoded with the text encoder of base_repo {self.base_repo!r}, which failed ({e}). Drop the '
+                'prompt to use the weights\' own embedding, or give a base_repo whose text encoder can be loaded.') from e
         if all(k in state_dict and state_dict[k].shape == v.shape
                and torch.allclose(state_dict[k].float(), v.float(), rtol=1e-2, atol=1e-2) for k, v in asked.items()):
             return {}  # the checkpoint's embedding is the asked prompt's: kept as stored
         warnings.warn(f'The weights hold the embedding of another prompt (it {recorded}); prompt={self.prompt!r} was '
-                      f'encoded with the text encoder of {self.base_repo!r} and is used instead.', UserWarning,
-                      stacklevel=2)
+                      f'encoded with the text encoder of {self.base_repo!r} and is used instead.',
+                      PromptReencodedWarning, stacklevel=2)
         return asked
 
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""
+
+
+class PromptReencodedWarning(UserWarning):
+    """The weights held another prompt's embedding; the asked prompt was encoded and is used."""
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype:

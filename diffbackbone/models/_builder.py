@@ -263,7 +263,8 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
                 _build(cls, internal, pretrained, dtype), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn, checkpoint, metadata.get(PROMPT_KEY)) if pretrained else None,
+                pretrained_filter_fn=(_load_step(filter_fn, checkpoint, metadata.get(PROMPT_KEY)) if pretrained
+                                      else None),
                 pretrained_cfg_overlay=overlay or None,
                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given

@@ -219,8 +219,8 @@ class DiffusionUNet(DiffusionBackbone):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         # one key per part, in execution order: timm's ordinal is (key index, block index), numbers only
-        return dict(stem=r'^vae\.|^unet\.(?:conv_in|time_)', down=r'^unet\.down_blocks\.(\d+)', mid=r'^unet\.mid_block\.',
-                    up=r'^unet\.up_blocks\.(\d+)')
+        return dict(stem=r'^vae\.|^unet\.(?:conv_in|time_)', down=r'^unet\.down_blocks\.(\d+)',
+                    mid=r'^unet\.mid_block\.', up=r'^unet\.up_blocks\.(\d+)')
 
     def prune_intermediate_layers(
             self,

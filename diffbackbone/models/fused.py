@@ -42,7 +42,7 @@ __all__ = ['FusedBackbone', 'pca_basis', 'fuse_maps', 'co_pca_fuse', 'fused_modu
            'FUSED_TAP', 'DINO_TAP', 'RAW_PRESET', 'PLAIN_TIMM_MODELS', 'checkpoint_filter_fn']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
-PLAIN_TIMM_MODELS = ('test_vit_dinov2',)  # registered here, but a plain timm ViT (the DINOv2 part of the tiny fused model)
+PLAIN_TIMM_MODELS = ('test_vit_dinov2',)  # registered here, but a plain timm ViT (the tiny fused model's DINOv2)
 RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
 # Their SD levels (ODISE output blocks 8, 5, 2), fine to coarse, and PCA dims per level.
 _TALE_TAPS = ('us8', 'us5', 'us2')
