@@ -712,3 +712,19 @@ def test_an_error_mid_run_leaves_inference_mode_off(dataset, tmp_path, monkeypat
     with pytest.raises(StoreError) as kept:
         ex.extract_features(job)
     assert kept.value is not None and not torch.is_inference_mode_enabled()
+
+
+def test_a_loader_workers_fd_thread_cut_short_by_the_exit_is_quiet(capsys):
+    """In a loader worker, the fd-passing thread's handshake cut short by the main process's exit on Ctrl-C
+    (AuthenticationError, EOFError, a socket error) prints nothing; any other thread error still shows."""
+    import multiprocessing
+    import threading
+
+    from diffbackbone.data.pipeline import _quiet_resource_sharer
+
+    serve = threading.Thread(target=lambda: None, name='Thread-1 (_serve)')
+    for exc in (multiprocessing.AuthenticationError('digest received was wrong'), EOFError(), ConnectionResetError()):
+        _quiet_resource_sharer(threading.ExceptHookArgs((type(exc), exc, None, serve)))
+    assert capsys.readouterr().err == ''
+    _quiet_resource_sharer(threading.ExceptHookArgs((ValueError, ValueError('a bug'), None, serve)))
+    assert 'ValueError: a bug' in capsys.readouterr().err

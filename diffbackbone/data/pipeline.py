@@ -235,8 +235,12 @@ def _worker_init(_: int) -> None:
 
 def _quiet_resource_sharer(args: threading.ExceptHookArgs) -> None:
     """In a loader worker, multiprocessing's fd-passing thread (`resource_sharer._serve`) fails on its socket when the
-    main process exits on Ctrl-C mid-batch; that traceback says nothing to the user. Any other thread's error is shown."""
-    if args.thread is not None and args.thread.name.endswith('(_serve)') and issubclass(args.exc_type, (OSError, EOFError)):
+    main process exits on Ctrl-C mid-batch (on the socket, or in the handshake it cut short: AuthenticationError); that
+    traceback says nothing to the user. Any other thread's error is shown."""
+    import multiprocessing
+
+    lost = (OSError, EOFError, multiprocessing.AuthenticationError)
+    if args.thread is not None and args.thread.name.endswith('(_serve)') and issubclass(args.exc_type, lost):
         return
     threading.__excepthook__(args)
 
