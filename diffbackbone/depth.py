@@ -17,6 +17,7 @@ CleanDIFT features vs 0.469 with noisy SD2.1 features (their figures, not measur
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -142,6 +143,7 @@ def load_depth_predictor(
     import timm
 
     from . import models  # noqa: F401  (registers the architectures)
+    from .models._base import PromptReencodedWarning
     from .prompts import encode_prompts
 
     if size < 64:
@@ -155,7 +157,9 @@ def load_depth_predictor(
         kwargs['prompt'] = prompt
     if weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=weights)
-    getter = timm.create_model(model, pretrained=pretrained, features_only=True, out_indices=(tap,), **kwargs)
+    with warnings.catch_warnings():  # the caption replaces any embedding in the weights, as said below
+        warnings.simplefilter('ignore', PromptReencodedWarning)
+        getter = timm.create_model(model, pretrained=pretrained, features_only=True, out_indices=(tap,), **kwargs)
     net = getter.model
     channels = getter.feature_info.channels()[0]
     depth_probe = load_probe(probe_path, channels=channels)

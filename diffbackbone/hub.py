@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,6 +51,7 @@ __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
     'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'sharded_safetensors_files', 'available_memory', 'check_fits',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
+    'defer_sigint',
 ]
 
 # Repos deleted from the Hub, and where a copy of their files lives now.
@@ -539,6 +542,32 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def defer_sigint() -> Iterator[None]:
+    """Hold Ctrl-C off for the block, so that what it writes is finished: a SIGINT that arrives meanwhile is handed to
+    the previous handler when the block ends (`KeyboardInterrupt` by default), or dropped if the block raises (an
+    exception, often the first Ctrl-C, is on its way out already). Blocks nest. Outside the main thread, where Python
+    delivers no signal, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    if previous is None:  # a handler installed outside Python: the default is the nearest we can restore
+        previous = signal.SIG_DFL
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGINT, previous)
+        raise
+    signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, caught[0])
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 @contextlib.contextmanager

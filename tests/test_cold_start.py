@@ -83,7 +83,7 @@ def test_every_family_loads_bit_identically_with_no_meta_tensor_left(name, side,
 def test_fused_model_has_no_meta_tensor(tmp_path):
     old = timm.create_model('test_cleandift_dinov2')
     _save(old.diffusion, tmp_path / 'sd.safetensors')
-    _save(timm.create_model('test_dinov2'), tmp_path / 'dino.safetensors')  # whole: the fused model prunes its own
+    _save(timm.create_model('test_vit_dinov2'), tmp_path / 'dino.safetensors')  # whole: the fused model prunes its own
     new = timm.create_model('test_cleandift_dinov2', pretrained=True,
                             pretrained_cfg_overlay=dict(file=str(tmp_path / 'sd.safetensors')),
                             dino_kwargs=dict(pretrained_cfg_overlay=dict(file=str(tmp_path / 'dino.safetensors'))))

@@ -1,12 +1,14 @@
 """`diffbackbone export`: a fine-tuned model as a timm Hub repo, loaded back by `hf-hub:` name through the fake Hub."""
 import json
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401
 from diffbackbone.cli import main
+from test_pretrained import published  # noqa: F401  (the tiny base repo on the fake Hub)
 
 X = torch.rand(2, 3, 128, 128) * 2 - 1
 
@@ -98,3 +100,28 @@ def test_export_flux_round_trip(fake_hub, hub_cache, tmp_path):
         for a, b in zip(loaded(X), timm.create_model('test_flux', pretrained=True, timestep=30, features_only=True,
                                                      pretrained_cfg_overlay=dict(file=str(weights))).eval()(X)):
             assert torch.equal(a, b)
+
+
+def test_an_export_records_its_prompt_and_loads_without_a_text_encoder(fake_hub, published, hub_cache, tmp_path,
+                                                                       monkeypatch):
+    """The export's weights record the prompt of their embedding (`diffbackbone.prompt`): loaded by name (config.json
+    passes that prompt), nothing is encoded again; asked for another prompt, it is encoded."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dog = 'a photo of a dog'
+    run, out = tmp_path / 'run', tmp_path / 'export'
+    _clean_train_output(run)
+    assert main(['export', str(run), '--out', str(out), '--model-kwargs', json.dumps(dict(prompt=dog))]) == 0
+    with safe_open(out / 'model.safetensors', 'pt') as f:
+        assert f.metadata()['diffbackbone.prompt'] == dog
+    assert json.loads((out / 'config.json').read_text())['model_args']['prompt'] == dog
+    fake_hub.add_folder('someone/dog-unet', out)
+    with monkeypatch.context() as m:
+        for cls in (CLIPTextModel, CLIPTokenizer):
+            m.setattr(cls, 'from_pretrained', lambda *a, **k: pytest.fail('text encoder loaded'))
+        loaded = timm.create_model('hf-hub:someone/dog-unet', pretrained=True).eval()
+    assert loaded.prompt == dog
+    with pytest.warns(UserWarning, match='embedding of another prompt'):
+        cat = timm.create_model('hf-hub:someone/dog-unet', pretrained=True, prompt='a photo of a cat').eval()
+    assert not torch.equal(cat.prompt_embeds, loaded.prompt_embeds)

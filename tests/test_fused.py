@@ -34,7 +34,7 @@ def published(fake_hub, tmp_path_factory):
     full['timestep'] = torch.tensor(261.0)
     save_file(full, tmp / 'full.safetensors')
     fake_hub.add_file('diffbackbone/test-cleandift', 'full.safetensors', tmp / 'full.safetensors')
-    dino = timm.create_model('test_dinov2')
+    dino = timm.create_model('test_vit_dinov2')
     with torch.no_grad():  # layer scale 1e-5 would hide the blocks: make every block matter
         for name, p in dino.named_parameters():
             if name.endswith(('ls1.gamma', 'ls2.gamma')):
@@ -52,7 +52,7 @@ def _images(n=2, size=128, seed=0):
 def _reference_raw(x, layer=None):
     """Raw maps by separate models: the CleanDIFT taps and timm's DINOv2 tokens (`get_intermediate_layers`)."""
     sd = timm.create_model('test_cleandift', pretrained=True).eval()
-    dino = timm.create_model('test_dinov2', pretrained=True, dynamic_img_size=True).eval()
+    dino = timm.create_model('test_vit_dinov2', pretrained=True, dynamic_img_size=True).eval()
     layer = len(dino.blocks) - 1 if layer is None else layer
     with torch.no_grad():
         us8, us5, us2 = sd.forward_intermediates(x, indices=['us8', 'us5', 'us2'], intermediates_only=True)
@@ -169,7 +169,7 @@ def test_fixed_projection_fitted_on_a_pair_is_their_co_pca(published, hub_cache)
 
 
 def test_general_form_and_errors(published, hub_cache):
-    m = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_dinov2', sd_taps=('us6', 'us3'),
+    m = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_vit_dinov2', sd_taps=('us6', 'us3'),
                           features_only=True)
     assert m.feature_info.channels() == [32 + 32 + 24, 24, 32, 32]
     with torch.no_grad():

@@ -24,7 +24,7 @@ WINDOW = 128  # the tiny models' native size, as 512 is SD's: 240 px is their 96
 
 def _tale_sd(**kwargs) -> FusedBackbone:
     """Tiny noisy SD (test_dift) + tiny DINOv2 with the paper's SD settings (those of `sd15_dinov2`), seeded weights."""
-    model = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_dinov2',
+    model = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_vit_dinov2',
                               **{**fused._TALE_SD_NOISE, 'slide_window': WINDOW, **kwargs}).eval()
     fill_weights(model)
     return model

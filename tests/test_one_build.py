@@ -182,7 +182,7 @@ def test_clean_train_cli(builds, tmp_path, capsys):
 
 
 def test_fused_dinov2_built_without_a_random_init(builds, tmp_path):
-    sd, dino = timm.create_model('test_cleandift_dinov2'), timm.create_model('test_dinov2')
+    sd, dino = timm.create_model('test_cleandift_dinov2'), timm.create_model('test_vit_dinov2')
     for m, name in ((sd.diffusion, 'sd'), (dino, 'dino')):
         save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()},
                   tmp_path / f'{name}.safetensors')

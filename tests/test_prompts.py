@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import diffbackbone  # noqa: F401  (registers the models)
 from diffbackbone import prompts
+from diffbackbone.errors import InputError
 from diffbackbone.hub import HubError
 from diffbackbone.models import diffusion_unet as du
 from diffbackbone.models._base import VAE_TEST
@@ -158,19 +159,52 @@ def test_prompt_argument_and_state_dict_round_trip(fake_hub, hub_cache, tiny_bas
         f_dog, f_plain = dog.forward_features(x), plain.forward_features(x)
     assert not torch.allclose(f_dog, f_plain, atol=1e-4)
 
-    _forbid_text_encoder(monkeypatch)  # the embedding travels in the state dict: nothing is encoded again
-    rebuilt = timm.create_model('test_cleandift', prompt=DOG).eval()
-    rebuilt.load_state_dict(dog.state_dict())
-    save_file(dog.state_dict(), tmp_path / 'dog.safetensors')
-    from_file = timm.create_model('test_cleandift', pretrained=True, prompt=CAT, base_repo=str(tiny_base),
-                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'dog.safetensors'))).eval()
+    save_file(dog.state_dict(), tmp_path / 'dog.safetensors')  # a state dict: it records no prompt
+    with monkeypatch.context() as m:
+        _forbid_text_encoder(m)  # the embedding travels in the state dict: nothing is encoded again
+        rebuilt = timm.create_model('test_cleandift', prompt=DOG).eval()
+        rebuilt.load_state_dict(dog.state_dict())
+        unasked = _from_file('org/tiny-sd', tmp_path / 'dog.safetensors')  # no prompt asked: the file's embedding
+        same = _from_file('org/tiny-sd', tmp_path / 'dog.safetensors', prompt=DOG)  # checked against DOG's (cached)
+    (tmp_path / 'no_text_encoder').mkdir()
+    with pytest.raises(InputError, match="prompt='a photo of a cat' was asked.*tokenizer does not exist.*Drop the "
+                                         "prompt"):  # the asked prompt cannot be encoded: refused, never the file's
+        _from_file(tmp_path / 'no_text_encoder', tmp_path / 'dog.safetensors', prompt=CAT)
+    with monkeypatch.context() as m:
+        _forbid_text_encoder(m)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt.forward_features(x), f_dog, rtol=0, atol=0)
+            torch.testing.assert_close(unasked.forward_features(x), f_dog, rtol=0, atol=0)
+            torch.testing.assert_close(same.forward_features(x), f_dog, rtol=0, atol=0)
+            plain.load_state_dict(dog.state_dict())
+            torch.testing.assert_close(plain.forward_features(x), f_dog, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match='embedding of another prompt'):  # the asked prompt is encoded and wins
+        cat_from_dog = _from_file(tiny_base, tmp_path / 'dog.safetensors', prompt=CAT)
+    assert cat_from_dog.prompt == CAT
+    torch.testing.assert_close(cat_from_dog.prompt_embeds, _reference_embeds(tiny_base, [CAT]), rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.forward_features(x), f_dog, rtol=0, atol=0)
-        torch.testing.assert_close(from_file.forward_features(x), f_dog, rtol=0, atol=0)  # the file's embedding wins
-        plain.load_state_dict(dog.state_dict())
-        torch.testing.assert_close(plain.forward_features(x), f_dog, rtol=0, atol=0)
+        f_cat = _pretrained(tiny_base, prompt=CAT).forward_features(x)
+        torch.testing.assert_close(cat_from_dog.forward_features(x), f_cat, rtol=0, atol=0)
     with pytest.raises(ValueError, match='prompt must be a string'):
         timm.create_model('test_cleandift', prompt=[DOG])
+
+
+def _from_file(base_repo, path, **kwargs):
+    return timm.create_model('test_cleandift', pretrained=True, base_repo=str(base_repo),
+                             pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+
+
+def test_weights_that_record_their_prompt(hub_cache, tiny_base, tmp_path, monkeypatch):
+    """Our writers (export, clean-train) record the prompt of the embedding they hold: asked for that prompt, the
+    file is used as it is (no text encoder); unasked, the model takes the file's prompt as its own."""
+    dog = _pretrained(tiny_base, prompt=DOG)
+    save_file(dog.state_dict(), tmp_path / 'dog.safetensors', metadata={'diffbackbone.prompt': DOG})
+    _forbid_text_encoder(monkeypatch)
+    again = _from_file(tiny_base, tmp_path / 'dog.safetensors', prompt=DOG)
+    assert torch.equal(again.prompt_embeds, dog.prompt_embeds) and again.prompt == DOG
+    assert _from_file(tiny_base, tmp_path / 'dog.safetensors').prompt == DOG
+    with pytest.raises(InputError, match="made for the prompt 'a photo of a dog'"):
+        _from_file(tmp_path, tmp_path / 'dog.safetensors', prompt=CAT)  # no text encoder in tmp_path
 
 
 # ---- per-image prompts ----------------------------------------------------------------------------------------------
@@ -319,3 +353,37 @@ def test_use_prompts_pixart(hub_cache, tmp_path):
     with pytest.raises(ValueError, match='without prompt_mask'):
         with prompts.use_prompts(model, prompts.PromptBatch(('x',), batch.prompt_embeds[:1])):
             pass
+
+
+def test_features_and_match_never_take_another_prompts_embedding(hub_cache, tiny_base, tmp_path, capsys):
+    """`--prompt` with `--weights` holding another prompt's embedding: encoded (and the features are the prompt's), or
+    one `error:` line when it cannot be encoded; never the file's embedding under the asked prompt's name."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from diffbackbone.cli import main
+    from diffbackbone.data.extract import load_extractor
+    from diffbackbone.data.images import load_image
+
+    save_file(_pretrained(tiny_base, prompt=DOG).state_dict(), tmp_path / 'dog.safetensors')
+    img = tmp_path / 'a.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
+    (tmp_path / 'empty').mkdir()
+    common = ['--model', 'test_cleandift', '--weights', str(tmp_path / 'dog.safetensors'), '--prompt', CAT,
+              '--model-kwargs', json.dumps(dict(base_repo=str(tmp_path / 'empty'), timestep=300.0))]
+    for args in (['features', str(img), '--size', '64', '--taps', 'mid', '--out', str(tmp_path / 'f.safetensors')],
+                 ['match', str(img), str(img), '--points', '5,5', '--size', '64', '--out', str(tmp_path / 'm.png')]):
+        assert main([*args, *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error: ') and f"prompt={CAT!r}" in err[0], err
+    assert not list(tmp_path.glob('f*.safetensors')) and not (tmp_path / 'm.png').exists()
+    base = ['--model-kwargs', json.dumps(dict(base_repo=str(tiny_base), timestep=300.0))]
+    out = tmp_path / 'cat.safetensors'
+    assert main(['features', str(img), '--size', '64', '--taps', 'mid', '--out', str(out), *common[:6], *base]) == 0
+    assert 'embedding of another prompt' in capsys.readouterr().err
+    cat = load_extractor('test_cleandift', ['mid'], weights=str(tiny_base / 'unet.safetensors'),
+                         model_kwargs=dict(prompt=CAT, base_repo=str(tiny_base), timestep=300.0))
+    with torch.no_grad():
+        expected = cat(load_image(str(img), 64)[None])[0]
+    torch.testing.assert_close(load_file(out)['mid'], expected, rtol=0, atol=0)

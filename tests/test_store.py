@@ -275,6 +275,23 @@ def _reference(paths, size=64):
         return _model()(torch.stack([load_image(p, size) for p in paths]))
 
 
+def _finish(procs: list, timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of every process, waiting at most `timeout` s in all; on a timeout every process still running
+    is killed and the test fails with their output (never a hang)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f'still running after {timeout:.0f} s: ' + ' | '.join(p.communicate()[1][-1500:] for p in procs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
     halves = {'a': [tmp_path / 'data' / 'a' / f'{i}.png' for i in range(5)],
               'b': [tmp_path / 'data' / 'b' / f'{i}.png' for i in range(5)]}
@@ -283,12 +300,17 @@ def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
             _save(f, 100 * k + i)
     (tmp_path / 'data' / 'b' / 'z_broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     out = tmp_path / 'store'
-    # Each writer stops before its first image until both have set up their writers: the runs truly overlap.
+    # Each writer stops before its first image until both have set up their writers: the runs truly overlap. A writer
+    # never waits for `go` longer than 300 s, and the test waits for them with timeouts and kills them on failure:
+    # one writer failing early must fail the test, not leave it (or the other writer) waiting forever.
     code = ('import sys, time\nfrom pathlib import Path\nimport diffbackbone.data.pipeline as p\n'
             'get = p.ImageFiles.__getitem__\n'
             'def wait_then_get(self, i):\n'
             '    Path(sys.argv[1]).touch()\n'
+            '    give_up = time.monotonic() + 300\n'
             '    while not Path(sys.argv[2]).exists():\n'
+            '        if time.monotonic() > give_up:\n'
+            '            sys.exit("no go after 300 s")\n'
             '        time.sleep(0.02)\n'
             '    return get(self, i)\n'
             'p.ImageFiles.__getitem__ = wait_then_get\n'
@@ -301,10 +323,13 @@ def test_two_writers_at_once_into_one_store_keep_every_image(tmp_path):
              for half in halves]
     deadline = time.monotonic() + 240
     while not all((tmp_path / f'ready-{h}').exists() for h in halves) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        if any(p.poll() is not None for p in procs):  # one ended before its first image: show why, kill the other
+            go.touch()
+            results = _finish(procs, 60)
+            pytest.fail('a writer ended early: ' + ' | '.join(err[-2000:] for _, err in results))
         time.sleep(0.05)
     go.touch()
-    results = [p.communicate(timeout=300) for p in procs]
+    results = _finish(procs, 300)
     for proc, (stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr[-3000:]
     fs = FeatureStore(out)
@@ -532,6 +557,45 @@ def test_ctrl_c_is_one_line_and_the_store_resumes(dataset, store, tmp_path, caps
         torch.testing.assert_close(resumed[path]['us6'], full[path]['us6'], atol=1e-3, rtol=1e-3)
 
 
+def test_a_second_ctrl_c_while_the_run_winds_down_is_one_line_and_the_store_is_whole(dataset, store, tmp_path):
+    """Ctrl-C after 3 images, then Ctrl-C again while the loader workers stop and while the final shard is written:
+    still one `interrupted:` line and exit 130 (no traceback, no 'Exception ignored'), and the 3 images are in the
+    shard and the index, so the run resumes."""
+    out = tmp_path / 'twice'
+    code = ('import os, signal, sys\nimport diffbackbone.hub as hub\nimport diffbackbone.data.store as st\n'
+            'from torch.utils.data import dataloader as dl\n'
+            'state = dict(added=0, interrupted=False)\n'
+            'add = st.StoreWriter.add\n'
+            'def add_then_ctrl_c(self, *a, **k):\n'
+            '    add(self, *a, **k)\n'
+            '    state["added"] += 1\n'
+            '    if state["added"] == 3:\n'
+            '        state["interrupted"] = True\n'
+            '        os.kill(os.getpid(), signal.SIGINT)\n'
+            'st.StoreWriter.add = add_then_ctrl_c\n'
+            'def again(real):\n'
+            '    def wrapper(*a, **k):\n'
+            '        if state["interrupted"]:\n'
+            '            os.kill(os.getpid(), signal.SIGINT)\n'
+            '        return real(*a, **k)\n'
+            '    return wrapper\n'
+            'hub.save_file = again(hub.save_file)\n'
+            'it = dl._MultiProcessingDataLoaderIter\n'
+            'it._shutdown_workers = again(it._shutdown_workers)\n'
+            'from diffbackbone.cli import main\nsys.exit(main(sys.argv[1:]))\n')
+    args = ['features', str(dataset), *BASE, '--batch-size', '1', '--shard-size', '100', '--out', str(out)]
+    res = subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr and 'Exception ignored' not in res.stderr, res.stderr[-3000:]
+    last = [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith('interrupted:') and 'run the same command again' in last
+    indexed = FeatureStore(out)
+    assert len(indexed) == 3 and sorted(FeatureStore(out, rescan=True).paths) == sorted(indexed.paths)
+    assert main(args) == 0
+    assert sorted(FeatureStore(out).paths) == sorted(FeatureStore(store).paths)
+
+
 def test_disk_full_while_writing_a_shard(dataset, store, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -615,3 +679,52 @@ def test_overwrite_refuses_a_store_another_run_is_filling(dataset, store, tmp_pa
         _fails([str(dataset), *BASE, '--out', str(copy), '--overwrite'], capsys, 'another run is writing into')
         assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # nothing deleted or touched
     assert main(['features', str(dataset), *BASE, '--out', str(copy), '--overwrite', '--on-error', 'skip']) == 0
+
+
+def test_a_store_that_other_runs_are_creating_is_not_a_foreign_folder(tmp_path):
+    """Three runs start into one new --out: the first has created the folder (locks, an index being written), the
+    second is probing it for writability at this instant; the third's check must take it for a store."""
+    from diffbackbone.data.extract import check_store
+    from diffbackbone.data.outputs import OutputError
+
+    out = tmp_path / 'store'
+    out.mkdir()
+    for name in ('.writers', '.lock', '.index.json.4242.0a1b2c3d.tmp', '.diffbackbone-probe-k2j_x9aa'):
+        (out / name).touch()
+    check_store(out, [])
+    (out / 'notes.txt').touch()
+    with pytest.raises(OutputError, match='notes.txt'):
+        check_store(out, [])
+
+
+def test_an_error_mid_run_leaves_inference_mode_off(dataset, tmp_path, monkeypatch):
+    """The batches are made under torch.inference_mode: a run that stops on an error must leave it off in the caller's
+    thread even while the error (and its traceback) is kept, or the caller's next models get inference tensors."""
+    import diffbackbone.data.extract as ex
+    from diffbackbone.data.store import StoreError
+
+    def fail(self, *args, **kwargs):
+        raise StoreError('disk gone')
+
+    monkeypatch.setattr(ex.StoreWriter, 'add', fail)
+    job = ex.ExtractJob([str(dataset)], tmp_path / 'store', model='test_cleandift', random_weights=True, size=64,
+                        taps=['mid'], workers=0)
+    with pytest.raises(StoreError) as kept:
+        ex.extract_features(job)
+    assert kept.value is not None and not torch.is_inference_mode_enabled()
+
+
+def test_a_loader_workers_fd_thread_cut_short_by_the_exit_is_quiet(capsys):
+    """In a loader worker, the fd-passing thread's handshake cut short by the main process's exit on Ctrl-C
+    (AuthenticationError, EOFError, a socket error) prints nothing; any other thread error still shows."""
+    import multiprocessing
+    import threading
+
+    from diffbackbone.data.pipeline import _quiet_resource_sharer
+
+    serve = threading.Thread(target=lambda: None, name='Thread-1 (_serve)')
+    for exc in (multiprocessing.AuthenticationError('digest received was wrong'), EOFError(), ConnectionResetError()):
+        _quiet_resource_sharer(threading.ExceptHookArgs((type(exc), exc, None, serve)))
+    assert capsys.readouterr().err == ''
+    _quiet_resource_sharer(threading.ExceptHookArgs((ValueError, ValueError('a bug'), None, serve)))
+    assert 'ValueError: a bug' in capsys.readouterr().err

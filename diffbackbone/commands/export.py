@@ -25,6 +25,7 @@ from ..cli_args import json_object, model_name
 from ..data.outputs import check_folder
 from ..errors import DiffbackboneError
 from ..hub import _write_reason, save_safetensors, umask
+from ..models._builder import PROMPT_KEY
 
 __all__ = ['ExportError', 'export_model', 'find_weights', 'add_parser', 'run']
 
@@ -140,7 +141,8 @@ def export_model(source: str | Path, out: str | Path, model: Optional[str] = Non
     work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
         try:
-            save_safetensors(state, work / 'model.safetensors', metadata={'format': 'pt', 'diffbackbone.model': name})
+            save_safetensors(state, work / 'model.safetensors', metadata={
+                'format': 'pt', 'diffbackbone.model': name, PROMPT_KEY: getattr(net, 'prompt', None) or ''})
             save_config_for_hf(net, str(work / 'config.json'), model_args=args)
             if getattr(net, 'lora_identity', None):  # which LoRA the weights hold (timm ignores keys it does not know)
                 config = json.loads((work / 'config.json').read_text())

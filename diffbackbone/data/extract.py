@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from ..cli_args import DTYPES, check_size_fits, fmt_bytes
 from ..errors import InputError
+from ..hub import defer_sigint, save_safetensors
 from ..models._builder import features_revision
-from ..hub import save_safetensors
 from .images import ImageError, image_size
 from .outputs import OutputError, check_file, check_folder, mark_metadata, save_picture
 from .pipeline import (
@@ -349,9 +349,10 @@ def _fill_store(job: ExtractJob, out: Path, images: list[str], run: dict, config
                          index_every_s=30.0 if info.world == 1 else None)
     if info.main and len(todo) < len(mine):
         print(f'{out}: {len(mine) - len(todo)} of these images are stored already; extracting {len(todo)}.')
+    batches = extract_batches(paths=todo, **run)  # held here: closed (loader workers stopped) under defer_sigint
     try:
         with _progress(len(todo), info, job.model) as bar:
-            for paths, feats, failures, stamps in extract_batches(paths=todo, **run):
+            for paths, feats, failures, stamps in batches:
                 if paths:
                     writer.add(paths, feats, stamps)
                 if failures and job.on_error == 'fail':
@@ -360,11 +361,16 @@ def _fill_store(job: ExtractJob, out: Path, images: list[str], run: dict, config
                 writer.failed.update(failures)
                 bar.update(len(paths) + len(failures))
     except KeyboardInterrupt:
-        writer.flush()  # whole shards only: what was extracted is kept for the resume, and listed in the index
-        if info.world == 1:
-            write_index(out, config)
+        with defer_sigint():  # a second Ctrl-C waits for the final flush: the store is left whole and indexed
+            batches.close()
+            writer.flush()  # whole shards only: what was extracted is kept for the resume, and listed in the index
+            if info.world == 1:
+                write_index(out, config)
         raise
     finally:
+        # stopped now, on any error too: the generator is suspended inside torch.inference_mode, which would otherwise
+        # stay on in this thread for as long as the error's traceback keeps it alive
+        batches.close()
         writer.flush()  # whole shards only: what was extracted before an error is kept for the resume
     writer.write_failed()
     barrier(info)

@@ -45,6 +45,7 @@ MARK = 'diffbackbone'
 _SOFTWARE = 0x0131  # EXIF/TIFF "Software" tag
 _EXPORT_FILES = frozenset({'model.safetensors', 'config.json', 'README.md'})
 _STORE_TEMP = re.compile(r'\..+\.\d+\.[0-9a-f]+\.tmp')  # hub.atomic_path temporaries
+_PROBE = '.diffbackbone-probe-'  # `check_writable`'s probe files (another writer's, for an instant, in a store)
 PathLike = Union[str, os.PathLike]
 
 
@@ -212,7 +213,7 @@ def check_writable(path: PathLike, option: str = '--out') -> None:
     if not parent.is_dir():
         raise OutputError(f'Cannot write to {path}: {parent} is a file, not a folder. Choose another {option}.')
     try:
-        fd, probe = tempfile.mkstemp(prefix='.diffbackbone-probe-', dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=_PROBE, dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -254,11 +255,12 @@ def check_file(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: Optio
 
 
 def _is_store_file(p: Path) -> bool:
-    """A file name of a feature store (`data.store`: index, locks, writer-unique shards, failure lists, temporaries)."""
+    """A file name of a feature store (`data.store`: index, locks, writer-unique shards, failure lists, temporaries,
+    and the probe of a writer checking the folder at this instant: a store being created by several runs at once)."""
     from .store import _FAILED, _SHARD, INDEX, LOCK, WRITERS
 
     return (p.name in (INDEX, LOCK, WRITERS) or bool(_SHARD.fullmatch(p.name)) or bool(_FAILED.fullmatch(p.name))
-            or bool(_STORE_TEMP.fullmatch(p.name)))
+            or bool(_STORE_TEMP.fullmatch(p.name)) or p.name.startswith(_PROBE))
 
 
 def _check_store(folder: Path, overwrite: bool, option: str) -> None:

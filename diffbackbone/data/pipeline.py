@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError
+from ..hub import defer_sigint
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
 
 __all__ = ['find_images', 'folder_images', 'file_stamp', 'Batch', 'ImageFiles', 'extract_batches', 'pool_features',
@@ -234,8 +235,12 @@ def _worker_init(_: int) -> None:
 
 def _quiet_resource_sharer(args: threading.ExceptHookArgs) -> None:
     """In a loader worker, multiprocessing's fd-passing thread (`resource_sharer._serve`) fails on its socket when the
-    main process exits on Ctrl-C mid-batch; that traceback says nothing to the user. Any other thread's error is shown."""
-    if args.thread is not None and args.thread.name.endswith('(_serve)') and issubclass(args.exc_type, (OSError, EOFError)):
+    main process exits on Ctrl-C mid-batch (on the socket, or in the handshake it cut short: AuthenticationError); that
+    traceback says nothing to the user. Any other thread's error is shown."""
+    import multiprocessing
+
+    lost = (OSError, EOFError, multiprocessing.AuthenticationError)
+    if args.thread is not None and args.thread.name.endswith('(_serve)') and issubclass(args.exc_type, lost):
         return
     threading.__excepthook__(args)
 
@@ -293,28 +298,33 @@ def extract_batches(
             item[1].synchronize()
         return item[0]
 
-    with torch.inference_mode():
-        for idx, x, errors, stamps in loader:
-            failures = [(paths[i], e) for i, e in errors]
-            if x is None:
+    batches = iter(loader)  # a local, so that `finally` drops the last reference (and stops the workers) itself
+    try:
+        with torch.inference_mode():
+            for idx, x, errors, stamps in batches:
+                failures = [(paths[i], e) for i, e in errors]
+                if x is None:
+                    if pending is not None:
+                        yield finish(pending)
+                        pending = None
+                    yield Batch([], {}, failures, [])
+                    continue
+                x = x.to(device, non_blocking=cuda).to(dtype)  # channels_last: `fast.optimize`'s input hook
+                out = model(x)
+                feats = {n: pool_features(f, pool, feature_size).to(out_dtype or f.dtype)
+                         .to('cpu', non_blocking=cuda) for n, f in zip(names, out)}
+                event = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record()
                 if pending is not None:
                     yield finish(pending)
-                    pending = None
-                yield Batch([], {}, failures, [])
-                continue
-            x = x.to(device, non_blocking=cuda).to(dtype)  # channels_last: `fast.optimize`'s input hook
-            out = model(x)
-            feats = {n: pool_features(f, pool, feature_size).to(out_dtype or f.dtype).to('cpu', non_blocking=cuda)
-                     for n, f in zip(names, out)}
-            event = None
-            if cuda:
-                event = torch.cuda.Event()
-                event.record()
+                pending = (Batch([paths[i] for i in idx], feats, failures, stamps), event)
             if pending is not None:
                 yield finish(pending)
-            pending = (Batch([paths[i] for i in idx], feats, failures, stamps), event)
-        if pending is not None:
-            yield finish(pending)
+    finally:
+        with defer_sigint():  # stopping the loader workers (on Ctrl-C too) is not cut short by a second Ctrl-C
+            del batches
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import DiffbackboneError, InputError, InputTypeError
-from ..hub import save_safetensors, write_text_atomic
+from ..hub import defer_sigint, save_safetensors, write_text_atomic
 
 __all__ = ['FeatureStore', 'StoreDataset', 'StoreWriter', 'StoreError', 'ShardEntry', 'INDEX', 'scan_shards',
            'store_files', 'write_index', 'prepare_store', 'store_lock', 'store_writer']
@@ -234,7 +234,7 @@ def write_index(root: Path, config: dict, failed: Optional[Mapping[str, str]] = 
     stored since: concurrent writers never drop each other's.
     """
     root = Path(root)
-    with store_lock(root):
+    with defer_sigint(), store_lock(root):  # Ctrl-C waits for the index
         return _write_index(root, config, failed)
 
 
@@ -320,7 +320,8 @@ class StoreWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered images as one shard (atomically), then maybe refresh the index.
+        """Write the buffered images as one shard (atomically; a Ctrl-C meanwhile is acted on once it is written), then
+        maybe refresh the index.
 
         If the write fails (disk full), the buffer is dropped with the half-written temporary: those images are not
         stored, and a resumed run extracts them again.
@@ -334,13 +335,14 @@ class StoreWriter:
         self._next += 1
         metadata = dict(format=FORMAT, paths=json.dumps(paths), sources=json.dumps(sources),
                         written=str(time.time_ns()), config=json.dumps(self.config))
-        try:
-            save_safetensors(tensors, path, metadata=metadata)
-        except (OSError, SafetensorError) as e:
-            raise StoreError(f'cannot write {path} ({e}); its {len(paths)} images are not stored, the shards before '
-                             'it are. Free some space and run the same command again to resume.') from e
-        self.bytes_written += path.stat().st_size
-        self.stored += len(paths)
+        with defer_sigint():  # Ctrl-C waits for the shard: the images extracted so far are kept for the resume
+            try:
+                save_safetensors(tensors, path, metadata=metadata)
+            except (OSError, SafetensorError) as e:
+                raise StoreError(f'cannot write {path} ({e}); its {len(paths)} images are not stored, the shards '
+                                 'before it are. Free some space and run the same command again to resume.') from e
+            self.bytes_written += path.stat().st_size
+            self.stored += len(paths)
         if self.index_every_s is not None and time.monotonic() - self._last_index >= self.index_every_s:
             write_index(self.root, self.config)
             self._last_index = time.monotonic()

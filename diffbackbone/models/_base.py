@@ -20,8 +20,8 @@ from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, Source
 from ._taps import Tap, TapError, resolve_taps
 from ._vae import SCHEDULER_SD, VAE_SD, VAE_SDXL, VAE_TEST, VAEEncoder, encoder_key, vae_keys
 
-__all__ = ['DiffusionBackbone', 'WeightFile', 'per_latent', 'weights_dtype', 'check_timestep', 'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL',
-           'VAE_TEST', 'SCHEDULER_SD']
+__all__ = ['DiffusionBackbone', 'WeightFile', 'PromptReencodedWarning', 'per_latent', 'weights_dtype', 'check_timestep',
+           'VAEEncoder', 'vae_keys', 'VAE_SD', 'VAE_SDXL', 'VAE_TEST', 'SCHEDULER_SD']
 
 Indices = Union[None, int, str, Sequence[Union[int, str]]]
 
@@ -49,6 +49,7 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         self.grad_checkpointing = False
         self._prompt_override: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # prompts.use_prompts
         self._prompt_pending = False  # a prompt given without the weights that compute its embedding (_builder)
+        self.checkpoint_prompt: Optional[str] = None  # the prompt the checkpoint records for its embedding (_builder)
         self._noise_cache: dict = {}
         self._resolved: dict = {}
         self._tap_sink: Optional[Callable[[str, torch.Tensor], None]] = None
@@ -244,7 +245,7 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         if x.dtype != w.dtype and not upcast and not torch.is_autocast_enabled(x.device.type):
             raise InputError(f'Input dtype {x.dtype} differs from the model weights\' dtype {w.dtype}: cast the images '
                              f'(x.to({w.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast.')
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        if not torch.compiler.is_compiling() and x.device.type != 'meta' and not bool(torch.isfinite(x).all()):
             raise InputError('Input contains NaN or Inf values. Check the image loading and normalisation.')
 
     def _check_prompt_count(self, x: torch.Tensor) -> None:
@@ -332,7 +333,37 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
             if not self.base_repo:
                 raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
             parts.update(self.prompt_tensors(self.prompt))
+        elif self.prompt_cfg.prompt is None:  # no prompt asked: the checkpoint's embedding, under its own name
+            self.prompt = self.checkpoint_prompt or self.prompt
+        elif self.checkpoint_prompt != self.prompt:
+            parts.update(self._asked_prompt(state_dict))
         return parts
+
+    def _asked_prompt(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prompt buffers of the asked prompt over a checkpoint that holds an embedding it does not record as that
+        prompt's: the asked prompt is encoded (cached) and wins; the checkpoint's are kept only when they are its."""
+        import warnings
+
+        from ..errors import DiffbackboneError
+
+        recorded = 'records no prompt' if self.checkpoint_prompt is None else \
+            f'was made for the prompt {self.checkpoint_prompt!r}'
+        try:
+            if not self.base_repo:
+                raise InputError('the model has no base_repo')
+            asked = self.prompt_tensors(self.prompt)
+        except DiffbackboneError as e:
+            raise InputError(
+                f'The weights hold a prompt embedding that {recorded}, and prompt={self.prompt!r} was asked: it must '
+                f'be encoded with the text encoder of base_repo {self.base_repo!r}, which failed ({e}). Drop the '
+                'prompt to use the weights\' own embedding, or give a base_repo whose text encoder can be loaded.') from e
+        if all(k in state_dict and state_dict[k].shape == v.shape
+               and torch.allclose(state_dict[k].float(), v.float(), rtol=1e-2, atol=1e-2) for k, v in asked.items()):
+            return {}  # the checkpoint's embedding is the asked prompt's: kept as stored
+        warnings.warn(f'The weights hold the embedding of another prompt (it {recorded}); prompt={self.prompt!r} was '
+                      f'encoded with the text encoder of {self.base_repo!r} and is used instead.',
+                      PromptReencodedWarning, stacklevel=2)
+        return asked
 
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""
@@ -346,6 +377,10 @@ class WeightFile(NamedTuple):
     dtype: torch.dtype
     keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     select: Optional[Callable[[str], bool]] = None
+
+
+class PromptReencodedWarning(UserWarning):
+    """The weights held another prompt's embedding; the asked prompt was encoded and is used."""
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype:

@@ -32,9 +32,10 @@ from ._options import Options
 
 __all__ = ['features_revision', 'build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_checkpoint',
            'Checkpoint', 'check_keys', 'empty_weights', 'assign_weights', 'assigning_loads', 'resolve_dtype',
-           'load_weights', 'build_composite']
+           'load_weights', 'build_composite', 'PROMPT_KEY']
 
-_KEEP = ('vae.',)  # keys read as stored (see `pretrained_state_dict`)
+_KEEP = ('vae.',)  # keys read as stored (see `pretrained_checkpoint`)
+PROMPT_KEY = 'diffbackbone.prompt'  # safetensors metadata: the prompt of the file's `prompt_embeds` (our writers)
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
@@ -43,6 +44,10 @@ def option_params(cls: type) -> dict[str, type[Options]]:
     """{constructor parameter: option type} of a family class."""
     hints = typing.get_type_hints(cls.__init__)
     return {name: tp for name, tp in hints.items() if isinstance(tp, type) and issubclass(tp, Options)}
+
+
+class UnknownArgumentError(InputError, TypeError):
+    """A model argument no constructor takes: a `TypeError`, as timm's factory contract (and Python) has it."""
 
 
 def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()) -> dict[str, Any]:
@@ -55,7 +60,8 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
     unknown = sorted(set(kwargs) - plain - fields - set(options))
     if unknown:
         valid = sorted((plain - set(internal)) | fields)
-        raise InputError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: {", ".join(valid)}.')
+        raise UnknownArgumentError(f'Unknown model argument(s) {", ".join(unknown)}. Model arguments: '
+                                   f'{", ".join(valid)}.')
     out = {k: v for k, v in kwargs.items() if k in plain}
     params = inspect.signature(cls.__init__).parameters
     for name, tp in options.items():
@@ -73,10 +79,11 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
 class Checkpoint:
     """The checkpoint a pretrained cfg names, fetched but not read yet: its tensors on the meta device (names, shapes,
     dtypes from the file's header: what the key mapping and the completion step need), the bytes it takes once read
-    in `dtype`, and `read()`."""
+    in `dtype`, `read()`, and a single file's header metadata (`PROMPT_KEY`: the prompt of its `prompt_embeds`)."""
     meta: dict[str, torch.Tensor]
     nbytes: int
     read: Callable[[], dict[str, torch.Tensor]]
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = None) -> Checkpoint:
@@ -115,8 +122,12 @@ def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
     else:
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
+    from safetensors import safe_open
+
+    with safe_open(path, 'pt') as f:  # the header only
+        metadata = f.metadata() or {}
     return Checkpoint(hub.safetensors_meta(path, dtype=dtype, keep=_KEEP), hub.safetensors_nbytes(path, dtype),
-                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP))
+                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP), metadata)
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -265,11 +276,12 @@ def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str,
     placeholder, since it deep-copies its pretrained cfg, twice with `features_only`) and every file the completion
     will read fit in memory, before any is read; read and map the checkpoint, complete the model from its base repo,
     check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts each
-    tensor onto itself."""
+    tensor onto itself. The model learns the prompt the checkpoint records for its embedding (`PROMPT_KEY`)."""
     from .. import hub
 
     def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         source = checkpoint.pop()
+        model.checkpoint_prompt = source.metadata.get(PROMPT_KEY)
         files = model.completion_files(filter_fn(source.meta, model))
         hub.check_fits(source.nbytes + sum(hub.safetensors_nbytes(f.path, f.dtype, f.select) for f in files),
                        what + (f' with {", ".join(dict.fromkeys(f.what for f in files))}' if files else ''), dtype)
@@ -308,6 +320,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     from .. import hub
 
     dtype = resolve_dtype(kwargs.pop('dtype', None))
+    device = kwargs.pop('device', None)  # timm's factory argument: the model is built, then moved there
     out_indices = kwargs.pop('out_indices', None)
     out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
         else out_indices
@@ -345,7 +358,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     if not kwargs.get('features_only', False) and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
         net.prune_intermediate_layers([net.head_tap], prune_head=False)
-    return model
+    return model if device is None else model.to(device)
 
 
 def _prompt_loaded(module: nn.Module, incompatible) -> None:
@@ -365,6 +378,7 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     every tap."""
     out_indices = kwargs.pop('out_indices', None)
     out_indices = tuple(out_indices) if isinstance(out_indices, list) else out_indices
+    device = kwargs.pop('device', None)
     params = set(inspect.signature(cls.__init__).parameters) - {'self', 'load_weights'}
     known = params | {f for tp in option_params(cls).values() for f in tp.field_names()}
     shared = dict(kwargs.pop(parts_kwargs, None) or {})
@@ -373,7 +387,8 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     for k in list(kwargs):
         if k not in known and k not in _TIMM_ARGS:
             shared[k] = kwargs.pop(k)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         lambda **kw: cls(**group_kwargs(cls, kw)), variant, pretrained=False, pretrained_filter_fn=filter_fn,
         load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **{parts_kwargs: shared}, **kwargs)
+    return model if device is None else model.to(device)

@@ -41,7 +41,7 @@ class DiTBackbone(DiffusionBackbone):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=rf'^vae|^transformer\.({self.stem})', blocks=rf'^transformer\.{self.block_list}\.(\d+)')
+        return dict(stem=rf'^vae\.|^transformer\.(?:{self.stem})', blocks=rf'^transformer\.{self.block_list}\.(\d+)')
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the transformer blocks after the deepest selected tap; return the selection as `feature_info` indices."""

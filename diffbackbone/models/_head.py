@@ -34,8 +34,11 @@ class ClassifierHeadMixin:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        from timm.layers import get_device_dtype
+
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        # a new classifier takes the model's device and dtype (the head holds no parameter to take them from at 0)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

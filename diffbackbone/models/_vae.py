@@ -2,6 +2,7 @@
 its configs, and the key mapping of a diffusers VAE checkpoint onto it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -58,7 +59,8 @@ class VAEEncoder(nn.Module):
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         if not self.force_upcast:
             return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
-        with torch.autocast(x.device.type, enabled=False):  # float16 autocast would overflow
+        # float16 autocast would overflow (no autocast exists on the meta device, where shapes are checked)
+        with torch.autocast(x.device.type, enabled=False) if x.device.type != 'meta' else contextlib.nullcontext():
             x = x.to(self.encoder.conv_in.weight.dtype)
             return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 

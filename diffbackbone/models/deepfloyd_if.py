@@ -104,15 +104,16 @@ class DeepFloydIF(DiffusionUNet):
                              f'{unet_cfg["in_channels"]}-channel images: convert the images instead.')
         noise = UNetNoiseConfig(timestep=if_timestep(t, scheduler_cfg), ensemble=noise_cfg.ensemble,
                                 noise_seed=noise_cfg.noise_seed, latent='mode')
+        prompt = prompt_cfg.prompt and if_prompt(prompt_cfg.prompt)  # None stays None: no prompt asked
         super().__init__(unet_cfg, None, clean=False, scheduler_cfg=scheduler_cfg, noise_cfg=noise,
-                         prompt_cfg=PromptConfig(if_prompt(prompt_cfg.text)), source_cfg=UNetSourceConfig(
+                         prompt_cfg=PromptConfig(prompt), source_cfg=UNetSourceConfig(
                              base_repo=source_cfg.base_repo), head_cfg=head_cfg, input_cfg=input_cfg)
         self.meng_timestep = t  # their t; `timestep` is the UNet's (t - 1 with the 1000-step schedule)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^unet\.(conv_in|time_|encoder_hid_proj|add_embedding)',
-                    blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
+        return dict(stem=r'^unet\.(?:conv_in|time_|encoder_hid_proj|add_embedding)', down=r'^unet\.down_blocks\.(\d+)',
+                    mid=r'^unet\.mid_block\.', up=r'^unet\.up_blocks\.(\d+)')
 
     def _check_size(self, size: torch.Size) -> None:
         if any(s % _REDUCTION or s < _REDUCTION for s in size):

@@ -218,7 +218,9 @@ class DiffusionUNet(DiffusionBackbone):
     # --- timm model API -------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^vae|^unet\.(conv_in|time_)', blocks=r'^unet\.(down_blocks|mid_block|up_blocks)\.(\d+)')
+        # one key per part, in execution order: timm's ordinal is (key index, block index), numbers only
+        return dict(stem=r'^vae\.|^unet\.(?:conv_in|time_)', down=r'^unet\.down_blocks\.(\d+)',
+                    mid=r'^unet\.mid_block\.', up=r'^unet\.up_blocks\.(\d+)')
 
     def prune_intermediate_layers(
             self,

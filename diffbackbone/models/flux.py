@@ -144,10 +144,11 @@ class FluxBackbone(DiTBackbone):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r'^vae|^transformer\.(pos_embed|time_text_embed|context_embedder|x_embedder)',
-                    blocks=[(r'^transformer\.transformer_blocks\.(\d+)', None),
-                            (r'^transformer\.single_transformer_blocks\.(\d+)', (len(self.transformer.transformer_blocks),)),
-                            (r'^transformer\.(norm_out|proj_out)', (99999,))])
+        # one key per part, in execution order: timm's ordinal is (key index, block index), numbers only
+        return dict(stem=r'^vae\.|^transformer\.(?:pos_embed|time_text_embed|context_embedder|x_embedder)',
+                    double=r'^transformer\.transformer_blocks\.(\d+)',
+                    single=r'^transformer\.single_transformer_blocks\.(\d+)',
+                    head=r'^transformer\.(?:norm_out|proj_out)')
 
     def prune_intermediate_layers(self, indices=None, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the blocks after the deepest selected tap and the output head (the one call never reaches them);

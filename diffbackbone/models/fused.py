@@ -49,7 +49,7 @@ __all__ = ['FusedBackbone', 'WindowConfig', 'window_starts', 'pca_basis', 'fuse_
            'checkpoint_filter_fn']
 
 FUSED_TAP, DINO_TAP = 'fused', 'dino'
-PLAIN_TIMM_MODELS = ('test_dinov2',)  # registered here, but a plain timm ViT (the DINOv2 part of the tiny fused model)
+PLAIN_TIMM_MODELS = ('test_vit_dinov2',)  # registered here, but a plain timm ViT (the tiny fused model's DINOv2)
 RAW_PRESET = 'raw'  # selection: the 'dino' map and every SD tap, unreduced (what the per-pair co-PCA needs)
 # Their SD levels (ODISE output blocks 8, 5, 2), fine to coarse, and PCA dims per level.
 _TALE_TAPS = ('us8', 'us5', 'us2')
@@ -518,7 +518,7 @@ def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBack
     return build_composite(FusedBackbone, variant, pretrained, 'diffusion_kwargs', checkpoint_filter_fn, **kwargs)
 
 
-def _create_test_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def _create_test_vit_dinov2(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)  # as timm's own ViTs: the last 3 blocks
     return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
@@ -550,7 +550,7 @@ default_cfgs = generate_default_cfgs({
     'sd21_dinov2.tale': _cfg(),
     'diffusion_dinov2.tale': _cfg(),
     'test_cleandift_dinov2.tiny': _cfg(input_size=(3, 128, 128), pool_size=(8, 8)),
-    'test_dinov2.tiny': {
+    'test_vit_dinov2.tiny': {
         'hf_hub_id': 'diffbackbone/test-dinov2', 'num_classes': 0, 'input_size': (3, 56, 56), 'crop_pct': 1.0,
         'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225), 'first_conv': 'patch_embed.proj',
         'classifier': 'head'},
@@ -605,13 +605,13 @@ def diffusion_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
 
 @register_model
 def test_cleandift_dinov2(pretrained: bool = False, **kwargs) -> FusedBackbone:
-    """Tiny random-weight fused model for tests: test_cleandift + test_dinov2."""
-    model_args = dict(_TALE, diffusion='test_cleandift', dino='test_dinov2')
+    """Tiny random-weight fused model for tests: test_cleandift + test_vit_dinov2."""
+    model_args = dict(_TALE, diffusion='test_cleandift', dino='test_vit_dinov2')
     return _create_fused('test_cleandift_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def test_dinov2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def test_vit_dinov2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Tiny DINOv2-layout ViT (patch 14, layer scale) for tests."""
     model_args = dict(img_size=56, patch_size=14, embed_dim=24, depth=3, num_heads=2, init_values=1e-5)
-    return _create_test_dinov2('test_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_test_vit_dinov2('test_vit_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))

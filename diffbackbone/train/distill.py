@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import DiffbackboneError
 from ..models._base import SCHEDULER_SD
-from ..models._builder import assign_weights, empty_weights, load_weights
+from ..models._builder import PROMPT_KEY, assign_weights, empty_weights, load_weights
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
@@ -378,6 +378,7 @@ class CleanDistiller:
         meta['diffbackbone.unet_cfg'] = json.dumps(_jsonable(self.models.unet_cfg))
         meta['diffbackbone.vae_cfg'] = json.dumps(_jsonable(self.models.vae_cfg))
         meta['diffbackbone.taps'] = json.dumps(self.taps)
+        meta[PROMPT_KEY] = self.student.prompt  # what its prompt_embeds were made for
         return tensors, meta
 
 
