@@ -1,6 +1,6 @@
 """How far one pass is from "A Tale of Two Features"' sliding window, and a latent draw from their posterior mean, on
 the fused descriptors (issue #27), with tiny random-weight models (`tests/golden_taps.fill_weights`): the paper's SD
-settings (`sd15_dinov2`'s) on test_dift + test_dinov2 at 240 px with 128-px windows (their 960 px and 512-px windows,
+settings (`sd15_dinov2`'s) on test_dift + test_vit_dinov2 at 240 px with 128-px windows (their 960 px and 512-px windows,
 scaled to the tiny models' native size). For each variant against the sliding window: the relative L2 difference of
 the fused maps (no reduction), and after their per-pair co-PCA (8 dims per SD tap) the share of source positions whose
 nearest target position (cosine) is the same.
@@ -23,7 +23,7 @@ SIDE, WINDOW, DIMS = 240, 128, 8
 
 
 def model(**kwargs) -> fused.FusedBackbone:
-    net = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_dinov2',
+    net = timm.create_model('diffusion_dinov2', diffusion='test_dift', dino='test_vit_dinov2',
                             **{**fused._TALE_SD_NOISE, 'slide_window': WINDOW, **kwargs}).eval()
     fill_weights(net)
     return net
@@ -49,7 +49,7 @@ def main() -> None:
     x = images(SIDE)
     ref_fused, ref_pair = descriptors(model(), x)
     print(f'against their sliding window and posterior mean, 2 images of {SIDE} px, windows of {WINDOW} px:')
-    sd = ref_fused.shape[1] - timm.create_model('test_dinov2').embed_dim  # the SD half of the fused channels
+    sd = ref_fused.shape[1] - timm.create_model('test_vit_dinov2').embed_dim  # the SD half of the fused channels
     for label, kwargs in (('one pass (slide=False)', dict(slide=False)),
                           ("a posterior draw (latent='sample'), sliding", dict(latent='sample'))):
         got_fused, got_pair = descriptors(model(**kwargs), x)
