@@ -49,7 +49,7 @@ from .errors import DiffbackboneError, InputError
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
-    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'sharded_safetensors_files', 'available_memory', 'check_fits',
+    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'safetensors_metadata', 'sharded_safetensors_files', 'available_memory', 'check_fits',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
     'defer_sigint',
 ]
@@ -332,6 +332,14 @@ def safetensors_meta(*paths: str | Path, dtype: torch.dtype | None = None,
                     out[k] = torch.empty(shape, dtype=dtype if cast else _ST_TORCH.get(kind, torch.uint8),
                                          device='meta')
     return out
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a safetensors file; {} for a file that cannot be read (loading it says why)."""
+    with contextlib.suppress(SafetensorError, OSError):
+        with _safe_open(Path(path)) as f:
+            return f.metadata() or {}
+    return {}
 
 
 def safetensors_nbytes(path: str | Path, dtype: torch.dtype | None = None,

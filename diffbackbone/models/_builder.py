@@ -122,12 +122,9 @@ def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
     else:
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
-    from safetensors import safe_open
-
-    with safe_open(path, 'pt') as f:  # the header only
-        metadata = f.metadata() or {}
     return Checkpoint(hub.safetensors_meta(path, dtype=dtype, keep=_KEEP), hub.safetensors_nbytes(path, dtype),
-                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP), metadata)
+                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP),
+                      hub.safetensors_metadata(path))
 
 
 def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
