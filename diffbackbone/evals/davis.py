@@ -231,20 +231,12 @@ def _palette(path: Path) -> list[int]:
     """The first mask's palette (DAVIS's), else the PASCAL VOC colour map."""
     from PIL import Image
 
+    from .pixel_pictures import voc_palette
+
     with Image.open(path) as img:
         if img.mode == 'P' and img.getpalette():
             return img.getpalette()
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+    return [v for rgb in voc_palette() for v in rgb]
 
 
 def _check_mask_folder(folder: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from ..data.outputs import OutputError, is_ours, save_picture
 from ..errors import InputError
 
-__all__ = ['PALETTES', 'SUBFOLDERS', 'palette', 'picture_name', 'colorize', 'uncertainty_levels',
+__all__ = ['PALETTES', 'voc_palette', 'SUBFOLDERS', 'palette', 'picture_name', 'colorize', 'uncertainty_levels',
            'check_pictures', 'SplitPictures']
 
 COMMAND = 'eval pixel'
@@ -64,7 +64,7 @@ PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 
 
-def _voc() -> tuple[tuple[int, int, int], ...]:
+def voc_palette() -> tuple[tuple[int, int, int], ...]:
     """PASCAL VOC's colour map (bit-interleaved class index; the DAVIS masks' too): 256 distinct colours."""
     out = []
     for i in range(256):
@@ -79,7 +79,7 @@ def _voc() -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-PALETTES['voc'] = _voc()
+PALETTES['voc'] = voc_palette()
 
 
 def palette(name: Optional[str], category: str, classes: int) -> tuple[str, list[int]]:
