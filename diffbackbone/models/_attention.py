@@ -1,21 +1,8 @@
 """Recording activations inside diffusers' transformer and resnet blocks during one forward pass.
 
-Forward hooks are put on exactly the modules whose outputs were asked for (the q / k / v projections, the feed-forward's
-first layer, transformer blocks, resnet conv2) for the duration of one pass, and removed after it. The attention
-processor is never replaced: diffusers keeps running its own (PyTorch SDPA by default), so recording q/k/v costs
-nothing. A recorded activation is the module's own output tensor, turned into NCHW by a view (no copy). Attention maps,
-which SDPA never materialises, are computed from the recorded query and key only when asked for, in chunks of queries,
-with the attention's own mask (PixArt's prompt mask: padding tokens get zero probability), query/key norms and rotary
-embedding (FLUX; HunyuanDiT: on the query, and on the key in self-attention), as the attention computes them.
-
-Map reductions (`MAP_REDUCTIONS`; `full=True` keeps the unreduced probabilities instead):
-
-* `self-map` (B, heads, H, W): per head, the attention each key position receives, averaged over all queries; full:
-  (B, heads, N, N), queries x keys. `cross-map` (B, tokens, H, W): per query position, its attention over the prompt
-  tokens averaged over heads; full: (B, heads, N, tokens).
-* FLUX's joint attention runs one softmax over the prompt tokens and the image tokens together. Its image queries give
-  `joint-cross-map` (the probabilities on the prompt tokens) and `joint-self-map` (those on the image tokens), the two
-  parts of that one softmax, not renormalised (Meng et al.'s slices), reduced as above.
+Forward hooks on exactly the modules asked for, for one pass; diffusers' own attention processor keeps running.
+Attention maps are computed from the recorded query and key only when asked for (`MAP_REDUCTIONS`). Details and the
+map reductions: docs/models.md#attention-maps.
 """
 from __future__ import annotations
 

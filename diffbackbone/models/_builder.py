@@ -1,18 +1,7 @@
 """Building a diffusion backbone as timm builds its models, with the package's loading rules.
 
-`build_diffusion_model` is the one place that builds, loads, completes and wraps. In order:
-1. flat keyword arguments (`timestep=`, `prompt=`, `lora=`, ...) are grouped into the option objects the family's
-   constructor declares; unknown ones are refused by name;
-2. the checkpoint is read through `hub.py` (downloads, integrity, sharded files; weights that cannot fit in memory
-   are refused before they are read), memory-mapped or converted tensor by tensor to the chosen `dtype`, and handed
-   to timm's `build_model_with_cfg` as the pretrained cfg's `state_dict`;
-3. with pretrained weights the model is built with its parameters on the meta device (`empty_weights`: no memory,
-   no random initialisation; buffers, which hold noise schedules and size ids no checkpoint has, are built as usual);
-4. timm calls our load step: the family's `checkpoint_filter_fn` maps keys (offline, no side effects), then the model
-   is completed from its base repo (VAE encoder, prompt embeddings, ControlNet, depth estimator, learned timestep),
-   every key is checked, the tensors are assigned to the model (`load_state_dict(assign=True)`: no copy) and the model
-   finishes loading (a UNet fuses its LoRA); timm's own strict load then puts each tensor onto itself, a no-op;
-5. timm wraps the model for `features_only` (its 'getter' wrapper, which prunes the blocks no selected tap needs).
+`build_diffusion_model` is the one place that builds, loads, completes and wraps; the steps in order:
+docs/speed.md#cold-start and docs/development.md#layout.
 """
 from __future__ import annotations
 

@@ -1,30 +1,8 @@
 """Feature taps of a diffusers UNet: every activation the backbone can return, with channels, stride and names.
 
-A tap is one activation. Each has a *location*: its point name in the scheme of Meng et al., "Not All Diffusion Model
-Activations Have Been Evaluated as Discriminative Features" (NeurIPS 2024), e.g. `up-level1-repeat0-vit-block0-cross-q`:
-
-* `{path}-level{i}-repeat{j}-res-out` / `-res-increment`: resnet j of block i (path `down` or `up`), its output and its
-  increment (the residual branch, conv2's output: output minus shortcut, as the UNet's output_scale_factor is 1);
-* `...-repeat{j}-vit-out`: output of the transformer (Transformer2DModel) after resnet j;
-* `...-vit-block{k}-out`: output of its transformer block k; `...-vit-block{k}-ffn-inner`: the feed-forward's inner
-  activation (after GEGLU);
-* `...-vit-block{k}-self-{q,k,v,map}`, `...-cross-{q,map}`: self- and cross-attention query / key / value as NCHW maps
-  (channels = heads x head dim) and attention maps. `self-map` is (B, heads, H, W): per head, the attention each key
-  position receives, averaged over all queries (a spatial map summing to one over keys); `cross-map` is
-  (B, tokens, H, W): per query position, its attention over the prompt tokens averaged over heads (sums to one over
-  tokens; masked padding tokens get zero). Meng et al. keep the unreduced (B, heads, N, keys) probabilities; the
-  transformer backbones give those with `attn_maps='full'` (`attention_taps.MAP_REDUCTIONS`, `diffbackbone taps MODEL
-  --all`). Cross-attention keys and values are projections of the fixed prompt embedding, the same for every image,
-  so they are no taps (the reference implementation drops them too);
-* `{path}-level{i}-downsampler-out` / `upsampler-out`; `mid-repeat{j}-res-out`, `mid-vit-...` for the mid block;
-  `unet-in` (the latent) and `unet-after-conv-in`; `unet-out`: the UNet's output head (conv_norm_out -> conv_act ->
-  conv_out), in noise space (a UNet whose head was pruned, or loaded from a checkpoint without it, has none).
-
-The CleanDIFT taps (`mid`, `us1`, `us2`, ...) are the *base* taps, the model's `feature_info` by default; their
-canonical names count over the up path: per up block, the output of every layer but the last, then the block's output
-(after its upsampler when it has one). Every other tap is selected by name and then appended to `feature_info`.
-Taps are ordered by *stage* (one resnet+transformer layer, a sampler, `conv_in`): a forward pass stops after the stage
-of the deepest tap asked for.
+Names follow Meng et al., "Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features"
+(NeurIPS 2024); the CleanDIFT names (`mid`, `us1`, ...) are the base taps. The naming scheme, presets and stage order:
+docs/models.md#unet-taps-sd15-and-sd21-share-the-layout.
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """ DeepFloyd IF stage I (IF-I-L) as a timm backbone: a pixel-space UNet, noisy extraction as Meng et al. run it.
 
 DeepFloyd IF (DeepFloyd / Stability AI, `DeepFloyd/IF-I-L-v1.0` on the Hub, gated; "Photorealistic Text-to-Image
-Diffusion Models with Deep Language Understanding" is the recipe it follows): a UNet that denoises 64 x 64 RGB images
-themselves (no VAE), conditioned on T5-XXL token embeddings, projected to the UNet's width (`encoder_hid_proj`) and
-attention-pooled into the time embedding (`addition_embed_type='text'`). Four levels at strides 1, 2, 4, 8 with three
-layers each; the first resamples by resnets (`ResnetDownsampleBlock2D` / `ResnetUpsampleBlock2D`), the others carry one
-`SimpleCrossAttn` attention per layer (queries from the image; keys and values from the image and the prompt tokens).
-
-Noise and call as Meng et al. extract IF features ("Not All Diffusion Model Activations Have Been Evaluated as
-Discriminative Features", NeurIPS 2024, github Darkbblue/generic-diffusion-feature): `IFImg2ImgPipeline` with the
-scheduler set to 1000 steps and cut by the strength t / 1000 (t = 50 keeps the last 50: timestep 49), the [-1, 1] image
-noised in pixel space at that timestep by `DDPMScheduler.add_noise`, ONE UNet call without guidance. The prompt (empty
-by default) goes through IF's text preprocessing (`clean_caption=False`: lower-cased and stripped) and T5 with its
-attention mask (77 tokens); the embedding is computed once from the base repo and cached on disk. The UNet itself gets
-no token mask, as in the pipeline. Taps by Meng et al.'s UNet names (`_taps.py`), see `diffbackbone taps deepfloyd_if`.
+Diffusion Models with Deep Language Understanding" is the recipe it follows). Architecture, noise, prompt and taps:
+docs/models.md#deepfloyd-if, docs/fidelity.md#deepfloyd-if.
 """
 from __future__ import annotations
 

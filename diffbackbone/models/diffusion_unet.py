@@ -3,14 +3,8 @@
 CleanDIFT: Diffusion Features without Noise - https://arxiv.org/abs/2412.03439 (Stracke et al., CVPR 2025),
 weights https://huggingface.co/CompVis/cleandift (MIT).
 Emergent Correspondence from Image Diffusion (DIFT) - https://arxiv.org/abs/2306.03881 (Tang et al., NeurIPS 2023).
-
-The backbone is the Stable Diffusion VAE encoder (posterior mode or a seeded draw) followed by the diffusers
-`UNet2DConditionModel` blocks, run by a short forward of our own that records taps and stops after the deepest one.
-Clean models run the clean latent once at their learned timestep; noisy models add DDPM noise at `timestep` for
-`ensemble` seeded draws in one batched pass and average the features. The VAE decoder is never built; the UNet's
-output head is built (the `unet-out` tap, DDIM inversion) and pruned when no selected tap needs it. The prompt's text
-embedding (empty by default) is a buffer computed once from the base repo's text encoder(s) and cached
-(`diffbackbone.prompts`); `prompts.use_prompts` gives one prompt per image instead.
+How each model runs, taps and options: docs/models.md#the-models,
+docs/models.md#unet-taps-sd15-and-sd21-share-the-layout.
 """
 from __future__ import annotations
 

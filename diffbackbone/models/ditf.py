@@ -2,23 +2,8 @@
 
 Diffusion Transformer Features (DiTF) - https://arxiv.org/abs/2505.18584 (Gan et al., NeurIPS 2025),
 code https://github.com/ganchaofan0000/DiTF (read for the method; written here from scratch).
-
-Their extraction (`src/flux/feat_flux.py`, `model.forward_feat`, `eval_spair.py`):
-- one transformer pass of FLUX.1 [dev] at sigma = t / 1000 (t = 260 for SPair, 90 for DAVIS), the latent noised
-  linearly (sigma * noise + (1 - sigma) * latent, no schedule shift), guidance 3.5, `ensemble` (8) noise draws;
-- the feature of block k (a single-stream block, k >= 19; 28 for SPair, 24 for DAVIS) is the block's *input* image
-  tokens, averaged over the draws, together with that block's AdaLN modulation (shift, scale) of the timestep/text
-  embedding;
-- the "massive activation" channels of FLUX.1 [dev] (154 and 1446) are set to 0 ("channel discard"), the tokens are
-  layer-normalised (no affine, eps 1e-6) and modulated: (1 + scale) * x + shift.
-
-Here that is the tap `vit-block{k}-in-mod` of `ditf_flux` (FLUX.1 [dev] weights, every other tap of `flux` too);
-the `ditf` preset is their SPair block (28), `ditf_davis` their DAVIS block (24). `PRESET_SETTINGS` holds the model
-arguments their runs of each preset use: SPair t = 260, 8 draws, a caption per image (their
-`spair_detailed_captions.json`: `eval spair --captions`); DAVIS t = 90, one draw, the prompt "a photo of a image"
-(`Featurizer4Eval.forward`'s default caption; `eval davis --protocol ditf`). `features_only` gives the
-`pyramid` preset, as every family (timm's models give at least three levels): here the modulated taps of blocks 20, 24
-and 28, so the pass stops at their SPair block.
+Their extraction, the `vit-block{k}-in-mod` taps and presets:
+docs/models.md#ditf-flux-features-without-massive-activations; settings and departures: docs/fidelity.md#ditf.
 """
 from __future__ import annotations
 

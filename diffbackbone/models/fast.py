@@ -1,18 +1,8 @@
 """Speed levers for a built backbone: frozen weights, SDPA attention, channels_last memory layout, torch.compile.
 
 `optimize(model)` applies them in place to a `DiffusionUNet` or to timm's `features_only` wrapper around one and returns
-the model. Run the result under `torch.inference_mode()`. What each lever does and when it pays:
-
-* frozen: `eval()` and `requires_grad_(False)`, so no autograd state is kept for frozen parts.
-* SDPA: every diffusers `Attention` runs `AttnProcessor2_0` (PyTorch `scaled_dot_product_attention`, flash or
-  memory-efficient kernels on GPU). That processor never upcasts to fp32, so the SD2.1 config's `upcast_attention=True`
-  has no effect on this path; only diffusers' legacy `AttnProcessor` honours it.
-* channels_last: weights and the input image in NHWC, the layout cuDNN convolutions prefer in bf16/fp16 and which makes
-  the transformer blocks' NCHW -> tokens reshape a view.
-* compile: `torch.compile` of the model's forward. The clean models trace as one graph (no graph break); noisy models
-  break around the seeded noise draw. `'max-autotune-no-cudagraphs'` autotunes convolution and matmul kernels,
-  `'reduce-overhead'` / `'max-autotune'` add CUDA graphs (fixed shapes; outputs are overwritten by the next call, so
-  clone them if kept). Inductor fuses GroupNorm + SiLU itself, so no hand-written fused kernel is needed when compiled.
+the model; run the result under `torch.inference_mode()`. What each lever does and when it pays:
+docs/speed.md#optimize-what-each-lever-does.
 """
 from __future__ import annotations
 

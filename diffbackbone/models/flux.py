@@ -1,29 +1,8 @@
 """ FLUX.1 diffusion transformers as timm backbones (noisy extraction as Meng et al. do it).
 
-FLUX.1 [dev] / [schnell] (Black Forest Labs, `black-forest-labs/FLUX.1-*` on the Hub): 19 double-stream (MMDiT)
-blocks and 38 single-stream blocks of width 3072 on 2x2-packed latents of a 16-channel VAE, conditioned on T5-XXL
-token embeddings and CLIP's pooled embedding. Activations as evaluated in "Not All Diffusion Model Activations Have
-Been Evaluated as Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature),
-with their names: blocks are numbered on through both kinds (`vit-block0` .. `vit-block18` double, `vit-block19` ..
-`vit-block56` single). Every block has `-q`, `-k`, `-v` (image tokens), `-attn-out` and `-out`; a double block also
-`-norm-out` (the modulated input of its feed-forward) and `-ffn-inner`. `-out` is the block's output image tokens.
-(In Meng et al.'s code a double block's `-out` records the same tensor as its `-norm-out`; ours is the block output,
-as the name says and as their single blocks record it.)
-
-Every block also has `-cross-map` (image queries over the prompt tokens) and `-self-map` (over the image tokens),
-the two parts of the joint attention's one softmax, reduced as PixArt's maps (`attention_taps.MAP_REDUCTIONS`;
-`attn_maps='full'` keeps them whole).
-
-Noise as Meng et al. extract FLUX features: they run diffusers' `FluxImg2ImgPipeline` with `strength = t / 1000`
-(t = 50), its default 28 steps and guidance 1, in a copy of the pipeline that returns right after the first transformer
-call. So they keep the activations of ONE call, at the first timestep of the strength-cut schedule. That is what runs
-here: the image latent (a seeded posterior draw) is noised to the first sigma of the cut schedule (diffusers' own
-scheduler) and the transformer runs once, up to the deepest tap. They pass no height / width, so the pipeline resizes
-every image to 1024 x 1024 and dev's schedule is always shifted for 1024 px: sigma 0.1955 for dev (schnell does not
-shift: 0.0714). `shift_size` (default 1024) keeps that noise level at any input size; `shift_size='input'` shifts by
-the input's own size, as the pipeline does when given height and width. The text embeddings (T5 + CLIP) of the prompt
-(empty by default) are computed once from the base repo and cached on disk: no text encoder is in memory at feature
-time. Every map has stride 16.
+FLUX.1 [dev] / [schnell] (Black Forest Labs, `black-forest-labs/FLUX.1-*` on the Hub). Taps by the names of "Not All
+Diffusion Model Activations Have Been Evaluated as Discriminative Features" (Meng et al., NeurIPS 2024, github
+Darkbblue/generic-diffusion-feature). Noise, taps and departures: docs/models.md#flux, docs/fidelity.md#flux.
 """
 from __future__ import annotations
 

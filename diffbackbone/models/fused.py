@@ -1,28 +1,9 @@
 """ Fused diffusion + DINOv2 backbones: "A Tale of Two Features" as timm models.
 
-A Tale of Two Features: Stable Diffusion Complements DINO for Zero-Shot Semantic Correspondence -
-https://arxiv.org/abs/2305.15347 (Zhang et al., NeurIPS 2023), code https://github.com/Junyi42/sd-dino (no licence:
-read for the recipe, written here from scratch).
-
-Their recipe (`pck_spair_pascal.py` defaults, `utils_correspondence.co_pca`, ODISE's `LdmExtractor` and the
-`FeatureExtractorBackbone` sd-dino builds with `slide_training=True`):
-- Stable Diffusion at 960 px by a sliding window: 512-px windows every 512 px, the last one per axis moved back inside
-  the image (offsets 0 and 448), each window encoded to the VAE posterior mean and noised (SD1.5, t=100) with the same
-  seeded draw (seed 42); each window's maps are added at offset // stride and averaged where windows overlap. Decoder
-  features of LDM output blocks 2, 5 and 8 as ODISE records them (the input of the block without its skip: in diffusers
-  terms `up_blocks[0]` resnet 1, `up_blocks[1]` layer 1, `up_blocks[2]` layer 1 = CleanDIFT's `us2`, `us5`, `us8`,
-  strides 64 / 32 / 16).
-- each SD level PCA-reduced to 256 channels, the PCA fitted jointly over the two images of a pair (co-PCA); coarse to
-  fine, the stack is upsampled bilinearly to the next level and concatenated after it: [us8, us5, us2] at stride 16.
-- DINOv2 ViT-B/14 at 840 px (60 x 60 patches, the grid of the SD map): the token output of block 11 (the last), no
-  final norm, class token dropped.
-- each source L2-normalised over its channels, weighted (1 and 1) and concatenated.
-
-Here the sliding window is `WindowConfig` (on by default; `slide=False`: one pass over the whole image). The DINOv2
-part is timm's own model and weights (`vit_base_patch14_dinov2.lvd142m`), and its input is the model's input resized to
-(grid x 14) so both sources share the SD map's grid. The backbone's reduction is a fixed projection
-(`fit_projection` fits a PCA per SD tap on images of your choice and keeps it in the state dict) or none (default);
-the per-pair co-PCA of the paper is `co_pca_fuse`, offered by `diffbackbone match` and `eval spair` (`--co-pca`).
+A Tale of Two Features - https://arxiv.org/abs/2305.15347 (Zhang et al., NeurIPS 2023), code
+https://github.com/Junyi42/sd-dino (no licence: read for the recipe, written here from scratch).
+Recipe, sliding window and reduction: docs/models.md#fused-with-dinov2-a-tale-of-two-features; departures:
+docs/fidelity.md#fused-with-dinov2.
 """
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
 """ HunyuanDiT as a timm backbone (noisy extraction as Meng et al. do it).
 
 Hunyuan-DiT (Tencent, arXiv:2405.08748; `Tencent-Hunyuan/HunyuanDiT-Diffusers` on the Hub, as Meng et al.'s
-`models.py` loads it): 40 DiT blocks of width 1408 with long skip connections (the second half's blocks take the first
-half's outputs), self-attention with 2D rotary embeddings, cross-attention over a bilingual CLIP (a BERT) and mT5's
-token embeddings, conditioned on the timestep, mT5's pooled tokens, image size and style. Activations are named as
-PixArt's in "Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features" (Meng et al., NeurIPS
-2024, github Darkbblue/generic-diffusion-feature): `vit-block{k}-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`,
-`-out` (block k's output image tokens). Their `HunyuanAttnStoreProcessor` records q/k/v and the attention probabilities
-(query and key normed, the rotary embedding on the query, and on the key in self-attention); the maps are reduced as
-PixArt's (`_attention.MAP_REDUCTIONS`) or kept whole with `attn_maps='full'`. Every map has stride 16.
-
-Noise as their patched `HunyuanDiTPipeline` (image-to-image, `strength = t / 1000`, t = 50, its default 50 steps of the
-repo's DDPM schedule, guidance 1) runs it: the image latent (a seeded posterior draw times the scaling factor) noised by
-`DDPMScheduler.add_noise` at the first timestep of the truncated schedule (21), one transformer call (their loop
-returns after it). Their call gives no height/width, so the pipeline's size conditioning is always 1024 x 1024
-(`image_meta_size` = 1024, 1024, 1024, 1024, 0, 0; style 0); it is kept at any input size, and the rotary embedding
-follows the input's patch grid as the pipeline computes it. The prompt embeddings (empty prompt by default) are computed
-once from the base repo and cached on disk.
+`models.py` loads it). Taps by PixArt's names in Meng et al. (NeurIPS 2024, github Darkbblue/generic-diffusion-feature).
+Noise, size conditioning and taps: docs/models.md#hunyuandit, docs/fidelity.md#hunyuandit.
 """
 from __future__ import annotations
 

@@ -2,20 +2,8 @@
 
 Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features - https://arxiv.org/abs/2410.03558
 (Meng et al., NeurIPS 2024), code https://github.com/Darkbblue/generic-diffusion-feature (read for the recipe, written
-here from scratch). Their trained correspondence (`correspondence/aggregation_network.py`) runs one feature extractor
-per config, each on the image at its own size with its own taps, resizes every tap bilinearly to 128 x 128 and
-concatenates them all; their best row, Ours-XL-t, is SDXL (`config_xl_practical`), SD1.5 (`config_15_amalgamation`
-with the up-path cross-attention maps) and Playground v2 (`config_pg_amalgamation`), all at t = 50.
-
-`ours_xl_t` is that combination as one timm model. Its taps (`feature_info`): `multi`, the concatenated map on the
-common grid, then every member's taps by `<member>:<tap>`. A member's `up_cross` adds their VPD-style attention store:
-the up path's cross-attention maps (averaged over heads, as our `cross-map` taps) averaged over all layers of one map
-size, for the sizes their store keeps (latent sides 32 to 64 at 512 px: strides 8 and 16), as `<member>:up-cross-s8`
-and `<member>:up-cross-s16`.
-
-Every member's `size` and the grid are those of the default input (`img_size`, the cfg's input size): an input of
-another size scales both by the same factor per side, so the maps keep the strides `feature_info` states (timm's
-contract). The classifier head (timm's, with `num_classes`) reads the `multi` map.
+here from scratch). `ours_xl_t` is their Ours-XL-t row: docs/models.md#the-models; departures:
+docs/fidelity.md#multi-model-backbones-ours-xl-t.
 """
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """ PixArt-alpha / PixArt-Sigma diffusion transformers as timm backbones (noisy extraction as Meng et al. do it).
 
 PixArt-alpha - https://arxiv.org/abs/2310.00426, PixArt-Sigma - https://arxiv.org/abs/2403.04692 (weights
-`PixArt-alpha/*` on the Hub). Activations as evaluated in "Not All Diffusion Model Activations Have Been Evaluated as
-Discriminative Features" (Meng et al., NeurIPS 2024, github Darkbblue/generic-diffusion-feature), with their names:
-`vit-block{k}-out` (transformer block k), `-self-{q,k,v,map}`, `-cross-{q,map}`, `-ffn-inner`. Attention maps are
-their probabilities with the prompt mask applied as their cross-attention applies it (padding tokens get zero
-probability), reduced as `attention_taps.MAP_REDUCTIONS` says (`attn_maps='full'` keeps them whole).
-
-The backbone is the VAE encoder (a seeded posterior draw) plus DDPM noise at `timestep` (50, Meng et al.'s default),
-then diffusers' `PixArtTransformer2DModel` blocks run by a short forward of our own that records taps and stops after
-the deepest one. Every map has one stride: 16 px (2x2 patches on the 8x VAE latent), timm's ViT convention; the
-`pyramid` preset is four evenly spaced block outputs for a multi-level neck (mmseg's `MultiLevelNeck`). The T5-XXL
-text embedding of the prompt (empty by default) is computed once from the base repo and cached on disk: the 4.7B
-text encoder is never in memory at feature time; prompts are lower-cased and stripped first, as the pipelines'
-`encode_prompt` does (`_text_preprocessing` with `clean_caption=False`, what Meng et al. call). The output head (final
-norm, modulation, projection) is not built.
+`PixArt-alpha/*` on the Hub). Taps by the names of Meng et al. (NeurIPS 2024, github
+Darkbblue/generic-diffusion-feature).
+Noise, taps, prompts and attention maps: docs/models.md#diffusion-transformers-pixart, docs/fidelity.md.
 """
 from __future__ import annotations
 

@@ -1,23 +1,8 @@
 """ Stable Diffusion 3.5 Medium (MMDiT-X) as a timm backbone (noisy extraction in the manner of Meng et al.).
 
-Stable Diffusion 3.5 Medium (Stability AI, `stabilityai/stable-diffusion-3.5-medium` on the Hub, gated; "Scaling
-Rectified Flow Transformers for High-Resolution Image Synthesis", Esser et al., ICML 2024): 24 joint (MMDiT) blocks of
-width 1536 on 2x2 patches of a 16-channel VAE latent, the first 13 with a second, image-only attention (MMDiT-X),
-conditioned on CLIP-L + CLIP-G + T5-XXL token embeddings and the CLIPs' pooled embeddings. Activations are named as
-Meng et al. name FLUX's ("Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features", NeurIPS
-2024, github Darkbblue/generic-diffusion-feature): block k is `vit-block{k}`, with `-q`, `-k`, `-v` (image tokens of
-the joint attention), `-attn-out`, the second attention's `-attn2-q`, `-attn2-k`, `-attn2-v`, `-attn2-out` (blocks
-0-12), `-norm-out` (the modulated input of the feed-forward), `-ffn-inner` and `-out` (the block's output image
-tokens). Every map has stride 16.
-
-Noise as Meng et al. extract FLUX features, with SD3's own image-to-image pipeline: `StableDiffusion3Img2ImgPipeline`
-with `strength = t / 1000` (t = 50) of its default 50 steps and no classifier-free guidance, and ONE transformer call
-(their patched pipeline returns after the first): the image latent (a seeded posterior draw) noised to the first sigma
-of the truncated schedule (0.1205, transformer timestep 120.5; SD3.5's schedule has a fixed shift of 3, so the noise
-level does not depend on the input size), the blocks run up to the deepest tap. The text embeddings of the prompt
-(empty by default) are computed once from the base repo and cached on disk: no text encoder is in memory at feature
-time. The output head (final norm and projection) is not built. Attention maps are not taps yet (FLUX's joint-attention
-maps, issue 19 item 5, are the scheme to follow).
+"Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (Esser et al., ICML 2024);
+`stabilityai/stable-diffusion-3.5-medium` on the Hub (gated). Taps named as Meng et al.'s FLUX taps. Noise, taps and
+text embeddings: docs/models.md#stable-diffusion-35-medium, docs/fidelity.md#sd35-medium.
 """
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
 """ControlNet conditioning of a UNet backbone (`control='canny' | 'depth'`), as Meng et al.'s
 `feature/components/controlnet.py`.
 
-Their extractor turns the input image into a control image (Canny edges: `cv2.Canny(image, 100, 200)` on the resized
-RGB image, stacked to three channels, scaled to [0, 1] by diffusers' `VaeImageProcessor(do_normalize=False)`), runs
-diffusers' `ControlNetModel` on the same (noised) latent, timestep and prompt as the UNet (`conditioning_scale=1`,
-no guess mode) and adds its residuals to the UNet: one per skip connection of the down path and one to the mid
-block's output. The ControlNets they use: `lllyasviel/sd-controlnet-canny` (SD1.5) and
-`diffusers/controlnet-canny-sdxl-1.0` (SDXL); `control_repo=` picks another one in the diffusers layout.
-
-Depth: their control image is controlnet_aux's `MidasDetector` (MiDaS DPT-hybrid of `lllyasviel/Annotators`): the
-depth map min-max normalised to [0, 1], three channels. Ours is the same network as ported to transformers
-(`DPTForDepthEstimation`, `Intel/dpt-hybrid-midas`, `depth_repo=` for another) with the steps of diffusers' depth
-ControlNet docs: the repo's `DPTImageProcessor` (384 x 384, [-1, 1]), `predicted_depth` resized bicubically to the input
-size, then min-max normalised per image to [0, 1] and stacked to three channels. Departures from controlnet_aux: the
-network sees 384 x 384 (theirs: the short side resized to 512), and the map stays float (theirs is rounded to 8 bits
-and resized bilinearly by OpenCV). Depth ControlNets: `lllyasviel/sd-controlnet-depth` (SD1.5) and
-`diffusers/controlnet-depth-sdxl-1.0` (SDXL).
+Control images, default ControlNets and depth estimator: docs/models.md#lora-controlnet-and-ddim-inversion; departures
+from their `MidasDetector`: docs/fidelity.md#lora-controlnet-and-ddim-inversion.
 """
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
 """DDIM inversion as the noising of a noisy UNet backbone (`noise='ddim_inversion'`), as Meng et al. run it.
 
-Their `feature/components/ddim_inversion.py` (generic-diffusion-feature) replaces the random DDPM noise of the img2img
-start by a deterministic walk up the DDIM schedule: the scheduler's `inversion_steps` timesteps (100 by default,
-`DDIMScheduler` spacing of the base repo: 'leading', `steps_offset` 1, so 1, 11, 21, ...) in ascending order, the first
-one skipped; at each timestep t the UNet (conditioned on the prompt, no classifier-free guidance) predicts the noise
-eps(z, t) and the latent moves from t - 1000 // steps to t:
-
-    z <- (z - sqrt(1 - a_prev) eps) * sqrt(a_t) / sqrt(a_prev) + sqrt(1 - a_t) eps
-
-stopping after the first t >= the extraction timestep. diffusers' `DDIMInverseScheduler.step` is the same update. The
-features are then taken from one more UNet pass at the model's `timestep` (their code does the same). Deterministic:
-no noise is drawn, so an ensemble has nothing to average (ensemble is 1).
+Their `feature/components/ddim_inversion.py` (generic-diffusion-feature): the schedule, the update and the cost:
+docs/models.md#lora-controlnet-and-ddim-inversion; departures: docs/fidelity.md#lora-controlnet-and-ddim-inversion.
 """
 from __future__ import annotations
 
