@@ -1,25 +1,7 @@
 """Command line: `diffbackbone features IMAGE... --model cleandift_sd21 --out feats.safetensors`.
 
-Subcommands (one module each under `diffbackbone/commands/`, `clean-train` in `diffbackbone/train/cli.py`):
-    features  extract tap maps of images (files, folders, globs, @lists) into a resumable feature store folder
-              (`diffbackbone.FeatureStore`; torchrun for several GPUs), or into one safetensors file (one tensor per
-              tap, images stacked), optionally with a PCA picture of one tap.
-    depth     metric depth of images with CleanDIFT's published depth probe (see `diffbackbone.depth`).
-    taps      list a model's taps with channels and strides.
-    inspect   a picture (PCA / k-means) and statistics of every requested tap over a few images.
-    export    write a fine-tuned model as a timm Hub repo, loadable with `hf-hub:ORG/NAME`.
-    clean-train  fine-tune a UNet with the CleanDIFT recipe (see `diffbackbone.train`).
-    match     zero-shot correspondence of points between two images (see `diffbackbone.correspondence`).
-    eval      evaluations that reproduce published numbers (see `diffbackbone.evals`): `eval spair` (SPair-71k PCK),
-              `eval hpatches` (HPatches homography accuracy), `eval davis` (DAVIS-2017 label propagation J&F),
-              `eval pixel` (label-scarce segmentation mIoU).
-    bench     time our extractor against a plain-diffusers reference (see `diffbackbone.bench`).
-    generate  images from a UNet model's own pipeline, stored with the taps of chosen denoiser calls (a synthetic
-              dataset; the recording is `diffbackbone.record`).
-
-Errors: the package's own (`diffbackbone.errors.DiffbackboneError`) end in one `error:` line and exit 2; Ctrl-C in one
-`interrupted:` line and exit 130; anything else is a bug and shows its traceback.
-"""
+One module per subcommand under `diffbackbone/commands/` (`clean-train`: `diffbackbone/train/cli.py`); what each does is
+in docs/tasks.md, how errors end (`error:` exit 2, `interrupted:` exit 130, else a traceback) in docs/reliability.md#errors."""
 from __future__ import annotations
 
 import argparse

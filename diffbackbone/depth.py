@@ -1,20 +1,8 @@
 """CleanDIFT's published depth probe: metric depth from `us6` of the clean SD2.1 model (the command `diffbackbone
 depth` is commands/depth.py).
 
-CleanDIFT (Stracke et al., CVPR 2025, github CompVis/cleandift) trained a linear probe on NYUv2, published as
-`cleandift_sd21_depth_probe.safetensors` in `CompVis/cleandift`: the state dict of a `Conv2d(1280, 256, 1)`. Prediction
-follows their `DepthPred.predict` (`src/depth.py`, `configs/sd21_depth_prober.yaml`) and depth notebook:
-
-1. the image in [-1, 1] is resized bilinearly (`align_corners=False`) to 768 x 768;
-2. `us6` features of the clean model conditioned on the caption "A photo of a room";
-3. the 1x1 conv gives 256 logits per position; `relu`, then `+ 0.1`, then divided by their sum over the bins;
-4. depth = sum_k p_k * bins_k with bins = linspace(0.1, 10, 256) metres;
-5. resized bilinearly (`align_corners=False`) back to the input size.
-
-One difference: their latent is a random draw from the VAE posterior (`.sample()`), ours the posterior mode (the
-model's default `latent='mode'`); `model_kwargs=dict(latent='sample')` gives theirs. They report NYUv2 RMSE 0.444 with
-CleanDIFT features vs 0.469 with noisy SD2.1 features (their figures, not measured here).
-"""
+CleanDIFT (Stracke et al., CVPR 2025, github CompVis/cleandift): their `DepthPred.predict` (`src/depth.py`,
+`configs/sd21_depth_prober.yaml`) step by step, and our one difference (posterior mode): docs/tasks.md#depth-cleandifts-probe."""
 from __future__ import annotations
 
 import warnings

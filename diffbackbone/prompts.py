@@ -1,18 +1,8 @@
 """Text prompts for the diffusion backbones: embeddings computed once with the base repo's text encoder(s), cached on
-disk, and one prompt per image for any forward pass.
+disk, and one prompt per image for any forward pass (`encode_prompts`, `use_prompts`).
 
-    model = timm.create_model('cleandift_sd21', pretrained=True, prompt='a photo of a dog')   # one prompt for all
-    batch = encode_prompts(model, ['a photo of a cat', 'a photo of a dog'])   # cached per (repo commit, prompt)
-    with use_prompts(model, batch):   # image i conditioned on prompt i; also through features_only / mmseg wrappers
-        feats = model(images)
-
-Embeddings are computed as diffusers' pipelines do (`StableDiffusionPipeline.encode_prompt`: the CLIP text encoder's
-last hidden state; SDXL: see `models/conditioning/text.py`; PixArt: T5, see `models/pixart.py`) in float32, and stored under
-`hub.cache_dir()/prompt_embeds/<repo>/<commit>/<name>.safetensors` (local base folders: keyed by a fingerprint of
-their text-encoder files and the prompt), so a text encoder is loaded once per prompt, ever, and never at feature time.
-The encoding and its cache live in `models/conditioning/text.py` (models fill their prompt embedding from it while loading
-weights); this module is the user-facing layer above the models.
-"""
+The encoding and its cache live in `models/conditioning/text.py`; this module is the user-facing layer above the
+models. See docs/models.md#text-prompts."""
 from __future__ import annotations
 
 import contextlib

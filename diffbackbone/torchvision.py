@@ -1,26 +1,8 @@
 """Diffusion backbones for torchvision's detectors: FasterRCNN, MaskRCNN, RetinaNet, KeypointRCNN.
 
-`fpn_backbone` wraps a timm `features_only` diffusion model with a feature pyramid, the way
-`torchvision.models.detection.backbone_utils.BackboneWithFPN` wraps a ResNet:
-
-    from torchvision.models.detection import FasterRCNN
-    from diffbackbone.torchvision import fpn_backbone
-
-    backbone = fpn_backbone('cleandift_sd21', pretrained=True)           # taps us9/us6/us3/mid -> FPN '0'..'3', 'pool'
-    detector = FasterRCNN(backbone, num_classes=91, image_mean=backbone.image_mean, image_std=backbone.image_std,
-                          min_size=512, max_size=768)
-
-A UNet's taps have four strides (8/16/32/64): they go through torchvision's own `FeaturePyramidNetwork` (plus
-`LastLevelMaxPool`'s 'pool' at 128). A diffusion transformer's taps have one stride (16): they go through ViTDet's
-simple feature pyramid (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", ECCV 2022):
-the stride-16 map deconvolved to strides 8 and 4, max-pooled to 32, each level projected by a 1x1 and a 3x3 conv with
-LayerNorm, plus the 'pool' level at 64. Either way the detector gets five maps '0'..'3', 'pool', as its default anchor
-generator and RoI poolers expect.
-
-Stable Diffusion wants images in [-1, 1]: torchvision's `GeneralizedRCNNTransform` normalises with ImageNet
-statistics unless the detector is given `image_mean=backbone.image_mean, image_std=backbone.image_std` (0.5), so pass
-them.
-"""
+`fpn_backbone` wraps a timm `features_only` diffusion model with a feature pyramid (torchvision's FPN for a UNet,
+ViTDet's simple pyramid for a transformer: Li et al., ECCV 2022) giving maps '0'..'3', 'pool'. Pass the detector
+`image_mean=backbone.image_mean, image_std=backbone.image_std`. See docs/tasks.md#detection-torchvision."""
 from __future__ import annotations
 
 import math

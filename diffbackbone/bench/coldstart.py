@@ -1,29 +1,7 @@
 """Cold start: time and peak memory from `import` to the first feature, ours against the reference loader, each run
-in a fresh process, paired (issue #29).
+in a fresh process, paired (issue #29). Protocol, weights layout and measured numbers: docs/speed.md#cold-start.
 
-    python -m diffbackbone.bench.coldstart cleandift_sd21 --make-weights /tmp/cold [--dtype bfloat16] [--runs 3]
-    HF_HUB_OFFLINE=1 python -m diffbackbone.bench.coldstart cleandift_sd21   # the weights in the Hub cache
-
-Ours: `timm.create_model(MODEL, pretrained=True, features_only=True, out_indices=TAPS, dtype=DTYPE)` and one forward
-of a batch of one image. The reference, for a clean model, loads as CleanDIFT's code does: the diffusers
-`UNet2DConditionModel` built from the base repo's config, `safetensors.torch.load_file` of the CleanDIFT UNet file and
-`load_state_dict`, `AutoencoderKL.from_pretrained` of the base repo's VAE, the CLIP text encoder for the empty prompt,
-then the cast to DTYPE and one UNet call at t = 261; for a noisy model, diffusers' `from_pretrained` of the base repo's
-UNet and VAE in DTYPE and the same text encoder. Both run one untimed warm-up first (page cache; our empty-prompt
-embedding is then read from our cache, as on every run after a user's first).
-
-`--make-weights DIR` writes random weights of the model's full size in the real repos' layout (once; later runs reuse
-them): a diffusers base repo (`DIR/base`: unet config (and weights for a noisy model), vae, text_encoder, tokenizer)
-and a CleanDIFT-style repo (`DIR/cleandift`: the float16 UNet-only file as CleanDIFT ships it, and a `_full` file
-holding only the learned timestep, which is all we read of the real one). Covers the Stable Diffusion 1.x / 2.x UNet
-models (one CLIP text encoder): `cleandift_sd21`, `cleandift_sd15`, `sd21`, `sd15` and the tiny `test_cleandift`,
-`test_dift`.
-
-Printed: the median wall time (process start to first feature, measured around the subprocess) and median peak RSS
-(`ru_maxrss` of the child) of each, their ratios ours / reference, peak RSS over the weights' size, and the median
-seconds of each phase (start + imports, load, first feature). Each run is `coldstart_child.py` started by its path, so
-the reference imports nothing of ours.
-"""
+    python -m diffbackbone.bench.coldstart cleandift_sd21 --make-weights /tmp/cold [--dtype bfloat16] [--runs 3]"""
 from __future__ import annotations
 
 import argparse

@@ -2,19 +2,7 @@
 
     python -m diffbackbone.bench --model cleandift_sd21 --size 768 --batch 8 --dtype bf16 --taps cleandift --compile
 
-Both sides get the same random weights (ours are copied into the reference), input size, dtype, batch and taps. The
-reference is what CleanDIFT runs: a full `AutoencoderKL` encode (`latent_dist.sample() * 0.18215`), then the full
-`UNet2DConditionModel` forward, the taps read by forward hooks on the modules each tap names, and `--compile` compiles
-its VAE encoder and UNet with torch.compile's default mode as their repo does. Before timing, both must give the same
-features (the reference then takes the posterior mode). With `--noisy-ensemble E` the noisy model (`sd21` for
-`cleandift_sd21`) is also timed: ours encodes each image once and runs its E noised latents in one batched pass; the
-DIFT reference handles one image at a time, the image repeated E times through the VAE and the UNet, as DIFT does.
-
-Reported per extractor: ms per image (median over `--iters` batches; CUDA events on GPU, perf_counter on CPU),
-images/s, peak memory (GPU: `torch.cuda.max_memory_allocated` above the memory in use before the run, plus the
-extractor's own weights; CPU: the RSS peak, sampled every millisecond, above the RSS before the run, plus the weights),
-GFLOP per image (`FlopCounterMode`, one eager image) and model FLOP utilisation against `--peak-tflops`.
-"""
+The reference, the noisy ensemble and what each reported figure measures: docs/speed.md#the-benchmark."""
 from __future__ import annotations
 
 import argparse

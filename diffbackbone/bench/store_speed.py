@@ -2,19 +2,7 @@
 
     python -m diffbackbone.bench.store_speed --model test_cleandift --size 64 --batch-size 8 --workers 1
 
-1. Memory: the same command (same model, size, batch, workers, taps, shard size) over a folder of `--small` images
-   and over one of `--large` images, each in its own subprocess. Peak resident memory is read two ways: `ru_maxrss`
-   of the command (the largest single process: the main one or a loader worker) and the largest sum of RSS over its
-   whole process tree, sampled every 50 ms from /proc. Bounded memory means a ratio near 1 (target <= 1.2) although
-   the large run writes `large / small` times more features. The stored maps are made large on purpose (`--taps mid
-   --feature-size 96`: 32 x 96 x 96 float16, 576 KiB an image) so that a run holding its features would show.
-2. Pipeline efficiency: the command's own img/s over the large folder (its summary line: decoding in workers, the
-   model, the writing of shards) divided by the model-only img/s of the same model, batch, size and dtype on random
-   input in this process, timed before and after the large run (the faster kept). 1.0 means loading and writing are
-   fully hidden behind the model (GPU target >= 0.9).
-
-The images are synthetic JPEGs (`--image-side` px, random noise, 100 a folder) written to a temporary folder.
-"""
+Both measures, their targets and measured numbers: docs/store.md#benchmark."""
 from __future__ import annotations
 
 import argparse

@@ -1,22 +1,8 @@
 """`diffbackbone inspect`: a picture of every activation of a model over a few images, and statistics to sort them by.
 
-Meng et al. ("Not All Diffusion Model Activations Have Been Evaluated as Discriminative Features", NeurIPS 2024) filter
-hundreds of activations by looking at them first: their `feature_visualization.py` fits a 3-component PCA (sklearn) to
-one activation of one image, min-max scales each component to [0, 255] and enlarges the (h, w, 3) picture with nearest
-neighbours. This command does the same for many taps and images at once:
-
-* one forward of all images together runs up to the deepest requested tap (`DiffusionBackbone.stream_taps`); each tap's map
-  is reduced as it arrives (statistics on the full map, then area-averaged to at most `grid` x `grid` positions and
-  turned into an RGB tile) and dropped, so memory holds one full map at a time beyond the pass itself;
-* the PCA of a tap is fitted jointly over the images (colours mean the same in every row), min-max scaled jointly;
-  the sign of each component is fixed (its largest loading positive, as sklearn's `svd_flip`), so sheets are
-  reproducible; `mode='kmeans'` colours k-means clusters instead;
-* sheets: a row per image, a column per tap (first column: the input), titled with the tap's name, channels, stride
-  and map size; more taps than fit on a sheet go to several numbered sheets and an index (JSON);
-* every file is written through `data.outputs` (marked as ours), so a second run replaces them with `--overwrite`;
-* `--json`: per-tap statistics the paper's properties rest on (locality: neighbour vs global cosine similarity and
-  Moran's I; "massive activations": max |x| over median |x|, and the largest channel maximum over the median one).
-"""
+Meng et al.'s `feature_visualization.py` (NeurIPS 2024) for many taps and images in one streamed pass: joint PCA or
+k-means tiles per tap, numbered sheets and an index, per-tap statistics with `--json`. See
+docs/tasks.md#looking-at-every-activation-inspect."""
 from __future__ import annotations
 
 import argparse

@@ -1,21 +1,8 @@
 """The one image-loading path of the package: files -> RGB pixels -> model input tensors.
 
-Used by the `features` command, the feature store, the evaluations (correspondence, depth, SPair) and the trainer, so
-every entry point reads an image the same way:
-
-* EXIF orientation is applied (`ImageOps.exif_transpose`), as torchvision's and timm's users expect;
-* high bit depths keep their range: 16-bit (`I;16*`, `I`) and float (`F`) images are scaled to [0, 1] by their type's
-  full range (65535, or 1.0 for floats), never clipped at 255, and clamped to [0, 1] again after resizing (bicubic
-  overshoots at edges, as 8-bit images are clamped by their type);
-* transparency (RGBA, LA, P with a transparent colour) is composited on **white**; palette, CMYK, grey and bilevel
-  images are converted to RGB;
-* resizing keeps the whole image by default: `'stretch'` resizes to `size` (aspect ratio not kept, as DIFT and
-  CleanDIFT do); `'pad'` keeps the aspect ratio and pads with the mean colour; `'crop'` resizes the short side and
-  centre-crops (part of the image is dropped, only on request);
-* images over Pillow's decompression-bomb limit, unreadable or missing files raise `ImageError` naming the file.
-
-Tensors are float32 (3, H, W), normalised with the model's mean/std (0.5 for Stable Diffusion: [0, 1] -> [-1, 1]).
-"""
+Used by `features`, the feature store, the evaluations and the trainer, so every entry point reads an image the same
+way (EXIF orientation, 16-bit and float range, transparency on white, `stretch` / `pad` / `crop` resizing, the model's
+mean/std): see docs/store.md#how-images-are-read."""
 from __future__ import annotations
 
 import contextlib

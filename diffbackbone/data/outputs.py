@@ -1,27 +1,8 @@
 """Where commands write: one check of every output path, made before any model loads or any work starts.
 
-The promises every command keeps (`features`, `inspect`, `match`, `depth`, `eval spair` / `hpatches` / `davis`
-/ `pixel`, `export`, `bench`):
-
-* **No input is ever overwritten.** An output may not be an input file (compared by real path and inode, so
-  symlinks and hard links count), an output folder may not be, or hold, an input file or folder, nor lie inside an
-  input folder (new or not: the dataset, the training run), and an existing path inside an input folder is part of
-  the input.
-* **Only diffbackbone's own outputs are replaced.** Each file a command writes carries a mark (safetensors metadata,
-  the Software tag of a picture, a `"diffbackbone"` key of a JSON file; a depth `.npy` goes with its marked picture):
-  the command that wrote it, so that a folder replaced whole (`eval davis --masks`) is one of that command's;
-  folders are recognised by their layout (a feature store's `index.json` and shards, an export's three files). A
-  command replaces an existing output only when it wrote it: with `--overwrite` where the command has that option
-  (`features`, `inspect`, `export`), always otherwise (`match`, `depth`, `eval --json`, `eval davis --masks`,
-  `bench --json`). Anything else is refused, `--overwrite` or not.
-* **The outputs of one command are distinct** (`check_distinct_outputs`, by real path): no file named twice, no
-  output inside another's folder, no output folders inside each other.
-* **Unwritable destinations are refused up front**, by creating (and removing) a probe file where the output goes.
-* **Concurrent writers into one feature store are safe** (`data.store`): writer-unique shard names, the index
-  rebuilt under a lock; the store's own files (any writer's) count as ours here.
-
-Writers: `mark_metadata` (safetensors), `save_picture` (PNG, JPEG, WebP, TIFF), `write_json`.
-"""
+The promises (no input overwritten, only our own outputs replaced, distinct outputs, unwritable destinations refused
+up front) are listed in docs/reliability.md#outputs-of-every-command. Writers: `mark_metadata` (safetensors),
+`save_picture` (PNG, JPEG, WebP, TIFF), `write_json`."""
 from __future__ import annotations
 
 import functools

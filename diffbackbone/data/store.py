@@ -1,29 +1,11 @@
 """A feature store: tap maps of many images in safetensors shards plus a JSON index, written as extraction runs.
 
-Layout of a store folder::
-
-    index.json                            config (model, weights, prompt, taps, shapes, dtypes, input size, resize),
-                                          entries {image path: [shard, row]}, sources {image path: [bytes, mtime_ns]},
-                                          failed {image path: reason}
-    shard-r000-1a2b3c4d-000000.safetensors  one (n, C, h, w) tensor per tap; metadata: 'paths' (its n images),
-                                          'sources' (their size and mtime when read), 'config', 'written' (time)
-    .lock                                 taken (flock) while the index is rebuilt
-
-Shards are the truth: each is written atomically (`hub.save_safetensors`), so a killed run leaves whole shards only,
-and `scan_shards` recovers every stored image, and the settings, from the shard headers alone. Every writer (a run, or
-a torchrun rank) names its shards `shard-r<rank>-<writer id>-<n>`, so writers never overwrite each other's, even two
-runs at once into one store; `index.json` is rebuilt from all shards under the lock, at the end of a run and now and
-then during one, and its failure list is merged, never replaced.
-
-Images are keyed by absolute path (two working folders' `imgs/x.jpg` are two images), and each row records the size
-and mtime of its file: a resumed run extracts an image replaced on disk again; the newest row of an image counts.
-
-Reading::
+Shards are the truth (written atomically, so `scan_shards` rebuilds the index and the settings from their headers);
+each writer names its shards `shard-r<rank>-<writer id>-<n>` and rebuilds `index.json` under a `flock` on `.lock`.
+Layout, resume and concurrency promises: docs/store.md#layout-of-a-store. Reading::
 
     store = FeatureStore('feats/')
-    len(store), store.paths, store['img/0001.jpg']      # {tap: (C, h, w) tensor}; relative paths from the cwd
-    loader = DataLoader(store.dataset('us6', targets=labels), batch_size=64, shuffle=True)
-"""
+    len(store), store.paths, store['img/0001.jpg']      # {tap: (C, h, w) tensor}; relative paths from the cwd"""
 from __future__ import annotations
 
 import contextlib

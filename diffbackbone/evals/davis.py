@@ -1,27 +1,8 @@
 """`diffbackbone eval davis`: semi-supervised video object segmentation by label propagation on DAVIS 2017, DIFT's
 protocol (`eval_davis.py`, itself DINO's `eval_video_segmentation.py` with diffusion features).
 
-Frames: read by OpenCV, resized (`cv2.resize`, bilinear) so the short side is 480 and the long side is floored to a
-multiple of 32, RGB in [-1, 1]; one tap per frame (batched, cached). The first frame's mask is resized (nearest) to the
-feature map and one-hot encoded. For each next frame, its features (L2-normalised) are compared with those of a context
-of the first frame and the last `n_last_frames` frames: affinity exp(cos / temperature), kept only for sources within
-`neighborhood` cells of the target position, then only the `topk` largest over the whole context (every value >= the
-k-th), normalised to sum 1; the frame's soft mask is the affinity-weighted sum of the context's masks (the first
-frame's ground truth, then the predictions) and joins the context. It is upsampled bilinearly by the tap's stride,
-each channel min-max normalised, the argmax taken and resized (nearest) to the frame size. J&F: `davis_metrics`.
-
-Noise: DIFT's forward draws fresh noise for every frame; a noisy model here gets a seeded draw per frame (its
-`noise_seed` + the frame's index in the sequence, frames then run one at a time), unless `--same-noise` (one seeded draw
-for every frame, batched).
-
-As DIFT, the `shooting` sequence uses at most 10 last frames (their out-of-memory workaround; kept so figures match).
-Our affinity is computed in chunks of target positions, so memory stays bounded without it.
-
-`--protocol` picks whose settings are the defaults (`PROTOCOLS`): `dift` (above: `sd21` `us9` at t = 51, temperature
-0.2, top-k 15, 28 previous frames, neighbourhood 15) or `ditf`, DiTF's `eval_davis.py` / `eval_davis.sh` (Gan et al.:
-the same DINO propagation with `ditf_flux` `ditf_davis` = block 24 at t = 90, one draw, the prompt "a photo of a image",
-temperature 0.1, top-k 5, 7 previous frames, neighbourhood 12, short side 480). An option given explicitly wins.
-"""
+The propagation, the per-frame noise, the `shooting` cap and the `--protocol` presets (`dift`, `ditf`: Gan et al.'s
+`eval_davis.py` / `eval_davis.sh`): docs/tasks.md#davis-2017."""
 from __future__ import annotations
 
 import argparse

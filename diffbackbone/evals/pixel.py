@@ -1,31 +1,8 @@
 """`diffbackbone eval pixel`: label-scarce segmentation, DDPM-segmentation's protocol as Meng et al.'s
 `scarce_segmentation/task-pixel.py` runs it.
 
-The images of `real/train` and `real/test` are run once into a feature store (`diffbackbone features --out STORE`,
-at the model's input size); every tap map is resized as theirs: first to the largest tap's size by nearest neighbour
-(`extract_feature.py --aggregate_output`: `F.interpolate(map, largest)`, default mode), then bilinearly
-(`align_corners=False`) to the label size (256, their `dim`, `task-pixel.py`), and the taps are concatenated per
-pixel. Labels are resized by nearest neighbour; in training, a class covering
-fewer than 20 pixels of an image is set to 255 there, and pixels labelled 255 are dropped. A split pools train and
-test and shuffles them (`random.Random(seed).shuffle`, which is their `random.seed(seed); random.shuffle(...)`), the
-first len(train) images training. An ensemble of 10 pixel MLPs (theirs: Linear-ReLU-BatchNorm x2, widths 128/32 below
-30 classes, 256/128 from 30; weights N(0, 0.02), biases 0) is trained one after another with Adam (lr 1e-3),
-cross-entropy, batches of 64 pixels (shuffled, last partial batch dropped), at most 100 epochs, and their early stop:
-from the 5th epoch on, 51 batches in a row without a new lowest batch loss end the training. A test pixel gets the
-majority (`torch.mode`) of the members' argmax; IoU per class sums intersections and unions over the whole test set,
-and mIoU is the mean over all classes (an absent class counts 0, as theirs). Mean and spread (std, ddof=0) over
-`--splits` random splits (seed, seed + 1, ...), as their README's average of five random runs.
-
-The uncertainty is their `predict_labels`': per pixel, the entropy of the members' mean softmax less the mean of the
-members' entropies (`Categorical`), and per image the mean of its highest tenth of pixels (their `top_k`); a split's
-is the mean over its test images (their "Mean uncertainty"). `--pictures DIR` writes their colour maps
-(`save_predictions`) and the uncertainty maps (`pixel_pictures`).
-
-Unlike theirs, memory stays bounded: pixels are never held at label size. The training images' maps are kept at their
-native size (float16) and each batch reads its 64 pixels by the same bilinear weights (`PixelSampler`); a test image
-is classified in chunks of pixels. When the training maps exceed `--memory-gb`, an epoch visits the images in random
-groups that fit, shuffling pixels within a group (a departure: theirs shuffles all pixels at once).
-"""
+Their steps (tap resizing, the MLP ensemble and its early stop, mIoU, the uncertainty) and our one departure (memory
+stays bounded: pixels sampled from native-size maps, `PixelSampler`): docs/tasks.md#label-scarce-segmentation."""
 from __future__ import annotations
 
 import argparse

@@ -2,17 +2,8 @@
 `src/pixel_classifier.py` + `src/utils.py colorize_mask`, palettes of `src/data_util.py`) and the per-pixel uncertainty
 of their `predict_labels`.
 
-Per random split (seed S), in ``DIR/seedS/``, for every test image ``<name>`` (their name: the file name up to its
-first dot)::
-
-    visualizations/<name>.jpg   the prediction coloured with the palette, RGB JPEG saved as theirs (Pillow's defaults)
-    predictions/<name>.png      the predicted classes, lossless (an indexed PNG with the palette; theirs: a .npy)
-    uncertainty/<name>.png      their per-pixel uncertainty (entropy of the mean minus the mean of the entropies),
-                                grey levels round(255 * u / ln(classes)), ln(classes) being its largest possible value
-
-A split's folder is written to a temporary folder and renamed into place when complete; an existing one is replaced
-only when everything in it is `eval pixel`'s own (checked before any work).
-"""
+Per split, ``DIR/seed<S>/{visualizations,predictions,uncertainty}/<name>``, written whole or not at all: see
+docs/tasks.md#label-scarce-segmentation."""
 from __future__ import annotations
 
 import os

@@ -1,40 +1,7 @@
 """clean-train: make any Stable Diffusion UNet clean with the CleanDIFT recipe, producing weights our backbones load.
 
-CleanDIFT (Stracke et al., CVPR 2025, arXiv 2412.03439): a trainable copy of the UNet (student) sees the clean latent
-at a learned timestep (initialised at 261); the frozen original (teacher) sees the latent noised at `bins` timesteps
-drawn stratified over [1, 999]; point-wise projection heads conditioned on t map the student's features at every tap
-onto the teacher's; loss = negative cosine similarity summed over taps. AdamW, lr 1e-5, linear warm-up.
-
-Command line (`diffbackbone clean-train --help` lists every flag)::
-
-    diffbackbone clean-train --base sd21 --data DIR --out RUN --steps 5000 --batch-size 8
-    torchrun --nproc_per_node 4 -m diffbackbone clean-train --base sd21 --data DIR --out RUN   # multi-GPU (DDP)
-    diffbackbone clean-train ... --resume            # continue the latest checkpoint in RUN/checkpoints
-
-Python::
-
-    from diffbackbone.train import clean_train
-    result = clean_train('images/', 'run/', base='sd21', steps=5000)   # result.output: run/cleandift_sd21.safetensors
-
-`--base` is sd21 / sd15 (Hub weights), one of our timm model names, or a local diffusers folder (unet/, vae/,
-tokenizer/, text_encoder/). Captions (sidecar `<image>.txt`, or `<image>.json` with a "caption" key) are used only with
-`--captions`, which loads the base's CLIP text encoder; otherwise every image gets the empty prompt.
-
-The output file holds the whole student (`unet.*` in diffusers names, `vae.*`, `prompt_embeds`, the learned
-`timestep`) and the heads under `heads.*`, so it loads with no Hub access::
-
-    path = 'run/cleandift_sd21.safetensors'
-    model = timm.create_model('cleandift_sd21', pretrained=True, pretrained_cfg_overlay=dict(file=path))
-    model = load_clean_model(path)   # any base, local diffusers folders included
-
-Features "as the noisy model would see them at t", from the heads::
-
-    heads = ProjectionHeads.from_file(path)
-    names = [info['name'] for info in model.feature_info.get_dicts()]   # a features_only model
-    noisy_like = heads(dict(zip(names, model(images))), t=100)         # {tap name: (N, C, H, W)}
-
-Benchmark one training step (random weights): `python -m diffbackbone.bench.train_step --arch sd21 --size 768`.
-"""
+CleanDIFT (Stracke et al., CVPR 2025, arXiv 2412.03439). The recipe, the command line, the Python API, the output
+file and its projection heads: docs/training.md#making-a-unet-clean."""
 from __future__ import annotations
 
 import json

@@ -1,18 +1,8 @@
 """Meng et al.'s trained semantic correspondence on SPair-71k (`correspondence/task-corres.py`, after Diffusion
 Hyperfeatures), from a feature store.
 
-Their steps, as here: every image's taps (the model runs on the image at its own input size: 512 SD1.5, 1024 SDXL /
-Playground) bilinearly resized to 128 x 128 and concatenated; `nn`: nearest neighbours on those maps; `conv`: one 3 x 3
-convolution without bias to `dim` (one model) or `dim // 2` channels (a multi-model backbone), trained with the
-symmetric CLIP cross-entropy over the keypoints (`logit_scale` log(1 / 0.07), fixed), AdamW (lr 5e-4, weight decay
-0.01), 2 epochs of at most 5000 pairs drawn by `np.random.permutation`, a checkpoint and a validation every 500 steps.
-Points: (x, y) in the split files, rescaled to the 128 grid for the loss and to the 512 "load size" for matching;
-matches are found on both maps upsampled to 512 x 512 and rescaled to the original target size; PCK@0.1 of the image
-(max side) and of the target bounding box, pooled over every keypoint of the split.
-
-Departure: the diffusion models run once per image into a feature store (`data/store.py`, float16 as their fp16
-models give), reused across epochs and validations, instead of once per image per step.
-"""
+Their steps and our one departure (the models run once per image into a feature store, `data/store.py`):
+docs/tasks.md#trained-correspondence-meng-et-al."""
 from __future__ import annotations
 
 import json
