@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .data import DataError, ImageFolder, find_images, read_caption
-from .distill import BASES, CleanDistiller, TrainError, build_models
+from .distill import BASES, CleanDistiller, DistillConfig, TrainError, build_models
 from .heads import ProjectionHeads
 from .trainer import CleanTrainer, TrainConfig, TrainResult, clean_train
 
@@ -51,6 +51,7 @@ __all__ = [
     'CleanDistiller',
     'CleanTrainer',
     'DataError',
+    'DistillConfig',
     'ImageFolder',
     'ProjectionHeads',
     'TrainConfig',
