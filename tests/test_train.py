@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,6 +23,7 @@ from diffbackbone.train import (
     CleanDistiller,
     CleanTrainer,
     DataError,
+    DistillConfig,
     ImageFolder,
     ProjectionHeads,
     TrainConfig,
@@ -124,7 +126,7 @@ def test_output_loads_strictly_and_changes_features(full_run):
 
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
-    distiller = CleanDistiller(build_models('test', pretrained=False), lr=1e-3, warmup=0)
+    distiller = CleanDistiller(build_models('test', pretrained=False), DistillConfig(lr=1e-3, warmup=0))
     t = distiller.draw_timesteps(500)
     width = 998 / 3
     for b in range(3):  # one draw inside each stratification bin
@@ -141,6 +143,21 @@ def test_loss_falls_on_a_fixed_batch():
     assert len(per_tap) == 11
     assert losses[-1] < losses[0] - 0.5, losses
     assert float(distiller.student.timestep) != 261.0
+
+
+def test_distill_config_errors():
+    """Bad options fail when the config is made; t_max beyond the base's noise schedule when the distiller is."""
+    for bad in (dict(bins=0), dict(t_min=-1), dict(t_min=5, t_max=5)):
+        with pytest.raises(TrainError, match=r'Need bins >= 1 and 0 <= t_min < t_max'):
+            DistillConfig(**bad)
+    with pytest.raises(TrainError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        DistillConfig(precision='fp16')
+    with pytest.raises(TrainError, match="latent must be 'sample' or 'mode', got 'mean'"):
+        DistillConfig(latent='mean')
+    models = build_models('test', pretrained=False)
+    models.scheduler = DDPMScheduler(num_train_timesteps=500)
+    with pytest.raises(TrainError, match=r't=\[1, 600\]'):
+        CleanDistiller(models, DistillConfig(t_max=600))
 
 
 def test_heads_start_as_identity():

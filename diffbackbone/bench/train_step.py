@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..train.distill import BASES, CleanDistiller, build_models
+from ..train.distill import BASES, CleanDistiller, DistillConfig, build_models
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -31,8 +31,8 @@ def bench(arch: str, size: int, batch: int, precision: str, steps: int, warmup: 
     dev = torch.device(device)
     with dev:  # build the weights on the device directly
         models = build_models(arch, pretrained=False)
-    distiller = CleanDistiller(models, taps=taps, bins=bins, precision=precision, warmup=0, device=dev,
-                               grad_checkpointing=grad_checkpointing)
+    config = DistillConfig(taps=taps, bins=bins, precision=precision, warmup=0, grad_checkpointing=grad_checkpointing)
+    distiller = CleanDistiller(models, config, device=dev)
     images = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
 
     def step() -> float:

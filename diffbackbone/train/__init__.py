@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .data import DataError, ImageFolder, find_images, read_caption
-from .distill import BASES, CleanDistiller, TrainError, build_models
+from .distill import BASES, CleanDistiller, DistillConfig, TrainError, build_models
 from .heads import ProjectionHeads
 from .trainer import CleanTrainer, TrainConfig, TrainResult, clean_train
 
@@ -18,6 +18,7 @@ __all__ = [
     'CleanDistiller',
     'CleanTrainer',
     'DataError',
+    'DistillConfig',
     'ImageFolder',
     'ProjectionHeads',
     'TrainConfig',

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 from ..errors import DiffbackboneError
 from ..models._base import SCHEDULER_SD
 from ..models._builder import PROMPT_KEY, assign_weights, empty_weights, load_weights
+from ..models._options import Options
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
 
@@ -32,6 +34,7 @@ __all__ = [
     'CaptionEncoder',
     'CleanDistiller',
     'CleanStudent',
+    'DistillConfig',
     'TrainError',
     'build_models',
     'resolve',
@@ -212,62 +215,99 @@ def neg_cosine(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
     return {k: -F.cosine_similarity(student[k].float(), teacher[k].float(), dim=1).mean() for k in teacher}
 
 
+@dataclass(frozen=True)
+class DistillConfig(Options):
+    """What a clean-train run learns and how: taps, timestep draws, optimizer and schedule, numerics.
+
+    Args:
+        taps: the student's taps matched to the teacher's (names, aliases or a preset name).
+        bins: timesteps drawn per image, one in each of `bins` equal bins of [t_min, t_max].
+        t_min, t_max: the range the teacher's timesteps are drawn from.
+        lr, weight_decay: AdamW's.
+        warmup: steps of linear learning-rate warm-up.
+        precision: 'fp32' or 'bf16' (autocast; the frozen teacher is stored in bf16).
+        grad_checkpointing: recompute the student's activations in the backward pass.
+        latent: 'sample' (a posterior draw) or 'mode' (the posterior mode).
+        seed: seed of the heads' initialisation and of the timestep and noise draws.
+        head_kwargs: keyword arguments of `ProjectionHeads`.
+    """
+    taps: str | Sequence[str] = 'cleandift'
+    bins: int = 3
+    t_min: int = 1
+    t_max: int = 999
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup: int = 2000
+    precision: str = 'fp32'
+    grad_checkpointing: bool = False
+    latent: str = 'sample'
+    seed: int = 0
+    head_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.check_timesteps()
+        if self.precision not in ('fp32', 'bf16'):
+            raise TrainError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+        if self.latent not in ('sample', 'mode'):
+            raise TrainError(f"latent must be 'sample' or 'mode', got {self.latent!r}.")
+
+    def check_timesteps(self, last: float = math.inf) -> None:
+        """bins >= 1 and 0 <= t_min < t_max <= `last` (the scheduler's last timestep, checked by the distiller)."""
+        if self.bins < 1 or not 0 <= self.t_min < self.t_max <= last:
+            raise TrainError(f'Need bins >= 1 and 0 <= t_min < t_max <= 999, got bins={self.bins}, '
+                             f't=[{self.t_min}, {self.t_max}].')
+
+
 class CleanDistiller:
-    """Models, heads, optimizer and schedule of a clean-train run, and its loss; no data or file handling."""
+    """Models, heads, optimizer and schedule of a clean-train run, and its loss; no data or file handling.
+
+    Args:
+        models: the teacher and student (`build_models`).
+        config: the run's options (default: CleanDIFT's).
+        device: where the models train.
+        rank: this process's rank (its own timestep and noise draws).
+        text_encoder: encodes captions; None: every image gets the empty prompt.
+    """
 
     def __init__(
             self,
             models: BaseModels,
-            taps: str | Sequence[str] = 'cleandift',
-            bins: int = 3,
-            t_min: int = 1,
-            t_max: int = 999,
-            lr: float = 1e-5,
-            weight_decay: float = 0.0,
-            warmup: int = 2000,
-            precision: str = 'fp32',
-            grad_checkpointing: bool = False,
-            latent: str = 'sample',
+            config: DistillConfig | None = None,
             device: str | torch.device = 'cpu',
-            seed: int = 0,
             rank: int = 0,
-            head_kwargs: dict | None = None,
             text_encoder: CaptionEncoder | None = None,
     ):
-        if bins < 1 or not 0 <= t_min < t_max <= models.scheduler.config.num_train_timesteps - 1:
-            raise TrainError(f'Need bins >= 1 and 0 <= t_min < t_max <= 999, got bins={bins}, t=[{t_min}, {t_max}].')
-        if precision not in ('fp32', 'bf16'):
-            raise TrainError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
-        if latent not in ('sample', 'mode'):
-            raise TrainError(f"latent must be 'sample' or 'mode', got {latent!r}.")
+        config = DistillConfig() if config is None else config
+        config.check_timesteps(models.scheduler.config.num_train_timesteps - 1)
+        self.config = config
         self.device = torch.device(device)
-        self.bins, self.t_min, self.t_max = bins, t_min, t_max
-        self.precision, self.latent = precision, latent
+        self.bins, self.t_min, self.t_max = config.bins, config.t_min, config.t_max
+        self.precision, self.latent = config.precision, config.latent
         self.scheduler = models.scheduler
         self.text_encoder = text_encoder
         self.models = models
         teacher, student = models.teacher, models.student
-        self.student_taps = resolve(student, taps)
+        self.student_taps = resolve(student, config.taps)
         self.taps = [t.name for t in self.student_taps]
 
         teacher.prune_intermediate_layers(self.taps)
         self.teacher_taps = resolve(teacher, self.taps)
         teacher.requires_grad_(False).eval()
-        if precision == 'bf16':
+        if config.precision == 'bf16':
             teacher.to(torch.bfloat16)  # frozen: its weights need no fp32 master copy
         teacher.to(self.device)
         student.to(self.device)
         student.vae.requires_grad_(False)
         freeze_unused(student, self.student_taps)
-        student.set_grad_checkpointing(grad_checkpointing)
-        torch.manual_seed(seed)  # same head initialisation on every rank
-        self.heads = ProjectionHeads({t.name: t.num_chs for t in self.student_taps}, **(head_kwargs or {}))
+        student.set_grad_checkpointing(config.grad_checkpointing)
+        torch.manual_seed(config.seed)  # same head initialisation on every rank
+        self.heads = ProjectionHeads({t.name: t.num_chs for t in self.student_taps}, **(config.head_kwargs or {}))
         self.module = CleanStudent(student, self.heads, self.student_taps).to(self.device).train()
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=weight_decay)
-        self.lr_schedule = get_constant_schedule_with_warmup(self.optimizer, num_warmup_steps=warmup)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_schedule = get_constant_schedule_with_warmup(self.optimizer, num_warmup_steps=config.warmup)
         self.ddp: nn.Module | None = None  # set by the trainer under torch.distributed
-        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1_000_003 * rank)
 
     @property
     def student(self) -> DiffusionUNet:

@@ -25,7 +25,7 @@ from ..hub import save_safetensors
 from torch.utils.data import DataLoader
 
 from .data import ImageFolder, ResumableSampler, collate, find_images, split_files
-from .distill import CaptionEncoder, CleanDistiller, TrainError, build_models
+from .distill import CaptionEncoder, CleanDistiller, DistillConfig, TrainError, build_models
 
 __all__ = ['CleanTrainer', 'TrainConfig', 'TrainResult', 'clean_train']
 
@@ -156,11 +156,11 @@ class CleanTrainer:
         except ValueError as e:
             raise TrainError(f'--size {size}: {e}') from None
         text = CaptionEncoder(models.base_repo, self.device) if cfg.captions else None
-        self.distiller = CleanDistiller(
-            models, taps=cfg.taps, bins=cfg.bins, t_min=cfg.t_min, t_max=cfg.t_max, lr=cfg.lr,
-            weight_decay=cfg.weight_decay, warmup=cfg.warmup, precision=precision,
-            grad_checkpointing=cfg.grad_checkpointing, latent=cfg.latent, device=self.device, seed=cfg.seed,
-            rank=self.rank, head_kwargs=cfg.head_kwargs, text_encoder=text)
+        config = DistillConfig(
+            taps=cfg.taps, bins=cfg.bins, t_min=cfg.t_min, t_max=cfg.t_max, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup=cfg.warmup, precision=precision, grad_checkpointing=cfg.grad_checkpointing, latent=cfg.latent,
+            seed=cfg.seed, head_kwargs=cfg.head_kwargs)
+        self.distiller = CleanDistiller(models, config, device=self.device, rank=self.rank, text_encoder=text)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.distiller.ddp = DistributedDataParallel(
