@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import uuid
+from contextvars import ContextVar
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,7 +50,7 @@ from .errors import DiffbackboneError, InputError
 
 __all__ = [
     'HubError', 'cache_dir', 'split_repo', 'download', 'load_safetensors', 'load_sharded_safetensors', 'hub_errors',
-    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'safetensors_metadata', 'sharded_safetensors_files', 'available_memory', 'check_fits',
+    'read_tensor', 'safetensors_nbytes', 'safetensors_meta', 'safetensors_metadata', 'sharded_safetensors_files', 'available_memory', 'check_fits', 'weights_to_come', 'pending_weights', 'cached_entry',
     'save_safetensors', 'atomic_path', 'write_text_atomic', 'umask', 'resume_killed_downloads', 'WriteError',
     'defer_sigint',
 ]
@@ -386,6 +387,36 @@ def check_fits(nbytes: int, what: str, dtype: torch.dtype | None = None) -> None
     half = '' if name in ('float16', 'bfloat16') else "load them in bfloat16 (dtype='bfloat16', --dtype bfloat16), "
     raise HubError(f'The {what} need {nbytes / 2**30:.1f} GiB in {name} but only {free / 2**30:.1f} GiB of memory is '
                    f'available: {half}free some memory, or use a machine with more memory.')
+
+
+_PENDING: ContextVar[tuple[tuple[str, int], ...]] = ContextVar('diffbackbone_pending_weights', default=())
+
+
+@contextlib.contextmanager
+def weights_to_come(what: str, nbytes: int) -> Iterator[None]:
+    """Inside, the memory check of a model's load (`check_fits` in `_builder`) also counts `nbytes` of weights that
+    another loader reads after it (a fused model's DINOv2): one check covers both, before either is read."""
+    token = _PENDING.set((*_PENDING.get(), (what, nbytes)))
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+
+
+def pending_weights() -> tuple[tuple[str, int], ...]:
+    """(what, bytes) of the weights announced by the enclosing `weights_to_come` blocks."""
+    return _PENDING.get()
+
+
+def cached_entry(kind: str, repo: str, name: str) -> bool:
+    """Whether `_cached_per_commit(kind, repo, ..., name)` would find its entry without computing it, as far as the
+    cache alone tells (the commit a pinned revision names, or the one `refs/<revision>` last recorded)."""
+    repo_id, revision = split_repo(repo)
+    revision = revision or constants.DEFAULT_REVISION
+    root = cache_dir() / kind / repo_id
+    ref = root / 'refs' / revision
+    commit = revision if _COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else None
+    return commit is not None and (root / commit / f'{name}.safetensors').is_file()
 
 
 # safetensors dtype names -> torch dtypes (those of this torch)

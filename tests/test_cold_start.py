@@ -264,11 +264,30 @@ def test_memory_check_counts_the_vae_before_reading_anything(published, hub_cach
     vae = hub.download(BASE, 'vae/diffusion_pytorch_model.safetensors', what='VAE')
     encoder = hub.safetensors_nbytes(vae, torch.float32, encoder_key)
     assert 0 < encoder < hub.safetensors_nbytes(vae, torch.float32)
+    text = hub.safetensors_nbytes(hub.download(BASE, 'text_encoder/model.safetensors', what='CLIP'), torch.float32)
     load = hub.load_safetensors
     monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
-    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder - 1)
-    with pytest.raises(hub.HubError, match='weights of test_cleandift with VAE need'):
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder + text - 1)  # + the uncached empty prompt's
+    with pytest.raises(hub.HubError, match='weights of test_cleandift with VAE and text encoder need'):
         timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
     monkeypatch.setattr(hub, 'load_safetensors', load)
-    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder)
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder + text)
     timm.create_model('test_cleandift', pretrained=True, **published['kwargs'])
+
+
+def test_memory_check_counts_the_text_encoder_of_an_uncached_prompt(published, hub_cache, monkeypatch):
+    """A prompt whose embedding is not cached loads the text encoder (float32) once: counted; once cached, not."""
+    from diffbackbone.models._vae import encoder_key
+
+    unet = hub.safetensors_nbytes(published['tmp'] / 'unet.safetensors', torch.float32)
+    vae = hub.download(BASE, 'vae/diffusion_pytorch_model.safetensors', what='VAE')
+    encoder = hub.safetensors_nbytes(vae, torch.float32, encoder_key)
+    text = hub.safetensors_nbytes(hub.download(BASE, 'text_encoder/model.safetensors', what='CLIP'), torch.float32)
+    assert text > 0
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder + text - 1)
+    with pytest.raises(hub.HubError, match='weights of test_cleandift with VAE and text encoder need'):
+        timm.create_model('test_cleandift', pretrained=True, prompt='a cat', **published['kwargs'])
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder + text)
+    timm.create_model('test_cleandift', pretrained=True, prompt='a cat', **published['kwargs'])
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder)  # the embedding is cached now
+    timm.create_model('test_cleandift', pretrained=True, prompt='a cat', **published['kwargs'])

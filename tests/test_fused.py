@@ -244,3 +244,25 @@ def test_taps_command_lists_fused_taps(capsys):
     assert cli.main(['taps', 'test_cleandift_dinov2']) == 0
     out = capsys.readouterr().out
     assert 'fused' in out and 'us8' in out and 'raw = dino, us8, us5, us2' in out
+
+
+def test_memory_check_counts_dinov2_before_reading_anything(published, hub_cache, monkeypatch):
+    """One check before either part is read: the SD part (UNet, VAE encoder, text encoder of the uncached empty
+    prompt) and the DINOv2 weights together."""
+    from diffbackbone import hub
+    from diffbackbone.models._vae import encoder_key
+
+    fetch = lambda name: hub.download('diffbackbone/test-base', name, what='w')  # noqa: E731
+    sd_part = sum((hub.safetensors_nbytes(published['tmp'] / 'unet.safetensors', torch.float32),
+                   hub.safetensors_nbytes(fetch('vae/diffusion_pytorch_model.safetensors'), torch.float32, encoder_key),
+                   hub.safetensors_nbytes(fetch('text_encoder/model.safetensors'), torch.float32)))
+    dino = hub.safetensors_nbytes(published['tmp'] / 'model.safetensors', torch.float32)
+    assert dino > 0
+    load = hub.load_safetensors  # the SD part is read first, the DINOv2 (timm's loader) after it
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    monkeypatch.setattr(hub, 'available_memory', lambda: sd_part + dino - 1)
+    with pytest.raises(hub.HubError, match='with VAE, text encoder and DINOv2 need'):
+        timm.create_model('test_cleandift_dinov2', pretrained=True)
+    monkeypatch.setattr(hub, 'load_safetensors', load)
+    monkeypatch.setattr(hub, 'available_memory', lambda: sd_part + dino)
+    timm.create_model('test_cleandift_dinov2', pretrained=True)

@@ -318,6 +318,18 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         path = hub.download(self.base_repo, self.vae_file, what='VAE')
         return [WeightFile('VAE', path, weights_dtype(self.vae), vae_keys, encoder_key)]  # the decoder is not read
 
+    def prompt_encoder_files(self, state_dict: dict[str, torch.Tensor]) -> list[Path]:
+        """The text-encoder weight files `complete_weights` reads to encode the prompt for a checkpoint with
+        `state_dict`'s keys, fetched but not read: none when the checkpoint holds the asked prompt's embedding or the
+        embedding is cached. `_builder` counts them in its memory check."""
+        held = 'prompt_embeds' in state_dict and (self.prompt_cfg.prompt is None or self.checkpoint_prompt == self.prompt)
+        return [] if held or not self.base_repo else self.text_encoder_files(self.prompt)
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text-encoder weight files `prompt_tensors(prompt)` reads ([] when its embedding is cached); families
+        that encode prompts override it."""
+        return []
+
     def complete_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors a denoiser-only checkpoint lacks: those of `completion_files` and the prompt buffers.
 

@@ -268,9 +268,17 @@ def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str,
     def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         source = checkpoint.pop()
         model.checkpoint_prompt = source.metadata.get(PROMPT_KEY)
-        files = model.completion_files(filter_fn(source.meta, model))
-        hub.check_fits(source.nbytes + sum(hub.safetensors_nbytes(f.path, f.dtype, f.select) for f in files),
-                       what + (f' with {", ".join(dict.fromkeys(f.what for f in files))}' if files else ''), dtype)
+        meta = filter_fn(source.meta, model)
+        files = model.completion_files(meta)
+        parts = [(f.what, hub.safetensors_nbytes(f.path, f.dtype, f.select)) for f in files]
+        encoders = model.prompt_encoder_files(meta)  # loaded in float32, once, to encode an uncached prompt
+        if encoders:
+            parts.append(('text encoder', sum(hub.safetensors_nbytes(p, torch.float32) for p in encoders)))
+        parts += hub.pending_weights()  # read by another loader after this one (a fused model's DINOv2)
+        names = list(dict.fromkeys(name for name, _ in parts))
+        with_parts = f' with {", ".join(names[:-1])} and {names[-1]}' if len(names) > 1 else \
+            f' with {names[0]}' if names else ''
+        hub.check_fits(source.nbytes + sum(n for _, n in parts), what + with_parts, dtype)
         state_dict = filter_fn(source.read(), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
         check_keys(state_dict, model)

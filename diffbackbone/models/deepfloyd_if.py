@@ -6,6 +6,7 @@ docs/models.md#deepfloyd-if, docs/fidelity.md#deepfloyd-if.
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -18,7 +19,7 @@ from ._options import (
     HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig, UNetNoiseConfig, UNetSourceConfig,
     check_timestep,
 )
-from .conditioning.text import encode_t5_prompt
+from .conditioning.text import encode_t5_prompt, uncached_prompt_files
 from .diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 
 __all__ = ['DeepFloydIF', 'if_prompt']
@@ -115,6 +116,10 @@ class DeepFloydIF(DiffusionUNet):
         """`prompt_embeds` (1, 77, 4096) of `prompt` as `IFPipeline.encode_prompt` computes it (IF's preprocessing,
         T5 with the token mask), cached per (repo commit, preprocessed prompt)."""
         return {'prompt_embeds': encode_t5_prompt(self.base_repo, if_prompt(prompt), _MAX_TOKENS)['prompt_embeds']}
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text encoders `prompt_tensors(prompt)` loads ([] when its embedding is cached)."""
+        return uncached_prompt_files('t5', self.base_repo, if_prompt(prompt), _MAX_TOKENS)
 
 
 def _create_if(variant: str, pretrained: bool = False, **kwargs) -> DeepFloydIF:

@@ -9,6 +9,7 @@ docs/models.md#unet-taps-sd15-and-sd21-share-the-layout.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -34,7 +35,7 @@ from .conditioning.control import (
 )
 from .conditioning.inversion import ddim_invert, inversion_timesteps
 from .conditioning.lora import fuse_lora
-from .conditioning.text import encode_cached
+from .conditioning.text import encode_cached, uncached_encoder_files
 
 __all__ = ['DiffusionUNet', 'checkpoint_filter_fn', 'meng_unet_timestep', 'MIN_INPUT_SIZE']
 
@@ -456,6 +457,10 @@ class DiffusionUNet(DiffusionBackbone):
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """`prompt_tensors` of each distinct prompt, the text encoders loaded once (cached on disk per prompt)."""
         return encode_cached(self.base_repo, list(dict.fromkeys(prompts)), self.sdxl)
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The CLIP text encoder(s) `encode_cached` loads for `prompt` ([] when cached); IF overrides it with T5."""
+        return uncached_encoder_files(self.base_repo, prompt, self.sdxl)
 
     def completion_files(self, state_dict: dict[str, torch.Tensor]) -> list[WeightFile]:
         """Besides the VAE: the ControlNet and the depth estimator from their repos."""

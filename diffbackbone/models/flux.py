@@ -6,6 +6,7 @@ Darkbblue/generic-diffusion-feature). Noise, taps and departures: docs/models.md
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -22,7 +23,7 @@ from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig,
 from ._vae import VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
-from .conditioning.text import encode_flux_prompt
+from .conditioning.text import encode_flux_prompt, uncached_prompt_files
 
 __all__ = ['FluxBackbone', 'checkpoint_filter_fn', 'flux_taps']
 
@@ -218,6 +219,10 @@ class FluxBackbone(DiTBackbone):
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         """The model's conditioning buffers for `prompt` (T5 embedding, CLIP pooled), encoded once and cached."""
         return encode_flux_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text encoders `prompt_tensors(prompt)` loads ([] when its embedding is cached)."""
+        return uncached_prompt_files('flux', self.base_repo, prompt, self.prompt_embeds.shape[1])
 
 
 

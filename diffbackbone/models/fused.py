@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -225,7 +226,11 @@ class FusedBackbone(ClassifierHeadMixin, nn.Module):
         self.window_cfg = window_cfg
         self.in_chans = in_chans
 
-        self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
+        from .. import hub
+
+        # the diffusion part's memory check counts the DINOv2 weights read after it: one check before either is read
+        with hub.weights_to_come('DINOv2', _dino_nbytes(dino, dino_kwargs) if load_weights else 0):
+            self.diffusion = timm.create_model(diffusion, pretrained=load_weights, **(diffusion_kwargs or {}))
         if not hasattr(self.diffusion, 'forward_intermediates') or not hasattr(self.diffusion, 'taps'):
             raise InputError(f'diffusion={diffusion!r} is not a diffusion backbone of diffbackbone.')
         names = self.diffusion.tap_names(all=True)
@@ -491,6 +496,32 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FusedBackbo
     net = model.diffusion
     family = importlib.import_module(model_entrypoint(net.pretrained_cfg['architecture']).__module__)
     return {'diffusion.' + k: v for k, v in family.checkpoint_filter_fn(state_dict, net).items()}
+
+
+def _dino_nbytes(dino: str, dino_kwargs: Optional[dict[str, Any]]) -> int:
+    """Bytes of the DINOv2 weights timm's loader reads into the (float32) model: from the header of the safetensors
+    file it reads, fetched here into the HF cache timm reads from (a `.pth`: its size); 0 where the file is not known
+    before timm downloads it (a URL) or cannot be fetched (timm's loader then says why)."""
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+
+    from .. import hub
+
+    kwargs = dino_kwargs or {}
+    with contextlib.suppress(RuntimeError, ValueError, AssertionError):  # not a pretrained cfg: timm says why
+        cfg = resolve_pretrained_cfg(dino, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+        source, loc = _resolve_pretrained_source(cfg)
+        path = None
+        if source == 'file':
+            path = Path(loc)
+        elif source == 'hf-hub':
+            repo, filename = loc if isinstance(loc, tuple) else (loc, 'model.safetensors')
+            with contextlib.suppress(hub.HubError):
+                path = hub.download(repo, filename, what=f'DINOv2 weights of {dino}')
+        if path is not None and path.is_file():
+            return hub.safetensors_nbytes(path, torch.float32) or path.stat().st_size
+    return 0
 
 
 def _create_fused(variant: str, pretrained: bool = False, **kwargs) -> FusedBackbone:

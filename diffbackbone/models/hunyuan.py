@@ -6,6 +6,7 @@ Noise, size conditioning and taps: docs/models.md#hunyuandit, docs/fidelity.md#h
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig,
 from ._vae import VAE_SDXL, VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
-from .conditioning.text import encode_hunyuan_prompt
+from .conditioning.text import encode_hunyuan_prompt, uncached_prompt_files
 
 __all__ = ['HunyuanDiTBackbone', 'checkpoint_filter_fn', 'hunyuan_taps']
 
@@ -171,6 +172,11 @@ class HunyuanDiTBackbone(DiTBackbone):
         """The model's conditioning buffers for `prompt` (CLIP and mT5 embeddings and masks), cached."""
         cfg = self.transformer.config
         return encode_hunyuan_prompt(self.base_repo, prompt, cfg.text_len, cfg.text_len_t5)
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text encoders `prompt_tensors(prompt)` loads ([] when its embedding is cached)."""
+        cfg = self.transformer.config
+        return uncached_prompt_files('hunyuan', self.base_repo, prompt, cfg.text_len, cfg.text_len_t5)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HunyuanDiTBackbone) -> dict[str, torch.Tensor]:

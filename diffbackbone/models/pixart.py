@@ -7,6 +7,7 @@ Noise, taps, prompts and attention maps: docs/models.md#diffusion-transformers-p
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from ._builder import build_diffusion_model
 from ._options import HeadConfig, InputConfig, NoiseConfig, PromptConfig, SourceConfig
 from ._vae import VAE_SD, VAE_SDXL, VAE_TEST
 from ._taps import Tap, _TableBuilder
-from .conditioning.text import encode_t5_prompt
+from .conditioning.text import encode_t5_prompt, uncached_prompt_files
 
 __all__ = ['PixArtBackbone', 'checkpoint_filter_fn', 'pixart_taps']
 
@@ -118,6 +119,10 @@ class PixArtBackbone(DiTBackbone):
         """The model's conditioning buffers for `prompt` (T5 embedding and mask of the lower-cased, stripped prompt),
         encoded once and cached."""
         return encode_t5_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1])
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text encoders `prompt_tensors(prompt)` loads ([] when its embedding is cached)."""
+        return uncached_prompt_files('t5', self.base_repo, prompt, self.prompt_embeds.shape[1])
 
 
 

@@ -6,6 +6,7 @@ text embeddings: docs/models.md#stable-diffusion-35-medium, docs/fidelity.md#sd3
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from ._options import HeadConfig, Img2ImgNoiseConfig, InputConfig, PromptConfig,
 from ._vae import VAE_TEST
 from ._dit import DiTBackbone, dit_cfg, filter_transformer_state_dict
 from ._taps import Tap, _ffn_inner_chs, _TableBuilder
-from .conditioning.text import encode_sd3_prompt
+from .conditioning.text import encode_sd3_prompt, uncached_prompt_files
 
 __all__ = ['SD3Backbone', 'checkpoint_filter_fn', 'sd3_taps']
 
@@ -147,6 +148,10 @@ class SD3Backbone(DiTBackbone):
     def prompt_tensors(self, prompt: str) -> dict[str, torch.Tensor]:
         """The model's conditioning buffers for `prompt` (CLIP-L + CLIP-G + T5 tokens, pooled CLIPs), cached."""
         return encode_sd3_prompt(self.base_repo, prompt, self.prompt_embeds.shape[1] - 77)
+
+    def text_encoder_files(self, prompt: str) -> list[Path]:
+        """The text encoders `prompt_tensors(prompt)` loads ([] when its embedding is cached)."""
+        return uncached_prompt_files('sd3', self.base_repo, prompt, self.prompt_embeds.shape[1] - 77)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SD3Backbone) -> dict[str, torch.Tensor]:

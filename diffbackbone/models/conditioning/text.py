@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ... import hub
 
-__all__ = ['encode_cached', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt', 'encode_hunyuan_prompt',
+__all__ = ['encode_cached', 'encoder_files', 'uncached_encoder_files', 'uncached_prompt_files', 'encode_t5_prompt', 'encode_flux_prompt', 'encode_sd3_prompt', 'encode_hunyuan_prompt',
            'pixart_caption', 'truncation_note', 'warn_truncated', 'PromptTruncatedWarning']
 
 _SD_SUBFOLDERS = ('tokenizer', 'text_encoder')
@@ -141,6 +141,43 @@ def _what(source: str, prompt: str, sdxl: bool) -> str:
     return f'the {kind}text embedding of the prompt {prompt!r} from {source!r}'
 
 
+def _local_entry(folder: Path, prompt: str, sdxl: bool) -> Path:
+    """Cache path of `prompt`'s embedding from a local base folder (keyed by its text-encoder files)."""
+    key = _fingerprint(*(folder / sub for sub in (_SDXL_SUBFOLDERS if sdxl else _SD_SUBFOLDERS)))
+    suffix = ('' if prompt == '' else f'-{_prompt_key(prompt)}') + ('-sdxl' if sdxl else '')
+    return hub.cache_dir() / 'prompt_embeds' / 'local' / f'{key}{suffix}.safetensors'
+
+
+def _entry_name(prompt: str, sdxl: bool) -> str:
+    """Cache name of `prompt`'s embedding from a Hub base repo."""
+    return ('empty_prompt' if prompt == '' else f'prompt_{_prompt_key(prompt)}') + ('_sdxl' if sdxl else '')
+
+
+def encoder_files(source: str, subfolders: Sequence[str]) -> list[Path]:
+    """The weight files of the text encoders in `subfolders` of `source` (a single `model.safetensors`, or the shards
+    its index names), fetched but not read; a subfolder with neither is left out (loading it says why)."""
+    files: list[Path] = []
+    for sub in subfolders:
+        what = f'the text encoder {sub}/ of {source!r}'
+        try:
+            files.append(hub.download(source, f'{sub}/model.safetensors', what=what))
+        except hub.HubError:
+            with contextlib.suppress(hub.HubError):
+                files += list(hub.sharded_safetensors_files(source, f'{sub}/model.safetensors.index.json',
+                                                            what=what).values())
+    return files
+
+
+def uncached_encoder_files(source: str, prompt: str, sdxl: bool) -> list[Path]:
+    """The text-encoder weight files `encode_cached(source, [prompt], sdxl)` would read: none when the embedding is
+    cached (as far as the cache alone tells: `hub.cached_entry`)."""
+    folder = hub._local_dir(source)
+    cached = _local_entry(folder, prompt, sdxl).is_file() if folder is not None else \
+        hub.cached_entry('prompt_embeds', source, _entry_name(prompt, sdxl))
+    subs = ('text_encoder', 'text_encoder_2') if sdxl else ('text_encoder',)
+    return [] if cached else encoder_files(source, subs)
+
+
 def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{prompt: tensors} for distinct `prompts`, each read from the cache or encoded once and cached."""
     encoders = _TextEncoders(sdxl)
@@ -154,11 +191,9 @@ def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, 
                     raise hub.HubError(
                         f'Could not get {_what(source, prompts[0], sdxl)}: {folder / sub} does not exist '
                         f'({"SDXL " if sdxl else ""}diffusers layout expected: {", ".join(subs)}).')
-            key = _fingerprint(*(folder / sub for sub in subs))
             for prompt in prompts:
                 what = _what(source, prompt, sdxl)
-                suffix = ('' if prompt == '' else f'-{_prompt_key(prompt)}') + ('-sdxl' if sdxl else '')
-                path = hub.cache_dir() / 'prompt_embeds' / 'local' / f'{key}{suffix}.safetensors'
+                path = _local_entry(folder, prompt, sdxl)
                 if path.is_file():
                     with contextlib.suppress(hub.HubError):
                         out[prompt] = warn_truncated(prompt, hub.load_safetensors(path, what=what))
@@ -171,8 +206,7 @@ def encode_cached(source: str, prompts: Sequence[str], sdxl: bool) -> dict[str, 
         probe = 'text_encoder_2/config.json' if sdxl else 'text_encoder/config.json'
         for prompt in prompts:
             what = _what(source, prompt, sdxl)
-            name = 'empty_prompt' if prompt == '' else f'prompt_{_prompt_key(prompt)}'
-            name += '_sdxl' if sdxl else ''
+            name = _entry_name(prompt, sdxl)
             compute: Callable = lambda commit, meta, p=prompt, w=what: encoders(repo_id, commit, [p], w)  # noqa: E731
             out[prompt] = warn_truncated(
                 prompt, hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what, compute))
@@ -191,6 +225,29 @@ def _cached_or_local(base_repo: str, probe: str, name: str, what: str, prompt: s
     repo_id, revision = hub.split_repo(base_repo)
     return warn_truncated(prompt, hub._cached_per_commit('prompt_embeds', repo_id, revision, probe, name, what,
                                                          lambda commit, meta: encode(repo_id, commit)))
+
+
+# kind -> (cache name prefix, text-encoder subfolders). 't5-v2': entries cached before captions were pre-processed
+# (keyed by the raw prompt) are never read; 'sd3-v2', 'hunyuan-v2': entries cached before they carried the truncation
+# note are never read.
+_ENTRIES = {'t5': ('t5-v2', ('text_encoder',)), 'flux': ('flux', ('text_encoder', 'text_encoder_2')),
+            'sd3': ('sd3-v2', ('text_encoder', 'text_encoder_2', 'text_encoder_3')),
+            'hunyuan': ('hunyuan-v2', ('text_encoder', 'text_encoder_2'))}
+
+
+def _entry(kind: str, prompt: str, *lengths: int) -> str:
+    """Cache name of a `kind` embedding (`_ENTRIES`) of `prompt` (PixArt's T5: its caption) at these token lengths."""
+    text = pixart_caption(prompt) if kind == 't5' else prompt
+    return f'{_ENTRIES[kind][0]}-' + hashlib.sha256('\0'.join([*map(str, lengths), text]).encode()).hexdigest()[:32]
+
+
+def uncached_prompt_files(kind: str, base_repo: str, prompt: str, *lengths: int) -> list[Path]:
+    """The text-encoder weight files that `encode_t5_prompt` ('t5'), `encode_flux_prompt`, `encode_sd3_prompt` or
+    `encode_hunyuan_prompt` reads for `prompt` (the same arguments): none when it is cached (`hub.cached_entry`); a
+    local base folder is encoded on every call."""
+    if hub._local_dir(base_repo) is None and hub.cached_entry('prompt_embeds', base_repo, _entry(kind, prompt, *lengths)):
+        return []
+    return encoder_files(base_repo, _ENTRIES[kind][1])
 
 
 def _t5_embeds(source: str, revision: Optional[str], prompt: str, max_tokens: int, what: str,
@@ -226,9 +283,7 @@ def encode_t5_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str, 
     is loaded on a miss only."""
     what = f'the T5 text embedding of {prompt!r} for {base_repo!r}'
     caption = pixart_caption(prompt)
-    # 't5-v2': entries cached before captions were pre-processed (keyed by the raw prompt) are never read
-    key = hashlib.sha256(f'{max_tokens}\0{caption}'.encode()).hexdigest()[:32]
-    return _cached_or_local(base_repo, 'text_encoder/config.json', f't5-v2-{key}', what, caption,
+    return _cached_or_local(base_repo, 'text_encoder/config.json', _entry('t5', prompt, max_tokens), what, caption,
                             lambda source, rev: _t5_embeds(source, rev, caption, max_tokens, what))
 
 
@@ -237,7 +292,6 @@ def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str
     `prompt_embeds` (1, max_tokens, 4096) from `text_encoder_2/` and CLIP's pooled output `pooled_prompt_embeds`
     (1, 768) from `text_encoder/`; cached per (repo commit, prompt), encoders loaded on a miss only."""
     what = f'the FLUX text embeddings (CLIP + T5) of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
 
     def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
         clip = _load_clip(source, revision, what)
@@ -251,7 +305,8 @@ def encode_flux_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str
         t5 = _t5_embeds(source, revision, prompt, max_tokens, what, 'tokenizer_2', 'text_encoder_2', masked=False)
         return {'prompt_embeds': t5['prompt_embeds'], 'pooled_prompt_embeds': pooled, **_joined_notes(clip_note, t5)}
 
-    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'flux-{key}', what, prompt, encode)
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', _entry('flux', prompt, max_tokens), what, prompt,
+                            encode)
 
 
 # ---- CLIP-L + CLIP-G + T5 (Stable Diffusion 3 / 3.5) ----------------------------------------------------------------
@@ -263,7 +318,6 @@ def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str,
     `pooled_prompt_embeds` (1, 2048). Cached per (repo commit, prompt); encoders loaded on a miss only, one at a
     time."""
     what = f'the SD3 text embeddings (CLIP-L + CLIP-G + T5) of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{prompt}'.encode()).hexdigest()[:32]
 
     def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -290,8 +344,8 @@ def encode_sd3_prompt(base_repo: str, prompt: str, max_tokens: int) -> dict[str,
         return {'prompt_embeds': torch.cat([clip, t5_embeds], dim=-2),
                 'pooled_prompt_embeds': torch.cat(pooled, dim=-1), **_joined_notes(*notes, t5)}
 
-    # 'sd3-v2': entries cached before they carried the truncation note are never read
-    return _cached_or_local(base_repo, 'text_encoder_3/config.json', f'sd3-v2-{key}', what, prompt, encode)
+    return _cached_or_local(base_repo, 'text_encoder_3/config.json', _entry('sd3', prompt, max_tokens), what, prompt,
+                            encode)
 
 
 # ---- bilingual CLIP (BERT) + mT5 (HunyuanDiT) -----------------------------------------------------------------------
@@ -302,7 +356,6 @@ def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max
     `prompt_mask`; mT5's (`text_encoder_2/`) `prompt_embeds_t5` (1, 256, 2048) and `prompt_mask_t5`, both encoders
     attending to the prompt's tokens only. Cached per (repo commit, prompt); encoders loaded on a miss only."""
     what = f'the HunyuanDiT text embeddings (CLIP + mT5) of {prompt!r} for {base_repo!r}'
-    key = hashlib.sha256(f'{max_tokens}\0{max_tokens_t5}\0{prompt}'.encode()).hexdigest()[:32]
 
     def encode(source: str, revision: Optional[str]) -> dict[str, torch.Tensor]:
         from transformers import AutoTokenizer, BertModel
@@ -323,8 +376,8 @@ def encode_hunyuan_prompt(base_repo: str, prompt: str, max_tokens: int = 77, max
                 'prompt_embeds_t5': t5['prompt_embeds'], 'prompt_mask_t5': t5['prompt_mask'],
                 **_joined_notes(clip_note, t5)}
 
-    # 'hunyuan-v2': entries cached before they carried the truncation note are never read
-    return _cached_or_local(base_repo, 'text_encoder_2/config.json', f'hunyuan-v2-{key}', what, prompt, encode)
+    return _cached_or_local(base_repo, 'text_encoder_2/config.json', _entry('hunyuan', prompt, max_tokens, max_tokens_t5),
+                            what, prompt, encode)
 
 
 # --- SDXL: both CLIP text encoders (diffusers StableDiffusionXLPipeline.encode_prompt) ---------------------------
