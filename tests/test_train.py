@@ -193,6 +193,8 @@ def test_bad_input_gives_clear_errors(images, tmp_path):
         clean_train(str(images), str(tmp_path / 'run'), **dict(RUN, base='sd99'))
     with pytest.raises(TrainError, match='batch_size'):
         clean_train(str(images), str(tmp_path / 'run'), **dict(RUN, batch_size=16))
+    with pytest.raises(TrainError, match='Need bins >= 1'):  # an option is refused before the base is looked up
+        clean_train(str(empty), str(tmp_path / 'run'), **dict(RUN, base='sd99', bins=0))
 
 
 def test_nan_loss_stops_with_a_checkpoint(images, tmp_path):

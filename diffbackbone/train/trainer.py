@@ -131,6 +131,10 @@ class CleanTrainer:
             raise TrainError(f'crop_scale (--crop-scale MIN MAX) is the range of crop areas as fractions of the image: '
                              f'it needs 0 < MIN <= MAX <= 1, got {" ".join(map(str, scale))} (CleanDIFT: 0.5 1.0).')
 
+        config = DistillConfig(  # checked before any data is read or model loaded
+            taps=cfg.taps, bins=cfg.bins, t_min=cfg.t_min, t_max=cfg.t_max, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup=cfg.warmup, precision=precision, grad_checkpointing=cfg.grad_checkpointing, latent=cfg.latent,
+            seed=cfg.seed, head_kwargs=cfg.head_kwargs)
         self.out = Path(cfg.out).expanduser()
         if self.rank == 0:
             _check_writable(self.out)
@@ -156,10 +160,6 @@ class CleanTrainer:
         except ValueError as e:
             raise TrainError(f'--size {size}: {e}') from None
         text = CaptionEncoder(models.base_repo, self.device) if cfg.captions else None
-        config = DistillConfig(
-            taps=cfg.taps, bins=cfg.bins, t_min=cfg.t_min, t_max=cfg.t_max, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            warmup=cfg.warmup, precision=precision, grad_checkpointing=cfg.grad_checkpointing, latent=cfg.latent,
-            seed=cfg.seed, head_kwargs=cfg.head_kwargs)
         self.distiller = CleanDistiller(models, config, device=self.device, rank=self.rank, text_encoder=text)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
