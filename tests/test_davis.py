@@ -86,6 +86,18 @@ def test_sequence_scores_by_hand():
         dm.evaluate_sequence(gt, [p if i != 1 else np.full(shape, 3, np.uint8) for i, p in enumerate(pred)])
 
 
+def _their_restrict_neighborhood(h: int, w: int, r: int) -> torch.Tensor:
+    """DINO's `restrict_neighborhood` (DIFT and DiTF use it as is): (hw, hw), 1 where two positions are within r."""
+    mask = torch.zeros(h, w, h, w)
+    for i in range(h):
+        for j in range(w):
+            for p in range(2 * r + 1):
+                for q in range(2 * r + 1):
+                    if 0 <= i - r + p < h and 0 <= j - r + q < w:
+                        mask[i, j, i - r + p, j - r + q] = 1
+    return mask.reshape(h * w, h * w)
+
+
 def _dift_label_propagation(feat_tar, feat_sources, segs, h, w, temperature, topk, size_mask_neighborhood):
     """DIFT's / DINO's label_propagation steps (feat_tar (hw, C); feat_sources (n, C, hw); segs (n, K, h, w))."""
     ncontext = feat_sources.shape[0]
@@ -94,15 +106,8 @@ def _dift_label_propagation(feat_tar, feat_sources, segs, h, w, temperature, top
     feat_tar = feat_tar.unsqueeze(0).repeat(ncontext, 1, 1)
     aff = torch.exp(torch.bmm(feat_tar, feat_sources) / temperature)
     if size_mask_neighborhood > 0:
-        mask = torch.zeros(h, w, h, w)
-        r = size_mask_neighborhood
-        for i in range(h):
-            for j in range(w):
-                for p in range(2 * r + 1):
-                    for q in range(2 * r + 1):
-                        if 0 <= i - r + p < h and 0 <= j - r + q < w:
-                            mask[i, j, i - r + p, j - r + q] = 1
-        aff *= mask.reshape(h * w, h * w).unsqueeze(0).repeat(ncontext, 1, 1)
+        mask = _their_restrict_neighborhood(h, w, size_mask_neighborhood)
+        aff *= mask.unsqueeze(0).repeat(ncontext, 1, 1)
     aff = aff.transpose(2, 1).reshape(-1, h * w)
     tk_val, _ = torch.topk(aff, dim=0, k=topk)
     tk_val_min, _ = torch.min(tk_val, dim=0)
@@ -334,15 +339,7 @@ def _ditf_video(feats, first_mask, scale_factor, temperature, topk, n_last_frame
 
     c, h, w = feats[0].shape
     ori_h, ori_w = first_mask.shape
-    r = size_mask_neighborhood  # restrict_neighborhood, built once per video as theirs
-    mask = torch.zeros(h, w, h, w)
-    for i in range(h):
-        for j in range(w):
-            for p in range(2 * r + 1):
-                for q in range(2 * r + 1):
-                    if 0 <= i - r + p < h and 0 <= j - r + q < w:
-                        mask[i, j, i - r + p, j - r + q] = 1
-    mask = mask.reshape(h * w, h * w)
+    mask = _their_restrict_neighborhood(h, w, size_mask_neighborhood)  # built once per video as theirs
     small = np.array(Image.fromarray(first_mask).resize((w, h), 0))
     t = torch.from_numpy(small.copy()).long().view(-1, 1)
     n_dims = int(t.max() + 1)

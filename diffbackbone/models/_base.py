@@ -322,8 +322,13 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         """The text-encoder weight files `complete_weights` reads to encode the prompt for a checkpoint with
         `state_dict`'s keys, fetched but not read: none when the checkpoint holds the asked prompt's embedding or the
         embedding is cached. `_builder` counts them in its memory check."""
-        held = 'prompt_embeds' in state_dict and (self.prompt_cfg.prompt is None or self.checkpoint_prompt == self.prompt)
-        return [] if held or not self.base_repo else self.text_encoder_files(self.prompt)
+        return self.text_encoder_files(self.prompt) if self._encodes_prompt(state_dict) and self.base_repo else []
+
+    def _encodes_prompt(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether loading a checkpoint with `state_dict`'s keys encodes the prompt: it holds no embedding, or a prompt
+        was asked that it does not record as its embedding's."""
+        return 'prompt_embeds' not in state_dict or (self.prompt_cfg.prompt is not None
+                                                     and self.checkpoint_prompt != self.prompt)
 
     def text_encoder_files(self, prompt: str) -> list[Path]:
         """The text-encoder weight files `prompt_tensors(prompt)` reads ([] when its embedding is cached); families
@@ -341,14 +346,15 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
         parts: dict[str, torch.Tensor] = {}
         for f in self.completion_files(state_dict):
             parts.update(f.keys(hub.load_safetensors(f.path, what=f.what, dtype=f.dtype, select=f.select)))
-        if 'prompt_embeds' not in state_dict:
-            if not self.base_repo:
-                raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
-            parts.update(self.prompt_tensors(self.prompt))
-        elif self.prompt_cfg.prompt is None:  # no prompt asked: the checkpoint's embedding, under its own name
-            self.prompt = self.checkpoint_prompt or self.prompt
-        elif self.checkpoint_prompt != self.prompt:
+        if not self._encodes_prompt(state_dict):
+            if self.prompt_cfg.prompt is None:  # no prompt asked: the checkpoint's embedding, under its own name
+                self.prompt = self.checkpoint_prompt or self.prompt
+        elif 'prompt_embeds' in state_dict:
             parts.update(self._asked_prompt(state_dict))
+        elif not self.base_repo:
+            raise hub.HubError('The checkpoint has no prompt embedding and the model has no base_repo.')
+        else:
+            parts.update(self.prompt_tensors(self.prompt))
         return parts
 
     def _asked_prompt(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

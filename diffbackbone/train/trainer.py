@@ -40,22 +40,22 @@ class TrainConfig:
     data: str
     out: str
     base: str = 'sd21'
-    taps: str | list = 'cleandift'
+    taps: str | list = DistillConfig.taps
     steps: int = 5000
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup: int = 2000
-    bins: int = 3
-    t_min: int = 1
-    t_max: int = 999
+    lr: float = DistillConfig.lr
+    weight_decay: float = DistillConfig.weight_decay
+    warmup: int = DistillConfig.warmup
+    bins: int = DistillConfig.bins
+    t_min: int = DistillConfig.t_min
+    t_max: int = DistillConfig.t_max
     size: int | None = None  # default: the model's input size (768 for SD2.1, 512 for SD1.5)
     crop_scale: tuple = (0.5, 1.0)
     captions: bool = False
-    latent: str = 'sample'
+    latent: str = DistillConfig.latent
     precision: str = 'auto'  # 'bf16' autocast on GPUs that support it, else 'fp32'
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = DistillConfig.grad_checkpointing
     clip_grad: float | None = None
     num_workers: int = 4
     seed: int = 0
