@@ -167,7 +167,7 @@ def test_weights_that_do_not_fit_are_refused_before_reading(tmp_path, monkeypatc
     monkeypatch.setattr(hub, 'available_memory', lambda: nbytes - 1)
     monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
     with pytest.raises(hub.HubError, match=r'need 0\.0 GiB in float32 but only .* available: load them in bfloat16'):
-        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        timm.create_model('test_cleandift', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
     # a sharded checkpoint: every shard is counted before any is read
     folder = tmp_path / 'sharded'
     folder.mkdir()
@@ -178,10 +178,12 @@ def test_weights_that_do_not_fit_are_refused_before_reading(tmp_path, monkeypatc
         save_file({k: sd[k] for j, k in enumerate(keys) if j % 2 == i}, folder / f'part-{i}.safetensors')
     (folder / 'w.safetensors.index.json').write_text(json.dumps(index))
     with pytest.raises(hub.HubError, match='GiB of memory is available'):
-        timm.create_model('test_cleandift', pretrained=True, pretrained_cfg_overlay=dict(
+        timm.create_model('test_cleandift', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
             file=str(folder / 'w.safetensors.index.json')))
     # the CLI prints it as one `error:` line
     from diffbackbone.cli import main
+
+    monkeypatch.setattr(hub, 'available_memory', lambda: 1024)
 
     assert main(['features', 'diffbackbone/assets/sample.jpg', '--model', 'test_cleandift', '--weights', str(path),
                  '--out', str(tmp_path / 'f.safetensors')]) == 2
@@ -292,3 +294,90 @@ def test_memory_check_counts_the_text_encoder_of_an_uncached_prompt(published, h
     timm.create_model('test_cleandift', pretrained=True, prompt='a cat', **published['kwargs'])
     monkeypatch.setattr(hub, 'available_memory', lambda: unet + encoder)  # the embedding is cached now
     timm.create_model('test_cleandift', pretrained=True, prompt='a cat', **published['kwargs'])
+
+
+def _reads(monkeypatch) -> list[tuple[Path, dict]]:
+    read = []
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda path, **k: read.append((Path(path), out := load(path, **k)))
+                        or out)
+    return read
+
+
+def test_features_only_reads_only_the_blocks_it_keeps(published, hub_cache, monkeypatch):
+    """`features_only` prunes before the weights are read: the UNet file's tensors of dropped blocks are never read
+    nor counted in the memory check, and the features equal the whole model's."""
+    x = images(128)
+    whole = timm.create_model('test_cleandift', pretrained=True, num_classes=0, **published['kwargs']).eval()
+    with torch.no_grad():
+        want = whole.forward_intermediates(x, indices=['us3'], intermediates_only=True)[0]
+    counted = []
+    check = hub.check_fits
+    monkeypatch.setattr(hub, 'check_fits', lambda n, *a: counted.append(n) or check(n, *a))
+    timm.create_model('test_cleandift', pretrained=True, num_classes=0, **published['kwargs'])
+    read = _reads(monkeypatch)
+    feats = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us3',),
+                              **published['kwargs'])
+    unet_file = published['tmp'] / 'unet.safetensors'
+    got = [sd for path, sd in read if path.name == unet_file.name]
+    assert len(got) == 1
+    every = set(load_file(unet_file))
+    kept = {k.removeprefix('unet.') for k in feats.model.state_dict()}
+    dropped = every - kept
+    assert set(got[0]) == every & kept and len(dropped) > len(every) // 3
+    assert all(k.startswith(('up_blocks.1.', 'up_blocks.2.', 'up_blocks.3.', 'up_blocks.0.upsamplers.',
+                             'conv_norm_out.', 'conv_out.')) for k in dropped)
+    assert counted[0] - counted[1] == hub.safetensors_nbytes(unet_file, torch.float32, dropped.__contains__) > 0
+    with torch.no_grad():
+        assert torch.equal(feats(x)[0], want)
+    assert not _meta(feats)
+
+
+def test_a_sharded_transformer_reads_no_shard_of_dropped_blocks(tmp_path, monkeypatch):
+    old = timm.create_model('test_pixart').eval()
+    fill_weights(old)
+    sd = {k: v.detach().clone().contiguous() for k, v in old.state_dict().items()}
+    late = {k for k in sd if k.startswith(('transformer.transformer_blocks.2.', 'transformer.transformer_blocks.3.'))}
+    assert late
+    save_file({k: sd[k] for k in late}, tmp_path / 'late.safetensors')
+    save_file({k: v for k, v in sd.items() if k not in late}, tmp_path / 'early.safetensors')
+    index = tmp_path / 'w.safetensors.index.json'
+    index.write_text(json.dumps({'weight_map': {k: 'late.safetensors' if k in late else 'early.safetensors'
+                                                for k in sd}}))
+    read = _reads(monkeypatch)
+    feats = timm.create_model('test_pixart', pretrained=True, features_only=True, out_indices=('vit-block1-out',),
+                              pretrained_cfg_overlay=dict(file=str(index)))
+    shards = {path.name: sd for path, sd in read}
+    assert shards['late.safetensors'] == {} and set(shards['early.safetensors']) == sd.keys() - late
+    x = images(128)
+    with torch.no_grad():
+        assert torch.equal(feats(x)[0], old.forward_intermediates(x, indices=['vit-block1-out'],
+                                                                  intermediates_only=True)[0])
+    (tmp_path / 'late.safetensors').write_bytes(b'broken')  # a dropped block's shard is still checked
+    with pytest.raises(hub.HubError, match='late.safetensors'):
+        timm.create_model('test_pixart', pretrained=True, features_only=True, out_indices=('vit-block1-out',),
+                          pretrained_cfg_overlay=dict(file=str(index)))
+
+
+def test_pruning_before_loading_keeps_the_checks_and_the_selection(tmp_path):
+    old = timm.create_model('test_cleandift').eval()
+    fill_weights(old)
+    sd = {k: v.detach().clone().contiguous() for k, v in old.state_dict().items()}
+    path = tmp_path / 'w.safetensors'
+    save_file({k: v for k, v in sd.items() if not k.startswith('unet.conv_out.')}, path)
+    with pytest.raises(hub.HubError, match=r"missing keys \['unet.conv_out.bias', 'unet.conv_out.weight'\]"):
+        timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=('us3',),
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    # an index beside a tap outside feature_info (which moves the indices): the taps of the unpruned way
+    save_file(sd, path)
+    names = old.tap_names()
+    sel = (names.index('us3'), 'down-level1-repeat0-res-out')
+    new = timm.create_model('test_cleandift', pretrained=True, features_only=True, out_indices=sel,
+                            pretrained_cfg_overlay=dict(file=str(path)))
+    ref = timm.create_model('test_cleandift', features_only=True, out_indices=sel)
+    ref.model.load_state_dict({k: v for k, v in sd.items() if k in ref.model.state_dict()})
+    assert new.feature_info.module_name() == ref.feature_info.module_name()
+    x = images(128)
+    with torch.no_grad():
+        for a, b in zip(new(x), ref(x)):
+            assert torch.equal(a, b)

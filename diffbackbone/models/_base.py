@@ -386,6 +386,12 @@ class DiffusionBackbone(ClassifierHeadMixin, nn.Module, ABC):
     def finish_loading(self) -> None:
         """What runs once the weights are in (a UNet fuses its LoRA)."""
 
+    @property
+    def prunes_before_loading(self) -> bool:
+        """Whether `prune_intermediate_layers` may run before the weights are read (then what it drops is never read);
+        False where `finish_loading` needs the whole model (a LoRA is fused into every block)."""
+        return True
+
 
 class WeightFile(NamedTuple):
     """A weights file the completion step reads: what it is, its local path, the dtype it is read in, the mapping of

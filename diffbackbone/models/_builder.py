@@ -27,6 +27,7 @@ _KEEP = ('vae.',)  # keys read as stored (see `pretrained_checkpoint`)
 PROMPT_KEY = 'diffbackbone.prompt'  # safetensors metadata: the prompt of the file's `prompt_embeds` (our writers)
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+Select = Optional[Callable[[str], bool]]  # the checkpoint keys to read (None: all)
 
 
 def option_params(cls: type) -> dict[str, type[Options]]:
@@ -67,11 +68,12 @@ def group_kwargs(cls: type, kwargs: dict[str, Any], internal: Sequence[str] = ()
 @dataclasses.dataclass
 class Checkpoint:
     """The checkpoint a pretrained cfg names, fetched but not read yet: its tensors on the meta device (names, shapes,
-    dtypes from the file's header: what the key mapping and the completion step need), the bytes it takes once read
-    in `dtype`, `read()`, and a single file's header metadata (`PROMPT_KEY`: the prompt of its `prompt_embeds`)."""
+    dtypes from the file's header: what the key mapping and the completion step need), `nbytes(select)` the bytes the
+    selected tensors take once read in `dtype`, `read(select)`, and a single file's header metadata (`PROMPT_KEY`: the
+    prompt of its `prompt_embeds`)."""
     meta: dict[str, torch.Tensor]
-    nbytes: int
-    read: Callable[[], dict[str, torch.Tensor]]
+    nbytes: Callable[[Select], int]
+    read: Callable[[Select], dict[str, torch.Tensor]]
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -88,7 +90,8 @@ def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
 
     if cfg.get('state_dict') is not None and cfg.get('source') != 'hf-hub':
         sd = cfg['state_dict']
-        return Checkpoint({k: v.to('meta') for k, v in sd.items()}, 0, lambda: sd)
+        return Checkpoint({k: v.to('meta') for k, v in sd.items()}, lambda select: 0,
+                          lambda select: {k: v for k, v in sd.items() if select is None or select(k)})
     if cfg.get('file') and cfg.get('source') != 'hf-hub':
         path = Path(cfg['file']).expanduser()
         if not path.is_file():
@@ -96,32 +99,39 @@ def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
                                '.safetensors weights file (or the .safetensors.index.json of a sharded one).')
         if path.name.endswith('.index.json'):
             paths = hub.sharded_safetensors_files(str(path.parent), path.name, what=what)
-            return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
-                              sum(hub.safetensors_nbytes(p, dtype) for p in paths.values()),
-                              lambda: hub.load_sharded_safetensors(str(path.parent), path.name, what=what,
-                                                                   dtype=dtype, keep=_KEEP))
+            return _sharded(str(path.parent), path.name, paths, what, dtype)
     elif cfg.get('hf_hub_id'):
         repo, filename = cfg['hf_hub_id'], cfg.get('hf_hub_filename') or 'model.safetensors'
         if filename.endswith('.index.json'):  # sharded (FLUX's transformer)
             paths = hub.sharded_safetensors_files(repo, filename, what=what)
-            return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
-                              sum(hub.safetensors_nbytes(p, dtype) for p in paths.values()),
-                              lambda: hub.load_sharded_safetensors(repo, filename, what=what, dtype=dtype, keep=_KEEP))
+            return _sharded(repo, filename, paths, what, dtype)
         path = hub.download(repo, filename, what=what)
     else:
         raise hub.HubError(f'{what} have no source: give pretrained_cfg_overlay=dict(file=...) or '
                            "dict(hf_hub_id='org/name'), or pretrained=False.")
-    return Checkpoint(hub.safetensors_meta(path, dtype=dtype, keep=_KEEP), hub.safetensors_nbytes(path, dtype),
-                      lambda: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP),
+    return Checkpoint(hub.safetensors_meta(path, dtype=dtype, keep=_KEEP),
+                      lambda select: hub.safetensors_nbytes(path, dtype, select),
+                      lambda select: hub.load_safetensors(path, what=what, dtype=dtype, keep=_KEEP, select=select),
                       hub.safetensors_metadata(path))
 
 
-def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Every key of the model but its classifier, of the model's shapes, and nothing else (timm then loads strictly
-    or, when the classifier changes size, without it)."""
+def _sharded(repo: str, index_file: str, paths: dict[str, Path], what: str,
+             dtype: Optional[torch.dtype]) -> Checkpoint:
+    from .. import hub
+
+    return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
+                      lambda select: sum(hub.safetensors_nbytes(p, dtype, select) for p in paths.values()),
+                      lambda select: hub.load_sharded_safetensors(repo, index_file, what=what, dtype=dtype, keep=_KEEP,
+                                                                  select=select))
+
+
+def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module,
+               own: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Every key of the model (`own`: its state dict before it was pruned) but its classifier, of the model's shapes,
+    and nothing else (timm then loads strictly or, when the classifier changes size, without it)."""
     from ..hub import HubError  # a RuntimeError: what timm users catch for a bad checkpoint
 
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
+    own = {k: v for k, v in (model.state_dict() if own is None else own).items() if not k.startswith('head.')}
     got = {k for k in state_dict if not k.startswith('head.')}
     missing, unexpected = sorted(own.keys() - got), sorted(got - own.keys())
     resized = [f'{k} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})' for k, v in own.items()
@@ -256,19 +266,29 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_f
     return model
 
 
-def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str,
-               dtype: Optional[torch.dtype]) -> FilterFn:
-    """timm's `pretrained_filter_fn`: check that the checkpoint (`checkpoint[0]`, taken once: timm is handed a
-    placeholder, since it deep-copies its pretrained cfg, twice with `features_only`) and every file the completion
-    will read fit in memory, before any is read; read and map the checkpoint, complete the model from its base repo,
-    check every key, assign the tensors and finish loading; timm's own load of the returned state dict then puts each
-    tensor onto itself. The model learns the prompt the checkpoint records for its embedding (`PROMPT_KEY`)."""
+def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str, dtype: Optional[torch.dtype],
+               prune: Callable[[nn.Module], None]) -> FilterFn:
+    """timm's `pretrained_filter_fn`: prune the model to what it will compute (`prune`: the `features_only` taps, a
+    classifier's head tap) so the rest is never read; check that the checkpoint's remaining tensors (`checkpoint[0]`,
+    taken once: timm is handed a placeholder, since it deep-copies its pretrained cfg, twice with `features_only`) and
+    every file the completion will read fit in memory, before any is read; read and map them, complete the model from
+    its base repo, check every key against the unpruned model, assign the tensors and finish loading; timm's own load
+    of the returned state dict then puts each tensor onto itself. The model learns the prompt the checkpoint records
+    for its embedding (`PROMPT_KEY`)."""
     from .. import hub
 
     def load(placeholder: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         source = checkpoint.pop()
         model.checkpoint_prompt = source.metadata.get(PROMPT_KEY)
         meta = filter_fn(source.meta, model)
+        whole = model.state_dict()  # the keys a checkpoint of this model holds, pruned or not
+        origin = {id(v): k for k, v in source.meta.items()}  # a mapped tensor's checkpoint key
+        renamed = all(id(v) in origin for v in meta.values() if v.is_meta)  # else the mapping made tensors anew
+        if renamed:
+            prune(model)
+        kept = model.state_dict().keys()
+        select = {origin[id(v)] for k, v in meta.items() if k in kept and id(v) in origin}.__contains__ \
+            if renamed else None
         files = model.completion_files(meta)
         parts = [(f.what, hub.safetensors_nbytes(f.path, f.dtype, f.select)) for f in files]
         encoders = model.prompt_encoder_files(meta)  # loaded in float32, once, to encode an uncached prompt
@@ -278,10 +298,18 @@ def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str,
         names = list(dict.fromkeys(name for name, _ in parts))
         with_parts = f' with {", ".join(names[:-1])} and {names[-1]}' if len(names) > 1 else \
             f' with {names[0]}' if names else ''
-        hub.check_fits(source.nbytes + sum(n for _, n in parts), what + with_parts, dtype)
-        state_dict = filter_fn(source.read(), model)
+        hub.check_fits(source.nbytes(select) + sum(n for _, n in parts), what + with_parts, dtype)
+        if renamed:  # the mapping found on the headers, applied to the tensors read; the unread stay on meta
+            read = source.read(select)
+            state_dict = {k: read.get(origin.get(id(v)), v) for k, v in meta.items()}
+        else:
+            state_dict = filter_fn(source.read(None), model)
         state_dict = {**state_dict, **model.complete_weights(state_dict)}
-        check_keys(state_dict, model)
+        check_keys(state_dict, model, whole)
+        state_dict = {k: v for k, v in state_dict.items() if k in kept}
+        unread = [k for k, v in state_dict.items() if v.is_meta]
+        if unread:
+            raise RuntimeError(f'{what}: {unread[:3]} were not read, but the pruned model keeps them.')
         assign_weights(model, state_dict)
         model.finish_loading()
         return model.state_dict()
@@ -327,13 +355,24 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
                                          pretrained_cfg_overlay=overlay).to_dict()
             checkpoint = [pretrained_checkpoint(cfg, what, dtype or torch.float32)]  # read in the load step
             overlay = dict(overlay, state_dict={'checkpoint': torch.zeros(())}, source=None)  # see _load_step
+    feature_cfg = dict(out_indices=out_indices, feature_cls='getter')
+    features_only = kwargs.get('features_only', False)
+
+    def prune(net: nn.Module) -> None:  # before the weights are read, so that what is dropped is never read
+        if not net.prunes_before_loading:
+            return
+        if features_only:  # as timm's feature wrapper will, which then finds nothing more to drop
+            taken = net.prune_intermediate_layers(out_indices, prune_norm=True)
+            feature_cfg['out_indices'] = tuple(net.taps[i].name for i in taken)  # indices may have moved
+        elif net.num_classes > 0:
+            net.prune_intermediate_layers([net.head_tap], prune_head=False)
+
     try:
         with errors() if pretrained else contextlib.nullcontext():
             model = build_model_with_cfg(
                 _build(cls, internal, pretrained, dtype), variant, pretrained,
-                pretrained_filter_fn=_load_step(filter_fn, checkpoint, what, dtype) if pretrained else None,
-                pretrained_cfg_overlay=overlay or None,
-                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+                pretrained_filter_fn=_load_step(filter_fn, checkpoint, what, dtype, prune) if pretrained else None,
+                pretrained_cfg_overlay=overlay or None, feature_cfg=feature_cfg, **kwargs)
     except RuntimeError as e:  # the key check's error: name the weights that were given
         source = pretrained and (overlay.get('file') or overlay.get('hf_hub_id'))
         if not source or not str(e).startswith('Checkpoint does not match'):
@@ -349,7 +388,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
         net._prompt_pending = True
         net.register_load_state_dict_post_hook(_prompt_loaded)
-    if not kwargs.get('features_only', False) and net.num_classes > 0:
+    if not features_only and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
         net.prune_intermediate_layers([net.head_tap], prune_head=False)
     return model if device is None else model.to(device)

@@ -500,6 +500,10 @@ class DiffusionUNet(DiffusionBackbone):
         if self.lora:
             self.lora_identity = fuse_lora(self.unet, self.lora, self.lora_scale, sdxl=self.sdxl)
 
+    @property
+    def prunes_before_loading(self) -> bool:
+        return not self.lora
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DiffusionUNet) -> dict[str, torch.Tensor]:
     """Map a checkpoint onto the model's keys (offline; the model is not changed).
