@@ -213,6 +213,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
     ratio = [line for line in lines if line.startswith('ours / reference')]
     assert len(ratio) == 2 and len(ratio[0].split()) == 6 and 'load' in ratio[1], out.stdout
     assert 'to first feature' in out.stdout and 'process (+ exit)' in out.stdout and 'peak RSS' in out.stdout
+    above = next(line for line in lines if line.startswith('above the imports / weights')).split()
+    assert float(above[6]) > 0 and float(above[8]) > 0, out.stdout  # ours X, reference Y
     phases = [line for line in lines if line.startswith(('ours  ', 'reference ')) and 'imports' in line]
     assert len(phases) == 2 and all('load' in line and 'feature' in line for line in phases), out.stdout
     # the reference run imports nothing of ours (nor timm): each side pays its own imports only

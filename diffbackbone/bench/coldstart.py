@@ -142,8 +142,9 @@ def _hub_spec(model_name: str) -> dict:
 _PHASES = ('imports', 'load', 'feature')
 
 
-def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int, dict[str, float]]:
-    """(wall seconds, peak RSS bytes, seconds per phase) of one run of `kind` in a fresh process."""
+def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int, dict[str, float], int]:
+    """(wall seconds, peak RSS bytes, seconds per phase, RSS bytes once imported) of one run of `kind` in a fresh
+    process."""
     cmd = [sys.executable, str(Path(__file__).with_name('coldstart_child.py')), kind, json.dumps(spec), args.dtype,
            str(args.size), str(_TIMESTEP), args.model, *args.taps]
     env = {**os.environ, 'HF_HUB_DISABLE_PROGRESS_BARS': '1',
@@ -157,7 +158,7 @@ def _run(kind: str, args: argparse.Namespace, spec: dict) -> tuple[float, int, d
         raise RuntimeError(f'the {kind} run failed ({why}):\n{out.stderr[-3000:]}')
     report = json.loads(out.stdout.strip().splitlines()[-1])
     marks = [t0, *(report[p] for p in _PHASES)]
-    return wall, report['peak_rss'], {p: b - a for p, a, b in zip(_PHASES, marks, marks[1:])}
+    return wall, report['peak_rss'], {p: b - a for p, a, b in zip(_PHASES, marks, marks[1:])}, report['rss_imports']
 
 
 def _weights_bytes(model_name: str, dtype: torch.dtype) -> int:
@@ -187,15 +188,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for _ in range(args.warmup):  # page cache, our prompt-embedding cache
         for kind in ('ours', 'reference'):
             _run(kind, args, spec)
-    results: dict[str, list[tuple[float, int, dict[str, float]]]] = {'ours': [], 'reference': []}
+    results: dict[str, list[tuple[float, int, dict[str, float], int]]] = {'ours': [], 'reference': []}
     for i in range(args.runs):  # paired, alternating which goes first
         for kind in (('ours', 'reference') if i % 2 == 0 else ('reference', 'ours')):
             results[kind].append(_run(kind, args, spec))
-    wall = {k: statistics.median(w for w, _, _ in v) for k, v in results.items()}
-    rss = {k: statistics.median(r for _, r, _ in v) for k, v in results.items()}
-    phase = {k: {p: statistics.median(t[p] for _, _, t in v) for p in _PHASES} for k, v in results.items()}
-    first = {k: statistics.median(sum(t.values()) for _, _, t in v) for k, v in results.items()}  # start to feature
-    after = {k: statistics.median(t['load'] + t['feature'] for _, _, t in v) for k, v in results.items()}
+    wall = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
+    rss = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
+    above = {k: statistics.median(r[1] - r[3] for r in v) for k, v in results.items()}  # what loading adds
+    phase = {k: {p: statistics.median(r[2][p] for r in v) for p in _PHASES} for k, v in results.items()}
+    first = {k: statistics.median(sum(r[2].values()) for r in v) for k, v in results.items()}  # start to feature
+    after = {k: statistics.median(r[2]['load'] + r[2]['feature'] for r in v) for k, v in results.items()}
     weights = _weights_bytes(args.model, _DTYPES[args.dtype])
     print(f'cold start of {args.model}: {args.dtype}, {args.size} px, batch 1, CPU ({torch.get_num_threads()} threads), '
           f'{args.runs} runs each in fresh processes, paired, after {args.warmup} warm-up run(s) each')
@@ -208,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f'{rss["ours"] / rss["reference"]:>12.2f}')
     print(f'{"peak RSS / weights":22}{"ours " + format(rss["ours"] / weights, ".2f"):>24}'
           f'{"reference " + format(rss["reference"] / weights, ".2f"):>22}')
+    print(f'{"above the imports / weights":28}{"ours " + format(above["ours"] / weights, ".2f"):>18}'
+          f'{"reference " + format(above["reference"] / weights, ".2f"):>22}   (peak RSS minus the RSS once imported: '
+          f'ours {above["ours"] / 1e9:.2f} GB, reference {above["reference"] / 1e9:.2f} GB)')
     print('median seconds per phase: start + imports, load (build + weights), first feature')
     for kind in ('ours', 'reference'):
         print(f'{kind:22}' + ''.join(f'{p} {phase[kind][p]:.2f}  ' for p in _PHASES))

@@ -1,13 +1,22 @@
 """One cold-start run, `python coldstart_child.py ours|reference SPEC_JSON DTYPE SIZE TAPS...`, run by its path so
 that the reference run imports nothing of diffbackbone (nor timm): each side pays only its own imports.
 
-Prints one JSON line: peak RSS and the wall-clock times (`time.time()`) at which the imports, the load and the first
-feature were done.
+Prints one JSON line: peak RSS, the RSS once the imports were done, and the wall-clock times (`time.time()`) at which
+the imports, the load and the first feature were done.
 """
 import json
 import resource
 import sys
 import time
+
+
+def _rss() -> int:
+    """The process's resident memory now, in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _image(torch, size: int, dtype):
@@ -19,7 +28,7 @@ def ours(model_name: str, spec: dict, taps: list, size: int, dtype_name: str, ma
     import torch
     import timm
     import diffbackbone  # noqa: F401
-    marks['imports'] = time.time()
+    marks['imports'], marks['rss_imports'] = time.time(), _rss()
     dtype = getattr(torch, dtype_name)
     kwargs = {} if spec.get('hub') else dict(base_repo=spec['base'], pretrained_cfg_overlay=dict(file=spec['unet_file']))
     if spec.get('timestep_source'):
@@ -36,7 +45,7 @@ def reference(spec: dict, size: int, dtype_name: str, timestep: float, marks: di
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
-    marks['imports'] = time.time()
+    marks['imports'], marks['rss_imports'] = time.time(), _rss()
     dtype = getattr(torch, dtype_name)
     base = spec['base']
     if spec['clean']:  # CleanDIFT's way
