@@ -476,7 +476,7 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
         out: dict[str, torch.Tensor] = {}
         with open(path, 'rb', buffering=0) as f:
             header, start = _header(f)
-            scratch = None
+            scratch = wide = None
             for k in sorted(keys, key=lambda k: header[k]['data_offsets'][0]):  # in file order
                 info = header[k]
                 kind, shape, (begin, end) = info['dtype'], info['shape'], info['data_offsets']
@@ -492,10 +492,16 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
                         scratch = torch.empty(_CHUNK, dtype=torch.uint8)
                     size, flat = stored.itemsize, t.view(-1)
                     step = _CHUNK // size
+                    # float16 <-> bfloat16 goes through float32 (exact on the way): torch's vectorised casts to and
+                    # from float32 take a third of the time of its direct cast, with the same bits (NaNs stay NaN)
+                    if size == 2 and t.element_size() == 2 and wide is None:
+                        wide = torch.empty(step, dtype=torch.float32)
                     for i in range(0, flat.numel(), step):
-                        part = scratch[:min(step, flat.numel() - i) * size]
-                        _read_exactly(f, start + begin + i * size, memoryview(part.numpy()))
-                        flat[i:i + part.numel() // size].copy_(part.view(stored))
+                        part = scratch[:min(step, flat.numel() - i) * size].view(stored)
+                        _read_exactly(f, start + begin + i * size, memoryview(part.view(torch.uint8).numpy()))
+                        if size == 2 and t.element_size() == 2:
+                            part = wide[:part.numel()].copy_(part)
+                        flat[i:i + part.numel()].copy_(part)
                 out[k] = t
         return {k: out[k] for k in keys}
     except FileNotFoundError as err:

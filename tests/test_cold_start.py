@@ -250,6 +250,12 @@ def test_reader_equals_load_file_then_cast(tmp_path, monkeypatch):
             assert got[k].data_ptr() % 64 == 0 or not got[k].numel()
     assert hub.load_safetensors(path, what='w', select=lambda k: k.endswith('.w')).keys() == \
         {'a.w', 'b.w', 'c.w', 'keep.w'}
+    # every float16 and bfloat16 value, to the other 16-bit type: the same as `.to(dtype)` (a NaN stays a NaN)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    save_file({'h': bits.view(torch.float16), 'b': bits.clone().view(torch.bfloat16)}, path)
+    for key, dtype in (('h', torch.bfloat16), ('b', torch.float16)):
+        got, want = hub.load_safetensors(path, what='w', dtype=dtype)[key], bits.view(load_file(path)[key].dtype).to(dtype)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()]), key
 
 
 def test_vae_decoder_is_not_read(published, hub_cache, monkeypatch):
