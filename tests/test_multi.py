@@ -17,8 +17,9 @@ def _images(n=2, size=128, seed=0):
 
 
 def _by_hand(x):
-    """Their AggregationNetwork.forward on our tiny members: each model on the image at its size, every tap
-    `F.interpolate(f, (16, 16), mode='bilinear')`, the up-path cross-attention maps averaged per size, concatenated."""
+    """Their AggregationNetwork.forward on our tiny members: each model on the image at its size (ours: resized
+    bicubically, see docs/fidelity.md), every tap `F.interpolate(f, (16, 16), mode='bilinear')`, the up-path
+    cross-attention maps averaged per size, concatenated."""
     torch.manual_seed(0)
     xl = timm.create_model('test_sdxl', timestep=50).eval()
     sd = timm.create_model('test_dift', timestep=50).eval()
@@ -28,7 +29,7 @@ def _by_hand(x):
              8: [f'up-level3-repeat{j}-vit-block0-cross-map' for j in range(3)]}
     with torch.no_grad():
         a = xl.forward_intermediates(x, indices=['gdf_practical'], intermediates_only=True)
-        small = F.interpolate(x, size=(64, 64), mode='bilinear', align_corners=False, antialias=True)
+        small = F.interpolate(x, size=(64, 64), mode='bicubic', align_corners=False, antialias=True)
         b = sd.forward_intermediates(small, indices=taps_sd + cross[16] + cross[8], intermediates_only=True)
     maps = a + b[:4] + [torch.stack(b[4:7]).mean(0), torch.stack(b[7:10]).mean(0)]
     return torch.cat([F.interpolate(m, (16, 16), mode='bilinear') for m in maps], 1)
@@ -124,3 +125,11 @@ def test_features_only_default_is_every_tap():
         torch.testing.assert_close(g, w)
         assert g.shape[1] == info['num_chs'] and g.shape[-1] == 128 // info['reduction'], info['name']
     torch.testing.assert_close(got[model.tap_names().index(MULTI_TAP)], multi)
+
+
+def test_features_made_with_bilinear_member_inputs_are_not_reused():
+    """Member inputs are now resized bicubically: the family's features revision keys caches and stores apart."""
+    from diffbackbone.models._builder import features_revision
+
+    assert features_revision('test_multi') == features_revision('ours_xl_t') == {'features_revision': 2}
+    assert features_revision('test_dift') == {}

@@ -147,7 +147,10 @@ _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 
 
 # Bumped for a family when its features change, so that feature caches and stores made before are not reused.
-_FEATURES_REVISION = {'diffbackbone.models.fused': 2}  # 2: sd-dino's sliding window and posterior mean (#27)
+_FEATURES_REVISION = {
+    'diffbackbone.models.fused': 2,  # 2: sd-dino's sliding window and posterior mean (#27)
+    'diffbackbone.models.multi': 2,  # 2: a member of another size gets the input resized bicubically, not bilinearly
+}
 
 
 def features_revision(model_name: str) -> dict[str, int]:

@@ -275,8 +275,8 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
             if not taps:
                 continue
             xi, size = x, None if m.size is None else _scaled((m.size, m.size), x, self.img_size)
-            if size is not None and tuple(x.shape[-2:]) != size:
-                xi = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False,
+            if size is not None and tuple(x.shape[-2:]) != size:  # bicubic: nearest to their Pillow resize of the file
+                xi = F.interpolate(x.float(), size=size, mode='bicubic', align_corners=False,
                                    antialias=True).to(x.dtype)
             maps = dict(zip(taps, model.forward_intermediates(xi, indices=taps, intermediates_only=True)))
             for t in taps:
