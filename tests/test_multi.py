@@ -1,5 +1,7 @@
 """Multi-model backbones (`diffbackbone/models/multi.py`): Meng et al.'s concatenation of several models' taps, checked
 against the members run by hand, through timm's API (`features_only`, `forward_intermediates`)."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -133,3 +135,37 @@ def test_features_made_with_bilinear_member_inputs_are_not_reused():
 
     assert features_revision('test_multi') == features_revision('ours_xl_t') == {'features_revision': 2}
     assert features_revision('test_dift') == {}
+
+
+def test_members_read_only_the_blocks_their_taps_need(tmp_path, monkeypatch):
+    """Each member is pruned to its taps before its weights are read (`prune_to`); the features are those of whole
+    members loaded and then pruned."""
+    from safetensors.torch import load_file, save_file
+
+    from diffbackbone import hub
+    from diffbackbone.models.multi import _SD15_AMALGAMATION
+
+    torch.manual_seed(1)
+    files = []
+    for i, name in enumerate(('test_sdxl', 'test_dift')):
+        whole = timm.create_model(name, timestep=50)
+        files.append(tmp_path / f'{i}.safetensors')
+        save_file({k: v.detach().clone().contiguous() for k, v in whole.state_dict().items()}, files[-1])
+    members = [dict(model='test_sdxl', taps='gdf_practical', size=128,
+                    kwargs=dict(pretrained_cfg_overlay=dict(file=str(files[0])))),
+               dict(model='test_dift', taps=_SD15_AMALGAMATION, size=64, up_cross=True,
+                    kwargs=dict(pretrained_cfg_overlay=dict(file=str(files[1]))))]
+    read = {}
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda path, **k: read.setdefault(Path(path).name, load(path, **k)))
+    new = timm.create_model('test_multi', pretrained=True, members=members).eval()
+    ref = timm.create_model('test_multi').eval()
+    for member, path in zip(ref.models, files):
+        member.load_state_dict({k: v for k, v in load_file(path).items() if k in member.state_dict()})
+    for member, path in zip(new.models, files):
+        every = set(load_file(path))
+        assert set(read[path.name]) == every & set(member.state_dict())
+    assert len(read[files[0].name]) < len(load_file(files[0]))  # SDXL's blocks after its deepest tap: never read
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(new.forward_features(x), ref.forward_features(x))

@@ -341,11 +341,14 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     `internal`: constructor parameters the entry points set (architecture configs), left out of the error that lists
     the valid arguments. `features_only` defaults to the model's own 'pyramid' preset, not every tap. `dtype` (a
     torch dtype or its name) loads the weights in that dtype; random weights are initialised in float32 and cast.
+    `prune_to` (a composite model's part: tap names, or a function of the built model giving them) drops the blocks no
+    such tap needs, before the weights are read.
     """
     from .. import hub
 
     dtype = resolve_dtype(kwargs.pop('dtype', None))
     device = kwargs.pop('device', None)  # timm's factory argument: the model is built, then moved there
+    prune_to = kwargs.pop('prune_to', None)  # a composite's part: the taps it will ask for (see `PruneTo`)
     out_indices = kwargs.pop('out_indices', None)
     out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
         else out_indices
@@ -364,6 +367,8 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
     def prune(net: nn.Module) -> None:  # before the weights are read, so that what is dropped is never read
         if not net.prunes_before_loading:
             return
+        if prune_to is not None:
+            net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
         if features_only:  # as timm's feature wrapper will, which then finds nothing more to drop
             taken = net.prune_intermediate_layers(out_indices, prune_norm=True)
             feature_cfg['out_indices'] = tuple(net.taps[i].name for i in taken)  # indices may have moved
@@ -391,6 +396,8 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
         net._prompt_pending = True
         net.register_load_state_dict_post_hook(_prompt_loaded)
+    if prune_to is not None and not pretrained:
+        net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
     if not features_only and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
         net.prune_intermediate_layers([net.head_tap], prune_head=False)
@@ -415,6 +422,7 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     out_indices = kwargs.pop('out_indices', None)
     out_indices = tuple(out_indices) if isinstance(out_indices, list) else out_indices
     device = kwargs.pop('device', None)
+    prune_to = kwargs.pop('prune_to', None)  # as a part of another composite: pruned once its parts are loaded
     params = set(inspect.signature(cls.__init__).parameters) - {'self', 'load_weights'}
     known = params | {f for tp in option_params(cls).values() for f in tp.field_names()}
     shared = dict(kwargs.pop(parts_kwargs, None) or {})
@@ -427,4 +435,7 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
         lambda **kw: cls(**group_kwargs(cls, kw)), variant, pretrained=False, pretrained_filter_fn=filter_fn,
         load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **{parts_kwargs: shared}, **kwargs)
+    if prune_to is not None:
+        net = getattr(model, 'model', model)
+        net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
     return model if device is None else model.to(device)

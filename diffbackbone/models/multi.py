@@ -8,6 +8,7 @@ docs/fidelity.md#multi-model-backbones-ours-xl-t.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -140,7 +141,9 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
         infos: list[dict] = []
         for m in self.members:
             kwargs = {**(member_kwargs or {}), **(m.kwargs or {})}
-            model = timm.create_model(m.model, pretrained=load_weights, **kwargs)
+            # only the blocks up to the member's deepest tap are built from the weights (`_builder`: `prune_to`)
+            model = timm.create_model(m.model, pretrained=load_weights, prune_to=functools.partial(_member_needs, m),
+                                      **kwargs)
             if not hasattr(model, 'forward_intermediates') or not hasattr(model, 'tap_names'):
                 raise InputError(f'member {m.model!r} is not a backbone of diffbackbone.')
             prefix = m.name or m.model
@@ -326,6 +329,16 @@ def _create_multi(variant: str, pretrained: bool = False, **kwargs) -> MultiBack
     (prompt, timestep, ...) are the model's, anything the multi model does not know goes to every member."""
     return build_composite(MultiBackbone, variant, pretrained, 'member_kwargs', checkpoint_filter_fn,
                            overlay_to_parts=False, **kwargs)
+
+
+def _member_needs(member: MemberConfig, model: nn.Module) -> list[str]:
+    """The taps a member is ever asked for: its own selection and, with `up_cross`, its up path's cross-attention maps
+    at the averaged strides."""
+    taps = [i['name'] for i in MultiBackbone._member_infos(model, member.taps)]
+    if member.up_cross:
+        taps += [t.name for t in getattr(model, 'all_taps', []) if t.name.startswith('up-')
+                 and t.name.endswith('-cross-map') and t.reduction in UP_CROSS_STRIDES]
+    return taps
 
 
 def _cfg(**kwargs) -> dict:
