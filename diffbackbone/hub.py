@@ -404,8 +404,8 @@ def weights_to_come(what: str, nbytes: int) -> Iterator[None]:
 
 
 def pending_weights() -> tuple[tuple[str, int], ...]:
-    """(what, bytes) of the weights announced by the enclosing `weights_to_come` blocks."""
-    return _PENDING.get()
+    """(what, bytes) of the weights announced by the enclosing `weights_to_come` blocks (none of 0 bytes)."""
+    return tuple(p for p in _PENDING.get() if p[1] > 0)
 
 
 def cached_entry(kind: str, repo: str, name: str) -> bool:

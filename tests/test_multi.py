@@ -169,3 +169,30 @@ def test_members_read_only_the_blocks_their_taps_need(tmp_path, monkeypatch):
     x = _images()
     with torch.no_grad():
         assert torch.equal(new.forward_features(x), ref.forward_features(x))
+
+
+def test_members_that_do_not_fit_together_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from diffbackbone import hub
+    from diffbackbone.models.multi import _SD15_AMALGAMATION
+
+    files, kept = [], 0
+    ref = timm.create_model('test_multi')
+    for i, (name, member) in enumerate(zip(('test_sdxl', 'test_dift'), ref.models)):
+        files.append(tmp_path / f'{i}.safetensors')
+        save_file({k: v.detach().clone().contiguous() for k, v in timm.create_model(name).state_dict().items()},
+                  files[-1])
+        kept += sum(t.numel() * t.element_size() for t in member.state_dict().values())
+    members = [dict(model='test_sdxl', taps='gdf_practical', size=128,
+                    kwargs=dict(pretrained_cfg_overlay=dict(file=str(files[0])))),
+               dict(model='test_dift', taps=_SD15_AMALGAMATION, size=64, up_cross=True,
+                    kwargs=dict(pretrained_cfg_overlay=dict(file=str(files[1]))))]
+    load = hub.load_safetensors
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    monkeypatch.setattr(hub, 'available_memory', lambda: kept - 1)
+    with pytest.raises(hub.HubError, match='with the other members need'):
+        timm.create_model('test_multi', pretrained=True, members=members)
+    monkeypatch.setattr(hub, 'load_safetensors', load)
+    monkeypatch.setattr(hub, 'available_memory', lambda: kept)
+    timm.create_model('test_multi', pretrained=True, members=members)

@@ -139,11 +139,16 @@ class MultiBackbone(ClassifierHeadMixin, nn.Module):
         self.member_taps: list[list[str]] = []  # per member: its own tap names, in order
         self.up_cross: list[dict[int, list[str]]] = []  # per member: {stride: cross-map taps averaged}
         infos: list[dict] = []
-        for m in self.members:
-            kwargs = {**(member_kwargs or {}), **(m.kwargs or {})}
+        from .. import hub
+
+        kwargs_of = [{**(member_kwargs or {}), **(m.kwargs or {})} for m in self.members]
+        # one memory check before any member is read: each member's check counts the members read after it
+        held = [_member_nbytes(m, kw) for m, kw in zip(self.members, kwargs_of)] if load_weights else []
+        for i, (m, kwargs) in enumerate(zip(self.members, kwargs_of)):
             # only the blocks up to the member's deepest tap are built from the weights (`_builder`: `prune_to`)
-            model = timm.create_model(m.model, pretrained=load_weights, prune_to=functools.partial(_member_needs, m),
-                                      **kwargs)
+            with hub.weights_to_come('the other members', sum(held[i + 1:])):
+                model = timm.create_model(m.model, pretrained=load_weights,
+                                          prune_to=functools.partial(_member_needs, m), **kwargs)
             if not hasattr(model, 'forward_intermediates') or not hasattr(model, 'tap_names'):
                 raise InputError(f'member {m.model!r} is not a backbone of diffbackbone.')
             prefix = m.name or m.model
@@ -339,6 +344,16 @@ def _member_needs(member: MemberConfig, model: nn.Module) -> list[str]:
         taps += [t.name for t in getattr(model, 'all_taps', []) if t.name.startswith('up-')
                  and t.name.endswith('-cross-map') and t.reduction in UP_CROSS_STRIDES]
     return taps
+
+
+def _member_nbytes(member: MemberConfig, kwargs: dict[str, Any]) -> int:
+    """Bytes a member's weights take once loaded (pruned to its taps, in its dtypes): from a build on the meta device,
+    nothing read."""
+    import timm
+
+    with torch.device('meta'):
+        model = timm.create_model(member.model, prune_to=functools.partial(_member_needs, member), **kwargs)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _cfg(**kwargs) -> dict:
