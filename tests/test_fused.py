@@ -266,3 +266,13 @@ def test_memory_check_counts_dinov2_before_reading_anything(published, hub_cache
     monkeypatch.setattr(hub, 'load_safetensors', load)
     monkeypatch.setattr(hub, 'available_memory', lambda: sd_part + dino)
     timm.create_model('test_cleandift_dinov2', pretrained=True)
+
+
+def test_dinov2_weights_from_a_url_are_counted_before_reading():
+    """timm downloads a URL's weights itself: the memory check counts the float32 state dict of the DINOv2 it builds."""
+    from diffbackbone.models.fused import _dino_nbytes
+
+    model = timm.create_model('test_vit_dinov2', num_classes=0)
+    want = sum(t.numel() * 4 for t in model.state_dict().values())
+    url = dict(pretrained_cfg_overlay=dict(url='http://127.0.0.1:9/dinov2.pth', hf_hub_id=None, file=None))
+    assert _dino_nbytes('test_vit_dinov2', url) == want > 0

@@ -500,8 +500,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FusedBackbo
 
 def _dino_nbytes(dino: str, dino_kwargs: Optional[dict[str, Any]]) -> int:
     """Bytes of the DINOv2 weights timm's loader reads into the (float32) model: from the header of the safetensors
-    file it reads, fetched here into the HF cache timm reads from (a `.pth`: its size); 0 where the file is not known
-    before timm downloads it (a URL) or cannot be fetched (timm's loader then says why)."""
+    file it reads, fetched here into the HF cache timm reads from (a `.pth`: its size); for a file timm downloads from
+    a URL, the float32 state dict of the model built on the meta device; 0 where the weights cannot be fetched
+    (timm's loader then says why)."""
     from timm.models import resolve_pretrained_cfg
     from timm.models._builder import _resolve_pretrained_source
 
@@ -521,6 +522,14 @@ def _dino_nbytes(dino: str, dino_kwargs: Optional[dict[str, Any]]) -> int:
                 path = hub.download(repo, filename, what=f'DINOv2 weights of {dino}')
         if path is not None and path.is_file():
             return hub.safetensors_nbytes(path, torch.float32) or path.stat().st_size
+        if source == 'url':
+            import timm
+
+            with torch.device('meta'):
+                model = timm.create_model(dino, num_classes=0, dynamic_img_size=True,
+                                          **{k: v for k, v in kwargs.items() if k != 'dtype'})
+            return sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+                       for t in model.state_dict().values())
     return 0
 
 
