@@ -396,7 +396,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         # dict holding it is loaded. Until then a forward refuses, so a prompt is never recorded without being applied.
         net._prompt_pending = True
         net.register_load_state_dict_post_hook(_prompt_loaded)
-    if prune_to is not None and not pretrained:
+    if prune_to is not None:  # done already where the weights allowed it (not a LoRA's, nor built tensors)
         net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
     if not features_only and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
