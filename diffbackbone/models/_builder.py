@@ -28,6 +28,12 @@ PROMPT_KEY = 'diffbackbone.prompt'  # safetensors metadata: the prompt of the fi
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 Select = Optional[Callable[[str], bool]]  # the checkpoint keys to read (None: all)
+# a composite model's part: the taps it will be asked for, or a function of the built part giving them
+PruneTo = Union[Sequence[str], Callable[[nn.Module], Sequence[str]]]
+
+
+def _prune_to(net: nn.Module, prune_to: PruneTo) -> None:
+    net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
 
 
 def option_params(cls: type) -> dict[str, type[Options]]:
@@ -348,7 +354,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
 
     dtype = resolve_dtype(kwargs.pop('dtype', None))
     device = kwargs.pop('device', None)  # timm's factory argument: the model is built, then moved there
-    prune_to = kwargs.pop('prune_to', None)  # a composite's part: the taps it will ask for (see `PruneTo`)
+    prune_to: Optional[PruneTo] = kwargs.pop('prune_to', None)
     out_indices = kwargs.pop('out_indices', None)
     out_indices = 'pyramid' if out_indices is None else tuple(out_indices) if isinstance(out_indices, list) \
         else out_indices
@@ -368,7 +374,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         if not net.prunes_before_loading:
             return
         if prune_to is not None:
-            net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
+            _prune_to(net, prune_to)
         if features_only:  # as timm's feature wrapper will, which then finds nothing more to drop
             taken = net.prune_intermediate_layers(out_indices, prune_norm=True)
             feature_cfg['out_indices'] = tuple(net.taps[i].name for i in taken)  # indices may have moved
@@ -397,7 +403,7 @@ def build_diffusion_model(cls: type, variant: str, pretrained: bool, filter_fn: 
         net._prompt_pending = True
         net.register_load_state_dict_post_hook(_prompt_loaded)
     if prune_to is not None:  # done already where the weights allowed it (not a LoRA's, nor built tensors)
-        net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
+        _prune_to(net, prune_to)
     if not features_only and net.num_classes > 0:
         # A classifier uses the denoiser only up to its head tap; drop the rest so every parameter gets a gradient.
         net.prune_intermediate_layers([net.head_tap], prune_head=False)
@@ -422,7 +428,7 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
     out_indices = kwargs.pop('out_indices', None)
     out_indices = tuple(out_indices) if isinstance(out_indices, list) else out_indices
     device = kwargs.pop('device', None)
-    prune_to = kwargs.pop('prune_to', None)  # as a part of another composite: pruned once its parts are loaded
+    prune_to: Optional[PruneTo] = kwargs.pop('prune_to', None)  # as another composite's part: pruned once loaded
     params = set(inspect.signature(cls.__init__).parameters) - {'self', 'load_weights'}
     known = params | {f for tp in option_params(cls).values() for f in tp.field_names()}
     shared = dict(kwargs.pop(parts_kwargs, None) or {})
@@ -436,6 +442,5 @@ def build_composite(cls: type, variant: str, pretrained: bool, parts_kwargs: str
         load_weights=pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **{parts_kwargs: shared}, **kwargs)
     if prune_to is not None:
-        net = getattr(model, 'model', model)
-        net.prune_intermediate_layers(list(prune_to(net) if callable(prune_to) else prune_to))
+        _prune_to(getattr(model, 'model', model), prune_to)
     return model if device is None else model.to(device)
