@@ -256,6 +256,24 @@ def test_hub_repo_base(tiny_sd, fake_hub, hub_cache):
         build_models('someone/missing-sd')
 
 
+def test_a_base_that_does_not_fit_with_its_student_is_refused_before_reading(tiny_sd, hub_cache, monkeypatch):
+    """The memory check before the base UNet is read also counts the student, a copy of the teacher."""
+    from diffbackbone import hub
+
+    counted = []
+    check = hub.check_fits
+    monkeypatch.setattr(hub, 'check_fits', lambda n, what, *a: counted.append((n, what)) or check(n, what, *a))
+    models = build_models(str(tiny_sd))
+    student = sum(t.numel() * t.element_size() for t in models.student.state_dict().values())
+    unet = hub.safetensors_nbytes(tiny_sd / 'unet' / 'diffusion_pytorch_model.safetensors', torch.float32)
+    (n, what), = counted
+    assert 'the student (a copy of the teacher)' in what and n >= unet + student
+    monkeypatch.setattr(hub, 'available_memory', lambda: unet + student - 1)
+    monkeypatch.setattr(hub, 'load_safetensors', lambda *a, **k: pytest.fail('weights read'))
+    with pytest.raises(HubError, match=r'the student \(a copy of the teacher\) need'):
+        build_models(str(tiny_sd))
+
+
 def test_local_diffusers_folder_with_captions(images, tiny_sd, tmp_path):
     from diffusers import UNet2DConditionModel
 

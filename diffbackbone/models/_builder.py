@@ -21,7 +21,7 @@ from ._options import Options
 
 __all__ = ['features_revision', 'build_diffusion_model', 'option_params', 'group_kwargs', 'pretrained_checkpoint',
            'Checkpoint', 'check_keys', 'empty_weights', 'assign_weights', 'assigning_loads', 'resolve_dtype',
-           'load_weights', 'build_composite', 'PROMPT_KEY']
+           'load_weights', 'build_composite', 'check_memory', 'PROMPT_KEY']
 
 _KEEP = ('vae.',)  # keys read as stored (see `pretrained_checkpoint`)
 PROMPT_KEY = 'diffbackbone.prompt'  # safetensors metadata: the prompt of the file's `prompt_embeds` (our writers)
@@ -275,6 +275,25 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], filter_f
     return model
 
 
+def check_memory(model: nn.Module, meta: dict[str, torch.Tensor], nbytes: int, what: str,
+                 dtype: Optional[torch.dtype]) -> None:
+    """The one memory check before a model's weights are read: the checkpoint's `nbytes` (its keys mapped onto the
+    model in `meta`), the files the completion reads, the text encoder of an uncached prompt and the weights announced
+    to come after it (`hub.weights_to_come`: a fused model's DINOv2, a multi model's later members)."""
+    from .. import hub
+
+    files = model.completion_files(meta)
+    parts = [(f.what, hub.safetensors_nbytes(f.path, f.dtype, f.select)) for f in files]
+    encoders = model.prompt_encoder_files(meta)  # loaded in float32, once, to encode an uncached prompt
+    if encoders:
+        parts.append(('text encoder', sum(hub.safetensors_nbytes(p, torch.float32) for p in encoders)))
+    parts += hub.pending_weights()
+    names = list(dict.fromkeys(name for name, _ in parts))
+    with_parts = f' with {", ".join(names[:-1])} and {names[-1]}' if len(names) > 1 else \
+        f' with {names[0]}' if names else ''
+    hub.check_fits(nbytes + sum(n for _, n in parts), what + with_parts, dtype)
+
+
 def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str, dtype: Optional[torch.dtype],
                prune: Callable[[nn.Module], None]) -> FilterFn:
     """timm's `pretrained_filter_fn`: prune the model to what it will compute (`prune`: the `features_only` taps, a
@@ -298,16 +317,7 @@ def _load_step(filter_fn: FilterFn, checkpoint: list[Checkpoint], what: str, dty
         kept = model.state_dict().keys()
         select = {origin[id(v)] for k, v in meta.items() if k in kept and id(v) in origin}.__contains__ \
             if renamed else None
-        files = model.completion_files(meta)
-        parts = [(f.what, hub.safetensors_nbytes(f.path, f.dtype, f.select)) for f in files]
-        encoders = model.prompt_encoder_files(meta)  # loaded in float32, once, to encode an uncached prompt
-        if encoders:
-            parts.append(('text encoder', sum(hub.safetensors_nbytes(p, torch.float32) for p in encoders)))
-        parts += hub.pending_weights()  # read by another loader after this one (a fused model's DINOv2)
-        names = list(dict.fromkeys(name for name, _ in parts))
-        with_parts = f' with {", ".join(names[:-1])} and {names[-1]}' if len(names) > 1 else \
-            f' with {names[0]}' if names else ''
-        hub.check_fits(source.nbytes(select) + sum(n for _, n in parts), what + with_parts, dtype)
+        check_memory(model, meta, source.nbytes(select), what, dtype)
         if renamed:  # the mapping found on the headers, applied to the tensors read; the unread stay on meta
             read = source.read(select)
             state_dict = {k: read.get(origin.get(id(v)), v) for k, v in meta.items()}

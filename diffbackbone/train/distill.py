@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import DiffbackboneError
 from ..models._base import SCHEDULER_SD
-from ..models._builder import PROMPT_KEY, assign_weights, empty_weights, load_weights
+from ..models._builder import PROMPT_KEY, assign_weights, check_memory, empty_weights, load_weights
 from ..models._options import Options
 from ..models.diffusion_unet import DiffusionUNet, checkpoint_filter_fn
 from .heads import ProjectionHeads
@@ -64,6 +64,14 @@ class BaseModels:
     unet_cfg: dict = field(default_factory=dict)
     vae_cfg: dict = field(default_factory=dict)
     scheduler: DDPMScheduler = field(default_factory=lambda: DDPMScheduler(**SCHEDULER_SD))
+
+
+_STUDENT = 'the student (a copy of the teacher)'
+
+
+def _nbytes(model: nn.Module) -> int:
+    """Bytes of a model's state dict (its parameters may be on the meta device)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _copy_weights(teacher: DiffusionUNet, student: DiffusionUNet) -> None:
@@ -115,7 +123,11 @@ def _diffusers_folder(folder: Path, pretrained: bool, base_repo: str | None = No
 
         with empty_weights():  # the checkpoint's tensors are assigned: no random initialisation first
             teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
-        load_weights(teacher, hub.load_safetensors(weights, what=f'the base UNet {weights}'), checkpoint_filter_fn)
+        what = f'weights of the base UNet {weights}'
+        with hub.weights_to_come(_STUDENT, _nbytes(teacher)):  # one check before anything is read
+            check_memory(teacher, checkpoint_filter_fn(hub.safetensors_meta(weights, dtype=torch.float32), teacher),
+                         hub.safetensors_nbytes(weights, torch.float32), what, torch.float32)
+        load_weights(teacher, hub.load_safetensors(weights, what=what), checkpoint_filter_fn)
     else:
         teacher = DiffusionUNet.from_kwargs(clean=False, **kwargs)
     with empty_weights():
@@ -148,7 +160,12 @@ def build_models(base: str, pretrained: bool = True) -> BaseModels:
         raise TrainError(f'Unknown base {base!r}: give one of {", ".join(BASES)} (or a model name '
                          f'{", ".join(_ALIASES)}), an existing local diffusers folder, or a Hub repo "org/name".')
     noisy, clean = BASES[key]
-    teacher = timm.create_model(noisy, pretrained=pretrained, ensemble=1)
+    from .. import hub
+
+    with torch.device('meta'):
+        copy = _nbytes(timm.create_model(clean)) if pretrained else 0
+    with hub.weights_to_come(_STUDENT, copy):  # the teacher's memory check counts the copy made after it
+        teacher = timm.create_model(noisy, pretrained=pretrained, ensemble=1)
     with empty_weights():  # the teacher's weights are copied in
         student = timm.create_model(clean, pretrained=False)
     _copy_weights(teacher, student)
