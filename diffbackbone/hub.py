@@ -494,12 +494,13 @@ def load_safetensors(path: str | Path, *, what: str, dtype: torch.dtype | None =
                     step = _CHUNK // size
                     # float16 <-> bfloat16 goes through float32 (exact on the way): torch's vectorised casts to and
                     # from float32 take a third of the time of its direct cast, with the same bits (NaNs stay NaN)
-                    if size == 2 and t.element_size() == 2 and wide is None:
+                    between_16_bit = size == 2 and t.element_size() == 2
+                    if between_16_bit and wide is None:
                         wide = torch.empty(step, dtype=torch.float32)
                     for i in range(0, flat.numel(), step):
                         part = scratch[:min(step, flat.numel() - i) * size].view(stored)
                         _read_exactly(f, start + begin + i * size, memoryview(part.view(torch.uint8).numpy()))
-                        if size == 2 and t.element_size() == 2:
+                        if between_16_bit:
                             part = wide[:part.numel()].copy_(part)
                         flat[i:i + part.numel()].copy_(part)
                 out[k] = t

@@ -389,3 +389,24 @@ def test_pruning_before_loading_keeps_the_checks_and_the_selection(tmp_path):
     with torch.no_grad():
         for a, b in zip(new(x), ref(x)):
             assert torch.equal(a, b)
+
+
+def test_benchmark_refuses_bad_input_before_writing(tmp_path, capsys):
+    """One argparse `error:` line, exit 2, and nothing written: a folder holding files the benchmark did not write
+    (a user's real base repo) is never written into; a file; a size the UNet cannot take."""
+    foreign = tmp_path / 'models'
+    (foreign / 'base').mkdir(parents=True)
+    (foreign / 'base' / 'model_index.json').write_text('mine')
+    afile = tmp_path / 'f.txt'
+    afile.write_text('x')
+    for argv, message in ((['--make-weights', str(foreign)], 'did not write'), (['--make-weights', str(afile)],
+                          'is not a folder'), (['--make-weights', str(tmp_path / 'new'), '--size', '100'],
+                          'multiple of 64'), (['--warmup', '-1'], '--warmup')):
+        with pytest.raises(SystemExit) as e:
+            coldstart.main(['test_cleandift', *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith('python -m diffbackbone.bench.coldstart: error:') \
+            and message in err[-1] and 'Traceback' not in '\n'.join(err), argv
+    assert sorted(p.name for p in foreign.rglob('*')) == ['base', 'model_index.json']
+    assert (foreign / 'base' / 'model_index.json').read_text() == 'mine' and afile.read_text() == 'x'
+    assert not (tmp_path / 'new').exists()

@@ -80,14 +80,37 @@ def _write_tokenizer(folder: Path) -> None:
         {**special, 'model_max_length': 77, 'do_lower_case': True, 'tokenizer_class': 'CLIPTokenizer'}))
 
 
+_STRIDE = 64  # the SD 1.x / 2.x models' input stride: the VAE's 8 times the UNet's three downsamplings
+_MARK = '.diffbackbone-coldstart'  # written first in a folder of benchmark weights: its files are ours to rewrite
+
+
+def _weights_folder(folder: str | Path) -> Path:
+    """The `--make-weights` folder, made and marked as ours: a new or empty folder, or one this benchmark made (a run
+    killed while writing is written again); a folder holding anything else is refused, never written into."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f'{folder} is not a folder. Give a new or empty folder for the benchmark\'s weights.')
+    ours = (folder / _MARK).is_file() or any(folder.glob('.complete-*'))  # (earlier versions wrote no mark)
+    if folder.is_dir() and any(folder.iterdir()) and not ours:
+        raise InputError(f'{folder} holds files the benchmark did not write, which it never overwrites. Give a new or '
+                         'empty folder for the benchmark\'s weights.')
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _MARK).touch()
+    except OSError as e:
+        raise InputError(f'cannot write to {folder} ({e.strerror or e}). Give a folder you can write to.') from None
+    return folder
+
+
 def make_weights(model_name: str, folder: str | Path) -> dict:
     """Write random weights of `model_name` in the real repos' layout under `folder` (once) and return where they
     are: {'base': base repo folder, 'unet_file': the checkpoint our model loads, 'timestep_source', 'clean'}."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder).expanduser().absolute()
+    from ..hub import save_safetensors, write_text_atomic  # atomic: a killed run leaves no half file
+
+    folder = _weights_folder(folder)
     base, clean_dir = folder / 'base', folder / 'cleandift'
     unet_cfg, vae_cfg, clean = _architecture(model_name)
     spec = dict(base=str(base), clean=clean, timestep_source=f'{clean_dir}:{model_name}_full.safetensors' if clean
@@ -108,18 +131,20 @@ def make_weights(model_name: str, folder: str | Path) -> dict:
     unet.save_config(base / 'unet')
     if clean:
         clean_dir.mkdir(parents=True, exist_ok=True)
-        save_file(_random(unet, torch.float16, 0), clean_dir / f'{model_name}_unet.safetensors')  # as CleanDIFT's
-        save_file({'timestep': torch.tensor(_TIMESTEP)}, clean_dir / f'{model_name}_full.safetensors')
+        unet_file = clean_dir / f'{model_name}_unet.safetensors'
+        save_safetensors(_random(unet, torch.float16, 0), unet_file)  # float16, as CleanDIFT's
+        save_safetensors({'timestep': torch.tensor(_TIMESTEP)}, clean_dir / f'{model_name}_full.safetensors')
     else:
-        save_file(_random(unet, torch.float32, 0), base / 'unet' / 'diffusion_pytorch_model.safetensors')
+        save_safetensors(_random(unet, torch.float32, 0), base / 'unet' / 'diffusion_pytorch_model.safetensors')
     vae.save_config(base / 'vae')
-    save_file(_random(vae, torch.float32, 1), base / 'vae' / 'diffusion_pytorch_model.safetensors')
+    save_safetensors(_random(vae, torch.float32, 1), base / 'vae' / 'diffusion_pytorch_model.safetensors')
     clip.architectures = ['CLIPTextModel']
     clip.save_pretrained(base / 'text_encoder')
-    save_file(_random(text, torch.float32, 2), base / 'text_encoder' / 'model.safetensors', metadata={'format': 'pt'})
+    save_safetensors(_random(text, torch.float32, 2), base / 'text_encoder' / 'model.safetensors',
+                     metadata={'format': 'pt'})
     _write_tokenizer(base / 'tokenizer')
     (base / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
-    done.write_text(json.dumps(spec))
+    write_text_atomic(done, json.dumps(spec))
     return spec
 
 
@@ -184,6 +209,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error('--runs must be at least 1')
+    if args.warmup < 0:
+        p.error('--warmup must be 0 or more')
+    if args.size < _STRIDE or args.size % _STRIDE:
+        p.error(f'--size must be a multiple of {_STRIDE} px (the VAE and the UNet\'s deepest level), got {args.size}')
+    if args.make_weights:
+        try:
+            _weights_folder(args.make_weights)
+        except (InputError, OSError) as e:
+            p.error(f'--make-weights: {e}')
     spec = make_weights(args.model, args.make_weights) if args.make_weights else _hub_spec(args.model)
     for _ in range(args.warmup):  # page cache, our prompt-embedding cache
         for kind in ('ours', 'reference'):
@@ -199,7 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     first = {k: statistics.median(sum(r[2].values()) for r in v) for k, v in results.items()}  # start to feature
     after = {k: statistics.median(r[2]['load'] + r[2]['feature'] for r in v) for k, v in results.items()}
     weights = _weights_bytes(args.model, _DTYPES[args.dtype])
-    print(f'cold start of {args.model}: {args.dtype}, {args.size} px, batch 1, CPU ({torch.get_num_threads()} threads), '
+    threads = torch.get_num_threads()
+    print(f'cold start of {args.model}: {args.dtype}, {args.size} px, batch 1, CPU ({threads} threads), '
           f'{args.runs} runs each in fresh processes, paired, after {args.warmup} warm-up run(s) each')
     print(f'weights: UNet + VAE encoder {weights / 1e9:.2f} GB in {args.dtype} '
           f'({"random, in " + str(Path(spec["base"]).parent) if args.make_weights else "from the Hub cache"})')

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -19,7 +19,8 @@ from ..errors import DiffbackboneError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ['OutputError', 'check_distinct_outputs', 'check_file', 'check_folder', 'check_writable', 'is_ours',
+__all__ = ['OutputError', 'check_distinct_outputs', 'check_file', 'check_folder', 'check_replaceable', 'check_writable',
+           'is_ours',
            'mark_metadata', 'save_picture', 'write_json', 'MARK']
 
 MARK = 'diffbackbone'
@@ -315,6 +316,23 @@ def check_folder(path: PathLike, kind: str, inputs: Sequence[PathLike] = (), ove
     check_writable(path / '.probe', option)
     return path
 
+
+
+def check_replaceable(folder: PathLike, option: str, what: str, command: str,
+                      foreign: Callable[[Path], Iterable[str]]) -> None:
+    """Before any work: a folder a command replaces whole (a split's pictures, a sequence's masks) is new, or a real
+    folder in which `foreign` names nothing (the entries `command` did not write)."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise OutputError(f'{option}: {folder} exists and is not a folder of {what} diffbackbone {command} wrote; it is '
+                          f'never replaced. Move it away or choose another {option} folder.')
+    names = sorted(foreign(folder))
+    if names:
+        raise OutputError(f'{option}: {folder} holds {", ".join(names[:3])}, not written by diffbackbone {command}; '
+                          f'the folder is replaced whole, so it is refused. Move it away or choose another {option} '
+                          'folder.')
 
 
 Outputs = Union[Mapping[str, Optional[PathLike]], Iterable[tuple[str, Optional[PathLike]]]]

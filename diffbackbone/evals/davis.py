@@ -220,20 +220,11 @@ def _palette(path: Path) -> list[int]:
     return [v for rgb in voc_palette() for v in rgb]
 
 
-def _check_mask_folder(folder: Path) -> None:
-    """A sequence's `--masks` folder is replaced whole: only when it holds nothing but masks `eval davis` wrote."""
-    from ..data.outputs import OutputError, is_ours
+def _foreign_masks(folder: Path) -> list[str]:
+    """Entries of a sequence's `--masks` folder that are not masks `eval davis` wrote."""
+    from ..data.outputs import is_ours
 
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if not folder.is_dir() or folder.is_symlink():
-        raise OutputError(f'--masks: {folder} exists and is not a folder of masks diffbackbone wrote; it is never '
-                          'replaced. Move it away or choose another --masks folder.')
-    foreign = sorted(p.name for p in folder.iterdir() if not (p.suffix == '.png' and is_ours(p, 'eval davis')))
-    if foreign:
-        raise OutputError(f'--masks: {folder} holds {", ".join(foreign[:3])}, not written by diffbackbone eval '
-                          "davis; the sequence's folder is replaced whole, so it is refused. Move it away or choose "
-                          'another --masks folder.')
+    return [p.name for p in folder.iterdir() if not (p.suffix == '.png' and is_ours(p, 'eval davis'))]
 
 
 def _write_masks(folder: Path, seq: DavisSequence, labels: list[np.ndarray]) -> None:
@@ -301,8 +292,8 @@ def protocol_kwargs(args: argparse.Namespace, proto: DavisProtocol) -> dict:
 
 def run_davis(args: argparse.Namespace) -> int:
     """Handler of `diffbackbone eval davis`."""
-    from ..data.outputs import write_json
     from ..cli_args import check_size_fits
+    from ..data.outputs import check_replaceable, write_json
     from .common import check_outputs, feature_cache, model_builder
 
     proto = _apply_protocol(args)
@@ -318,7 +309,7 @@ def run_davis(args: argparse.Namespace) -> int:
     sequences = load_davis(args.data, args.split, args.sequences, args.limit)  # checked before any model is built
     if args.masks:
         for seq in sequences:
-            _check_mask_folder(Path(args.masks) / seq.name)
+            check_replaceable(Path(args.masks) / seq.name, '--masks', 'masks', 'eval davis', _foreign_masks)
     kwargs = protocol_kwargs(args, proto)
     model_fn = model_builder(args, tap, kwargs)
     frame_noise = not getattr(args, 'same_noise', False)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..data.outputs import OutputError, is_ours, save_picture
+from ..data.outputs import check_replaceable, is_ours, save_picture
 from ..errors import InputError
 
 __all__ = ['PALETTES', 'voc_palette', 'SUBFOLDERS', 'palette', 'picture_name', 'colorize', 'uncertainty_levels',
@@ -103,23 +103,15 @@ def uncertainty_levels(uncertainty: np.ndarray, classes: int) -> np.ndarray:
     return np.clip(np.rint(uncertainty / np.log(classes) * 255), 0, 255).astype(np.uint8)
 
 
-def _check_split_folder(folder: Path) -> None:
-    """A split's folder is replaced whole: only when it holds nothing but `eval pixel`'s pictures."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if not folder.is_dir() or folder.is_symlink():
-        raise OutputError(f'--pictures: {folder} exists and is not a folder of pictures diffbackbone eval pixel '
-                          'wrote; it is never replaced. Move it away or choose another --pictures folder.')
+def _foreign_in_split(folder: Path) -> list[str]:
+    """Entries of a split's folder that are not `eval pixel`'s pictures."""
     foreign = []
     for entry in folder.iterdir():
         if entry.name not in SUBFOLDERS or not entry.is_dir() or entry.is_symlink():
             foreign.append(entry.name)
         else:
             foreign += [f'{entry.name}/{p.name}' for p in entry.iterdir() if not is_ours(p, COMMAND)]
-    if foreign:
-        raise OutputError(f'--pictures: {folder} holds {", ".join(sorted(foreign)[:3])}, not written by diffbackbone '
-                          "eval pixel; a split's folder is replaced whole, so it is refused. Move it away or choose "
-                          'another --pictures folder.')
+    return foreign
 
 
 def check_pictures(folder: str | Path, seeds: Sequence[int], images: Sequence[Path]) -> None:
@@ -135,7 +127,7 @@ def check_pictures(folder: str | Path, seeds: Sequence[int], images: Sequence[Pa
                              'names differ, or leave out --pictures.')
         seen[name] = image
     for seed in seeds:
-        _check_split_folder(Path(folder) / f'seed{seed}')
+        check_replaceable(Path(folder) / f'seed{seed}', '--pictures', 'pictures', COMMAND, _foreign_in_split)
 
 
 class SplitPictures:

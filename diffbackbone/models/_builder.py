@@ -123,6 +123,7 @@ def pretrained_checkpoint(cfg: dict, what: str, dtype: Optional[torch.dtype] = N
 
 def _sharded(repo: str, index_file: str, paths: dict[str, Path], what: str,
              dtype: Optional[torch.dtype]) -> Checkpoint:
+    """A sharded checkpoint (its index, its shards fetched as `paths`) as a `Checkpoint`."""
     from .. import hub
 
     return Checkpoint(hub.safetensors_meta(*paths.values(), dtype=dtype, keep=_KEEP),
